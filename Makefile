@@ -1,0 +1,34 @@
+# The two commands a user needs: `make run` and `make test`. Both build .venv
+# from the pinned constraints on first use, so a fresh clone needs nothing else.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= data/synth
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test data validate bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+data: $(STAMP)
+	$(BIN)/mtlrec data synth --out $(DATA)
+
+validate: $(STAMP)
+	$(BIN)/mtlrec validate $(DATA)
+
+run: data validate
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/data_pipeline.py
+
+clean:
+	rm -rf data/synth data/movielens gx_output .pytest_cache
