@@ -65,6 +65,22 @@ def validate(
     raise typer.Exit(0 if report.success else 1)
 
 
+@app.command("train")
+def train(
+    config: str = typer.Option(..., help="YAML config: a path, or a name under models/configs/ (e.g. mmoe)"),
+    data: Path = typer.Option(..., help="dataset directory (contract tables) or a training-table parquet"),
+    out: Path = typer.Option(..., help="artifact directory to write"),
+    overrides: list[str] = typer.Option([], "--set", help="override a config value: train.max_epochs=1"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Train a multi-task model; the same as `python -m models.train`."""
+    from models.train import main as train_main
+
+    argv = ["--config", config, "--data", str(data), "--out", str(out)]
+    argv += [a for o in overrides for a in ("--set", o)] + (["--quiet"] if quiet else [])
+    raise typer.Exit(train_main(argv))
+
+
 def main() -> None:
     app()
 

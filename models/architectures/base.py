@@ -1,0 +1,77 @@
+"""The architecture interface: a shared part, one tower per task, and what counts as shared.
+
+An architecture maps the dense input vector (embeddings and normalised
+numeric features, built by ``models.encoder.FeatureEncoder``) to one output
+per task. It knows nothing of losses or balancers; a balancer that needs
+per-task gradients asks it for ``shared_parameters()`` (the dense shared
+trunk, never embedding tables) or uses ``last_representation`` (the shared
+representation of the last forward pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from models.tasks import TaskSet
+
+
+@dataclass
+class Outputs:
+    """What a forward pass returns.
+
+    ``logits``: one tensor per task, shape [B, out_dim].
+    ``aux_logits``: optional extra heads trained on the same labels (e.g. the
+    task-specific branch of the gated decomposition); the module adds their
+    losses times ``aux_weight``.
+    ``penalty``: an extra scalar loss the architecture asks for (orthogonality,
+    L2 tie between towers); zero when none.
+    """
+
+    logits: dict[str, torch.Tensor]
+    aux_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    penalty: torch.Tensor | None = None
+
+
+def mlp(in_dim: int, hidden: list[int] | tuple[int, ...], dropout: float = 0.0, last_activation: bool = True) -> nn.Sequential:
+    """A plain ReLU MLP; every architecture builds experts and towers from it."""
+    layers: list[nn.Module] = []
+    d = in_dim
+    for i, h in enumerate(hidden):
+        layers.append(nn.Linear(d, h))
+        if last_activation or i < len(hidden) - 1:
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+        d = h
+    return nn.Sequential(*layers)
+
+
+class Architecture(nn.Module):
+    """Base class: subclasses set ``self.towers`` (ModuleDict per task) and implement ``forward``."""
+
+    def __init__(self, in_dim: int, tasks: TaskSet):
+        super().__init__()
+        self.in_dim = in_dim
+        self.tasks = tasks
+        self.last_representation: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> Outputs:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The dense parameters every task's loss flows through (gradient surgery acts here)."""
+        raise NotImplementedError
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        shared = {id(p) for p in self.shared_parameters()}
+        return [p for p in self.parameters() if id(p) not in shared]
+
+    def towers_for(self, out_in_dim: int, hidden: list[int], dropout: float) -> nn.ModuleDict:
+        """One tower per task ending in that task's output width."""
+        return nn.ModuleDict({
+            t.name: nn.Sequential(mlp(out_in_dim, hidden, dropout), nn.Linear(hidden[-1] if hidden else out_in_dim, t.out_dim))
+            for t in self.tasks
+        })

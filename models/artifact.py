@@ -1,0 +1,111 @@
+"""The model artifact: everything needed to score, and to know where the model came from.
+
+A directory with ``weights.safetensors`` (tensors only: loading it cannot run
+code, unlike a pickle) and ``model.json`` (config, task spec, feature spec
+with vocabularies and normalisation statistics, metrics, data fingerprint,
+code version, feature service name). ``Scorer`` rebuilds the network from
+that alone, so serving and evaluation need nothing from training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.architectures import build_architecture
+from models.encoder import FeatureEncoder, FeatureSpec
+from models.tasks import TaskSet
+
+WEIGHTS = "weights.safetensors"
+META = "model.json"
+FORMAT_VERSION = 1
+
+
+def code_version() -> str:
+    """The git commit (with ``+dirty`` for local edits) or the package version outside a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from importlib.metadata import version
+
+        return f"mtlrec-{version('mtlrec')}"
+    except Exception:  # noqa: BLE001 - best effort provenance
+        return "unknown"
+
+
+def fingerprint(path: Path | str) -> str:
+    """sha256 over the parquet files of a dataset (names and bytes), or of one file."""
+    path = Path(path)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def save_artifact(out: Path | str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / WEIGHTS))
+    meta = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta}
+    (out / META).write_text(json.dumps(meta, indent=2, default=_plain))
+    return out
+
+
+def _plain(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    return str(o)
+
+
+def read_meta(path: Path | str) -> dict[str, Any]:
+    return json.loads((Path(path) / META).read_text())
+
+
+class Scorer(torch.nn.Module):
+    """Encoder + architecture rebuilt from an artifact; scores DataFrames of feature columns."""
+
+    def __init__(self, meta: dict[str, Any]):
+        super().__init__()
+        self.meta = meta
+        self.spec = FeatureSpec.from_dict(meta["features"])
+        self.tasks = TaskSet.from_config(meta["tasks"])
+        model = meta["config"]["model"]
+        self.encoder = FeatureEncoder(self.spec.cardinalities, len(self.spec.numeric), model["embedding_dim"])
+        self.arch = build_architecture(model["architecture"], self.encoder.out_dim, self.tasks, **model.get("params", {}))
+
+    @classmethod
+    def load(cls, path: Path | str, device: str | torch.device = "cpu") -> "Scorer":
+        path = Path(path)
+        scorer = cls(read_meta(path))
+        scorer.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+        return scorer.to(device).eval()
+
+    @torch.no_grad()
+    def predict(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+        device = next(self.parameters()).device
+        cat = torch.from_numpy(self.spec.encode_categorical(df)).to(device)
+        num = torch.from_numpy(self.spec.encode_numeric(df)).to(device)
+        probs = self.tasks.probabilities(self.arch(self.encoder(cat, num)).logits)
+        return {k: v.float().cpu().numpy() for k, v in probs.items()}

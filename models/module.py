@@ -1,0 +1,150 @@
+"""The Lightning module: feature encoder + architecture + balancer, any combination.
+
+Loss-weighting balancers train under Lightning's automatic optimisation
+(which clips gradients itself). Gradient-surgery balancers need one backward
+pass per task, so the module switches to manual optimisation for them and
+clips by hand. Validation collects the predictions of the whole split and
+computes ranking metrics once per epoch: one host synchronisation per epoch,
+none per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from models.architectures import build_architecture
+from models.balancers import build_balancer
+from models.encoder import FeatureEncoder, FeatureSpec
+from models.evaluation import evaluate_predictions
+from models.tasks import TaskSet
+
+
+class MTLModule(L.LightningModule):
+    def __init__(self, spec: dict, tasks: list[dict], architecture: str, arch_params: dict | None = None,
+                 balancer: str = "fixed", balancer_params: dict | None = None, embedding_dim: int = 16,
+                 lr: float = 2e-3, weight_decay: float = 1e-5, grad_clip: float = 5.0,
+                 ks: tuple[int, ...] = (10, 20, 50), monitor: str = "ndcg@10"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = FeatureSpec.from_dict(spec)
+        self.tasks = TaskSet.from_config(tasks)
+        self.encoder = FeatureEncoder(self.spec.cardinalities, len(self.spec.numeric), embedding_dim)
+        self.arch = build_architecture(architecture, self.encoder.out_dim, self.tasks, **(arch_params or {}))
+        self.balancer = build_balancer(balancer, len(self.tasks), [t.loss_weight for t in self.tasks],
+                                       **(balancer_params or {}))
+        self.automatic_optimization = not self.balancer.manual
+        self._epoch_losses: list[torch.Tensor] = []
+        self._eval_outputs: list[dict[str, torch.Tensor]] = []
+        self.last_metrics: dict[str, float] = {}
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, cat: torch.Tensor, num: torch.Tensor):
+        return self.arch(self.encoder(cat, num))
+
+    def predict_probabilities(self, cat: torch.Tensor, num: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.tasks.probabilities(self(cat, num).logits)
+
+    def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        cat, num, labels = batch
+        out = self(cat, num)
+        y = {t.name: labels[:, j] for j, t in enumerate(self.tasks)}
+        losses = self.tasks.losses(out.logits, y)
+        extra = torch.zeros((), device=losses.device)
+        if out.aux_logits:
+            aux = self.tasks.losses({**out.logits, **out.aux_logits}, y)
+            extra = extra + getattr(self.arch, "aux_weight", 0.1) * aux.sum()
+        if out.penalty is not None:
+            extra = extra + out.penalty
+        return losses, extra
+
+    # ---- training ------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        losses, extra = self._losses(batch)
+        if self.automatic_optimization:
+            loss = self.balancer.combine(losses) + extra
+        else:
+            opt = self.optimizers()
+            opt.zero_grad(set_to_none=True)
+            self.balancer.backward(losses, self.arch.shared_parameters(), self.arch.last_representation, extra)
+            if self.hparams.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip)
+            opt.step()
+            loss = (self.balancer.weights() * losses).sum().detach() + extra.detach()
+        self._epoch_losses.append(losses.detach())
+        weights = self.balancer.weights()
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True)
+        self.log_dict({f"train/loss_{t.name}": losses[j].detach() for j, t in enumerate(self.tasks)}, on_step=True)
+        self.log_dict({f"weight/{t.name}": weights[j] for j, t in enumerate(self.tasks)}, on_step=True)
+        return loss if self.automatic_optimization else None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.balancer.needs_after_step:
+            with torch.no_grad():
+                losses, _ = self._losses(batch)
+            self.balancer.after_step(losses.detach())
+
+    def on_train_epoch_end(self):
+        if self._epoch_losses:
+            self.balancer.on_epoch_end(torch.stack(self._epoch_losses).mean(0))
+            self._epoch_losses.clear()
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if name.startswith("balancer.") or p.ndim < 2 else decay).append(p)
+        return torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def _collect(self, batch):
+        cat, num, labels = batch
+        probs = self.predict_probabilities(cat, num)
+        self._eval_outputs.append({**{k: v.detach().float() for k, v in probs.items()}, "__labels": labels})
+
+    def validation_step(self, batch, batch_idx):
+        self._collect(batch)
+
+    def test_step(self, batch, batch_idx):
+        self._collect(batch)
+
+    def _metrics(self, outs: list[dict[str, torch.Tensor]], users: np.ndarray) -> dict[str, float]:
+        probs = {k: torch.cat([o[k] for o in outs]).cpu().numpy() for k in outs[0] if k != "__labels"}
+        labels = torch.cat([o["__labels"] for o in outs]).cpu().numpy()
+        return evaluate_predictions(self.tasks, probs, labels, users[: len(labels)], ks=self.hparams.ks)
+
+    def _finish(self, prefix: str, users: np.ndarray) -> dict[str, float]:
+        outs, self._eval_outputs = self._eval_outputs, []
+        if not outs:
+            return {}
+        m = self._metrics(outs, users)
+        self.last_metrics = m
+        self.log_dict({f"{prefix}/{k}": float(v) for k, v in m.items() if np.isfinite(v)}, prog_bar=False)
+        monitor = m.get(f"fused/{self.hparams.monitor}", float("nan"))
+        self.log(f"{prefix}/{self.hparams.monitor}", float(monitor) if np.isfinite(monitor) else 0.0, prog_bar=True)
+        return m
+
+    @torch.no_grad()
+    def evaluate_split(self, batches) -> dict[str, float]:
+        """Metrics of one split outside a Trainer loop (after loading the best checkpoint)."""
+        self.eval()
+        self._eval_outputs = []
+        for batch in batches:
+            self._collect(batch)
+        outs, self._eval_outputs = self._eval_outputs, []
+        return self._metrics(outs, batches.split.users) if outs else {}
+
+    def on_validation_epoch_end(self):
+        self._finish("val", self.trainer.datamodule.valid_split.users)
+
+    def on_test_epoch_end(self):
+        self._finish("test", self.trainer.datamodule.test_split.users)
+
+    def inference_state(self) -> dict[str, Any]:
+        """Weights that scoring needs: encoder and architecture, not the balancer's state."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("balancer.")}

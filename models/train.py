@@ -1,0 +1,149 @@
+"""Training entry point: ``python -m models.train --config C --data D --out O``.
+
+Imports only torch, Lightning, numpy and pandas (never Prefect, Feast, GX or
+BentoML), so it runs as is on a GPU machine that has nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from models.artifact import code_version, fingerprint, save_artifact
+from models.config import load_config
+from models.data import MTLDataModule
+from models.module import MTLModule
+from models.table import load_training_table
+from models.tasks import TaskSet
+
+log = logging.getLogger("mtlrec.train")
+
+
+def _device_settings(cfg: dict) -> tuple[str, str, str]:
+    """(accelerator, precision, tensor device) from config and what the machine has."""
+    t = cfg["train"]
+    accelerator = t.get("accelerator", "auto")
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    precision = t.get("precision", "auto")
+    if precision == "auto":
+        precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
+    resident = t.get("resident", "auto")
+    device = "cuda" if accelerator == "gpu" and resident in ("auto", True) else "cpu"
+    return accelerator, precision, device
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or infinite loss: the run fails rather than produce a model."""
+
+
+class _StopOnNonFinite(L.Callback):
+    def on_train_epoch_end(self, trainer, module):
+        loss = trainer.callback_metrics.get("train/loss_epoch")
+        if loss is not None and not torch.isfinite(loss):
+            raise NonFiniteLoss(f"training loss became {float(loss)} in epoch {trainer.current_epoch}")
+
+
+def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress: bool = True,
+          table=None, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+    """Train one model from a config dict; write the artifact to ``out``; return its metadata."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    seed = int(config.get("seed", 0))
+    L.seed_everything(seed, workers=True, verbose=False)
+    tc = config["train"]
+    if tc.get("deterministic", True):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    accelerator, precision, device = _device_settings(config)
+
+    df = load_training_table(data) if table is None else table
+    tasks = TaskSet.from_config(config["tasks"], columns=df.columns)
+    feats, split = config["data"]["features"], config["data"]["split"]
+    dm = MTLDataModule(df, tasks, feats["categorical"], feats["numeric"], batch_size=int(tc["batch_size"]),
+                       valid_fraction=split["valid_fraction"], test_fraction=split["test_fraction"],
+                       device=device, seed=seed)
+    module = MTLModule(
+        spec=dm.spec.to_dict(), tasks=tasks.to_config(), architecture=config["model"]["architecture"],
+        arch_params=config["model"].get("params", {}), balancer=config["balancer"]["name"],
+        balancer_params=config["balancer"].get("params", {}), embedding_dim=int(config["model"]["embedding_dim"]),
+        lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]), grad_clip=float(tc.get("grad_clip") or 0),
+        ks=tuple(config["eval"]["ks"]), monitor=config["eval"]["monitor"],
+    )
+    if tc.get("compile"):
+        module.arch = torch.compile(module.arch)
+
+    monitor = f"val/{config['eval']['monitor']}"
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor=monitor, mode="max", save_top_k=1,
+                           filename="best", auto_insert_metric_name=False)
+    callbacks = [ckpt, EarlyStopping(monitor=monitor, mode="max", patience=int(tc["patience"])),
+                 _StopOnNonFinite(), *(callbacks or [])]
+    if progress and sys.stderr.isatty():
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, precision=precision, max_epochs=int(tc["max_epochs"]),
+        callbacks=callbacks, logger=[TensorBoardLogger(out / "logs", name="tb"), CSVLogger(out / "logs", name="csv")],
+        gradient_clip_val=float(tc.get("grad_clip") or 0) if module.automatic_optimization else None,
+        deterministic=bool(tc.get("deterministic", True)), num_sanity_val_steps=0,
+        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
+    )
+    trainer.fit(module, datamodule=dm)
+    if ckpt.best_model_path:
+        best = torch.load(ckpt.best_model_path, map_location=module.device, weights_only=True)
+        module.load_state_dict(best["state_dict"])
+    valid_metrics = module.evaluate_split(dm.val_dataloader())
+    test_metrics = module.evaluate_split(dm.test_dataloader()) if len(dm.test_split) else {}
+    meta = {
+        "config": config, "tasks": tasks.to_config(), "features": dm.spec.to_dict(),
+        "feature_service": config.get("feature_service"),
+        "metrics": {"valid": valid_metrics, "test": test_metrics},
+        "data": {"path": str(data), "fingerprint": fingerprint(data) if table is None else None,
+                 "rows": {"train": len(dm.train_split), "valid": len(dm.valid_split), "test": len(dm.test_split)},
+                 "time_ranges": dm.time_ranges},
+        "training": {"epochs": trainer.current_epoch, "best_checkpoint_score": _f(ckpt.best_model_score),
+                     "seconds": time.perf_counter() - t0, "accelerator": accelerator, "precision": precision,
+                     "torch": torch.__version__, "lightning": L.__version__},
+        "code_version": code_version(),
+    }
+    save_artifact(out, module.inference_state(), meta)
+    return meta
+
+
+def _f(x) -> float | None:
+    return None if x is None else float(x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m models.train", description="Train a multi-task ranker.")
+    ap.add_argument("--config", required=True, help="YAML config (a path, or a name under models/configs/)")
+    ap.add_argument("--data", required=True, help="training table parquet, or a dataset directory")
+    ap.add_argument("--out", required=True, help="artifact directory to write")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set train.max_epochs=1 (repeatable)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    cfg = load_config(args.config, args.overrides)
+    meta = train(cfg, args.data, args.out, progress=not args.quiet)
+    summary = {k: v for k, v in meta["metrics"]["test" if meta["metrics"]["test"] else "valid"].items()
+               if k.startswith("fused/") or k.endswith("/auc")}
+    print(json.dumps({"artifact": str(args.out), "epochs": meta["training"]["epochs"],
+                      "seconds": round(meta["training"]["seconds"], 1), **summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
