@@ -1,0 +1,157 @@
+"""Run the suites over a dataset directory and report failures a person can act on.
+
+Validation judges the tables as stored (no coercion first), so a string where
+a number belongs is reported rather than silently fixed. It writes Great
+Expectations Data Docs (HTML) beside the data, under ``<dataset>/_gx`` unless
+told otherwise, and prints their path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from models import contract
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+
+@dataclass
+class Failure:
+    table: str
+    column: str
+    rule: str
+    fraction: float  # of rows failing, 1.0 for table-level rules
+    examples: list
+    detail: str = ""
+
+    def line(self) -> str:
+        ex = ", ".join(repr(e) for e in self.examples[:5])
+        text = f"FAIL {self.table}.{self.column}: {self.rule} ({self.fraction:.2%} of rows)"
+        if ex:
+            text += f" e.g. {ex}"
+        return text + (f" [{self.detail}]" if self.detail else "")
+
+
+@dataclass
+class ValidationReport:
+    directory: str
+    failures: list[Failure] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+    docs_path: str | None = None
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        return not self.failures
+
+    def format(self) -> str:
+        lines = []
+        for name in contract.TABLES:
+            bad = [f for f in self.failures if f.table == name]
+            rows = self.rows.get(name)
+            status = "ok" if not bad else f"{len(bad)} rule(s) failed"
+            lines.append(f"{name:<13} {rows if rows is not None else '-':>12,} rows  {status}"
+                         if rows is not None else f"{name:<13} {'missing':>12}       {status}")
+        lines += [f.line() for f in self.failures]
+        lines += [f"warning: {w}" for w in self.warnings]
+        if self.docs_path:
+            lines.append(f"Data Docs: {self.docs_path}")
+        lines.append(f"{'PASSED' if self.success else 'FAILED'} ({self.seconds:.1f}s)")
+        return "\n".join(lines)
+
+
+def _quiet() -> None:
+    for name in ("great_expectations", "great_expectations.core", "great_expectations.data_context"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _examples(rule: str, result: dict) -> list:
+    values = result.get("partial_unexpected_list") or []
+    if rule.startswith("timestamp") and rule != "timestamp parseable":
+        return [pd.Timestamp(v, unit="s", tz="UTC").isoformat() if pd.notna(v) else None for v in values]
+    return list(values)
+
+
+def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = None,
+                     now: pd.Timestamp | None = None) -> ValidationReport:
+    t0 = time.perf_counter()
+    _quiet()
+    import great_expectations as gx
+
+    from flows.validation.suites import derive_timestamp_columns, expectations_for
+
+    directory = Path(directory)
+    now = now or pd.Timestamp.now(tz="UTC")
+    report = ValidationReport(directory=str(directory))
+    manifest = contract.Manifest.load(directory)
+    if manifest is None:
+        report.warnings.append(f"no {contract.MANIFEST}: the declared time range is not checked")
+
+    frames: dict[str, pd.DataFrame] = {}
+    for name, table in contract.TABLES.items():
+        path = directory / table.file
+        if not path.exists():
+            report.failures.append(Failure(name, "-", "table exists", 1.0, [], f"{path} is missing"))
+            continue
+        try:
+            frames[name] = pd.read_parquet(path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a validation failure
+            report.failures.append(Failure(name, "-", "table readable", 1.0, [], f"{type(exc).__name__}: {exc}"))
+            continue
+        report.rows[name] = len(frames[name])
+
+    key_sets = {ref: frames[ref][contract.TABLES[ref].key].dropna().unique().tolist()
+                for ref in ("users", "items") if ref in frames and contract.TABLES[ref].key in frames[ref]}
+    root = Path(docs_dir) if docs_dir else directory / "_gx"
+    root.mkdir(parents=True, exist_ok=True)
+    ctx = gx.get_context(mode="file", project_root_dir=str(root))
+    source = ctx.data_sources.add_or_update_pandas("mtlrec")
+    for name, df in frames.items():
+        table = contract.TABLES[name]
+        if contract.TIMESTAMP in df:
+            derive_timestamp_columns(df)
+        suite = gx.ExpectationSuite(name=f"{name}_contract")
+        for exp in expectations_for(table, df, manifest, now, key_sets if name == "interactions" else None):
+            suite.add_expectation(exp)
+        suite = ctx.suites.add_or_update(suite)
+        asset = next((a for a in source.assets if a.name == name), None) or source.add_dataframe_asset(name=name)
+        batch = next((b for b in asset.batch_definitions if b.name == "whole"), None) or \
+            asset.add_batch_definition_whole_dataframe("whole")
+        definition = ctx.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=f"{name}_contract", data=batch, suite=suite))
+        checkpoint = ctx.checkpoints.add_or_update(gx.Checkpoint(
+            name=f"{name}_checkpoint", validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5}))
+        result = checkpoint.run(batch_parameters={"dataframe": df})
+        for run in result.run_results.values():
+            for r in run.results:
+                if r.success:
+                    continue
+                meta = r.expectation_config.meta or {}
+                rule = meta.get("rule", r.expectation_config.type)
+                res = r.result or {}
+                pct = res.get("unexpected_percent")
+                exc = r.exception_info or {}
+                detail = ""
+                if rule == "row count":
+                    detail = f"{res.get('observed_value')} rows, need at least {table.min_rows}"
+                elif rule == "column exists":
+                    detail = "required by the contract"
+                elif exc.get("raised_exception"):
+                    detail = str(exc.get("exception_message", ""))[:200]
+                report.failures.append(Failure(name, meta.get("column", "-"), rule,
+                                               1.0 if pct is None else pct / 100.0, _examples(rule, res), detail))
+    sites = ctx.get_docs_sites_urls()
+    if sites:
+        report.docs_path = sites[0]["site_url"].removeprefix("file://")
+    report.seconds = time.perf_counter() - t0
+    return report
