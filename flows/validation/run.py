@@ -70,7 +70,6 @@ class ValidationReport:
 def _quiet() -> None:
     for name in ("great_expectations", "great_expectations.core", "great_expectations.data_context"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _examples(rule: str, result: dict) -> list:
@@ -113,6 +112,9 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
     root = Path(docs_dir) if docs_dir else directory / "_gx"
     root.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="file", project_root_dir=str(root))
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     source = ctx.data_sources.add_or_update_pandas("mtlrec")
     for name, df in frames.items():
         table = contract.TABLES[name]

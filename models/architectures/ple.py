@@ -1,0 +1,64 @@
+"""Progressive layered extraction (Tang et al. 2020): CGC levels of shared and task experts.
+
+At each level a task's gate mixes its own experts with the shared ones; a
+shared gate over every expert feeds the next level's shared experts. Task
+experts cannot be hijacked by other tasks, which is PLE's answer to the
+seesaw effect of MMoE.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.architectures.base import Architecture, Outputs
+from models.architectures.batched import BatchedMLP
+from models.tasks import TaskSet
+
+
+class _Level(nn.Module):
+    def __init__(self, in_dim: int, n_tasks: int, n_shared: int, n_task: int, expert: list[int], last: bool):
+        super().__init__()
+        self.task_experts = nn.ModuleList(BatchedMLP(n_task, in_dim, expert) for _ in range(n_tasks))
+        self.shared_experts = BatchedMLP(n_shared, in_dim, expert)
+        self.task_gates = nn.ModuleList(nn.Linear(in_dim, n_task + n_shared) for _ in range(n_tasks))
+        self.shared_gate = None if last else nn.Linear(in_dim, n_tasks * n_task + n_shared)
+
+    def forward(self, task_inputs: list[torch.Tensor], shared_input: torch.Tensor):
+        shared = self.shared_experts(shared_input)  # [S, B, H]
+        outs, own_all = [], []
+        for x, experts, gate in zip(task_inputs, self.task_experts, self.task_gates):
+            own = experts(x)  # [K, B, H]
+            own_all.append(own)
+            both = torch.cat([own, shared], dim=0)
+            w = torch.softmax(gate(x), dim=-1).to(both.dtype)
+            outs.append(torch.einsum("be,ebh->bh", w, both))
+        next_shared = None
+        if self.shared_gate is not None:
+            every = torch.cat([*own_all, shared], dim=0)
+            w = torch.softmax(self.shared_gate(shared_input), dim=-1).to(every.dtype)
+            next_shared = torch.einsum("be,ebh->bh", w, every)
+        return outs, next_shared, shared
+
+
+class PLE(Architecture):
+    def __init__(self, in_dim: int, tasks: TaskSet, levels: int = 2, n_shared_experts: int = 2,
+                 n_task_experts: int = 2, expert=(128, 64), tower=(64,), dropout: float = 0.0):
+        super().__init__(in_dim, tasks)
+        expert = list(expert)
+        dims = [in_dim] + [expert[-1]] * (levels - 1)
+        self.levels = nn.ModuleList(
+            _Level(d, len(tasks), n_shared_experts, n_task_experts, expert, last=(i == levels - 1))
+            for i, d in enumerate(dims))
+        self.towers = self.towers_for(expert[-1], list(tower), dropout)
+
+    def forward(self, x):
+        task_inputs, shared_input = [x] * len(self.tasks), x
+        for level in self.levels:
+            task_inputs, next_shared, shared = level(task_inputs, shared_input)
+            shared_input = next_shared if next_shared is not None else shared_input
+        self.last_representation = shared
+        return Outputs({name: tower(task_inputs[i]) for i, (name, tower) in enumerate(self.towers.items())})
+
+    def shared_parameters(self):
+        return [p for level in self.levels for p in level.shared_experts.parameters()]

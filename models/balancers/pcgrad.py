@@ -1,0 +1,53 @@
+"""PCGrad, projecting conflicting gradients (Yu et al. 2020).
+
+On the shared parameters, each task's gradient is projected onto the normal
+plane of every other task gradient it conflicts with (negative dot product),
+in a random order per step; the projected gradients are summed. Everything
+else (towers, embeddings) gets the plain weighted sum. The projection is
+written without data-dependent branches (a clamp instead of an ``if``), so a
+GPU step never waits for the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.balancers.base import Balancer
+from models.balancers.surgery import extra_gradient, task_gradients, write_gradient
+
+
+def project_conflicts(grads: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """grads: [T, P]. Returns the PCGrad-projected gradients, [T, P]."""
+    out = grads.clone()
+    norms = (grads * grads).sum(1).clamp_min(1e-20)
+    for i in range(grads.shape[0]):
+        for j in order.tolist():
+            if j == i:
+                continue
+            dot = (out[i] * grads[j]).sum()
+            out[i] = out[i] - dot.clamp(max=0.0) / norms[j] * grads[j]
+    return out
+
+
+class PCGrad(Balancer):
+    manual = True
+
+    def __init__(self, n_tasks: int, initial_weights=None, seed: int = 0):
+        super().__init__(n_tasks, initial_weights)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def backward(self, losses, shared_parameters, representation=None, extra_loss=None) -> None:
+        weighted = self.initial_weights.to(losses.dtype) * losses
+        total = weighted.sum() + (extra_loss if extra_loss is not None else 0.0)
+        if not shared_parameters:
+            total.backward()
+            return
+        grads = task_gradients(weighted, shared_parameters)
+        extra = extra_gradient(extra_loss, shared_parameters)
+        order = torch.randperm(self.n_tasks, generator=self.generator)
+        merged = project_conflicts(grads, order).sum(0)
+        if extra is not None:
+            merged = merged + extra
+        total.backward()
+        write_gradient(shared_parameters, merged)
