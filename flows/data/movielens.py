@@ -6,16 +6,19 @@
   (default 4, seed 0), without repeats for a user, capped at the number of
   movies the user has not rated (a handful of heavy raters hit the cap). Each
   negative takes the time of one of that user's ratings drawn at random, so
-  negatives follow the user's activity in time and a time split cuts both alike.
+  negatives follow the user's activity in time and a time split cuts both alike;
+  a negative that would fall before its movie's release is dropped.
 - **Labels.** ``purchase`` (the conversion stage after the click) is
   ``rating >= 4``, a "like". ``rating`` is the 1-5 rating as a float on clicked
   rows and 0 on unclicked ones. There is no ``device``, ``position`` or ``dwell``.
 - **Users.** ``segment`` is the occupation; age and gender as given; the zip
-  code is dropped. Attributes are taken as known from the first rating's time.
+  code is dropped. A user's row is timestamped at that user's first rating:
+  the moment the user enters the log.
 - **Items.** ``category`` is the first genre flag set in ``u.item``'s order,
   ``unknown`` only when no other flag is set; ``genres`` keeps all of them
   ``|``-joined (a diversity signal); ``title`` and ``release_year`` as given.
-  Available from the first rating's time (all were released before the log).
+  An item's row is timestamped at its release date, or at its first rating
+  where that comes earlier or the date is missing.
 
 MovieLens is GroupLens' data for research use only: read it from where it
 lies, never copy it into the repository. Cite F. M. Harper and J. A. Konstan,
@@ -77,13 +80,24 @@ def _sample_negatives(ratings: pd.DataFrame, n_users: int, n_items: int, ratio: 
     return pd.DataFrame({"user": neg_user + 1, "item": neg_item + 1, "ts": ts})
 
 
+def _first_rating(ratings: pd.DataFrame, key: str) -> pd.Series:
+    return pd.to_datetime(ratings.groupby(key)["ts"].min(), unit="s", utc=True)
+
+
 def convert(src: Path | str, out: Path | str, *, negatives_per_positive: int = 4, seed: int = 0) -> contract.Manifest:
     src, out = Path(src), Path(out)
     ratings, users, items = _read(src)
+    start = pd.to_datetime(ratings["ts"].min(), unit="s", utc=True)
+    release = pd.to_datetime(items["release"], format="%d-%b-%Y", errors="coerce").dt.tz_localize("UTC")
+    user_since = users["user"].map(_first_rating(ratings, "user")).fillna(start)
+    item_first = items["item"].map(_first_rating(ratings, "item")).fillna(start)
+    item_since = pd.to_datetime(pd.concat([release, item_first], axis=1).min(axis=1), utc=True)
     rng = np.random.default_rng(seed)
     negatives = _sample_negatives(ratings, int(users["user"].max()), int(items["item"].max()),
                                   negatives_per_positive, rng)
-    start = pd.to_datetime(ratings["ts"].min(), unit="s", utc=True)
+    # A movie cannot be shown before it exists: drop negatives timed before its release.
+    since_s = ((item_since - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy()
+    negatives = negatives[negatives["ts"].to_numpy() >= since_s[negatives["item"].to_numpy() - 1]]
 
     pos = pd.DataFrame({"user": ratings["user"], "item": ratings["item"], "ts": ratings["ts"],
                         "click": 1, "purchase": (ratings["rating"] >= 4).astype(int),
@@ -99,21 +113,20 @@ def convert(src: Path | str, out: Path | str, *, negatives_per_positive: int = 4
         "rating": log["rating"].to_numpy(np.float64),
     })
     category, genres = _categories(items)
-    release = pd.to_datetime(items["release"], format="%d-%b-%Y", errors="coerce")
     users_t = pd.DataFrame({
-        "user_id": users["user"].astype(str), contract.TIMESTAMP: start,
+        "user_id": users["user"].astype(str), contract.TIMESTAMP: user_since,
         "age": users["age"].astype("int64"), "gender": users["gender"].str.lower(),
         "segment": users["occupation"],
     })
     items_t = pd.DataFrame({
-        "item_id": items["item"].astype(str), contract.TIMESTAMP: start, "category": category,
+        "item_id": items["item"].astype(str), contract.TIMESTAMP: item_since, "category": category,
         "genres": genres, "title": items["title"], "release_year": release.dt.year.astype("Int64"),
     })
     for name, df in (("users", users_t), ("items", items_t), ("interactions", interactions)):
         contract.write_table(df, out, name)
     manifest = contract.Manifest(
         name="movielens-100k", source=str(src.resolve()),
-        start=start.isoformat(), end=interactions[contract.TIMESTAMP].max().isoformat(),
+        start=min(start, item_since.min()).isoformat(), end=interactions[contract.TIMESTAMP].max().isoformat(),
         rows={"users": len(users_t), "items": len(items_t), "interactions": len(interactions)},
         params={"negatives_per_positive": negatives_per_positive, "seed": seed,
                 "click": "every rating (1); sampled unrated movies (0)", "purchase": "rating >= 4",
