@@ -15,6 +15,65 @@ app = typer.Typer(help="mtlrec: multi-task recommendation, from raw events to a 
                   no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Make or import a dataset in the contract's form.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+features_app = typer.Typer(help="The Feast feature store of a dataset: apply, materialise, training sets.",
+                           no_args_is_help=True)
+app.add_typer(features_app, name="features")
+ONLINE_HELP = "online store: sqlite (default) or redis; also MTLREC_ONLINE_STORE / MTLREC_REDIS"
+
+
+def _settings(directory: Path, online: str | None):
+    from flows.features.store import StoreSettings
+
+    return StoreSettings.for_dataset(directory, online=online)
+
+
+@features_app.command("build")
+def features_build(
+    directory: Path = typer.Argument(..., help="validated dataset directory"),
+    online: str = typer.Option(None, help=ONLINE_HELP),
+) -> None:
+    """Everything from the raw tables: compute feature tables, apply, materialise, build the training set."""
+    import json
+
+    from flows.features.store import build_all
+
+    typer.echo(json.dumps(build_all(directory, _settings(directory, online)), indent=2))
+
+
+@features_app.command("apply")
+def features_apply(directory: Path = typer.Argument(...), online: str = typer.Option(None, help=ONLINE_HELP)) -> None:
+    """Compute the feature tables and register the Feast objects for this dataset."""
+    from flows.features import store as fstore
+    from flows.features.compute import compute_feature_tables
+
+    s = _settings(directory, online)
+    typer.echo(compute_feature_tables(s.dataset, s.tables))
+    typer.echo("applied: " + ", ".join(fstore.apply(fstore.open_store(s), s)))
+
+
+@features_app.command("materialize")
+def features_materialize(
+    directory: Path = typer.Argument(...), online: str = typer.Option(None, help=ONLINE_HELP),
+    full: bool = typer.Option(False, help="reload every view from its first row instead of incrementally"),
+) -> None:
+    """Load the latest feature values into the online store (incremental by default)."""
+    from flows.features import store as fstore
+
+    s = _settings(directory, online)
+    for view, start in fstore.materialize(fstore.open_store(s), full=full).items():
+        typer.echo(f"{view}: from {start}")
+
+
+@features_app.command("training-set")
+def features_training_set(directory: Path = typer.Argument(...)) -> None:
+    """Point-in-time training set of every impression (Feast get_historical_features)."""
+    from flows.features import store as fstore
+    from models import contract
+
+    s = _settings(directory, None)
+    table = fstore.training_set(fstore.open_store(s), contract.load_dataset(s.dataset)["interactions"])
+    table.to_parquet(s.training_file, index=False)
+    typer.echo(f"wrote {s.training_file}: {len(table):,} rows, {table.shape[1]} columns")
 
 
 @data_app.command("synth")
@@ -73,8 +132,20 @@ def train(
     overrides: list[str] = typer.Option([], "--set", help="override a config value: train.max_epochs=1"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
-    """Train a multi-task model; the same as `python -m models.train`."""
+    """Train a multi-task model; the same as `python -m models.train`.
+
+    Given a dataset directory, its point-in-time training set is built through
+    Feast first if it is missing or older than the impression log.
+    """
     from models.train import main as train_main
+
+    if data.is_dir() and (data / "interactions.parquet").exists():
+        s = _settings(data, None)
+        if not s.training_file.exists() or \
+                s.training_file.stat().st_mtime < (data / "interactions.parquet").stat().st_mtime:
+            from flows.features.store import build_all
+
+            build_all(data, s)
 
     argv = ["--config", config, "--data", str(data), "--out", str(out)]
     argv += [a for o in overrides for a in ("--set", o)] + (["--quiet"] if quiet else [])

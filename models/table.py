@@ -1,44 +1,38 @@
-"""The training table: one row per impression, its features and its labels.
+"""Where training rows come from: a parquet file of features and labels, nothing else.
 
-This is the one replaceable place where the contract tables are joined into
-model input. The Feast issue swaps the join for point-in-time
-``get_historical_features``; everything downstream reads the same columns.
-Only attributes that are fixed per user/item, and context known at request
-time, are derived here, so this join cannot leak the future.
+The training table is built by the feature store (``flows/features``):
+Feast's point-in-time ``get_historical_features`` over the impression log,
+written to ``<dataset>/_features/training.parquet``. ``models/`` only reads
+it, so a GPU machine with torch and Lightning alone can train from a copied
+parquet file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from models import contract
 
 TABLE_FILE = "training.parquet"
+WORKSPACE = "_features"
 
 
-def build_training_table(dataset_dir: Path | str) -> pd.DataFrame:
-    t = contract.load_dataset(dataset_dir)
-    users = t["users"].rename(columns={contract.TIMESTAMP: "user_since"})
-    items = t["items"].rename(columns={contract.TIMESTAMP: "item_since"})
-    df = t["interactions"].merge(users, on="user_id", how="left").merge(items, on="item_id", how="left")
-    ts = df[contract.TIMESTAMP]
-    df["hour"] = ts.dt.hour.astype("int64")
-    df["dow"] = ts.dt.dayofweek.astype("int64")
-    df["item_age_days"] = ((ts - df["item_since"]).dt.total_seconds() / 86_400).astype("float32")
-    df["user_tenure_days"] = ((ts - df["user_since"]).dt.total_seconds() / 86_400).astype("float32")
-    if "price" in df:
-        df["log_price"] = np.log1p(df["price"].astype("float64")).astype("float32")
-    return df.drop(columns=["user_since", "item_since"]).sort_values(contract.TIMESTAMP, kind="stable").reset_index(drop=True)
+def training_file(path: Path | str) -> Path:
+    """The training parquet behind a path: the file itself, or the one a dataset's feature store wrote."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for candidate in (path / WORKSPACE / TABLE_FILE, path / TABLE_FILE):
+        if candidate.exists():
+            return candidate
+    hint = (" (a dataset directory: build its training set with `mtlrec features build "
+            f"{path}`)") if (path / contract.INTERACTIONS.file).exists() else ""
+    raise FileNotFoundError(f"no training table at {path}{hint}")
 
 
 def load_training_table(path: Path | str) -> pd.DataFrame:
-    """A parquet file is used as is; a dataset directory is joined first."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / TABLE_FILE).exists() and not (path / contract.INTERACTIONS.file).exists():
-            return pd.read_parquet(path / TABLE_FILE)
-        return build_training_table(path)
-    return pd.read_parquet(path)
+    df = pd.read_parquet(training_file(path))
+    df[contract.TIMESTAMP] = pd.to_datetime(df[contract.TIMESTAMP], utc=True)
+    return df.sort_values(contract.TIMESTAMP, kind="stable").reset_index(drop=True)

@@ -24,7 +24,7 @@ from models.artifact import code_version, fingerprint, save_artifact
 from models.config import load_config
 from models.data import MTLDataModule
 from models.module import MTLModule
-from models.table import load_training_table
+from models.table import load_training_table, training_file
 from models.tasks import TaskSet
 
 log = logging.getLogger("mtlrec.train")
@@ -109,7 +109,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
         "config": config, "tasks": tasks.to_config(), "features": dm.spec.to_dict(),
         "feature_service": config.get("feature_service"),
         "metrics": {"valid": valid_metrics, "test": test_metrics},
-        "data": {"path": str(data), "fingerprint": fingerprint(data) if table is None else None,
+        "data": {"path": str(data), "fingerprint": fingerprint(training_file(data)) if table is None else None,
                  "rows": {"train": len(dm.train_split), "valid": len(dm.valid_split), "test": len(dm.test_split)},
                  "time_ranges": dm.time_ranges},
         "training": {"epochs": trainer.current_epoch, "best_checkpoint_score": _f(ckpt.best_model_score),

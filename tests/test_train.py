@@ -21,7 +21,8 @@ from models.config import load_config
 from models.data import MTLDataModule, time_split
 from models.metrics import ranking_metrics
 from models.module import MTLModule
-from models.table import build_training_table
+from flows.features.store import build_all
+from models.table import load_training_table
 from models.tasks import TaskSet
 from models.train import train
 
@@ -32,13 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def small_table(tmp_path_factory):
     out = tmp_path_factory.mktemp("train-small")
     generate(out, SynthConfig(n_users=300, n_items=120, n_interactions=12_000, days=10, seed=1))
-    return build_training_table(out)
+    build_all(out, materialize_online=False)
+    return load_training_table(out)
 
 
 @pytest.fixture(scope="module")
 def quality_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("train-quality")
     generate(out, SynthConfig(n_users=1500, n_items=300, n_interactions=150_000, days=20, seed=2))
+    build_all(out, materialize_online=False)
     return out
 
 
@@ -90,7 +93,7 @@ def test_every_architecture_trains_with_every_balancer(small_table, architecture
 def test_mmoe_beats_popularity_on_synthetic_data(quality_data, tmp_path):
     cfg = load_config("mmoe", ["train.max_epochs=3", "train.batch_size=2048"])
     meta = train(cfg, quality_data, tmp_path / "mmoe", progress=False)
-    table = build_training_table(quality_data)
+    table = load_training_table(quality_data)
     split = cfg["data"]["split"]
     train_rows, _, test_rows = time_split(table, split["valid_fraction"], split["test_fraction"])
     popularity = test_rows.item_id.map(train_rows.groupby("item_id").click.sum()).fillna(0).to_numpy()
@@ -135,6 +138,7 @@ def test_artifact_rebuilds_the_model_and_scores_the_same(small_table, tmp_path):
 def test_train_command_writes_an_artifact_and_models_import_no_orchestration(tmp_path):
     data = tmp_path / "d"
     generate(data, SynthConfig(n_users=100, n_items=50, n_interactions=4000, days=6, seed=0))
+    build_all(data, materialize_online=False)
     res = subprocess.run([sys.executable, "-m", "models.train", "--config", "esmm", "--data", str(data),
                           "--out", str(tmp_path / "a"), "--set", "train.max_epochs=1", "--quiet"],
                          capture_output=True, text=True, cwd=ROOT)

@@ -1,0 +1,187 @@
+"""The feature store for real: Feast on parquet + SQLite, and on the Redis at 127.0.0.1:6379."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from feature_repo.definitions import SCHEMAS, WINDOWS
+from flows.data.synth import SynthConfig, generate
+from flows.features import store as fstore
+from flows.features.online import FeatureReader
+from models import contract
+
+REDIS = "127.0.0.1:6379"
+REDIS_DB = 13  # the tests' own database, flushed after use
+
+
+def _redis_or_skip():
+    import redis
+
+    try:
+        client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_connect_timeout=1)
+        client.ping()
+        return client
+    except redis.exceptions.ConnectionError:
+        pytest.skip("needs a Redis server at 127.0.0.1:6379 (the machine and CI run one)")
+
+
+def _plant_leak(directory: Path) -> dict:
+    """A new user and item whose only history is planted: a clicked, bought impression, then two more."""
+    t = contract.load_dataset(directory)
+    start = t["interactions"][contract.TIMESTAMP].min().floor("D")
+    t1 = start + pd.Timedelta(days=3, hours=10)
+    users = pd.concat([t["users"], pd.DataFrame({"user_id": ["leaky"], contract.TIMESTAMP: [start - pd.Timedelta(days=5)],
+                                                   "age": [30], "gender": ["f"], "segment": ["s0"]})])
+    items = pd.concat([t["items"], pd.DataFrame({"item_id": ["leaky_item"], contract.TIMESTAMP: [start - pd.Timedelta(days=5)],
+                                                   "category": ["c0"], "price": [10.0]})])
+    planted = pd.DataFrame({
+        "user_id": ["leaky"] * 3, "item_id": ["leaky_item"] * 3,
+        contract.TIMESTAMP: [t1, t1 + pd.Timedelta(hours=6), t1 + pd.Timedelta(days=2)],
+        "device": ["mobile"] * 3, "position": [0, 0, 0], "click": [1, 0, 0], "purchase": [1, 0, 0],
+        "dwell": [30.0, 0.0, 0.0]})
+    inter = pd.concat([t["interactions"], planted.astype({contract.TIMESTAMP: t["interactions"][contract.TIMESTAMP].dtype})])
+    for name, df in (("users", users), ("items", items), ("interactions", inter)):
+        contract.write_table(df.reset_index(drop=True), directory, name)
+    return {"t1": t1}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("features") / "data"
+    generate(out, SynthConfig(n_users=150, n_items=60, n_interactions=6000, days=8, seed=3))
+    planted = _plant_leak(out)
+    summary = fstore.build_all(out)
+    return out, summary, planted
+
+
+def test_training_set_is_point_in_time_correct(built):
+    out, summary, planted = built
+    table = pd.read_parquet(summary["training_file"])
+    raw = contract.load_dataset(out)["interactions"]
+    assert summary["training_rows"] == len(raw) == len(table)  # no impression dropped or duplicated
+
+    leak = table[table.user_id == "leaky"].sort_values(contract.TIMESTAMP)
+    # The clicked, bought impression must not see its own labels through any feature ...
+    first = leak.iloc[0]
+    for w in WINDOWS:
+        assert first[f"user_clicks_{w}d"] == 0 and first[f"user_purchases_{w}d"] == 0
+        assert first[f"item_clicks_{w}d"] == 0 and first[f"item_purchases_{w}d"] == 0
+    # ... nor may an impression later the same day (snapshots are taken at midnight) ...
+    assert leak.iloc[1]["user_clicks_30d"] == 0 and leak.iloc[1]["item_clicks_30d"] == 0
+    # ... while two days later the click is history, and visible.
+    assert leak.iloc[2]["user_clicks_30d"] == 1 and leak.iloc[2]["user_purchases_7d"] == 1
+    assert leak.iloc[2]["item_clicks_7d"] == 1 and leak.iloc[2]["user_top_category_30d"] == "c0"
+
+
+def test_every_aggregate_counts_only_earlier_days(built):
+    """Brute force on every row: the 7-day click count is exactly the clicks in [midnight-7d, midnight)."""
+    out, summary, _ = built
+    table = pd.read_parquet(summary["training_file"])
+    raw = contract.load_dataset(out)["interactions"]
+    clicks = raw[raw.click == 1][["user_id", contract.TIMESTAMP]]
+    sample = table.sample(300, random_state=0)
+    for _, row in sample.iterrows():
+        midnight = row[contract.TIMESTAMP].floor("D")
+        mine = clicks[(clicks.user_id == row.user_id) & (clicks[contract.TIMESTAMP] < midnight)
+                      & (clicks[contract.TIMESTAMP] >= midnight - pd.Timedelta(days=7))]
+        assert row["user_clicks_7d"] == len(mine), (row.user_id, row[contract.TIMESTAMP])
+
+
+def test_context_features_follow_the_request_time(built):
+    _, summary, _ = built
+    table = pd.read_parquet(summary["training_file"])
+    ts = table[contract.TIMESTAMP]
+    assert (table["hour"] == ts.dt.hour).all() and (table["dow"] == ts.dt.dayofweek).all()
+    expected = (ts - pd.to_datetime(table["item_since_ts"], unit="s", utc=True)).dt.total_seconds() / 86_400
+    np.testing.assert_allclose(table["item_age_days"], expected, rtol=1e-9)
+
+
+def assert_same_values(served: pd.DataFrame, sdk: pd.DataFrame) -> None:
+    """Equal column for column; a missing value is missing whether Feast spells it None or NaN.
+
+    (Feast returns an all-missing numeric column as objects holding None, a partly missing one as NaN.)
+    """
+    assert set(served.columns) == set(sdk.columns)
+    norm = lambda df: df.astype(object).where(df.notna(), np.nan)  # noqa: E731
+    pd.testing.assert_frame_equal(norm(served[sdk.columns]), norm(sdk), check_dtype=False)
+
+
+def _latest(tables: Path, view: str, key: str) -> pd.DataFrame:
+    df = pd.read_parquet(tables / f"{view}.parquet")
+    return df.sort_values("event_timestamp").groupby(key).tail(1).set_index(key)
+
+
+def _assert_online_equals_offline(store, settings, n: int = 25):
+    rng = np.random.default_rng(0)
+    for view, key in (("user_profile", "user_id"), ("user_activity", "user_id"),
+                      ("item_profile", "item_id"), ("item_popularity", "item_id")):
+        latest = _latest(settings.tables, view, key)
+        ids = list(rng.choice(latest.index.to_numpy(), size=min(n, len(latest)), replace=False))
+        names = list(SCHEMAS[view])
+        online = store.get_online_features(features=[f"{view}:{c}" for c in names],
+                                           entity_rows=[{key: i} for i in ids]).to_df().set_index(key)
+        expected = latest.loc[ids, names]
+        pd.testing.assert_frame_equal(online[names], expected, check_dtype=False, check_names=False)
+
+
+def test_online_values_equal_latest_offline_on_sqlite(built):
+    out, _, _ = built
+    settings = fstore.StoreSettings.for_dataset(out, online="sqlite")
+    _assert_online_equals_offline(fstore.open_store(settings), settings)
+
+
+def test_served_path_returns_what_feast_returns(built):
+    out, _, _ = built
+    reader = FeatureReader(fstore.open_store(fstore.StoreSettings.for_dataset(out)))
+    items = [f"i{i}" for i in range(60)] + ["leaky_item", "never-seen"]
+    ts = contract.load_dataset(out)["interactions"][contract.TIMESTAMP].max().timestamp()
+    for user in ("u1", "leaky", "nobody"):
+        assert_same_values(reader.features(user, items, ts), reader.sdk(user, items, ts))
+    assert reader.known("item", ["i1", "never-seen"]).tolist() == [True, False]
+    assert reader.known("user", ["nobody"]).tolist() == [False]
+
+
+def test_materialize_is_incremental_after_the_first_load(built):
+    out, _, _ = built
+    store = fstore.open_store(fstore.StoreSettings.for_dataset(out))
+    again = fstore.materialize(store)
+    assert set(again.values()) == {"incremental"}, again
+
+
+def test_redis_online_store(built, tmp_path):
+    client = _redis_or_skip()
+    out, _, _ = built
+    project = f"mtlrec_test_{uuid.uuid4().hex[:8]}"
+    settings = fstore.StoreSettings.for_dataset(out, online="redis", workspace=tmp_path / "ws",
+                                                redis=f"{REDIS},db={REDIS_DB}", project=project)
+    shutil.copytree(fstore.StoreSettings.for_dataset(out).tables, settings.tables)
+    try:
+        store = fstore.open_store(settings)
+        fstore.apply(store, settings)
+        fstore.materialize(store)
+        assert client.dbsize() > 0  # the values really are in Redis
+        _assert_online_equals_offline(store, settings)
+        reader = FeatureReader(store)
+        items = [f"i{i}" for i in range(60)] + ["never-seen"]
+        for user in ("u2", "nobody"):
+            assert_same_values(reader.features(user, items, 1.79e9), reader.sdk(user, items, 1.79e9))
+    finally:
+        client.flushdb()
+
+
+def test_one_command_rebuilds_everything_from_raw_tables(tmp_path):
+    data = tmp_path / "d"
+    generate(data, SynthConfig(n_users=80, n_items=40, n_interactions=3000, days=5, seed=4))
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "features", "build", str(data)],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (data / "_features" / "training.parquet").exists() and (data / "_features" / "online.db").exists()
+    assert '"training_rows": 3000' in res.stdout
