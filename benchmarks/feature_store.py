@@ -1,0 +1,159 @@
+"""Feature store figures: offline computation and point-in-time joins, online read latency.
+
+Offline, per size (each step in a fresh process, so peak memory is its own):
+feature-table computation and ``get_historical_features`` over every
+impression. Online, on the smallest size: p50/p99 of reading 1 user + N
+candidate items, Feast SDK (``get_online_features`` on the feature service)
+versus the served path (``FeatureReader.features``: cached bulk reads + the
+same context transform), on SQLite and on the Redis at 127.0.0.1:6379
+(database 14, flushed after). Each request draws a random user (a user-cache
+miss, as in production) and random candidates.
+
+    .venv/bin/python benchmarks/feature_store.py                    # 1M and 10M, online on 1M
+    .venv/bin/python benchmarks/feature_store.py --sizes 1000000 --requests 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _in_child(fn, *args):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_run, args=(fn, args, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def _run(fn, args, q):
+    t = time.perf_counter()
+    result = fn(*args) or {}
+    q.put({**result, "seconds": time.perf_counter() - t,
+           "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def _generate(out: str, n: int):
+    from flows.data.synth import SynthConfig, generate
+
+    generate(out, SynthConfig(n_users=max(3000, n // 100), n_items=max(500, n // 500), n_interactions=n, seed=0))
+
+
+def _compute(out: str):
+    from flows.features.compute import compute_feature_tables
+    from flows.features.store import StoreSettings, apply, materialize, open_store
+
+    s = StoreSettings.for_dataset(out)
+    rows = compute_feature_tables(s.dataset, s.tables)
+    store = open_store(s)
+    apply(store, s)
+    t = time.perf_counter()
+    materialize(store)
+    return {"rows": rows, "materialize_s": time.perf_counter() - t}
+
+
+def _historical(out: str):
+    from flows.features.store import StoreSettings, open_store, training_set
+    from models import contract
+
+    s = StoreSettings.for_dataset(out)
+    table = training_set(open_store(s), contract.load_dataset(out)["interactions"])
+    return {"training_rows": len(table), "columns": table.shape[1]}
+
+
+def _latency(fn, users, items, sizes, requests, rng) -> dict:
+    out = {}
+    for n in sizes:
+        times = []
+        for _ in range(requests):
+            u = users[rng.integers(len(users))]
+            cands = list(rng.choice(items, size=min(n, len(items)), replace=False))
+            t = time.perf_counter()
+            fn(u, cands, 1.79e9)
+            times.append(time.perf_counter() - t)
+        out[n] = {"p50_ms": float(np.percentile(times, 50) * 1e3), "p99_ms": float(np.percentile(times, 99) * 1e3)}
+    return out
+
+
+def online(out: str, sizes: list[int], requests: int) -> list[dict]:
+    import pandas as pd
+    import redis
+
+    from flows.features import store as fstore
+    from flows.features.online import FeatureReader
+
+    base = fstore.StoreSettings.for_dataset(out)
+    users = pd.read_parquet(base.tables / "user_profile.parquet", columns=["user_id"]).user_id.to_numpy()
+    items = pd.read_parquet(base.tables / "item_profile.parquet", columns=["item_id"]).item_id.to_numpy()
+    rows = []
+    backends = [("sqlite", base)]
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, db=14, socket_connect_timeout=1).ping()
+        backends.append(("redis", fstore.StoreSettings.for_dataset(
+            out, online="redis", redis="127.0.0.1:6379,db=14", project="mtlrec_bench",
+            workspace=Path(out) / "_features_redis")))
+    except redis.exceptions.ConnectionError:
+        print("no Redis at 127.0.0.1:6379: Redis rows skipped", file=sys.stderr)
+    for name, s in backends:
+        store = fstore.open_store(s)
+        if name == "redis":
+            import shutil
+
+            shutil.copytree(base.tables, s.tables, dirs_exist_ok=True)
+            fstore.apply(store, s)
+            fstore.materialize(store)
+        reader = FeatureReader(store)
+        reader.features(users[0], list(items[:10]), 1.79e9)  # connections, first reads
+        rng = np.random.default_rng(0)
+        for path, fn in (("feast sdk", reader.sdk), ("served", reader.features)):
+            lat = _latency(fn, users, items, sizes, requests if path == "served" else max(50, requests // 4), rng)
+            rows += [{"store": name, "path": path, "items": n, **v} for n, v in lat.items()]
+        if name == "redis":
+            redis.Redis(host="127.0.0.1", port=6379, db=14).flushdb()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--items", type=int, nargs="+", default=[100, 500, 1000])
+    ap.add_argument("--requests", type=int, default=400)
+    args = ap.parse_args()
+    offline, lat = [], []
+    with tempfile.TemporaryDirectory(prefix="mtlrec-fs-") as tmp:
+        for i, n in enumerate(sorted(args.sizes)):
+            out = str(Path(tmp) / f"d{n}")
+            _in_child(_generate, out, n)
+            c = _in_child(_compute, out)
+            h = _in_child(_historical, out)
+            offline.append({"impressions": n, "compute_s": c["rows"]["seconds"], "materialize_s": c["materialize_s"],
+                            "historical_s": h["seconds"], "historical_rows_per_s": n / h["seconds"],
+                            "historical_peak_mb": h["peak_mb"], "training_rows": h["training_rows"]})
+            print(json.dumps(offline[-1]), flush=True)
+            if i == 0:
+                lat = online(out, args.items, args.requests)
+    print(f"\n{'impressions':>12} {'compute s':>10} {'materialize s':>14} {'historical s':>13} "
+          f"{'rows/s':>10} {'peak MB':>9}")
+    for r in offline:
+        print(f"{r['impressions']:>12,} {r['compute_s']:>10.1f} {r['materialize_s']:>14.1f} "
+              f"{r['historical_s']:>13.1f} {r['historical_rows_per_s']:>10,.0f} {r['historical_peak_mb']:>9,.0f}")
+    print(f"\n{'store':<7} {'path':<10} {'items':>6} {'p50 ms':>8} {'p99 ms':>8}")
+    for r in lat:
+        print(f"{r['store']:<7} {r['path']:<10} {r['items']:>6} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
