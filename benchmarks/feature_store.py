@@ -34,7 +34,13 @@ def _in_child(fn, *args):
     q = ctx.Queue()
     p = ctx.Process(target=_run, args=(fn, args, q))
     p.start()
-    out = q.get()
+    while True:
+        try:
+            out = q.get(timeout=5)
+            break
+        except Exception:  # noqa: BLE001 - queue.Empty: is the child still alive?
+            if not p.is_alive():
+                raise RuntimeError(f"{fn.__name__}{args} died (exit code {p.exitcode}; out of memory?)") from None
     p.join()
     return out
 
@@ -66,12 +72,12 @@ def _compute(out: str):
 
 
 def _historical(out: str):
-    from flows.features.store import StoreSettings, open_store, training_set
+    from flows.features.store import StoreSettings, open_store, write_training_set
     from models import contract
 
     s = StoreSettings.for_dataset(out)
-    table = training_set(open_store(s), contract.load_dataset(out)["interactions"])
-    return {"training_rows": len(table), "columns": table.shape[1]}
+    return {"training_rows": write_training_set(open_store(s), contract.load_dataset(out)["interactions"],
+                                                s.training_file)}
 
 
 def _latency(fn, users, items, sizes, requests, rng) -> dict:
@@ -145,6 +151,8 @@ def main() -> None:
             print(json.dumps(offline[-1]), flush=True)
             if i == 0:
                 lat = online(out, args.items, args.requests)
+                for r in lat:
+                    print(json.dumps(r), flush=True)
     print(f"\n{'impressions':>12} {'compute s':>10} {'materialize s':>14} {'historical s':>13} "
           f"{'rows/s':>10} {'peak MB':>9}")
     for r in offline:

@@ -71,9 +71,9 @@ def features_training_set(directory: Path = typer.Argument(...)) -> None:
     from models import contract
 
     s = _settings(directory, None)
-    table = fstore.training_set(fstore.open_store(s), contract.load_dataset(s.dataset)["interactions"])
-    table.to_parquet(s.training_file, index=False)
-    typer.echo(f"wrote {s.training_file}: {len(table):,} rows, {table.shape[1]} columns")
+    n = fstore.write_training_set(fstore.open_store(s), contract.load_dataset(s.dataset)["interactions"],
+                                  s.training_file)
+    typer.echo(f"wrote {s.training_file}: {n:,} rows")
 
 
 @data_app.command("synth")

@@ -185,3 +185,25 @@ def test_one_command_rebuilds_everything_from_raw_tables(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (data / "_features" / "training.parquet").exists() and (data / "_features" / "online.db").exists()
     assert '"training_rows": 3000' in res.stdout
+
+
+def test_feature_stages_run_as_prefect_tasks(tmp_path):
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.features.tasks import apply_features, compute_features, materialize_features, training_set
+
+    data = tmp_path / "d"
+    generate(data, SynthConfig(n_users=60, n_items=30, n_interactions=2000, days=4, seed=5))
+
+    @flow
+    def features(directory: str) -> str:
+        compute_features(directory)
+        apply_features(directory)
+        materialize_features(directory)
+        return training_set(directory)
+
+    with prefect_test_harness():
+        path = features(str(data))
+    assert len(pd.read_parquet(path)) == 2000
+    assert (data / "_features" / "online.db").exists()

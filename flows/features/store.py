@@ -119,12 +119,56 @@ def entity_frame(interactions: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def training_set(store, interactions: pd.DataFrame) -> pd.DataFrame:
-    """Point-in-time join of every impression with the feature service (no feature from its future)."""
+def iter_training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_000):
+    """Point-in-time join of every impression with the feature service, in globally ordered chunks.
+
+    Chunked because Feast's retrieval holds several copies of its input
+    (about 4 GB per million impressions here), so one call on a 10M-row log
+    would not fit a small machine. Chunking changes nothing in the result:
+    each impression's join depends only on its own keys and timestamp. The
+    log is sorted by (timestamp, user, item) first, so the chunks, each
+    sorted the same way, concatenate into one ordered table.
+    """
     fs = store.get_feature_service(FEATURE_SERVICE)
-    df = store.get_historical_features(entity_df=entity_frame(interactions), features=fs).to_df()
-    df[contract.TIMESTAMP] = pd.to_datetime(df[contract.TIMESTAMP], utc=True)
-    return df.sort_values([contract.TIMESTAMP, "user_id", "item_id"], kind="stable").reset_index(drop=True)
+    order = [contract.TIMESTAMP, "user_id", "item_id"]
+    entities = entity_frame(interactions).sort_values(order, kind="stable", ignore_index=True)
+    for start in range(0, len(entities), chunk_rows):
+        chunk = entities.iloc[start:start + chunk_rows]
+        part = store.get_historical_features(entity_df=chunk, features=fs).to_df()
+        if len(part) != len(chunk):  # Feast drops rows it cannot match; a training set must not
+            raise RuntimeError(f"point-in-time join returned {len(part)} rows for {len(chunk)} impressions")
+        part[contract.TIMESTAMP] = pd.to_datetime(part[contract.TIMESTAMP], utc=True)
+        yield part.sort_values(order, kind="stable", ignore_index=True)
+
+
+def training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_000) -> pd.DataFrame:
+    """The whole point-in-time training set in memory (small logs, tests)."""
+    parts = list(iter_training_set(store, interactions, chunk_rows))
+    return pd.concat(parts, ignore_index=True) if parts else entity_frame(interactions).iloc[:0]
+
+
+def write_training_set(store, interactions: pd.DataFrame, path: Path | str, chunk_rows: int = 250_000) -> int:
+    """Stream the training set to one parquet file, a chunk at a time; returns its row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    tmp = path.with_suffix(".parquet.tmp")
+    writer, rows = None, 0
+    try:
+        for part in iter_training_set(store, interactions, chunk_rows):
+            if writer is None:
+                schema = pa.Schema.from_pandas(part, preserve_index=False)
+                # A column that is all missing in the first chunk must still take later chunks' strings.
+                schema = pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in schema])
+                writer = pq.ParquetWriter(tmp, schema)
+            writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False))
+            rows += len(part)
+    finally:
+        if writer is not None:
+            writer.close()
+    tmp.replace(path)  # readers never see a half-written training set
+    return rows
 
 
 def build_all(dataset: Path | str, settings: StoreSettings | None = None, *, materialize_online: bool = True) -> dict:
@@ -145,12 +189,12 @@ def build_all(dataset: Path | str, settings: StoreSettings | None = None, *, mat
         materialize(store)
         timings["materialize_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    table = training_set(store, contract.load_dataset(settings.dataset)["interactions"])
-    table.to_parquet(settings.training_file, index=False)
+    n = write_training_set(store, contract.load_dataset(settings.dataset)["interactions"], settings.training_file)
     timings["historical_s"] = time.perf_counter() - t
-    return {"tables": rows, "training_rows": len(table), "training_file": str(settings.training_file),
+    return {"tables": rows, "training_rows": n, "training_file": str(settings.training_file),
             "feature_service": FEATURE_SERVICE, "online_store": settings.online,
             **{k: round(v, 2) for k, v in timings.items()}}
 
 
-__all__ = ["StoreSettings", "open_store", "apply", "materialize", "training_set", "build_all", "JOIN_KEY"]
+__all__ = ["StoreSettings", "open_store", "apply", "materialize", "training_set", "write_training_set", "build_all",
+           "JOIN_KEY"]

@@ -38,6 +38,5 @@ def training_set(dataset: str, online: str | None = None) -> str:
     from models import contract
 
     s = fstore.StoreSettings.for_dataset(dataset, online=online)
-    table = fstore.training_set(fstore.open_store(s), contract.load_dataset(s.dataset)["interactions"])
-    table.to_parquet(s.training_file, index=False)
+    fstore.write_training_set(fstore.open_store(s), contract.load_dataset(s.dataset)["interactions"], s.training_file)
     return str(Path(s.training_file))
