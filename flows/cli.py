@@ -18,6 +18,15 @@ app.add_typer(data_app, name="data")
 features_app = typer.Typer(help="The Feast feature store of a dataset: apply, materialise, training sets.",
                            no_args_is_help=True)
 app.add_typer(features_app, name="features")
+
+
+def _models_app():
+    from flows.registry_cli import models_app
+
+    return models_app
+
+
+app.add_typer(_models_app(), name="models", help="The model registry: list, show, rollback.")
 ONLINE_HELP = "online store: sqlite (default) or redis; also MTLREC_ONLINE_STORE / MTLREC_REDIS"
 
 
@@ -150,6 +159,119 @@ def train(
     argv = ["--config", config, "--data", str(data), "--out", str(out)]
     argv += [a for o in overrides for a in ("--set", o)] + (["--quiet"] if quiet else [])
     raise typer.Exit(train_main(argv))
+
+
+def _model_path(model: str) -> tuple[Path, str | None]:
+    """A model argument is an artifact directory or a registry tag (name:version)."""
+    if Path(model).is_dir():
+        return Path(model), None
+    from flows import registry
+
+    return registry.artifact_path(model), model
+
+
+def _training_table(data: Path):
+    from models.table import load_training_table
+
+    if data.is_dir() and (data / "interactions.parquet").exists() and \
+            not (data / "_features" / "training.parquet").exists():
+        from flows.features.store import build_all
+
+        build_all(data, materialize_online=False)
+    return load_training_table(data)
+
+
+def _single_task_models(path: Path, data: Path, out: Path) -> dict[str, Path]:
+    """One model per binary objective, same architecture and settings, trained on that objective alone."""
+    from models.artifact import read_meta
+    from models.train import train as train_model
+
+    meta = read_meta(path)
+    models = {}
+    for task in [t for t in meta["tasks"] if t["type"] == "binary"]:
+        cfg = dict(meta["config"], tasks=[{**task, "sample_space": "all"}])
+        train_model(cfg, data, out / task["name"], progress=False)
+        models[task["name"]] = out / task["name"]
+    return models
+
+
+@app.command("evaluate")
+def evaluate(
+    model: str = typer.Option(..., help="artifact directory or registry tag (name:version)"),
+    data: Path = typer.Option(..., help="dataset directory (its Feast training set) or a training parquet"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object for scripts and CI"),
+    single_task: bool = typer.Option(False, help="also train and score a single-task model per objective"),
+    seed: int = typer.Option(0, help="seed of the random baseline"),
+) -> None:
+    """Rank every user's held-out impressions: the model beside popularity, random (and single-task) rankers.
+
+    Evaluating a registry tag records the result there; only evaluated models can be promoted.
+    """
+    import json
+    import tempfile
+
+    from models.holdout import evaluate as run
+
+    path, tag = _model_path(model)
+    table = _training_table(data)
+    with tempfile.TemporaryDirectory(prefix="mtlrec-single-") as tmp:
+        singles = _single_task_models(path, data, Path(tmp)) if single_task else None
+        result = run(path, table, seed=seed, single_task=singles)
+    if tag:
+        from flows import registry
+
+        registry.record_evaluation(tag, result)
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+        return
+    ks = ("ndcg@10", "ndcg@20", "ndcg@50", "recall@10", "recall@20", "recall@50")
+    typer.echo(f"{'ranker':<22}" + "".join(f"{k:>11}" for k in ks))
+    for name, m in result["rankers"].items():
+        typer.echo(f"{name:<22}" + "".join(f"{m[k]:>11.4f}" for k in ks))
+    for name, t in result["tasks"].items():
+        typer.echo(f"{name:<22} " + "  ".join(f"{k}={v:.4f}" for k, v in t.items()))
+    typer.echo(json.dumps(result["protocol"]))
+
+
+@app.command("promote")
+def promote(
+    model: str = typer.Argument(..., help="registry tag of an evaluated candidate"),
+    data: Path = typer.Option(..., help="dataset directory or training parquet whose holdout judges"),
+    k: int = typer.Option(None, help="NDCG@K (default from flows/gate.yaml)"),
+    margin: float = typer.Option(None, help="NDCG@K gain required over production"),
+    auc_tolerance: float = typer.Option(None, help="largest AUC drop allowed on any task"),
+    report_dir: Path = typer.Option(Path("reports"), help="where the gate's markdown and JSON go"),
+) -> None:
+    """Promote MODEL to production if it beats production (or popularity) on NDCG@K; exit 1 if rejected."""
+    from flows.promote import NotEvaluated, gate_config, promote as run
+
+    try:
+        decision = run(model, _training_table(data), gate_config(k=k, margin=margin, auc_tolerance=auc_tolerance),
+                       report_dir=report_dir)
+    except NotEvaluated as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+    typer.echo(decision.markdown())
+    raise typer.Exit(0 if decision.promote else 1)
+
+
+@app.command("register")
+def register(
+    artifact: Path = typer.Argument(..., help="artifact directory written by `mtlrec train`"),
+    name: str = typer.Option("mtlrec-ranker", help="model name in the BentoML store"),
+) -> None:
+    """Store a trained artifact in the registry (BentoML model store); prints its tag."""
+    from flows import registry
+
+    typer.echo(registry.register(artifact, name=name))
+
+
+@app.command("rollback")
+def rollback(reason: str = typer.Option("manual rollback", help="why, for the audit log")) -> None:
+    """Make the previous production model the production model again."""
+    from flows.registry_cli import rollback as run
+
+    run(reason)
 
 
 def main() -> None:

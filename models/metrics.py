@@ -28,23 +28,35 @@ def _grouped(groups: np.ndarray, scores: np.ndarray, labels: np.ndarray):
     return labels[order], ideal, group_idx, rank, len(starts)
 
 
-def ranking_metrics(groups, scores, labels, ks=(10, 20, 50)) -> dict[str, float]:
-    """NDCG@K and Recall@K (hits in the top K over the user's positives), averaged over users."""
-    if len(np.asarray(groups)) == 0:
-        return {**{f"ndcg@{k}": float("nan") for k in ks}, **{f"recall@{k}": float("nan") for k in ks}, "users": 0}
+def per_user(groups, scores, labels, ks=(10, 20, 50)) -> dict[str, np.ndarray]:
+    """Per-user NDCG@K and Recall@K, for users with at least one positive (key ``users``: their ids).
+
+    The paired bootstrap of the promotion gate resamples these rows.
+    """
+    groups = np.asarray(groups)
+    if len(groups) == 0:
+        return {"users": groups[:0], **{f"{m}@{k}": np.zeros(0) for m in ("ndcg", "recall") for k in ks}}
     lab, ideal, gi, rank, n = _grouped(groups, scores, labels)
     disc = 1.0 / np.log2(rank + 2.0)
     positives = np.bincount(gi, weights=(lab > 0).astype(np.float64), minlength=n)
     valid = positives > 0
-    out: dict[str, float] = {}
+    ids = np.sort(np.unique(groups))  # _grouped orders groups the same way (lexsort on the group key)
+    out: dict[str, np.ndarray] = {"users": ids[valid]}
     for k in ks:
         top = rank < k
         dcg = np.bincount(gi, weights=lab * disc * top, minlength=n)
         idcg = np.bincount(gi, weights=ideal * disc * top, minlength=n)
         hits = np.bincount(gi, weights=(lab > 0) * top, minlength=n)
-        out[f"ndcg@{k}"] = float(np.mean(dcg[valid] / idcg[valid])) if valid.any() else float("nan")
-        out[f"recall@{k}"] = float(np.mean(hits[valid] / positives[valid])) if valid.any() else float("nan")
-    out["users"] = int(valid.sum())
+        out[f"ndcg@{k}"] = dcg[valid] / idcg[valid]
+        out[f"recall@{k}"] = hits[valid] / positives[valid]
+    return out
+
+
+def ranking_metrics(groups, scores, labels, ks=(10, 20, 50)) -> dict[str, float]:
+    """NDCG@K and Recall@K (hits in the top K over the user's positives), averaged over users."""
+    rows = per_user(groups, scores, labels, ks)
+    out = {k: (float(np.mean(v)) if len(v) else float("nan")) for k, v in rows.items() if k != "users"}
+    out["users"] = int(len(rows["users"]))
     return out
 
 

@@ -1,0 +1,71 @@
+"""`mtlrec models ...`: look at the registry and undo a promotion from the shell.
+
+A sub-app of its own so that ``flows/cli.py`` only mounts it; the registry
+(and BentoML) is imported when a command runs, not when ``mtlrec`` starts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+models_app = typer.Typer(help="Registered models (BentoML store) and the production pointer.", no_args_is_help=True)
+
+
+@models_app.command("list")
+def list_cmd(
+    name: str = typer.Option("mtlrec-ranker", help="model name in the store; '' for every name"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON list for scripts"),
+) -> None:
+    """Registered models, newest first; '*' marks production."""
+    from flows import registry
+
+    rows = registry.list_models(name or None)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no models registered in {registry.home() / 'models'}")
+        return
+    width = max(len(r["tag"]) for r in rows)
+    typer.echo(f"  {'tag':<{width}}  {'created':<25}  {'architecture':<14} {'balancer':<12} "
+               f"{'ndcg@10':>8}  evaluated")
+    for r in rows:
+        ndcg = r["metrics"].get("fused/ndcg@10")
+        typer.echo(f"{'*' if r['production'] else ' '} {r['tag']:<{width}}  {r['created']:<25}  "
+                   f"{r['labels'].get('architecture', '-'):<14} {r['labels'].get('balancer', '-'):<12} "
+                   f"{'-' if ndcg is None else f'{ndcg:.4f}':>8}  {'yes' if r['evaluated'] else 'no'}")
+
+
+@models_app.command("show")
+def show_cmd(tag: str = typer.Argument(..., help="name:version (a unique version prefix will do)")) -> None:
+    """Labels, metadata, evaluation and store path of one model, as JSON."""
+    from flows import registry
+
+    try:
+        typer.echo(json.dumps(registry.describe(tag), indent=2, default=str))
+    except registry.RegistryError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+
+
+@models_app.command("rollback")
+def rollback_cmd(
+    reason: str = typer.Option("manual rollback", help="recorded in the pointer and the audit log"),
+) -> None:
+    """Make the previous production model production again."""
+    rollback(reason)
+
+
+def rollback(reason: str = "manual rollback") -> None:
+    """Shared with the top-level `mtlrec rollback` alias."""
+    from flows import registry
+
+    before = registry.production()
+    try:
+        now = registry.rollback(reason)
+    except registry.RegistryError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"production: {now} (was {before})")

@@ -1,0 +1,132 @@
+"""Evaluation and the promotion gate, on models whose quality is known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.data.synth import SynthConfig, generate
+from flows.features.store import build_all
+from flows.gate import GateConfig, decide, paired_bootstrap
+from models import metrics
+from models.config import load_config
+from models.holdout import evaluate
+from models.table import load_training_table
+from models.train import train
+
+SMALL = ["train.max_epochs=2", "train.batch_size=1024", "model.params={n_experts: 3, expert: [64, 32], tower: [16]}"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A real model, and one trained on permuted labels: it learns nothing."""
+    root = tmp_path_factory.mktemp("gate")
+    data = root / "data"
+    generate(data, SynthConfig(n_users=500, n_items=150, n_interactions=40_000, days=12, seed=7))
+    build_all(data, materialize_online=False)
+    table = load_training_table(data)
+    rng = np.random.default_rng(0)
+    noisy_click = table.copy()
+    perm = rng.permutation(len(table))
+    noisy_click[["click", "purchase", "dwell"]] = table[["click", "purchase", "dwell"]].to_numpy()[perm]
+    cfg = load_config("mmoe", SMALL)
+    out = {}
+    for name, t in (("good", table), ("noise", noisy_click)):
+        train(cfg, "<table>", root / name, progress=False, table=t)
+        out[name] = root / name
+    out["data"] = data
+    return table, out
+
+
+def test_ndcg_and_recall_known_answer():
+    # One user, three items; the only relevant item ranked second: NDCG@10 = 1/log2(3), recall@1 = 0.
+    m = metrics.ranking_metrics(["u", "u", "u"], [0.9, 0.5, 0.1], [0, 1, 0], ks=(1, 10))
+    assert m["ndcg@10"] == pytest.approx(1 / np.log2(3)) and m["recall@1"] == 0 and m["recall@10"] == 1
+    rows = metrics.per_user(["b", "a", "a"], [0.1, 0.2, 0.3], [1, 1, 0], ks=(10,))
+    assert list(rows["users"]) == ["a", "b"] and rows["ndcg@10"][1] == 1.0
+
+
+def test_bootstrap_interval():
+    assert paired_bootstrap(np.full(50, 0.1), 200, 0.95, 0) == pytest.approx((0.1, 0.1))
+    lo, hi = paired_bootstrap(np.random.default_rng(1).normal(0, 1, 2000), 500, 0.95, 0)
+    assert lo < 0 < hi and hi - lo < 0.2
+
+
+def test_evaluate_reports_model_and_baselines(models):
+    table, paths = models
+    result = evaluate(paths["good"], table)
+    assert {"model", "popularity", "random"} <= set(result["rankers"])
+    assert {"ndcg@10", "recall@50", "click/ndcg@10", "purchase/recall@20"} <= set(result["rankers"]["model"])
+    assert result["rankers"]["model"]["ndcg@10"] > result["rankers"]["random"]["ndcg@10"]
+    assert 0.6 < result["tasks"]["click"]["auc"] < 1 and "gauc" in result["tasks"]["purchase"]
+    assert result["protocol"]["test_rows"] > 0 and "time-ordered" in result["protocol"]["split"]
+
+
+def test_first_model_must_beat_popularity(models):
+    table, paths = models
+    good = decide(paths["good"], table)
+    assert good.promote and good.reference == "popularity" and good.delta > 0, good.reasons
+    noise = decide(paths["noise"], table)
+    assert not noise.promote and "below the margin" in noise.reasons[0]
+
+
+def test_gate_rejects_worse_and_accepts_better(models):
+    table, paths = models
+    worse = decide(paths["noise"], table, production=paths["good"], production_tag="good:1")
+    assert not worse.promote and worse.delta < 0 and worse.reference == "production:good:1"
+    better = decide(paths["good"], table, production=paths["noise"])
+    assert better.promote and better.ci[0] > 0, better.reasons  # a clear gain is significant too
+    strict = decide(paths["good"], table, production=paths["noise"], config=GateConfig(margin=1.0))
+    assert not strict.promote
+
+
+def test_gate_rejects_a_task_regression_past_tolerance(models):
+    """With the NDCG margin out of play (-1), the AUC tolerance alone decides."""
+    table, paths = models
+    d = decide(paths["noise"], table, production=paths["good"], config=GateConfig(margin=-1.0, auc_tolerance=0.02))
+    assert not d.promote, d.to_dict()
+    assert any("click AUC fell" in r for r in d.reasons), d.reasons
+    assert d.auc["click"]["reference"] - d.auc["click"]["candidate"] > 0.02
+    assert "REJECT" in d.markdown()
+    lenient = decide(paths["noise"], table, production=paths["good"], config=GateConfig(margin=-1.0, auc_tolerance=1.0))
+    assert lenient.promote, lenient.reasons
+
+
+def test_promotion_through_the_command_line(models, tmp_path, monkeypatch):
+    """register -> (refused: not evaluated) -> evaluate -> promote -> reject a worse one -> rollback."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows import registry
+    from flows.cli import app
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bento"))
+    _, paths = models
+    run = CliRunner().invoke
+    data, reports = str(paths["data"]), str(tmp_path / "reports")
+    good = run(app, ["register", str(paths["good"])]).output.strip().splitlines()[-1]
+    noise = run(app, ["register", str(paths["noise"])]).output.strip().splitlines()[-1]
+
+    refused = run(app, ["promote", good, "--data", data, "--report-dir", reports])
+    assert refused.exit_code == 2 and "never been evaluated" in refused.output and registry.production() is None
+
+    for tag in (good, noise):
+        res = run(app, ["evaluate", "--model", tag, "--data", data, "--json"])
+        assert res.exit_code == 0, res.output
+        assert {"rankers", "tasks", "protocol"} <= set(json.loads(res.output.strip().splitlines()[-1]))
+
+    first = run(app, ["promote", good, "--data", data, "--report-dir", reports])
+    assert first.exit_code == 0 and "PROMOTE" in first.output and registry.production() == good
+    worse = run(app, ["promote", noise, "--data", data, "--report-dir", reports])
+    assert worse.exit_code == 1 and registry.production() == good
+    assert (tmp_path / "reports" / f"gate-{noise.replace(':', '-')}.md").exists()
+    forced = run(app, ["promote", noise, "--data", data, "--margin", "-1", "--auc-tolerance", "1"])
+    assert forced.exit_code == 0 and registry.production() == noise
+    back = run(app, ["rollback"])
+    assert back.exit_code == 0 and registry.production() == good
+    listing = run(app, ["models", "list"])
+    assert good in listing.output and noise in listing.output
+    events = [e["event"] for e in registry.audit_events()]
+    assert events.count("gate") == 3 and "rollback" in " ".join(map(str, events))

@@ -1,0 +1,173 @@
+"""The registry against a real BentoML store in a temporary BENTOML_HOME, with real trained models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows import registry
+from models.artifact import Scorer, read_meta
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """Two tiny models (seed 0 and seed 1) on one small dataset, trained once for the module."""
+    from flows.data.synth import SynthConfig, generate
+    from flows.features.store import build_all
+    from models.config import load_config
+    from models.train import train
+
+    tmp = tmp_path_factory.mktemp("registry")
+    data = tmp / "data"
+    generate(data, SynthConfig(n_users=60, n_items=30, n_interactions=2000, days=4, seed=0))
+    build_all(data, materialize_online=False)
+    overrides = ["train.max_epochs=1", "model.params={bottom: [16], tower: [8]}"]
+    for name, extra in (("a", []), ("b", ["seed=1"])):
+        train(load_config("shared_bottom", overrides + extra), data, tmp / name, progress=False)
+    return {"data": data, "a": tmp / "a", "b": tmp / "b"}
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    h = tmp_path / "bentoml"
+    monkeypatch.setenv("BENTOML_HOME", str(h))
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
+    monkeypatch.delenv(registry.CRASH_HOOK, raising=False)
+    return h
+
+
+@pytest.fixture
+def evaluated(trained, home) -> tuple[str, str]:
+    """Models A and B registered and evaluated, nothing promoted yet."""
+    a, b = registry.register(trained["a"]), registry.register(trained["b"])
+    for tag in (a, b):
+        registry.record_evaluation(tag, {"fused/ndcg@10": read_meta(registry.artifact_path(tag))["metrics"]["test"]
+                                         ["fused/ndcg@10"]})
+    return a, b
+
+
+def test_register_round_trip(trained, home):
+    tag = registry.register(trained["a"], labels={"stage": "test"})
+    name, version = tag.split(":")
+    assert name == registry.DEFAULT_NAME and version
+    path = registry.artifact_path(tag)
+    assert path.is_relative_to(home / "models") and (path / "weights.safetensors").is_file()
+
+    from models.table import load_training_table
+
+    rows = load_training_table(trained["data"]).head(64)
+    want, got = Scorer.load(trained["a"]).predict(rows), Scorer.load(path).predict(rows)
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+
+    meta, info = read_meta(trained["a"]), registry.describe(tag)
+    assert info["labels"] == {"architecture": "shared_bottom", "balancer": meta["config"]["balancer"]["name"],
+                              "feature_service": meta["feature_service"], "data": meta["data"]["fingerprint"][:12],
+                              "stage": "test"}
+    md = info["metadata"]
+    assert md["metrics"]["test"]["fused/ndcg@10"] == pytest.approx(meta["metrics"]["test"]["fused/ndcg@10"])
+    assert md["data_fingerprint"] == meta["data"]["fingerprint"]
+    assert md["code_version"] == meta["code_version"] and md["feature_service"] == meta["feature_service"]
+    assert md["config"]["architecture"] == "shared_bottom" and md["config"]["seed"] == 0
+    # a unique version prefix resolves to the full tag, which is what the pointer must hold
+    assert registry.resolve(f"{name}:{version[:8]}") == tag
+
+
+def test_store_follows_BENTOML_HOME_within_one_process(trained, home, tmp_path, monkeypatch):
+    """BentoML caches its home on first use; the registry must not, or models and pointer would split."""
+    tag = registry.register(trained["a"])
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "other"))
+    assert registry.list_models() == []
+    with pytest.raises(registry.ModelNotFound, match=tag):
+        registry.artifact_path(tag)
+    monkeypatch.setenv("BENTOML_HOME", str(home))
+    assert [m["tag"] for m in registry.list_models()] == [tag]
+
+
+def test_set_production_refuses_unevaluated_and_unknown(trained, home):
+    tag = registry.register(trained["a"])
+    with pytest.raises(registry.NotEvaluated, match=tag):
+        registry.set_production(tag, reason="no evaluation")
+    with pytest.raises(registry.ModelNotFound, match="mtlrec-ranker:nosuchversion"):
+        registry.set_production("mtlrec-ranker:nosuchversion", reason="typo")
+    assert registry.production() is None and not registry.pointer_path().exists()
+    assert registry.evaluation_of(tag) is None
+
+
+def test_promote_rollback_and_audit(evaluated):
+    a, b = evaluated
+    assert registry.set_production(a, reason="first") == a
+    assert registry.set_production(b, reason="better") == b
+    p = registry.pointer()
+    assert p["tag"] == b and p["previous"] == [a] and p["reason"] == "better"
+    assert [m["tag"] for m in registry.list_models() if m["production"]] == [b]
+
+    assert registry.rollback(reason="b misbehaves") == a
+    assert registry.production() == a and registry.pointer()["previous"] == []
+    listed = {m["tag"]: m for m in registry.list_models()}
+    assert listed[a]["production"] and not listed[b]["production"] and listed[a]["evaluated"]
+    assert "fused/ndcg@10" in listed[a]["metrics"]
+    with pytest.raises(registry.RegistryError, match="nothing to roll back"):
+        registry.rollback()
+
+    events = [(e["event"], e.get("tag")) for e in registry.audit_events() if e["event"] != "evaluated"]
+    assert events == [("promote", a), ("promote", b), ("rollback", a)]
+    assert all("time" in e for e in registry.audit_events())
+
+
+def test_killed_promotion_leaves_production_intact(evaluated, home):
+    """Kill a real process between writing the new pointer and renaming it over the old one."""
+    a, b = evaluated
+    registry.set_production(a, reason="first")
+    before = registry.pointer_path().read_bytes()
+    env = {**os.environ, "BENTOML_HOME": str(home), registry.CRASH_HOOK: "1"}
+    proc = subprocess.run([sys.executable, "-c", f"from flows import registry; registry.set_production({b!r}, 'x')"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 70, proc.stderr
+    # it died with the new pointer written beside the old one, not over it
+    assert list(registry.registry_dir().glob(".production.json.*.tmp"))
+    assert registry.pointer_path().read_bytes() == before
+    assert json.loads(before)["tag"] == registry.production() == a
+    assert [e["tag"] for e in registry.audit_events() if e["event"] == "promote"] == [a]
+    # and the dead process left no lock behind
+    assert registry.set_production(b, reason="retry") == b
+
+
+def test_torn_model_is_never_promoted_and_does_not_break_listing(evaluated, home):
+    """BentoML copies a model in place; a crash mid-register leaves a partial directory in the store."""
+    a, b = evaluated
+    weights = registry.artifact_path(b) / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(registry.RegistryError, match="sha256"):
+        registry.set_production(b, reason="torn")
+    (home / "models" / registry.DEFAULT_NAME / "half").mkdir()  # no model.yaml at all
+    assert {m["tag"] for m in registry.list_models()} == {a, b}
+    assert registry.production() is None
+
+
+def test_cli(evaluated):
+    from typer.testing import CliRunner
+
+    from flows.registry_cli import models_app
+
+    a, b = evaluated
+    registry.set_production(a, reason="first")
+    registry.set_production(b, reason="second")
+    run = CliRunner().invoke
+    out = run(models_app, ["list"])
+    assert out.exit_code == 0
+    marked = [line for line in out.output.splitlines() if line.startswith("*")]
+    assert len(marked) == 1 and b in marked[0]
+    shown = run(models_app, ["show", a])
+    assert shown.exit_code == 0 and json.loads(shown.output)["metadata"]["config"]["architecture"] == "shared_bottom"
+    assert run(models_app, ["show", "mtlrec-ranker:nosuchversion"]).exit_code == 2
+    back = run(models_app, ["rollback", "--reason", "cli"])
+    assert back.exit_code == 0 and registry.production() == a and registry.pointer()["reason"] == "cli"
+    assert run(models_app, ["rollback"]).exit_code == 1
