@@ -255,6 +255,26 @@ def promote(
     raise typer.Exit(0 if decision.promote else 1)
 
 
+@app.command("benchmark")
+def benchmark(
+    data: Path = typer.Option(..., help="dataset directory (its Feast training set is built if missing)"),
+    out: Path = typer.Option(Path("reports/benchmark"), help="report directory: report.md, results.json, PNGs"),
+    configs: list[str] = typer.Option(list(("shared_bottom", "cross_stitch", "mmoe", "ple", "esmm", "gated")),
+                                      "--config", help="architecture configs (repeatable)"),
+    balancers: list[str] = typer.Option([], "--balancer", help="balancers to cross with them (default: each config's)"),
+    seeds: list[int] = typer.Option([0, 1, 2], "--seed", help="seeds (repeatable)"),
+    overrides: list[str] = typer.Option([], "--set", help="config override for every run, e.g. train.max_epochs=3"),
+) -> None:
+    """Train and evaluate every architecture (x balancer) over several seeds; write a results table and plots."""
+    from flows.benchmark import run
+
+    _training_table(data)  # builds the Feast training set first if needed
+    report = run(data, out, configs=configs, balancers=balancers or [None], seeds=seeds, overrides=overrides,
+                 log=typer.echo)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"report: {out / 'report.md'}  ({len(report['runs'])} runs)")
+
+
 @app.command("register")
 def register(
     artifact: Path = typer.Argument(..., help="artifact directory written by `mtlrec train`"),

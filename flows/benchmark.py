@@ -1,0 +1,165 @@
+"""``mtlrec benchmark``: every architecture (x balancer) on one dataset, several seeds, one report.
+
+Each run trains through the project's own path (``models.train.train``) on
+the dataset's Feast training set and is judged by ``models.holdout`` on the
+same time-ordered holdout, beside popularity and random. The report is a
+paper-style results table (mean ± std over seeds, best value in bold,
+relative improvement of the best model over the best baseline) and PNG plots:
+NDCG@10 by model, task-weight trajectories, training curves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from models.config import CONFIG_DIR, load_config
+from models.holdout import evaluate
+from models.table import load_training_table
+from models.train import train
+
+METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50")
+ARCHITECTURES = ("shared_bottom", "cross_stitch", "mmoe", "ple", "esmm", "gated")
+BASELINES = ("popularity", "random")
+
+
+def run(data: Path | str, out: Path | str, *, configs=ARCHITECTURES, balancers=(None,), seeds=(0, 1),
+        overrides: list[str] | None = None, log=print) -> dict[str, Any]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = load_training_table(data)
+    runs: list[dict[str, Any]] = []
+    protocol = None
+    for config in configs:
+        for balancer in balancers:
+            for seed in seeds:
+                extra = [f"seed={seed}"] + ([f"balancer.name={balancer}"] if balancer else []) + list(overrides or [])
+                cfg = load_config(config, extra)
+                name = f"{config}+{cfg['balancer']['name']}"
+                art = out / "runs" / f"{name}-s{seed}"
+                t = time.perf_counter()
+                meta = train(cfg, data, art, progress=False, table=table)
+                result = evaluate(art, table, seed=seed)
+                protocol = protocol or result["protocol"]
+                runs.append({"model": name, "seed": seed, "seconds": time.perf_counter() - t,
+                             "epochs": meta["training"]["epochs"], "artifact": str(art),
+                             "rankers": result["rankers"], "tasks": result["tasks"]})
+                log(f"{name} seed {seed}: ndcg@10 {result['rankers']['model']['ndcg@10']:.4f} "
+                    f"({time.perf_counter() - t:.0f}s)")
+    summary = summarise(runs)
+    report = {"data": str(data), "protocol": protocol, "seeds": list(seeds), "overrides": list(overrides or []),
+              "runs": runs, "summary": summary}
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(markdown(report))
+    plots(runs, summary, out)
+    return report
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """``{ranker: {metric: [mean, std]}}`` over seeds, models and baselines alike."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        for ranker, m in r["rankers"].items():
+            key = r["model"] if ranker == "model" else ranker
+            for metric in METRICS:
+                values.setdefault(key, {}).setdefault(metric, []).append(m[metric])
+        for task, t in r["tasks"].items():
+            values.setdefault(r["model"], {}).setdefault(f"{task} AUC", []).append(t["auc"])
+    return {k: {m: [float(np.mean(v)), float(np.std(v))] for m, v in ms.items()} for k, ms in values.items()}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    p = report["protocol"] or {}
+    models = [k for k in s if k not in BASELINES]
+    cols = [b for b in BASELINES if b in s] + models
+    rows = list(METRICS) + sorted({m for k in models for m in s[k] if m.endswith("AUC")})
+    lines = [f"Protocol: {p.get('split')}; test {p.get('test_from')} to {p.get('test_to')}, "
+             f"{p.get('test_rows', 0):,} impressions of {p.get('users', 0):,} users; candidates: "
+             f"{p.get('candidates')}; sampled negatives: {p.get('negatives')}; relevance: {p.get('relevance')}; "
+             f"seeds {report['seeds']} (mean ± std)." + (f" Overrides: {report['overrides']}." if report["overrides"] else ""),
+             "", "| metric | " + " | ".join(cols) + " | best model vs best baseline |",
+             "|---|" + "---|" * (len(cols) + 1)]
+    for metric in rows:
+        best = max((s[c][metric][0] for c in cols if metric in s[c]), default=None)
+        cells = []
+        for c in cols:
+            if metric not in s[c]:
+                cells.append("")
+                continue
+            mean, std = s[c][metric]
+            text = f"{mean:.4f} ± {std:.4f}"
+            cells.append(f"**{text}**" if mean == best else text)
+        base = max((s[b][metric][0] for b in BASELINES if b in s and metric in s[b]), default=None)
+        top = max((s[m][metric][0] for m in models if metric in s[m]), default=None)
+        gain = f"{(top - base) / base:+.1%}" if base and top is not None else ""
+        lines.append(f"| {metric} | " + " | ".join(cells) + f" | {gain} |")
+    lines += ["", "![NDCG@10 by model](ndcg_by_model.png)", "![task weights](task_weights.png)",
+              "![training curves](training_curves.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def plots(runs: list[dict[str, Any]], summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(names, [summary[n]["ndcg@10"][0] for n in names], yerr=[summary[n]["ndcg@10"][1] for n in names])
+    ax.set_ylabel("NDCG@10 (holdout)")
+    ax.tick_params(axis="x", rotation=30)
+    lo = min(summary[n]["ndcg@10"][0] for n in names)
+    ax.set_ylim(max(0.0, lo - 0.05), None)
+    fig.tight_layout()
+    fig.savefig(out / "ndcg_by_model.png", dpi=100)
+    plt.close(fig)
+
+    first = {}
+    for r in runs:
+        first.setdefault(r["model"], r)
+    logs = {m: _csv_log(Path(r["artifact"])) for m, r in first.items()}
+    fig, axes = plt.subplots(1, len(logs), figsize=(3.2 * len(logs), 3), squeeze=False)
+    for ax, (m, df) in zip(axes[0], logs.items()):
+        for c in [c for c in df.columns if c.startswith("weight/")]:
+            d = df[["step", c]].dropna()
+            ax.plot(d["step"], d[c], label=c.removeprefix("weight/"))
+        ax.set_title(m, fontsize=8)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("task weight")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "task_weights.png", dpi=100)
+    plt.close(fig)
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for m, df in logs.items():
+        if "train/loss_epoch" in df:
+            d = df[["epoch", "train/loss_epoch"]].dropna()
+            a.plot(d["epoch"], d["train/loss_epoch"], marker="o", label=m)
+        if "val/ndcg@10" in df:
+            d = df[["epoch", "val/ndcg@10"]].dropna()
+            b.plot(d["epoch"], d["val/ndcg@10"], marker="o", label=m)
+    a.set_title("training loss")
+    b.set_title("validation NDCG@10 (fused)")
+    for ax in (a, b):
+        ax.set_xlabel("epoch")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=100)
+    plt.close(fig)
+
+
+def _csv_log(artifact: Path) -> pd.DataFrame:
+    files = sorted((artifact / "logs" / "csv").glob("version_*/metrics.csv"))
+    return pd.read_csv(files[-1]) if files else pd.DataFrame()
+
+
+def available_configs() -> list[str]:
+    return [p.stem for p in sorted(CONFIG_DIR.glob("*.yaml")) if p.stem != "base"]
