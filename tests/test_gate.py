@@ -130,3 +130,25 @@ def test_promotion_through_the_command_line(models, tmp_path, monkeypatch):
     assert good in listing.output and noise in listing.output
     events = [e["event"] for e in registry.audit_events()]
     assert events.count("gate") == 3 and "rollback" in " ".join(map(str, events))
+
+
+def test_evaluate_and_promote_as_prefect_tasks(models, tmp_path, monkeypatch):
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows import registry
+    from flows.evaluation_tasks import evaluate_task, promote_task, register_task
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bento"))
+    _, paths = models
+
+    @flow
+    def judge(artifact: str, data: str) -> dict:
+        tag = register_task(artifact)
+        evaluate_task(tag, data)
+        return promote_task(tag, data, report_dir=str(tmp_path / "reports"))
+
+    with prefect_test_harness():
+        decision = judge(str(paths["good"]), str(paths["data"]))
+    assert decision["promote"] and registry.production() is not None
+    assert list((tmp_path / "reports").glob("gate-*.md"))
