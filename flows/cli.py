@@ -195,13 +195,23 @@ def _single_task_models(path: Path, data: Path, out: Path) -> dict[str, Path]:
     return models
 
 
+def _negative_sampling() -> dict:
+    """Which columns describe the item, and the request-time transform: from the feature definitions."""
+    from feature_repo.definitions import SCHEMAS
+    from feature_repo.transforms import context_features
+
+    return {"item_columns": ["item_id", *SCHEMAS["item_profile"], *SCHEMAS["item_popularity"]],
+            "recompute": context_features}
+
+
 @app.command("evaluate")
 def evaluate(
     model: str = typer.Option(..., help="artifact directory or registry tag (name:version)"),
     data: Path = typer.Option(..., help="dataset directory (its Feast training set) or a training parquet"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object for scripts and CI"),
     single_task: bool = typer.Option(False, help="also train and score a single-task model per objective"),
-    seed: int = typer.Option(0, help="seed of the random baseline"),
+    seed: int = typer.Option(0, help="seed of the random baseline and of negative sampling"),
+    negatives: int = typer.Option(0, help="also rank this many sampled unshown items per user (label 0)"),
 ) -> None:
     """Rank every user's held-out impressions: the model beside popularity, random (and single-task) rankers.
 
@@ -216,7 +226,7 @@ def evaluate(
     table = _training_table(data)
     with tempfile.TemporaryDirectory(prefix="mtlrec-single-") as tmp:
         singles = _single_task_models(path, data, Path(tmp)) if single_task else None
-        result = run(path, table, seed=seed, single_task=singles)
+        result = run(path, table, seed=seed, single_task=singles, negatives=negatives, **_negative_sampling())
     if tag:
         from flows import registry
 

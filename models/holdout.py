@@ -33,22 +33,64 @@ class Holdout:
         self.train, _, self.test = time_split(table, valid_fraction, test_fraction)
         if len(self.test) == 0:
             raise ValueError("the holdout is empty: the table is too small for its test_fraction")
+        self.fractions = (valid_fraction, test_fraction)
+        self.negatives = 0
+        self._index()
+
+    def _index(self) -> None:
         self.users = self.test["user_id"].astype(str).to_numpy()
         self.labels = {c: self.test[c].to_numpy(dtype=np.float64) for c in ("click", "purchase") if c in self.test}
         self.relevance = sum(self.labels.values())
-        self.fractions = (valid_fraction, test_fraction)
+
+    def add_negatives(self, n: int, item_columns: list[str], recompute=None, seed: int = 0) -> int:
+        """Add ``n`` sampled unshown items per held-out user as negatives (every label 0); returns rows added.
+
+        A negative row is the user's first held-out impression (user features
+        and request context) with the item side replaced by the sampled
+        item's last training-split row: what was known of the item before
+        the holdout began, so nothing from the holdout leaks in. Request-time
+        crosses are recomputed by ``recompute(frame) -> DataFrame`` (the
+        context view's transform) when given.
+        """
+        if n <= 0:
+            return 0
+        rng = np.random.default_rng(seed)
+        ts = "event_timestamp"
+        base = self.test.sort_values(ts, kind="stable").groupby("user_id", sort=True).head(1)
+        donors = self.train.sort_values(ts, kind="stable").groupby("item_id").tail(1).set_index("item_id")
+        pool = donors.index.to_numpy()
+        rows = base.loc[np.repeat(base.index.to_numpy(), n)].reset_index(drop=True)
+        picks = pool[rng.integers(0, len(pool), size=len(rows))]
+        side = [c for c in item_columns if c in rows.columns and c != "item_id"]
+        rows["item_id"] = picks
+        rows[side] = donors.loc[picks, side].to_numpy()
+        shown = pd.MultiIndex.from_frame(self.test[["user_id", "item_id"]].astype(str))
+        pair = pd.MultiIndex.from_frame(rows[["user_id", "item_id"]].astype(str))
+        rows = rows[~pair.isin(shown) & ~pair.duplicated()]
+        for label in ("click", "purchase", "dwell", "rating"):
+            if label in rows:
+                rows[label] = 0
+        if recompute is not None:
+            ctx = recompute(rows)
+            rows[list(ctx.columns)] = ctx.to_numpy()
+        self.test = pd.concat([self.test, rows.astype(self.test.dtypes.to_dict())], ignore_index=True)
+        self.negatives = n
+        self._index()
+        return len(rows)
 
     @classmethod
     def for_model(cls, table: pd.DataFrame, meta: dict) -> "Holdout":
         split = meta["config"]["data"]["split"]
         return cls(table, split["valid_fraction"], split["test_fraction"])
 
-    def protocol(self, seed: int, negatives: int = 0) -> dict[str, Any]:
+    def protocol(self, seed: int) -> dict[str, Any]:
         ts = self.test["event_timestamp"]
         return {"split": f"time-ordered: the last {self.fractions[1]:.0%} of impressions, never trained on",
                 "test_from": str(ts.min()), "test_to": str(ts.max()), "test_rows": int(len(self.test)),
                 "train_rows": int(len(self.train)), "users": int(len(np.unique(self.users))),
-                "candidates": "each user's own held-out impressions", "negatives": negatives,
+                "candidates": "each user's own held-out impressions"
+                + (f" + {self.negatives} sampled unshown items (label 0)" if self.negatives else ""),
+                "negatives": self.negatives,
                 "relevance": RELEVANCE, "seed": seed}
 
     # ---- rankers ------------------------------------------------------------------------
@@ -91,10 +133,15 @@ class Holdout:
 
 
 def evaluate(artifact: Path | str, table: pd.DataFrame, *, ks=(10, 20, 50), seed: int = 0,
-             single_task: dict[str, Path | str] | None = None) -> dict[str, Any]:
+             single_task: dict[str, Path | str] | None = None, negatives: int = 0,
+             item_columns: list[str] | None = None, recompute=None) -> dict[str, Any]:
     """One JSON-able result: ``rankers`` (model and baselines), ``tasks`` (the model's), ``protocol``."""
     scorer = Scorer.load(artifact)
     h = Holdout.for_model(table, scorer.meta)
+    if negatives:
+        if not item_columns:
+            raise ValueError("sampled negatives need the item-side columns (item_columns)")
+        h.add_negatives(negatives, item_columns, recompute, seed)
     fused, probs, _ = h.model_scores(scorer)
     rankers = {"model": h.ranking(fused, probs, ks),
                "popularity": h.ranking(h.popularity(), ks=ks),
