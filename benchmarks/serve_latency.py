@@ -1,0 +1,205 @@
+"""Latency and throughput of the ranking service over loopback HTTP, from a separate client process.
+
+For each online store (SQLite, Redis), candidate count and concurrency it sends ``POST /rank`` with
+random users and random candidate sets for at most ``--duration`` seconds or ``--requests`` requests,
+whichever comes first, and prints p50/p99 latency, requests/s and errors. The server is either one
+already running (``--url``) or started here, one per online store, from ``--data`` and the production
+model in ``$BENTOML_HOME`` (``--quick`` makes a small dataset and model in a temporary directory first).
+
+    .venv/bin/python benchmarks/serve_latency.py --quick
+    .venv/bin/python benchmarks/serve_latency.py --data data/synth --stores sqlite,redis --duration 60
+    .venv/bin/python benchmarks/serve_latency.py --url http://127.0.0.1:3000 --data data/synth
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quick_world(base: Path) -> Path:
+    """A small dataset, its feature store and a promoted model under ``base`` (sets BENTOML_HOME)."""
+    from flows import registry
+    from flows.data.synth import SynthConfig, generate
+    from flows.features.store import build_all
+    from models.config import load_config
+    from models.train import train
+
+    data, art = base / "data", base / "artifact"
+    os.environ["BENTOML_HOME"] = str(base / "bentoml")
+    generate(data, SynthConfig(n_users=2000, n_items=1500, n_interactions=60000, days=8, seed=0))
+    build_all(data)
+    train(load_config("mmoe", ["train.max_epochs=1"]), data, art, progress=False)
+    tag = registry.register(art)
+    registry.record_evaluation(tag, {"note": "benchmark model"})
+    registry.set_production(tag)
+    return data
+
+
+def materialize_redis(data: Path, redis: str) -> None:
+    from flows.features.store import StoreSettings, materialize, open_store
+
+    materialize(open_store(StoreSettings.for_dataset(data, online="redis", redis=redis)), full=True)
+
+
+@contextlib.contextmanager
+def serve(data: Path, store: str, redis: str, max_candidates: int):
+    port = _free_port()
+    env = {**os.environ, "MTLREC_DATASET": str(data), "MTLREC_ONLINE_STORE": store, "MTLREC_REDIS": redis,
+           "MTLREC_MAX_CANDIDATES": str(max_candidates), "BENTOML_DO_NOT_TRACK": "True", "FEAST_USAGE": "False",
+           "PYTHONPATH": str(ROOT)}
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    proc = subprocess.Popen([bentoml, "serve", "services.service:RankingService", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {proc.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the service was not ready in 90 s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def drive(url: str, users: list[str], items: list[str], n_candidates: int, concurrency: int,
+                duration: float, max_requests: int, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    bodies = [json.dumps({"user_id": rng.choice(users), "candidates": rng.sample(items, n_candidates), "k": 20,
+                          "context": {"device": "mobile"}}).encode() for _ in range(256)]
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    sent = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits,
+                                 headers={"content-type": "application/json"}) as client:
+        for b in bodies[:min(5, concurrency * 2)]:  # warm the feature cache and the model
+            await client.post("/rank", content=b)
+        start = time.perf_counter()
+        stop = start + duration
+
+        async def worker(w: int) -> None:
+            nonlocal sent
+            i = w
+            while time.perf_counter() < stop and sent < max_requests:
+                sent += 1
+                t = time.perf_counter()
+                try:
+                    r = await client.post("/rank", content=bodies[i % len(bodies)])
+                    ok = r.status_code == 200
+                    key = str(r.status_code)
+                except httpx.HTTPError as e:
+                    ok, key = False, type(e).__name__
+                latencies.append(time.perf_counter() - t)
+                if not ok:
+                    errors[key] = errors.get(key, 0) + 1
+                i += concurrency
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    lat = np.asarray(latencies) * 1000
+    return {"candidates": n_candidates, "concurrency": concurrency, "requests": len(lat),
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+            "rps": len(lat) / elapsed if elapsed > 0 else 0.0, "errors": errors, "seconds": elapsed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="a running server (its online store is whatever it was started with)")
+    p.add_argument("--data", type=Path, help="dataset directory (users and items for requests; the server's store)")
+    p.add_argument("--quick", action="store_true", help="make a small dataset and model in a temporary directory")
+    p.add_argument("--stores", default="sqlite,redis")
+    p.add_argument("--redis", default=os.environ.get("MTLREC_REDIS", "127.0.0.1:6379,db=14"))
+    p.add_argument("--candidates", default="100,500,1000")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per cell, at most")
+    p.add_argument("--requests", type=int, default=5000, help="requests per cell, at most")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+
+    tmp = None
+    if a.quick:
+        tmp = tempfile.TemporaryDirectory(prefix="serve-bench-")
+        a.data = quick_world(Path(tmp.name))
+    if a.data is None:
+        p.error("--data (or --quick) is needed: requests draw users and items from it")
+    users = pd.read_parquet(a.data / "users.parquet")["user_id"].astype(str).tolist()
+    items = pd.read_parquet(a.data / "items.parquet")["item_id"].astype(str).tolist()
+    sizes = [n for n in map(int, a.candidates.split(",")) if n <= len(items)]
+    conc = list(map(int, a.concurrency.split(",")))
+    rows = []
+
+    def run_all(url: str, store: str) -> None:
+        for n in sizes:
+            for c in conc:
+                r = {"store": store, **asyncio.run(drive(url, users, items, n, c, a.duration, a.requests))}
+                rows.append(r)
+                if not a.json:
+                    print(f"{store:7s} candidates={n:5d} concurrency={c:3d}  p50={r['p50_ms']:7.1f} ms  "
+                          f"p99={r['p99_ms']:7.1f} ms  {r['rps']:7.1f} req/s  n={r['requests']:6d}  "
+                          f"errors={sum(r['errors'].values())} {r['errors'] or ''}", flush=True)
+
+    try:
+        if a.url:
+            run_all(a.url, "server")
+        else:
+            from flows import registry
+
+            if registry.production() is None:
+                p.error(f"no production model in the registry at {registry.home()} (set BENTOML_HOME, or --quick)")
+            for store in a.stores.split(","):
+                if store == "redis":
+                    try:
+                        materialize_redis(a.data, a.redis)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"redis: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+                        continue
+                with serve(a.data, store, a.redis, max(sizes + [1000])) as url:
+                    run_all(url, store)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

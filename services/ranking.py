@@ -1,0 +1,162 @@
+"""The ranking logic of the service, free of BentoML so it can be tested and reused offline.
+
+One request: read the online features (user once, items in bulk), add the request context the model
+was trained on (``device``; ``position`` is 0 at serving: the slot is not known yet), score every
+objective in one batched forward pass, fuse with ``models.fusion.fuse`` (the function training and
+evaluation judge the model by), then re-rank for diversity with maximal marginal relevance over item
+category.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from models.evaluation import fusion_weights
+from models.fusion import fuse
+
+
+class RequestError(ValueError):
+    """A request the model cannot serve; ``field`` names the offending field."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class StoreUnavailable(RuntimeError):
+    """The online feature store could not be read."""
+
+
+@dataclass
+class Model:
+    """A loaded production model; the service swaps the whole object on reload."""
+
+    tag: str
+    scorer: Any  # models.artifact.Scorer
+    weights: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, tag: str, scorer) -> "Model":
+        return cls(tag=tag, scorer=scorer, weights=fusion_weights(scorer.tasks))
+
+    @property
+    def objectives(self) -> list[str]:
+        return [t.name for t in self.scorer.tasks if t.ranks]
+
+
+@dataclass
+class Scored:
+    frame: pd.DataFrame
+    probs: dict[str, np.ndarray]
+    item_cold: np.ndarray
+    user_cold: bool
+
+
+def model_frame(reader, user_id: str, item_ids: list[str], request_ts: float, device: str | None) -> pd.DataFrame:
+    """The model's input: the feature service's columns plus the request context (device, position 0)."""
+    df = reader.features(user_id, item_ids, request_ts)
+    df["device"] = device
+    df["position"] = 0
+    return df
+
+
+def score(model: Model, reader, user_id: str, item_ids: list[str], *, request_ts: float | None = None,
+          device: str | None = None) -> Scored:
+    ts = time.time() if request_ts is None else float(request_ts)
+    try:
+        frame = model_frame(reader, user_id, item_ids, ts, device)
+        item_known = reader.known("item", item_ids)
+        user_known = bool(reader.known("user", [user_id])[0])
+    except Exception as e:  # noqa: BLE001 - any failure to read the store is the store's, reported as such
+        raise StoreUnavailable(f"online feature store unreachable: {type(e).__name__}: {e}") from e
+    probs = model.scorer.predict(frame)
+    return Scored(frame=frame, probs=probs, item_cold=~np.asarray(item_known, dtype=bool), user_cold=not user_known)
+
+
+def resolve_weights(model: Model, weights: dict[str, float] | None) -> dict[str, float]:
+    """The request's weights (replacing the defaults: an objective left out weighs 0), checked."""
+    if weights is None:
+        return dict(model.weights)
+    known = model.objectives
+    unknown = sorted(set(weights) - set(known))
+    if unknown:
+        raise RequestError("weights", f"unknown objective(s) {unknown}; this model ranks by {known}")
+    if not any(w > 0 for w in weights.values()):
+        raise RequestError("weights", "at least one objective needs a positive weight")
+    return {k: float(v) for k, v in weights.items()}
+
+
+def mmr(relevance: np.ndarray, categories: np.ndarray, k: int, diversity: float) -> np.ndarray:
+    """Indices of the top ``k`` by maximal marginal relevance.
+
+    Each step picks ``argmax lambda * rel - (1 - lambda) * max_sim`` with ``lambda = 1 - diversity``,
+    relevance min-max scaled to [0, 1] over the candidates and similarity 1 between items of the same
+    category (an item of unknown category is similar to none). Ties go to the more relevant item, so
+    diversity 0 is the relevance order and diversity 1 takes a new category whenever one is left.
+    """
+    n = len(relevance)
+    k = min(k, n)
+    order = np.argsort(-relevance, kind="stable")
+    if diversity <= 0 or k <= 1:
+        return order[:k]
+    rel = relevance[order].astype(np.float64)
+    span = rel.max() - rel.min()
+    rel = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
+    cats = pd.Series(categories[order], dtype=object)
+    codes = np.where(cats.isna(), -1 - np.arange(n), pd.factorize(cats.fillna(""))[0])  # unknown: unique code
+    lam = 1.0 - diversity
+    taken = np.zeros(n, dtype=bool)
+    seen_code: set[int] = set()
+    max_sim = np.zeros(n)
+    picked: list[int] = []
+    for _ in range(k):
+        gain = lam * rel - (1.0 - lam) * max_sim
+        gain[taken] = -np.inf
+        j = int(np.argmax(gain))  # first maximum: the most relevant among ties (rel is sorted)
+        picked.append(j)
+        taken[j] = True
+        if codes[j] not in seen_code:
+            seen_code.add(int(codes[j]))
+            max_sim[codes == codes[j]] = 1.0
+    return order[np.asarray(picked, dtype=np.int64)]
+
+
+def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | None = None,
+         weights: dict[str, float] | None = None, diversity: float = 0.0, fusion: str = "product",
+         request_ts: float | None = None, device: str | None = None) -> dict[str, Any]:
+    """The ranked top ``k`` with fused and per-objective scores; plain data, ready for JSON."""
+    if k is not None and not 1 <= k <= len(candidates):
+        raise RequestError("k", f"must be between 1 and the number of candidates ({len(candidates)}), got {k}")
+    w = resolve_weights(model, weights)
+    s = score(model, reader, user_id, candidates, request_ts=request_ts, device=device)
+    fused = fuse(s.probs, w, method=fusion)
+    before = np.empty(len(fused), dtype=np.int64)
+    before[np.argsort(-fused, kind="stable")] = np.arange(1, len(fused) + 1)
+    cats = s.frame["category"].to_numpy(dtype=object) if "category" in s.frame else np.full(len(fused), None)
+    top = mmr(fused, cats, k or len(candidates), diversity)
+    objectives = model.objectives
+    items = [{"item_id": candidates[i], "score": _num(fused[i]),
+              "scores": {o: _num(s.probs[o][i]) for o in objectives if o in s.probs},
+              "rank_before_rerank": int(before[i]), "cold_start": bool(s.item_cold[i])} for i in top]
+    return {"model_version": model.tag, "user_id": user_id, "user_cold_start": s.user_cold, "weights": w,
+            "fusion": fusion, "diversity": float(diversity), "items": items}
+
+
+def score_items(model: Model, reader, user_id: str, items: list[str], *, request_ts: float | None = None,
+                device: str | None = None) -> dict[str, Any]:
+    """Every task's output (binary probabilities and regression outputs) per item, in request order."""
+    s = score(model, reader, user_id, items, request_ts=request_ts, device=device)
+    return {"model_version": model.tag, "user_id": user_id, "user_cold_start": s.user_cold,
+            "items": [{"item_id": it, "scores": {t: _num(p[i]) for t, p in s.probs.items()},
+                       "cold_start": bool(s.item_cold[i])} for i, it in enumerate(items)]}
+
+
+def _num(x) -> float:
+    x = float(x)
+    return x if np.isfinite(x) else 0.0

@@ -1,0 +1,88 @@
+"""Request and response shapes of the ranking API (pydantic; BentoML turns them into OpenAPI and validation).
+
+Field constraints live here, so a malformed request is refused by BentoML's own validation with
+a 400 whose ``detail`` names the field (``loc``) and the reason (``msg``) before any work is done.
+Checks that need the loaded model (objective names) or two fields at once (``k`` against the
+number of candidates) run in the service and answer in the same shape.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from typing import Annotated, Literal, Optional
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def max_candidates() -> int:
+    return int(os.environ.get("MTLREC_MAX_CANDIDATES", "1000"))
+
+
+MAX_CANDIDATES = max_candidates()  # fixed when the service module is imported: it shapes the OpenAPI schema
+
+Id = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+def _unique(ids: list[str]) -> list[str]:
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = [i for i in ids if i in seen or seen.add(i)]
+        raise ValueError(f"candidates must be unique; duplicated: {sorted(set(dup))[:5]}")
+    return ids
+
+
+Candidates = Annotated[list[Id], Field(min_length=1, max_length=MAX_CANDIDATES), AfterValidator(_unique)]
+Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Weights = Optional[dict[str, Weight]]
+Diversity = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+K = Optional[Annotated[int, Field(ge=1, le=MAX_CANDIDATES)]]
+Fusion = Literal["product", "sum"]
+
+
+class Context(BaseModel):
+    """Request context; ``timestamp`` (epoch seconds or ISO-8601) defaults to now, ``device`` to unknown."""
+
+    model_config = ConfigDict(extra="allow")
+    device: Optional[Annotated[str, Field(max_length=64)]] = None
+    timestamp: Optional[datetime] = None
+
+
+class RankedItem(BaseModel):
+    item_id: str
+    score: float = Field(description="fused score the list is ordered by (before diversity re-ranking)")
+    scores: dict[str, float] = Field(description="each objective's probability")
+    rank_before_rerank: int = Field(description="1-based position by fused score alone")
+    cold_start: bool = Field(description="the online store has no features for this item; scored from defaults")
+
+
+class RankResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model_version: str
+    user_id: str
+    user_cold_start: bool
+    weights: dict[str, float]
+    fusion: str
+    diversity: float
+    items: list[RankedItem]
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    scores: dict[str, float]
+    cold_start: bool
+
+
+class ScoreResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model_version: str
+    user_id: str
+    user_cold_start: bool
+    items: list[ScoredItem]
+
+
+class ReloadResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model_version: str
+    previous: Optional[str]
+    changed: bool

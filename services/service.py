@@ -1,0 +1,195 @@
+"""The BentoML ranking service: ``bentoml serve services.service:RankingService``.
+
+Configuration comes from the environment, read at startup:
+
+- ``MTLREC_DATASET``: dataset directory whose ``_features/`` holds the Feast store (default ``data/synth``);
+- ``MTLREC_ONLINE_STORE`` (``sqlite`` | ``redis``) and ``MTLREC_REDIS``: which online store serves;
+- ``BENTOML_HOME``: the model store; the production model is what ``flows.registry.production()`` names;
+- ``MTLREC_MAX_CANDIDATES`` (default 1000): the bound on ``candidates``;
+- ``MTLREC_TORCH_THREADS`` (default 1): torch intra-op threads per worker;
+- ``MTLREC_ADMIN_TOKEN``: the token ``POST /admin/reload`` requires (header ``X-Admin-Token`` or
+  ``Authorization: Bearer``); without it reloading over HTTP is disabled. ``SIGHUP`` also reloads.
+
+Errors: a bad request answers 400 with ``{"error", "detail": [{"loc": [field, ...], "msg", "type"}]}``, the
+shape BentoML's own validation uses; no production model or an unreachable online store answers 503 with
+``{"error": ...}``. ``/readyz`` is 200 only while a model is loaded and the online store answers a read.
+Reload swaps one reference: a request in flight keeps the model object it started with.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Optional
+
+import bentoml
+from starlette.responses import JSONResponse
+
+from services import ranking
+from services.schemas import (Candidates, Context, Diversity, Fusion, Id, K, RankResponse, ReloadResponse,
+                              ScoreResponse, Weights)
+
+log = logging.getLogger("mtlrec.service")
+
+_requests = bentoml.metrics.Counter(name="mtlrec_requests", documentation="Ranking API requests by endpoint and outcome",
+                                    labelnames=["endpoint", "outcome"])
+
+
+def _bad(field: str, reason: str, kind: str = "value_error") -> JSONResponse:
+    return JSONResponse({"error": f"invalid {field}: {reason}",
+                         "detail": [{"type": kind, "loc": [field], "msg": reason}]}, status_code=400)
+
+
+def _unavailable(message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=503)
+
+
+class JsonOnly:
+    """ASGI middleware: the API takes JSON only; any other body type gets 415 naming it.
+
+    BentoML would otherwise try other decoders (a multipart content type without a boundary
+    escapes its error handling as a 500).
+    """
+
+    ROUTES = ("/rank", "/score", "/admin/reload")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") == "http" and scope.get("path") in self.ROUTES:
+            raw = dict(scope.get("headers") or []).get(b"content-type", b"")
+            media = raw.decode("latin-1").split(";")[0].strip().lower()
+            if media and media != "application/json":
+                resp = JSONResponse({"error": f"unsupported content-type {media!r}: send application/json",
+                                     "detail": [{"type": "content_type", "loc": ["content-type"],
+                                                 "msg": "the body must be application/json"}]}, status_code=415)
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+@bentoml.service(name="mtlrec", workers=1, traffic={"timeout": 30})
+class RankingService:
+    def __init__(self) -> None:
+        os.environ.setdefault("FEAST_USAGE", "False")
+        import torch
+
+        # One request's forward pass is small: intra-op threads only contend with the other requests (5x slower
+        # on two busy cores). Scale out with workers instead.
+        torch.set_num_threads(int(os.environ.get("MTLREC_TORCH_THREADS", "1")))
+        from flows.features.online import FeatureReader
+        from flows.features.store import StoreSettings, open_store
+
+        self.dataset = Path(os.environ.get("MTLREC_DATASET", "data/synth"))
+        self.settings = StoreSettings.for_dataset(self.dataset)
+        self.reader = FeatureReader(open_store(self.settings))
+        self.model: Optional[ranking.Model] = None
+        self._reload_lock = threading.Lock()
+        try:
+            self._load()
+        except Exception as e:  # noqa: BLE001 - serve (not ready) and let a reload fix it
+            log.error("no production model loaded: %s", e)
+        try:
+            signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self._load_quietly, daemon=True).start())
+        except ValueError:  # not the main thread
+            pass
+
+    # ---- model ------------------------------------------------------------------------------
+    def _load(self) -> tuple[Optional[str], str]:
+        from flows import registry
+        from models.artifact import Scorer
+
+        with self._reload_lock:
+            tag = registry.production()
+            if tag is None:
+                raise LookupError(f"no production model in the registry at {registry.home()}")
+            previous = self.model.tag if self.model else None
+            if previous != tag:
+                self.model = ranking.Model.of(tag, Scorer.load(registry.artifact_path(tag)))  # one reference swap
+                log.info("serving %s (was %s)", tag, previous)
+            return previous, tag
+
+    def _load_quietly(self) -> None:
+        try:
+            self._load()
+        except Exception as e:  # noqa: BLE001
+            log.error("reload failed, keeping %s: %s", self.model.tag if self.model else None, e)
+
+    def _store_ok(self) -> bool:
+        try:
+            self.reader._read("user", ["__readyz__"])  # bypasses the cache: a real round trip
+            return True
+        except Exception as e:  # noqa: BLE001
+            log.warning("online store unreachable: %s", e)
+            return False
+
+    def __is_ready__(self) -> bool:
+        return self.model is not None and self._store_ok()
+
+    # ---- API --------------------------------------------------------------------------------
+    @bentoml.api(route="/rank")
+    def rank(self, user_id: Id, candidates: Candidates, context: Optional[Context] = None, k: K = None,
+             weights: Weights = None, diversity: Diversity = 0.0, fusion: Fusion = "product") -> RankResponse:
+        """Rank candidate items for a user: fused score, each objective's score, rank before re-ranking."""
+        model = self.model
+        if model is None:
+            _requests.labels("rank", "unavailable").inc()
+            return _unavailable("no production model is loaded")
+        ctx = context or Context()
+        ts = ctx.timestamp.timestamp() if ctx.timestamp else None
+        try:
+            out = ranking.rank(model, self.reader, user_id, list(candidates), k=k, weights=weights,
+                               diversity=diversity, fusion=fusion, request_ts=ts, device=ctx.device)
+        except ranking.RequestError as e:
+            _requests.labels("rank", "bad_request").inc()
+            return _bad(e.field, e.reason)
+        except ranking.StoreUnavailable as e:
+            _requests.labels("rank", "unavailable").inc()
+            return _unavailable(str(e))
+        _requests.labels("rank", "ok").inc()
+        return RankResponse(**out)
+
+    @bentoml.api(route="/score")
+    def score(self, user_id: Id, items: Candidates, context: Optional[Context] = None) -> ScoreResponse:
+        """Raw per-objective scores of (user, item) pairs, in request order."""
+        model = self.model
+        if model is None:
+            _requests.labels("score", "unavailable").inc()
+            return _unavailable("no production model is loaded")
+        ctx = context or Context()
+        ts = ctx.timestamp.timestamp() if ctx.timestamp else None
+        try:
+            out = ranking.score_items(model, self.reader, user_id, list(items), request_ts=ts, device=ctx.device)
+        except ranking.StoreUnavailable as e:
+            _requests.labels("score", "unavailable").inc()
+            return _unavailable(str(e))
+        _requests.labels("score", "ok").inc()
+        return ScoreResponse(**out)
+
+    @bentoml.api(route="/admin/reload")
+    def reload(self, ctx: bentoml.Context) -> ReloadResponse:
+        """Load the model production points to now; authenticated by ``MTLREC_ADMIN_TOKEN``."""
+        expected = os.environ.get("MTLREC_ADMIN_TOKEN", "")
+        headers = ctx.request.headers
+        given = headers.get("x-admin-token") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        def refuse(status: int, message: str) -> JSONResponse:
+            ctx.response.status_code = status  # with a context parameter BentoML takes the status from it
+            return JSONResponse({"error": message}, status_code=status)
+
+        if not expected:
+            return refuse(403, "reload over HTTP is disabled: MTLREC_ADMIN_TOKEN is not set")
+        if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+            return refuse(401, "missing or wrong admin token")
+        try:
+            previous, tag = self._load()
+        except Exception as e:  # noqa: BLE001 - keep serving the old model
+            return refuse(503, f"reload failed, still serving {self.model.tag if self.model else None}: {e}")
+        return ReloadResponse(model_version=tag, previous=previous, changed=previous != tag)
+
+
+RankingService.add_asgi_middleware(JsonOnly)
