@@ -196,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
+        if "redis" in a.stores:  # leave the shared Redis as it was found: drop the benchmark's database
+            try:
+                import redis
+
+                host, _, rest = a.redis.partition(":")
+                port, *params = rest.split(",")
+                db = int(dict(x.split("=", 1) for x in params if "=" in x).get("db", 0))
+                redis.Redis(host=host, port=int(port), db=db).flushdb()
+            except Exception as e:  # noqa: BLE001 - cleanup is best effort
+                print(f"redis cleanup failed: {e}", file=sys.stderr)
     if a.json:
         print(json.dumps(rows, indent=2))
     return 1 if any(r["errors"] for r in rows) else 0

@@ -285,6 +285,27 @@ def benchmark(
     typer.echo(f"report: {out / 'report.md'}  ({len(report['runs'])} runs)")
 
 
+@app.command("serve")
+def serve(
+    port: int = typer.Option(3000, help="port on 127.0.0.1"),
+    host: str = typer.Option("127.0.0.1", help="interface to bind"),
+    data: Path = typer.Option(Path("data/synth"), help="dataset whose _features/ holds the online store"),
+    online: str = typer.Option(None, help=ONLINE_HELP),
+) -> None:
+    """Serve the production model over HTTP (BentoML): POST /rank, POST /score, /readyz, /metrics, /docs."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MTLREC_DATASET=str(data.resolve()))
+    if online:
+        env["MTLREC_ONLINE_STORE"] = online
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "bentoml", "serve", "services.service:RankingService", "--host", host,
+           "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd, env=env, cwd=root))
+
+
 @app.command("register")
 def register(
     artifact: Path = typer.Argument(..., help="artifact directory written by `mtlrec train`"),

@@ -6,6 +6,9 @@ Configuration comes from the environment, read at startup:
 - ``MTLREC_ONLINE_STORE`` (``sqlite`` | ``redis``) and ``MTLREC_REDIS``: which online store serves;
 - ``BENTOML_HOME``: the model store; the production model is what ``flows.registry.production()`` names;
 - ``MTLREC_MAX_CANDIDATES`` (default 1000): the bound on ``candidates``;
+- ``MTLREC_WORKERS`` (default 1): server worker processes. ``/admin/reload`` and ``SIGHUP`` reach the one
+  worker that receives them, so with several workers set ``MTLREC_RELOAD_POLL_S`` (e.g. 2): each worker then
+  checks the production pointer that often and loads a newly promoted model by itself;
 - ``MTLREC_TORCH_THREADS`` (default 1): torch intra-op threads per worker;
 - ``MTLREC_ADMIN_TOKEN``: the token ``POST /admin/reload`` requires (header ``X-Admin-Token`` or
   ``Authorization: Bearer``); without it reloading over HTTP is disabled. ``SIGHUP`` also reloads.
@@ -23,6 +26,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -73,7 +77,7 @@ class JsonOnly:
         await self.app(scope, receive, send)
 
 
-@bentoml.service(name="mtlrec", workers=1, traffic={"timeout": 30})
+@bentoml.service(name="mtlrec", workers=int(os.environ.get("MTLREC_WORKERS", "1")), traffic={"timeout": 30})
 class RankingService:
     def __init__(self) -> None:
         os.environ.setdefault("FEAST_USAGE", "False")
@@ -94,6 +98,9 @@ class RankingService:
             self._load()
         except Exception as e:  # noqa: BLE001 - serve (not ready) and let a reload fix it
             log.error("no production model loaded: %s", e)
+        poll = float(os.environ.get("MTLREC_RELOAD_POLL_S", "0"))
+        if poll > 0:  # every worker follows the production pointer by itself
+            threading.Thread(target=self._follow, args=(poll,), daemon=True, name="mtlrec-reload").start()
         try:
             signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self._load_quietly, daemon=True).start())
         except ValueError:  # not the main thread
@@ -119,6 +126,18 @@ class RankingService:
             self._load()
         except Exception as e:  # noqa: BLE001
             log.error("reload failed, keeping %s: %s", self.model.tag if self.model else None, e)
+
+    def _follow(self, every_s: float) -> None:
+        from flows import registry
+
+        while True:
+            time.sleep(every_s)
+            try:
+                current = registry.production()
+            except Exception:  # noqa: BLE001 - a torn read is retried on the next tick
+                continue
+            if current and (self.model is None or current != self.model.tag):
+                self._load_quietly()
 
     def _store_ok(self) -> bool:
         try:

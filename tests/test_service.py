@@ -96,6 +96,7 @@ def _serve(world, ready: bool = True, **extra):
             assert time.monotonic() < deadline, "the service did not come up in 60 s"
             time.sleep(0.25)
         with httpx.Client(base_url=url, timeout=20) as client:
+            client.server_pid = proc.pid  # one worker: the serve process itself runs the service
             yield client
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -272,6 +273,20 @@ def test_admin_reload_swaps_to_the_new_production_model(server, world, offline):
     assert r.status_code == 200, r.text
     assert r.json() == {"model_version": new, "previous": world["tag"], "changed": True}
     assert _rank(server, user_id=offline["users"][0], candidates=offline["items"][:5])["model_version"] == new
+
+
+def test_sighup_reloads(server, world, offline):
+    from flows import registry
+
+    with _env(BENTOML_HOME=str(world["home"]), BENTOML_DO_NOT_TRACK="True"):
+        new = registry.register(world["artifact"])
+        registry.record_evaluation(new, {"fused/ndcg@10": 0.7})
+        registry.set_production(new)
+    os.kill(server.server_pid, signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while _rank(server, user_id=offline["users"][0], candidates=offline["items"][:3])["model_version"] != new:
+        assert time.monotonic() < deadline, "SIGHUP did not load the new production model"
+        time.sleep(0.2)
 
 
 def test_store_down_is_503_then_recovers(world, offline, tmp_path):
