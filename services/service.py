@@ -155,40 +155,36 @@ class RankingService:
     def rank(self, user_id: Id, candidates: Candidates, context: Optional[Context] = None, k: K = None,
              weights: Weights = None, diversity: Diversity = 0.0, fusion: Fusion = "product") -> RankResponse:
         """Rank candidate items for a user: fused score, each objective's score, rank before re-ranking."""
-        model = self.model
-        if model is None:
-            _requests.labels("rank", "unavailable").inc()
-            return _unavailable("no production model is loaded")
         ctx = context or Context()
         ts = ctx.timestamp.timestamp() if ctx.timestamp else None
-        try:
-            out = ranking.rank(model, self.reader, user_id, list(candidates), k=k, weights=weights,
-                               diversity=diversity, fusion=fusion, request_ts=ts, device=ctx.device)
-        except ranking.RequestError as e:
-            _requests.labels("rank", "bad_request").inc()
-            return _bad(e.field, e.reason)
-        except ranking.StoreUnavailable as e:
-            _requests.labels("rank", "unavailable").inc()
-            return _unavailable(str(e))
-        _requests.labels("rank", "ok").inc()
-        return RankResponse(**out)
+        return self._answer("rank", RankResponse, lambda model: ranking.rank(
+            model, self.reader, user_id, list(candidates), k=k, weights=weights, diversity=diversity,
+            fusion=fusion, request_ts=ts, device=ctx.device))
 
     @bentoml.api(route="/score")
     def score(self, user_id: Id, items: Candidates, context: Optional[Context] = None) -> ScoreResponse:
         """Raw per-objective scores of (user, item) pairs, in request order."""
-        model = self.model
-        if model is None:
-            _requests.labels("score", "unavailable").inc()
-            return _unavailable("no production model is loaded")
         ctx = context or Context()
         ts = ctx.timestamp.timestamp() if ctx.timestamp else None
+        return self._answer("score", ScoreResponse, lambda model: ranking.score_items(
+            model, self.reader, user_id, list(items), request_ts=ts, device=ctx.device))
+
+    def _answer(self, endpoint: str, response, compute):
+        """One model snapshot per request (a reload mid-request cannot mix two), errors mapped to 4xx/503."""
+        model = self.model
+        if model is None:
+            _requests.labels(endpoint, "unavailable").inc()
+            return _unavailable("no production model is loaded")
         try:
-            out = ranking.score_items(model, self.reader, user_id, list(items), request_ts=ts, device=ctx.device)
+            out = compute(model)
+        except ranking.RequestError as e:
+            _requests.labels(endpoint, "bad_request").inc()
+            return _bad(e.field, e.reason)
         except ranking.StoreUnavailable as e:
-            _requests.labels("score", "unavailable").inc()
+            _requests.labels(endpoint, "unavailable").inc()
             return _unavailable(str(e))
-        _requests.labels("score", "ok").inc()
-        return ScoreResponse(**out)
+        _requests.labels(endpoint, "ok").inc()
+        return response(**out)
 
     @bentoml.api(route="/admin/reload")
     def reload(self, ctx: bentoml.Context) -> ReloadResponse:
