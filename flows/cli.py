@@ -148,13 +148,7 @@ def train(
     """
     from models.train import main as train_main
 
-    if data.is_dir() and (data / "interactions.parquet").exists():
-        s = _settings(data, None)
-        if not s.training_file.exists() or \
-                s.training_file.stat().st_mtime < (data / "interactions.parquet").stat().st_mtime:
-            from flows.features.store import build_all
-
-            build_all(data, s)
+    _ensure_training_set(data, materialize_online=True)
 
     argv = ["--config", config, "--data", str(data), "--out", str(out)]
     argv += [a for o in overrides for a in ("--set", o)] + (["--quiet"] if quiet else [])
@@ -170,14 +164,22 @@ def _model_path(model: str) -> tuple[Path, str | None]:
     return registry.artifact_path(model), model
 
 
+def _ensure_training_set(data: Path, materialize_online: bool = False) -> None:
+    """A dataset directory gets its Feast training set built when it is missing or older than the log."""
+    log = data / "interactions.parquet"
+    if not (data.is_dir() and log.exists()):
+        return
+    s = _settings(data, None)
+    if not s.training_file.exists() or s.training_file.stat().st_mtime < log.stat().st_mtime:
+        from flows.features.store import build_all
+
+        build_all(data, s, materialize_online=materialize_online)
+
+
 def _training_table(data: Path):
     from models.table import load_training_table
 
-    if data.is_dir() and (data / "interactions.parquet").exists() and \
-            not (data / "_features" / "training.parquet").exists():
-        from flows.features.store import build_all
-
-        build_all(data, materialize_online=False)
+    _ensure_training_set(data)
     return load_training_table(data)
 
 
@@ -278,7 +280,7 @@ def benchmark(
     """Train and evaluate every architecture (x balancer) over several seeds; write a results table and plots."""
     from flows.benchmark import run
 
-    _training_table(data)  # builds the Feast training set first if needed
+    _ensure_training_set(data)
     report = run(data, out, configs=configs, balancers=balancers or [None], seeds=seeds, overrides=overrides,
                  log=typer.echo)
     typer.echo((out / "report.md").read_text())

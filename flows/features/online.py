@@ -26,20 +26,15 @@ from feature_repo.transforms import context_features
 
 class FeatureReader:
     def __init__(self, store, *, user_ttl_s: float = 5.0, item_ttl_s: float = 60.0):
-        from feast.on_demand_feature_view import OnDemandFeatureView
-
         self.store = store
         self.service = store.get_feature_service(FEATURE_SERVICE)
         self.provider = store._get_provider()
+        on_demand = {v.name for v in store.list_on_demand_feature_views()}  # computed here, not stored online
         self.views: dict[str, list] = {"user": [], "item": []}
         for proj in self.service.feature_view_projections:
-            view = store.get_feature_view(proj.name) if proj.name not in {
-                v.name for v in store.list_on_demand_feature_views()} else None
-            if view is not None:
+            if proj.name not in on_demand:
+                view = store.get_feature_view(proj.name)
                 self.views[_entity_of(view)].append(view)
-        self.context_views = [v for v in store.list_on_demand_feature_views()
-                              if v.name in {p.name for p in self.service.feature_view_projections}]
-        assert all(isinstance(v, OnDemandFeatureView) for v in self.context_views)
         self.columns = {e: [f.name for v in vs for f in v.features] for e, vs in self.views.items()}
         self.ttl = {"user": user_ttl_s, "item": item_ttl_s}
         self._lock = threading.Lock()
