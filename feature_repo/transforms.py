@@ -26,10 +26,11 @@ def _floats(x) -> np.ndarray:
         else np.asarray(x, dtype=np.float64)
 
 
-def context_features(df) -> pd.DataFrame:
+def context_features(df):
     """Hour and weekday of the request, item age, user tenure, and a user x item category cross.
 
-    ``df`` is a DataFrame (inside Feast) or a dict of equal-length arrays (the served path).
+    ``df`` is a DataFrame (inside Feast), answered with a DataFrame, or a dict of equal-length arrays
+    (the served path), answered with a dict of arrays: a request does not pay for pandas.
     """
     ts = _floats(df["request_ts"])
     seconds = np.nan_to_num(ts, nan=0.0)
@@ -45,4 +46,4 @@ def context_features(df) -> pd.DataFrame:
     cat = np.asarray(df["category"], dtype=object)
     match = pd.notna(top) & pd.notna(cat) & (top.astype(str) == cat.astype(str)) & (top.astype(str) != "")
     out["top_category_match"] = match.astype(np.int64)
-    return pd.DataFrame(out, index=df.index if isinstance(df, pd.DataFrame) else None)
+    return pd.DataFrame(out, index=df.index) if isinstance(df, pd.DataFrame) else out

@@ -102,8 +102,9 @@ class Scorer(torch.nn.Module):
         scorer.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
         return scorer.to(device).eval()
 
-    @torch.no_grad()
-    def predict(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+    @torch.inference_mode()
+    def predict(self, df) -> dict[str, np.ndarray]:
+        """Per-task outputs for rows given as a DataFrame or a dict of column arrays (the served path)."""
         device = next(self.parameters()).device
         cat = torch.from_numpy(self.spec.encode_categorical(df)).to(device)
         num = torch.from_numpy(self.spec.encode_numeric(df)).to(device)

@@ -9,12 +9,19 @@ per-feature offsets: one lookup per batch instead of one per feature.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+
+_VECTORISE_ABOVE = 20_000  # rows; below this a dict lookup beats building pandas objects
+
+
+def _length(df: Mapping) -> int:
+    return len(df) if isinstance(df, pd.DataFrame) else len(next(iter(df.values()), ()))
 
 
 @dataclass
@@ -42,22 +49,51 @@ class FeatureSpec:
     def cardinalities(self) -> list[int]:
         return [len(self.vocabs[c]) + 1 for c in self.categorical]
 
-    def encode_categorical(self, df: pd.DataFrame) -> np.ndarray:
-        """Codes per feature, 0 for unknown or missing values."""
-        out = np.zeros((len(df), len(self.categorical)), dtype=np.int64)
+    def encode_categorical(self, df: Mapping) -> np.ndarray:
+        """Codes per feature, 0 for unknown or missing values.
+
+        ``df`` is a DataFrame or a dict of arrays (the served path, which skips pandas). Values are
+        matched by ``str(value)``, as ``fit`` built the vocabularies. A request's few hundred rows go
+        through a cached dict; training's millions through pandas' vectorised hash lookup, which gives
+        the same codes (tests/test_train.py checks both on mixed types).
+        """
+        n = _length(df)
+        out = np.zeros((n, len(self.categorical)), dtype=np.int64)
         for j, c in enumerate(self.categorical):
-            if c in df:
-                out[:, j] = pd.Categorical(df[c].astype(str), categories=self.vocabs[c]).codes.astype(np.int64) + 1
+            if c not in df:
+                continue
+            values = np.asarray(df[c], dtype=object)
+            if n > _VECTORISE_ABOVE:
+                out[:, j] = self._index(c).get_indexer(pd.Series(values).astype(str).to_numpy()) + 1
+            elif n > 1 and (values == values[0]).all():  # a request's user and context columns: one lookup
+                out[:, j] = self._lookup(c).get(str(values[0]), 0)
+            else:
+                codes = self._lookup(c)
+                out[:, j] = np.fromiter((codes.get(str(v), 0) for v in values), dtype=np.int64, count=n)
         return out
 
-    def encode_numeric(self, df: pd.DataFrame) -> np.ndarray:
-        out = np.zeros((len(df), len(self.numeric)), dtype=np.float32)
+    def encode_numeric(self, df: Mapping) -> np.ndarray:
+        out = np.zeros((_length(df), len(self.numeric)), dtype=np.float32)
         for j, c in enumerate(self.numeric):
             if c in df:
                 mean, std = self.stats[c]
-                x = (pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=np.float64) - mean) / std
-                out[:, j] = np.nan_to_num(x, nan=0.0)
-        return out
+                x = np.asarray(df[c])
+                if x.dtype.kind not in "fiub":
+                    x = pd.to_numeric(pd.Series(x, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
+                out[:, j] = (x.astype(np.float64, copy=False) - mean) / std
+        return np.nan_to_num(out, copy=False, nan=0.0)  # missing values sit at the mean
+
+    def _lookup(self, c: str) -> dict[str, int]:
+        cache = self.__dict__.setdefault("_lookups", {})
+        if c not in cache:
+            cache[c] = {v: i + 1 for i, v in enumerate(self.vocabs[c])}
+        return cache[c]
+
+    def _index(self, c: str) -> pd.Index:
+        cache = self.__dict__.setdefault("_indexes", {})
+        if c not in cache:
+            cache[c] = pd.Index(self.vocabs[c], dtype=object)
+        return cache[c]
 
     def to_dict(self) -> dict:
         return asdict(self)

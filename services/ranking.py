@@ -52,31 +52,30 @@ class Model:
 
 @dataclass
 class Scored:
-    frame: pd.DataFrame
+    frame: dict[str, np.ndarray]  # the model's input columns
     probs: dict[str, np.ndarray]
     item_cold: np.ndarray
     user_cold: bool
 
 
-def model_frame(reader, user_id: str, item_ids: list[str], request_ts: float, device: str | None) -> pd.DataFrame:
-    """The model's input: the feature service's columns plus the request context (device, position 0)."""
-    df = reader.features(user_id, item_ids, request_ts)
-    df["device"] = device
-    df["position"] = 0
-    return df
+def model_inputs(reader, user_id: str, item_ids: list[str], request_ts: float,
+                 device: str | None) -> tuple[dict[str, np.ndarray], np.ndarray, bool]:
+    """The model's input columns: the feature service's plus the request context (device, position 0)."""
+    cols, item_known, user_known = reader.columns(user_id, item_ids, request_ts)
+    cols["device"] = np.full(len(item_ids), device, dtype=object)
+    cols["position"] = np.zeros(len(item_ids), dtype=np.int64)
+    return cols, item_known, user_known
 
 
 def score(model: Model, reader, user_id: str, item_ids: list[str], *, request_ts: float | None = None,
           device: str | None = None) -> Scored:
     ts = time.time() if request_ts is None else float(request_ts)
     try:
-        frame = model_frame(reader, user_id, item_ids, ts, device)
-        item_known = reader.known("item", item_ids)
-        user_known = bool(reader.known("user", [user_id])[0])
+        cols, item_known, user_known = model_inputs(reader, user_id, item_ids, ts, device)
     except Exception as e:  # noqa: BLE001 - any failure to read the store is the store's, reported as such
         raise StoreUnavailable(f"online feature store unreachable: {type(e).__name__}: {e}") from e
-    probs = model.scorer.predict(frame)
-    return Scored(frame=frame, probs=probs, item_cold=~np.asarray(item_known, dtype=bool), user_cold=not user_known)
+    probs = model.scorer.predict(cols)
+    return Scored(frame=cols, probs=probs, item_cold=~np.asarray(item_known, dtype=bool), user_cold=not user_known)
 
 
 def resolve_weights(model: Model, weights: dict[str, float] | None) -> dict[str, float]:
@@ -138,7 +137,7 @@ def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | 
     fused = fuse(s.probs, w, method=fusion)
     before = np.empty(len(fused), dtype=np.int64)
     before[np.argsort(-fused, kind="stable")] = np.arange(1, len(fused) + 1)
-    cats = s.frame["category"].to_numpy(dtype=object) if "category" in s.frame else np.full(len(fused), None)
+    cats = np.asarray(s.frame["category"], dtype=object) if "category" in s.frame else np.full(len(fused), None)
     top = mmr(fused, cats, k or len(candidates), diversity)
     objectives = model.objectives
     items = [{"item_id": candidates[i], "score": _num(fused[i]),

@@ -77,7 +77,8 @@ class JsonOnly:
         await self.app(scope, receive, send)
 
 
-@bentoml.service(name="mtlrec", workers=int(os.environ.get("MTLREC_WORKERS", "1")), traffic={"timeout": 30})
+@bentoml.service(name="mtlrec", workers=int(os.environ.get("MTLREC_WORKERS", "1")), traffic={"timeout": 30},
+                 logging={"access": {"enabled": os.environ.get("MTLREC_ACCESS_LOG", "1") not in ("0", "false", "False")}})
 class RankingService:
     def __init__(self) -> None:
         os.environ.setdefault("FEAST_USAGE", "False")

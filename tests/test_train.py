@@ -160,3 +160,53 @@ def test_bad_config_is_named(small_table, tmp_path):
     cfg = load_config("mmoe", ["tasks=[{name: click, label: clicks_typo}]"])
     with pytest.raises(ValueError, match="clicks_typo"):
         train(cfg, "<table>", tmp_path / "y", progress=False, table=small_table)
+
+
+def test_request_and_training_encodings_agree_on_mixed_values():
+    """A request's rows go through a dict, training's through pandas: same codes, same normalisation."""
+    from models import encoder
+    from models.encoder import FeatureSpec
+
+    fit = pd.DataFrame({"c": ["a", "b", "7", "7.5", "None", "nan"], "x": [1.0, 2.0, 3.0, np.nan, 5.0, 6.0]})
+    spec = FeatureSpec.fit(fit, ["c"], ["x"])
+    values = np.array(["a", "zz", 7, 7.5, None, np.nan, "b", 3, "a", "a"], dtype=object)
+    rows = {"c": values, "x": np.array([1, "2", None, "bad", 4.0, np.inf, 0, 1, 2, 3], dtype=object)}
+    small = (spec.encode_categorical(rows), spec.encode_numeric(rows))
+    old = encoder._VECTORISE_ABOVE
+    encoder._VECTORISE_ABOVE = 0
+    try:
+        large = (spec.encode_categorical(pd.DataFrame(rows)), spec.encode_numeric(pd.DataFrame(rows)))
+    finally:
+        encoder._VECTORISE_ABOVE = old
+    np.testing.assert_array_equal(small[0], large[0])
+    np.testing.assert_array_equal(small[1], large[1])
+    vocab = spec.vocabs["c"]
+    assert small[0][:, 0].tolist() == [vocab.index(v) + 1 if v in vocab else 0 for v in map(str, values)]
+    assert np.isfinite(small[1]).all() and small[1][2, 0] == 0.0  # missing sits at the mean
+    same = {"c": np.array(["b"] * 12, dtype=object), "x": np.ones(12)}  # the one-lookup path for constant columns
+    assert (spec.encode_categorical(same) == vocab.index("b") + 1).all()
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_factored_first_layers_score_a_request_as_the_dense_path_does(architecture, monkeypatch):
+    """One user, many items: the split first layer (inference only) matches the ordinary forward pass."""
+    from models.architectures import build_architecture, factored
+
+    taken = []
+    for name in ("linear", "batched"):
+        real = getattr(factored, name)
+        monkeypatch.setattr(factored, name, lambda *a, _real=real, _name=name: taken.append(_name) or _real(*a))
+
+    torch.manual_seed(0)
+    tasks = TaskSet.from_config([{"name": "click", "type": "binary"}, {"name": "purchase", "type": "binary",
+                                                                           "sample_space": "click"}])
+    arch = build_architecture(architecture, 40, tasks).eval()
+    x = torch.randn(1, 40).repeat(64, 1)
+    x[:, :10] = torch.randn(64, 10)  # the item's columns vary, the rest is the user and the context
+    with torch.enable_grad():
+        dense = arch(x).logits
+    with torch.no_grad():
+        fast = arch(x).logits
+    assert taken, "the split path never ran"
+    for k in dense:
+        torch.testing.assert_close(fast[k], dense[k].detach(), rtol=1e-4, atol=1e-5)

@@ -35,7 +35,7 @@ class FeatureReader:
             if proj.name not in on_demand:
                 view = store.get_feature_view(proj.name)
                 self.views[_entity_of(view)].append(view)
-        self.columns = {e: [f.name for v in vs for f in v.features] for e, vs in self.views.items()}
+        self.columns_of = {e: [f.name for v in vs for f in v.features] for e, vs in self.views.items()}
         self.ttl = {"user": user_ttl_s, "item": item_ttl_s}
         self._lock = threading.Lock()
         self._index: dict[str, dict[str, tuple[float, int]]] = {"user": {}, "item": {}}
@@ -93,21 +93,29 @@ class FeatureReader:
                           for _, vals in got])
         return [sum(cols, ()) for cols in zip(*parts)]
 
-    def features(self, user_id: str, item_ids: list[str], request_ts: float) -> pd.DataFrame:
-        """The feature service's values for (user, each item) at ``request_ts``: what ``sdk`` returns."""
+    def columns(self, user_id: str, item_ids: list[str], request_ts: float) -> tuple[dict[str, np.ndarray], np.ndarray, bool]:
+        """The feature service's values as arrays, which items the store knows, and whether it knows the user.
+
+        The ranking service's path: no DataFrame is built, and one cache lookup per entity answers both
+        the values and the cold-start flags.
+        """
         n = len(item_ids)
         u = self._slots("user", [user_id])[0]
         rows = self._slots("item", list(item_ids))
         data: dict[str, np.ndarray] = {"user_id": np.full(n, user_id, dtype=object),
                                        "item_id": np.asarray(item_ids, dtype=object)}
-        for name, col in zip(self.columns["user"], self._cols["user"]):
+        for name, col in zip(self.columns_of["user"], self._cols["user"]):
             data[name] = np.full(n, col[u], dtype=col.dtype)
-        for name, col in zip(self.columns["item"], self._cols["item"]):
+        for name, col in zip(self.columns_of["item"], self._cols["item"]):
             data[name] = col[rows]
         data["request_ts"] = np.full(n, float(request_ts))
-        data.update({k: v.to_numpy() for k, v in context_features(data).items()})
+        data.update(context_features(data))
         del data["request_ts"]
-        return pd.DataFrame(data)
+        return data, self._known["item"][rows], bool(self._known["user"][u])
+
+    def features(self, user_id: str, item_ids: list[str], request_ts: float) -> pd.DataFrame:
+        """The feature service's values for (user, each item) at ``request_ts``: what ``sdk`` returns."""
+        return pd.DataFrame(self.columns(user_id, item_ids, request_ts)[0])
 
     def known(self, entity: str, ids: list[str]) -> np.ndarray:
         """Which ids the online store has (False: cold start, scored from defaults)."""

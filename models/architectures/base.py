@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from models.architectures.factored import InputLinear
 from models.tasks import TaskSet
 
 
@@ -40,7 +41,7 @@ def mlp(in_dim: int, hidden: list[int] | tuple[int, ...], dropout: float = 0.0, 
     layers: list[nn.Module] = []
     d = in_dim
     for i, h in enumerate(hidden):
-        layers.append(nn.Linear(d, h))
+        layers.append(InputLinear(d, h) if i == 0 else nn.Linear(d, h))
         if last_activation or i < len(hidden) - 1:
             layers.append(nn.ReLU())
             if dropout > 0:

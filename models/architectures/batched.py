@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from models.architectures import factored
+
 
 class BatchedMLP(nn.Module):
     def __init__(self, n: int, in_dim: int, hidden: list[int] | tuple[int, ...], dropout: float = 0.0):
@@ -32,7 +34,9 @@ class BatchedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, in] shared by all, or [n, B, in] one input each; returns [n, B, out]."""
+        split = None if self.training else factored.split_columns(x)
         h = x.unsqueeze(0).expand(self.n, -1, -1) if x.dim() == 2 else x
-        for w, b in zip(self.weights, self.biases):
-            h = self.dropout(torch.relu(torch.baddbmm(b, h, w)))
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            pre = factored.batched(x, w, b, split) if i == 0 and split is not None else torch.baddbmm(b, h, w)
+            h = self.dropout(torch.relu(pre))
         return h

@@ -15,6 +15,7 @@ from torch import nn
 
 from models.architectures.base import Architecture, Outputs
 from models.architectures.batched import BatchedMLP
+from models.architectures.factored import InputLinear
 from models.tasks import TaskSet
 
 
@@ -24,9 +25,9 @@ class GatedDecomposition(Architecture):
         super().__init__(in_dim, tasks)
         expert = list(expert)
         self.shared_experts = BatchedMLP(n_shared_experts, in_dim, expert, dropout)
-        self.shared_gate = nn.Linear(in_dim, n_shared_experts)
+        self.shared_gate = InputLinear(in_dim, n_shared_experts)
         self.specific = BatchedMLP(len(tasks), in_dim, expert, dropout)
-        self.fuse_gates = nn.Linear(in_dim, len(tasks) * expert[-1])
+        self.fuse_gates = InputLinear(in_dim, len(tasks) * expert[-1])
         self.towers = self.towers_for(expert[-1], list(tower), dropout)
         self.aux_towers = self.towers_for(expert[-1], list(tower), dropout)
         self.ortho_weight, self.aux_weight = ortho_weight, aux_weight

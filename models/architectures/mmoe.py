@@ -11,6 +11,7 @@ from torch import nn
 
 from models.architectures.base import Architecture, Outputs
 from models.architectures.batched import BatchedMLP
+from models.architectures.factored import InputLinear
 from models.tasks import TaskSet
 
 
@@ -19,7 +20,7 @@ class MMoE(Architecture):
                  dropout: float = 0.0):
         super().__init__(in_dim, tasks)
         self.experts = BatchedMLP(n_experts, in_dim, list(expert), dropout)
-        self.gates = nn.Linear(in_dim, n_experts * len(tasks))
+        self.gates = InputLinear(in_dim, n_experts * len(tasks))
         self.n_experts = n_experts
         self.towers = self.towers_for(self.experts.out_dim, list(tower), dropout)
 

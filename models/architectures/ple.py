@@ -13,6 +13,7 @@ from torch import nn
 
 from models.architectures.base import Architecture, Outputs
 from models.architectures.batched import BatchedMLP
+from models.architectures.factored import InputLinear
 from models.tasks import TaskSet
 
 
@@ -21,8 +22,8 @@ class _Level(nn.Module):
         super().__init__()
         self.task_experts = nn.ModuleList(BatchedMLP(n_task, in_dim, expert) for _ in range(n_tasks))
         self.shared_experts = BatchedMLP(n_shared, in_dim, expert)
-        self.task_gates = nn.ModuleList(nn.Linear(in_dim, n_task + n_shared) for _ in range(n_tasks))
-        self.shared_gate = None if last else nn.Linear(in_dim, n_tasks * n_task + n_shared)
+        self.task_gates = nn.ModuleList(InputLinear(in_dim, n_task + n_shared) for _ in range(n_tasks))
+        self.shared_gate = None if last else InputLinear(in_dim, n_tasks * n_task + n_shared)
 
     def forward(self, task_inputs: list[torch.Tensor], shared_input: torch.Tensor):
         shared = self.shared_experts(shared_input)  # [S, B, H]

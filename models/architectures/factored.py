@@ -1,0 +1,60 @@
+"""First layers that exploit a ranking request's shape: most input columns are the same on every row.
+
+Scoring one user against hundreds of candidates, the user's embeddings and features, the device and
+the hour are identical on every row; only the item's columns vary. A first layer computes
+``x W + b``, which splits as ``x[:, varying] W[varying] + (x[0, same] W[same] + b)``: the constant
+part once, the varying part per row. With a quarter of the columns varying that removes most of the
+first layer's work, the largest matmul of the expert architectures. It only applies at inference
+(no autograd, eval mode) and when few columns vary, so training and offline evaluation on mixed
+rows take the ordinary path; the two differ by float rounding only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MAX_VARYING = 0.5  # above this share of varying columns the split saves too little to pay for the gather
+MIN_ROWS = 8
+
+
+def split_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(same, varying) column indices of a 2-D inference batch, or None when splitting does not pay."""
+    if x.dim() != 2 or x.shape[0] < MIN_ROWS or torch.is_grad_enabled():
+        return None
+    same = (x == x[:1]).all(0)
+    varying = (~same).nonzero().squeeze(1)
+    if varying.numel() > MAX_VARYING * x.shape[1]:
+        return None
+    return same.nonzero().squeeze(1), varying
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           split: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (weight [out, in]) computed as constant part + varying part."""
+    same, varying = split
+    base = x[0, same] @ weight[:, same].T
+    if bias is not None:
+        base = base + bias
+    if varying.numel() == 0:
+        return base.expand(x.shape[0], -1)
+    return torch.addmm(base, x[:, varying], weight[:, varying].T)
+
+
+def batched(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+            split: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``baddbmm(bias, x expanded to n, weight)`` (weight [n, in, out], bias [n, 1, out]), split likewise."""
+    same, varying = split
+    base = bias + torch.matmul(x[0, same], weight[:, same, :]).unsqueeze(1)  # [n, 1, out]
+    n = weight.shape[0]
+    if varying.numel() == 0:
+        return base.expand(n, x.shape[0], -1)
+    return torch.baddbmm(base, x[:, varying].unsqueeze(0).expand(n, -1, -1), weight[:, varying, :])
+
+
+class InputLinear(nn.Linear):
+    """``nn.Linear`` for layers that read the encoder's output; same parameters, same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        split = None if self.training else split_columns(x)
+        return super().forward(x) if split is None else linear(x, self.weight, self.bias, split)
