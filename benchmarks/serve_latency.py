@@ -67,10 +67,11 @@ def materialize_redis(data: Path, redis: str) -> None:
 
 
 @contextlib.contextmanager
-def serve(data: Path, store: str, redis: str, max_candidates: int):
+def serve(data: Path, store: str, redis: str, max_candidates: int, workers: int = 1, access_log: bool = True):
     port = _free_port()
     env = {**os.environ, "MTLREC_DATASET": str(data), "MTLREC_ONLINE_STORE": store, "MTLREC_REDIS": redis,
-           "MTLREC_MAX_CANDIDATES": str(max_candidates), "BENTOML_DO_NOT_TRACK": "True", "FEAST_USAGE": "False",
+           "MTLREC_MAX_CANDIDATES": str(max_candidates), "MTLREC_WORKERS": str(workers),
+           "MTLREC_ACCESS_LOG": "1" if access_log else "0", "BENTOML_DO_NOT_TRACK": "True", "FEAST_USAGE": "False",
            "PYTHONPATH": str(ROOT)}
     bentoml = str(Path(sys.executable).with_name("bentoml"))
     proc = subprocess.Popen([bentoml, "serve", "services.service:RankingService", "--host", "127.0.0.1",
@@ -100,17 +101,26 @@ def serve(data: Path, store: str, redis: str, max_candidates: int):
 
 async def drive(url: str, users: list[str], items: list[str], n_candidates: int, concurrency: int,
                 duration: float, max_requests: int, seed: int = 0) -> dict:
+    """Closed loop: ``concurrency`` clients, each sending its next request when the last one answered.
+
+    The client is aiohttp (a BentoML dependency) with pre-encoded bodies: on a two-core machine the
+    load generator shares the CPU with the server, so it has to be cheap.
+    """
+    import aiohttp
+
     rng = random.Random(seed)
     bodies = [json.dumps({"user_id": rng.choice(users), "candidates": rng.sample(items, n_candidates), "k": 20,
                           "context": {"device": "mobile"}}).encode() for _ in range(256)]
     latencies: list[float] = []
     errors: dict[str, int] = {}
     sent = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits,
-                                 headers={"content-type": "application/json"}) as client:
+    headers = {"content-type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base_url=url, connector=connector, headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as client:
         for b in bodies[:min(5, concurrency * 2)]:  # warm the feature cache and the model
-            await client.post("/rank", content=b)
+            async with client.post("/rank", data=b) as r:
+                await r.read()
         start = time.perf_counter()
         stop = start + duration
 
@@ -121,10 +131,10 @@ async def drive(url: str, users: list[str], items: list[str], n_candidates: int,
                 sent += 1
                 t = time.perf_counter()
                 try:
-                    r = await client.post("/rank", content=bodies[i % len(bodies)])
-                    ok = r.status_code == 200
-                    key = str(r.status_code)
-                except httpx.HTTPError as e:
+                    async with client.post("/rank", data=bodies[i % len(bodies)]) as r:
+                        await r.read()
+                        ok, key = r.status == 200, str(r.status)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                     ok, key = False, type(e).__name__
                 latencies.append(time.perf_counter() - t)
                 if not ok:
@@ -151,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per cell, at most")
     p.add_argument("--requests", type=int, default=5000, help="requests per cell, at most")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("MTLREC_WORKERS", "1")),
+                   help="server worker processes (started servers only)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false",
+                   help="start the server without per-request access logging")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
 
@@ -191,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as e:  # noqa: BLE001
                         print(f"redis: skipped ({type(e).__name__}: {e})", file=sys.stderr)
                         continue
-                with serve(a.data, store, a.redis, max(sizes + [1000])) as url:
+                print(f"# {store}: {a.workers} worker(s), access log {'on' if a.access_log else 'off'}, "
+                      f"{os.cpu_count()} CPU(s)", flush=True)
+                with serve(a.data, store, a.redis, max(sizes + [1000]), a.workers, a.access_log) as url:
                     run_all(url, store)
     finally:
         if tmp is not None:

@@ -289,6 +289,28 @@ def test_sighup_reloads(server, world, offline):
         time.sleep(0.2)
 
 
+def test_every_worker_follows_a_promotion(world, offline):
+    """Two workers polling the production pointer: after a promotion every answer comes from the new model."""
+    from flows import registry
+
+    with _serve(world, MTLREC_WORKERS="2", MTLREC_RELOAD_POLL_S="0.5", MTLREC_ACCESS_LOG="0") as client:
+        body = {"user_id": offline["users"][0], "candidates": offline["items"][:4]}
+        fresh = {"connection": "close"}  # a new connection per request, so the kernel spreads them over the workers
+        before = {client.post("/rank", json=body, headers=fresh).json()["model_version"] for _ in range(10)}
+        with _env(BENTOML_HOME=str(world["home"]), BENTOML_DO_NOT_TRACK="True"):
+            new = registry.register(world["artifact"])
+            registry.record_evaluation(new, {"fused/ndcg@10": 0.8})
+            registry.set_production(new)
+        assert new not in before
+        deadline = time.monotonic() + 20
+        while True:
+            seen = [client.post("/rank", json=body, headers=fresh).json()["model_version"] for _ in range(20)]
+            if set(seen) == {new}:
+                break
+            assert time.monotonic() < deadline, f"workers still answer with {set(seen) - {new}}"
+            time.sleep(0.3)
+
+
 def test_store_down_is_503_then_recovers(world, offline, tmp_path):
     """Redis online store: unreachable at start (not ready, 503 naming the store), then back, materialised."""
     from flows.features.store import StoreSettings, materialize, open_store
