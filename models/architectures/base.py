@@ -36,12 +36,17 @@ class Outputs:
     penalty: torch.Tensor | None = None
 
 
-def mlp(in_dim: int, hidden: list[int] | tuple[int, ...], dropout: float = 0.0, last_activation: bool = True) -> nn.Sequential:
-    """A plain ReLU MLP; every architecture builds experts and towers from it."""
+def mlp(in_dim: int, hidden: list[int] | tuple[int, ...], dropout: float = 0.0, last_activation: bool = True,
+        reads_input: bool = False) -> nn.Sequential:
+    """A plain ReLU MLP; every architecture builds experts and towers from it.
+
+    ``reads_input``: the MLP reads the encoder's output, so its first layer may split a request's
+    constant columns off (``models.architectures.factored``); towers read mixed representations.
+    """
     layers: list[nn.Module] = []
     d = in_dim
     for i, h in enumerate(hidden):
-        layers.append(InputLinear(d, h) if i == 0 else nn.Linear(d, h))
+        layers.append(InputLinear(d, h) if i == 0 and reads_input else nn.Linear(d, h))
         if last_activation or i < len(hidden) - 1:
             layers.append(nn.ReLU())
             if dropout > 0:

@@ -21,7 +21,7 @@ class ESMM(Architecture):
     def __init__(self, in_dim: int, tasks: TaskSet, shared=(128,), tower=(256, 128, 64), dropout: float = 0.0):
         super().__init__(in_dim, tasks)
         shared = list(shared)
-        self.shared = mlp(in_dim, shared, dropout) if shared else nn.Identity()
+        self.shared = mlp(in_dim, shared, dropout, reads_input=True) if shared else nn.Identity()
         self.towers = self.towers_for(shared[-1] if shared else in_dim, list(tower), dropout)
 
     def forward(self, x):

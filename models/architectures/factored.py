@@ -18,34 +18,36 @@ MAX_VARYING = 0.5  # above this share of varying columns the split saves too lit
 MIN_ROWS = 8
 
 
-def split_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(same, varying) column indices of a 2-D inference batch, or None when splitting does not pay."""
+def split_columns(x: torch.Tensor) -> torch.Tensor | None:
+    """The varying column indices of a 2-D inference batch, or None when splitting does not pay."""
     if x.dim() != 2 or x.shape[0] < MIN_ROWS or torch.is_grad_enabled():
         return None
     same = (x == x[:1]).all(0)
     varying = (~same).nonzero().squeeze(1)
-    if varying.numel() > MAX_VARYING * x.shape[1]:
-        return None
-    return same.nonzero().squeeze(1), varying
+    return None if varying.numel() > MAX_VARYING * x.shape[1] else varying
+
+
+def _constant_row(x: torch.Tensor, varying: torch.Tensor) -> torch.Tensor:
+    """The first row with its varying columns zeroed: times the full weight it gives the constant part
+    without gathering the weight's constant rows (a copy of most of the layer per request)."""
+    row = x[0].clone()
+    row[varying] = 0
+    return row
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           split: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+           varying: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (weight [out, in]) computed as constant part + varying part."""
-    same, varying = split
-    base = x[0, same] @ weight[:, same].T
-    if bias is not None:
-        base = base + bias
+    base = torch.nn.functional.linear(_constant_row(x, varying), weight, bias)
     if varying.numel() == 0:
         return base.expand(x.shape[0], -1)
     return torch.addmm(base, x[:, varying], weight[:, varying].T)
 
 
 def batched(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-            split: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            varying: torch.Tensor) -> torch.Tensor:
     """``baddbmm(bias, x expanded to n, weight)`` (weight [n, in, out], bias [n, 1, out]), split likewise."""
-    same, varying = split
-    base = bias + torch.matmul(x[0, same], weight[:, same, :]).unsqueeze(1)  # [n, 1, out]
+    base = bias + torch.matmul(_constant_row(x, varying), weight).unsqueeze(1)  # [n, 1, out]
     n = weight.shape[0]
     if varying.numel() == 0:
         return base.expand(n, x.shape[0], -1)

@@ -9,7 +9,7 @@ from models.tasks import TaskSet
 class SharedBottom(Architecture):
     def __init__(self, in_dim: int, tasks: TaskSet, bottom=(256, 128), tower=(64,), dropout: float = 0.0):
         super().__init__(in_dim, tasks)
-        self.bottom = mlp(in_dim, list(bottom), dropout)
+        self.bottom = mlp(in_dim, list(bottom), dropout, reads_input=True)
         self.towers = self.towers_for(list(bottom)[-1], list(tower), dropout)
 
     def forward(self, x):
