@@ -68,15 +68,28 @@ class IndexBatches:
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
         self.epoch = 0
 
+    def _shard(self) -> tuple[int, int]:
+        """(rank, world size) for the training batches: under DDP each rank takes an equal slice."""
+        import torch.distributed as dist
+
+        if self.shuffle and dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
     def __len__(self) -> int:
-        return (len(self.split) + self.batch_size - 1) // self.batch_size
+        n = len(self.split) // self._shard()[1]
+        return (n + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
         n, device = len(self.split), self.split.cat.device
+        rank, world = self._shard()
         if self.shuffle:
             g = torch.Generator(device=device)
-            g.manual_seed(self.seed + self.epoch)
+            g.manual_seed(self.seed + self.epoch)  # the same seed on every rank: one permutation, cut in equal parts
             order = torch.randperm(n, generator=g, device=device)
+            if world > 1:  # equal parts, so every rank takes the same number of steps (DDP would hang otherwise)
+                per = n // world
+                order, n = order[rank * per:(rank + 1) * per], per
             self.epoch += 1
         else:
             order = None

@@ -40,7 +40,9 @@ def _device_settings(cfg: dict) -> tuple[str, str, str]:
     if precision == "auto":
         precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
     resident = t.get("resident", "auto")
-    device = "cuda" if accelerator == "gpu" and resident in ("auto", True) else "cpu"
+    # Under DDP every rank is its own process (LOCAL_RANK set by Lightning's launcher) and keeps its table on its GPU.
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if accelerator == "gpu" and resident in ("auto", True) \
+        else "cpu"
     return accelerator, precision, device
 
 
@@ -93,13 +95,15 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
 
         callbacks.append(RichProgressBar())
     trainer = L.Trainer(
-        accelerator=accelerator, devices=1, precision=precision, max_epochs=int(tc["max_epochs"]),
+        accelerator=accelerator, devices=tc.get("devices", 1), strategy=tc.get("strategy", "auto"), precision=precision, max_epochs=int(tc["max_epochs"]),
         callbacks=callbacks, logger=[TensorBoardLogger(out / "logs", name="tb"), CSVLogger(out / "logs", name="csv")],
         gradient_clip_val=float(tc.get("grad_clip") or 0) if module.automatic_optimization else None,
         deterministic=bool(tc.get("deterministic", True)), num_sanity_val_steps=0,
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
     )
     trainer.fit(module, datamodule=dm)
+    if not trainer.is_global_zero:  # DDP: rank 0 alone evaluates and writes the artifact
+        return {"rank": trainer.global_rank, "training": {"epochs": trainer.current_epoch}}
     if ckpt.best_model_path:
         best = torch.load(ckpt.best_model_path, map_location=module.device, weights_only=True)
         module.load_state_dict(best["state_dict"])
@@ -138,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONHASHSEED", "0")
     cfg = load_config(args.config, args.overrides)
     meta = train(cfg, args.data, args.out, progress=not args.quiet)
+    if meta.get("rank", 0):
+        return 0
     summary = {k: v for k, v in meta["metrics"]["test" if meta["metrics"]["test"] else "valid"].items()
                if k.startswith("fused/") or k.endswith("/auc")}
     print(json.dumps({"artifact": str(args.out), "epochs": meta["training"]["epochs"],

@@ -210,3 +210,41 @@ def test_factored_first_layers_score_a_request_as_the_dense_path_does(architectu
     assert taken, "the split path never ran"
     for k in dense:
         torch.testing.assert_close(fast[k], dense[k].detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_shards_training_batches_equally(monkeypatch):
+    """Under DDP each rank takes an equal, disjoint slice of one shared permutation (rows tagged by index)."""
+    import torch.distributed as dist
+
+    from models.data import IndexBatches, Split
+
+    n = 1000
+    split = Split(torch.arange(n).unsqueeze(1), torch.zeros(n, 1), torch.zeros(n, 1), np.zeros(n), np.zeros(n))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    shards = []
+    for rank in range(3):
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        batches = IndexBatches(split, 64, shuffle=True, seed=0)
+        got = [c[:, 0] for c, _, _ in batches]
+        assert len(got) == len(batches) == 6  # 333 rows in batches of 64: the same step count on every rank
+        shards.append(set(torch.cat(got).tolist()))
+    assert [len(s) for s in shards] == [333] * 3
+    assert not (shards[0] & shards[1]) and not (shards[1] & shards[2]) and not (shards[0] & shards[2])
+    unsharded = IndexBatches(split, 64, shuffle=False)  # evaluation: every rank sees every row
+    assert torch.cat([c[:, 0] for c, _, _ in unsharded]).tolist() == list(range(n))
+
+
+def test_ddp_on_two_cpu_processes_writes_one_artifact(small_table, tmp_path):
+    """Lightning DDP (gloo, two processes): training runs on both ranks; rank 0 alone evaluates and saves."""
+    table = tmp_path / "training.parquet"
+    small_table.to_parquet(table)
+    res = subprocess.run([sys.executable, "-m", "models.train", "--config", "mmoe", "--data", str(table),
+                          "--out", str(tmp_path / "a"), "--quiet", "--set", "train.max_epochs=1",
+                          "--set", "train.accelerator=cpu", "--set", "train.devices=2", "--set", "train.strategy=ddp",
+                          "--set", "model.params={n_experts: 2, expert: [16], tower: [8]}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count('"artifact"') == 1, res.stdout  # one summary: rank 1 neither evaluates nor writes
+    meta = read_meta(tmp_path / "a")
+    assert meta["metrics"]["valid"]["fused/ndcg@10"] > 0
