@@ -395,6 +395,29 @@ def list_models(name: str | None = DEFAULT_NAME) -> list[dict[str, Any]]:
     return [row for _, row in sorted(rows, key=lambda r: r[0], reverse=True)]
 
 
+def find_registered(artifact_dir: Path | str, name: str = DEFAULT_NAME) -> str | None:
+    """The tag of a model already registered from these exact weights, so a rerun does not register a twin."""
+    want = _sha256(Path(artifact_dir) / WEIGHTS)
+    base = home() / "models" / name
+    if not base.is_dir():
+        return None
+    store = _store()
+    for d in sorted(base.iterdir()):
+        if not d.is_dir():
+            continue
+        try:
+            m = store.get(f"{name}:{d.name}")
+        except Exception:  # noqa: BLE001 - a torn model is not a match
+            continue
+        if m.info.metadata.get("weights_sha256") == want:
+            try:
+                _check_intact(m)
+            except RegistryError:
+                continue
+            return str(m.tag)
+    return None
+
+
 def describe(tag: str) -> dict[str, Any]:
     """Everything the registry knows about one model: for ``mtlrec models show``."""
     m = _get(tag)
