@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA ?= data/synth
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test data validate bench clean
+.PHONY: install run stop test data validate bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,14 @@ data: $(STAMP)
 validate: $(STAMP)
 	$(BIN)/mtlrec validate $(DATA)
 
-run: data validate
+# Whole workflow: data, Prefect server + deployments + worker, one pipeline run, the service, one request.
+# Its Prefect server keeps its state in the checkout unless PREFECT_HOME says otherwise.
+run stop: export PREFECT_HOME ?= $(CURDIR)/.mtlrec/prefect
+run: $(STAMP)
+	$(BIN)/mtlrec up --data $(DATA)
+
+stop: $(STAMP)
+	$(BIN)/mtlrec down
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -30,5 +37,5 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py
 
-clean:
-	rm -rf data/synth data/movielens gx_output .pytest_cache
+clean: stop
+	rm -rf data/synth data/movielens gx_output .pytest_cache .mtlrec reports artifacts

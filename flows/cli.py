@@ -120,6 +120,55 @@ def data_movielens(
     typer.echo(f"wrote {out}: " + ", ".join(f"{k}={v:,}" for k, v in manifest.rows.items()))
 
 
+@data_app.command("landed")
+def data_landed(
+    directory: Path = typer.Argument(..., help="dataset directory that just arrived (contract tables)"),
+) -> None:
+    """Tell the Prefect server a dataset landed: the `mtl-pipeline/local` deployment's trigger runs on it.
+
+    Needs PREFECT_API_URL pointing at the server that holds the deployment (see prefect.yaml).
+    """
+    from flows.events import emit_data_landed
+
+    try:
+        event = emit_data_landed(directory)
+    except RuntimeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"emitted {event.event} for {event.payload['data']} (event {event.id})")
+
+
+@app.command("pipeline")
+def pipeline(
+    data: Path = typer.Option(Path("data/synth"), help="dataset directory (contract tables)"),
+    config: str = typer.Option("mmoe", help="model config: a name under models/configs/ or a YAML path"),
+    overrides: list[str] = typer.Option([], "--set", help="config override, e.g. train.max_epochs=1"),
+    k: int = typer.Option(None, help="NDCG@K of the gate (default from flows/gate.yaml)"),
+    margin: float = typer.Option(None, help="NDCG@K gain required over production"),
+    auc_tolerance: float = typer.Option(None, help="largest AUC drop allowed on any task"),
+    online: str = typer.Option(None, help=ONLINE_HELP),
+    report_dir: Path = typer.Option(Path("reports"), help="gate report, run summary and NDCG plot"),
+    artifacts: Path = typer.Option(Path("artifacts/pipeline"), help="where trained artifacts go"),
+) -> None:
+    """Run the whole Prefect pipeline in this process (no server or worker needed); exit 1 if a stage fails.
+
+    With PREFECT_API_URL set the run is recorded on that server; without it,
+    Prefect starts a temporary one for the run.
+    """
+    import json
+
+    from flows.pipeline import mtl_pipeline
+
+    try:
+        summary = mtl_pipeline(data=str(data), config=config, overrides=overrides, k=k, margin=margin,
+                               auc_tolerance=auc_tolerance, online=online, report_dir=str(report_dir),
+                               artifacts=str(artifacts))
+    except Exception as exc:  # noqa: BLE001 - the flow run is already recorded Failed; say why and exit 1
+        typer.echo(f"pipeline failed: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
 @app.command("validate")
 def validate(
     directory: Path = typer.Argument(..., help="dataset directory (users, items, interactions parquet)"),
@@ -325,6 +374,27 @@ def rollback(reason: str = typer.Option("manual rollback", help="why, for the au
     from flows.registry_cli import rollback as run
 
     run(reason)
+
+
+@app.command("up")
+def up(
+    data: Path = typer.Option(Path("data/synth"), help="dataset directory; the embedded one is generated if missing"),
+    port: int = typer.Option(3000, help="port of the ranking service on 127.0.0.1"),
+    config: str = typer.Option("mmoe", help="model config for the pipeline run"),
+    overrides: list[str] = typer.Option([], "--set", help="config override, e.g. train.max_epochs=1"),
+) -> None:
+    """What `make run` does: Prefect server, deployments, worker, one pipeline run, the service, one request."""
+    from flows.local_run import up as run_up
+
+    raise typer.Exit(run_up(data=data, port=port, config=config, overrides=overrides))
+
+
+@app.command("down")
+def down() -> None:
+    """Stop what `mtlrec up` left running: the service, the worker and the Prefect server it started."""
+    from flows.local_run import down as run_down
+
+    raise typer.Exit(run_down())
 
 
 def main() -> None:

@@ -1,0 +1,199 @@
+"""`make run`: the whole workflow on one machine, the way a team runs it, from a fresh clone.
+
+It does what an operator would do by hand: make the embedded dataset, make
+sure a Prefect server is up (reusing one that answers), create the process
+work pool, `prefect deploy` the deployments of ``prefect.yaml``, start a
+worker, and start the pipeline with ``prefect deployment run
+'mtl-pipeline/local' --watch``, so the run shows in the Prefect UI like any
+scheduled or CI-triggered one. Then it starts the ranking service on the
+production model, sends one real ranking request, prints the answer and
+where to look.
+
+The server, the worker and the service keep running afterwards (their logs
+and pid files are under ``.mtlrec/``) so that the UI, the API docs and
+`prefect deployment run` keep working; `make stop` (``mtlrec down``) stops
+all three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from flows import prefect_server
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = ROOT / ".mtlrec"
+POOL = "mtlrec-local"
+DEPLOYMENT = "mtl-pipeline/local"
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _say(msg: str) -> None:
+    print(f"\n==> {msg}", flush=True)
+
+
+def _run(cmd: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    print("$ " + " ".join([Path(cmd[0]).name, *cmd[1:]]), flush=True)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"`{' '.join(cmd[1:3])} ...` failed with exit code {proc.returncode}")
+    return proc
+
+
+def _background(name: str, cmd: list[str], env: dict[str, str]) -> int:
+    """Start ``cmd`` in its own session with its output in .mtlrec/<name>.log; the pid goes in <name>.pid."""
+    STATE.mkdir(exist_ok=True)
+    stop_process(name)
+    with open(STATE / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    (STATE / f"{name}.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def stop_process(name: str) -> bool:
+    pid_file = STATE / f"{name}.pid"
+    if not pid_file.is_file():
+        return False
+    pid = int(pid_file.read_text().strip() or 0)
+    pid_file.unlink(missing_ok=True)
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    if str(ROOT / ".venv").encode() not in cmdline and b"mtlrec" not in cmdline and b"prefect" not in cmdline:
+        return False  # a recycled pid: not ours
+    prefect_server._stop_group(pid, timeout=20)
+    return True
+
+
+def _get(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def _wait(url: str, what: str, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while _get(url) != 200:
+        if time.monotonic() > deadline:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log.is_file() else ""
+            raise SystemExit(f"{what} not ready after {timeout:.0f} s; the end of {log}:\n{tail}")
+        time.sleep(0.5)
+
+
+def sample_request(data: Path, n: int = 20, seed: int = 0) -> dict:
+    """A real request: a user from the dataset and items from the catalogue, in the API's body form."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    users = pd.read_parquet(data / "users.parquet", columns=["user_id"])["user_id"].astype(str).to_numpy()
+    items = pd.read_parquet(data / "items.parquet", columns=["item_id"])["item_id"].astype(str).to_numpy()
+    return {"user_id": str(rng.choice(users)), "candidates": rng.choice(items, size=min(n, len(items)),
+                                                                         replace=False).tolist(),
+            "k": 5, "diversity": 0.3, "context": {"device": "mobile"}}
+
+
+def _latest_summary(report_dir: Path) -> dict:
+    runs = sorted(report_dir.glob("run-*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(runs[-1].read_text()) if runs else {}
+
+
+def up(data: Path = Path("data/synth"), port: int = 3000, config: str = "mmoe", overrides: list[str] | None = None,
+       report_dir: Path = Path("reports")) -> int:
+    t0 = time.monotonic()
+    data, report_dir = (ROOT / data).resolve(), (ROOT / report_dir).resolve()
+    env = dict(os.environ, FEAST_USAGE="False", BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(ROOT))
+
+    if not (data / "interactions.parquet").is_file():
+        _say(f"embedded dataset -> {data.relative_to(ROOT) if data.is_relative_to(ROOT) else data}")
+        _run([_bin("mtlrec"), "data", "synth", "--out", str(data)], env)
+
+    _say("Prefect server")
+    url = env.get("PREFECT_API_URL") or prefect_server.api_url()
+    server = prefect_server.ensure(url)
+    env["PREFECT_API_URL"] = server.url
+    print(f"{'started' if server.process else 'reusing'} {server.url}"
+          + (f" (log {server.log})" if server.log else ""), flush=True)
+
+    _say(f"work pool {POOL}, deployments from prefect.yaml, a process worker")
+    if subprocess.run([_bin("prefect"), "work-pool", "inspect", POOL], env=env, cwd=ROOT,
+                      capture_output=True).returncode != 0:
+        _run([_bin("prefect"), "work-pool", "create", POOL, "--type", "process"], env)
+    _run([_bin("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(ROOT / "prefect.yaml")], env)
+    _background("worker", [_bin("prefect"), "worker", "start", "--pool", POOL], env)
+    print(f"worker log: {STATE / 'worker.log'}", flush=True)
+
+    _say(f"prefect deployment run '{DEPLOYMENT}' --watch")
+    cmd = [_bin("prefect"), "deployment", "run", DEPLOYMENT, "--param", f"data={data}",
+           "--param", f"config={config}", "--param", f"report_dir={report_dir}", "--watch"]
+    if overrides:
+        cmd += ["--param", "overrides=" + json.dumps(list(overrides))]
+    if _run(cmd, env, check=False).returncode != 0:
+        print(f"\nThe pipeline run failed: see the Prefect UI at {server.url.removesuffix('/api')} and "
+              f"{STATE / 'worker.log'}. Production is unchanged.", file=sys.stderr)
+        return 1
+    summary = _latest_summary(report_dir)
+
+    _say(f"ranking service on 127.0.0.1:{port}")
+    svc_env = dict(env, MTLREC_DATASET=str(data))
+    svc_log = STATE / "service.log"
+    _background("service", [sys.executable, "-m", "bentoml", "serve", "services.service:RankingService",
+                            "--host", "127.0.0.1", "--port", str(port)], svc_env)
+    _wait(f"http://127.0.0.1:{port}/readyz", "the ranking service", 120, svc_log)
+
+    body = sample_request(data)
+    _say("one ranking request: POST /rank")
+    print("curl -s -XPOST 127.0.0.1:%d/rank -H 'content-type: application/json' -d '%s'" % (port, json.dumps(body)))
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/rank", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        answer = json.loads(r.read())
+    print(json.dumps(answer, indent=2))
+
+    ui = server.url.removesuffix("/api")
+    _say(f"done in {time.monotonic() - t0:.0f} s; where to look")
+    rows = [
+        ("Prefect UI (flow runs, artifacts)", ui),
+        ("Data Docs (validation)", summary.get("data_docs") or "see the validation-summary artifact"),
+        ("gate report", summary.get("report") or str(report_dir)),
+        ("model", f"{summary.get('tag')} ({'promoted' if summary.get('promoted') else 'not promoted'}; "
+                  f"production: {summary.get('production')})"),
+        ("ranking API docs", f"http://127.0.0.1:{port}/docs"),
+        ("retrain on demand", f"PREFECT_API_URL={server.url} .venv/bin/prefect deployment run '{DEPLOYMENT}' --watch"),
+        ("stop server, worker, service", "make stop"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    return 0
+
+
+def down() -> int:
+    stopped = [name for name in ("service", "worker") if stop_process(name)]
+    if prefect_server.stop():
+        stopped.append("prefect server")
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(up() if sys.argv[1:2] != ["down"] else down())
