@@ -80,7 +80,8 @@ def features_key(step: str, dataset: str, online: str | None) -> str:
     where = {"dataset": str(s.dataset), "online": s.online, "redis": s.redis if s.online == "redis" else None,
              "project": s.project}
     # not flows/features/online.py: serving reads the store, nothing in it builds the features
-    code = code_digest("flows/features/compute.py", "flows/features/store.py", "feature_repo", "models/contract.py")
+    code = code_digest("flows/features/compute.py", "flows/features/store.py", "flows/features/tasks.py", "feature_repo",
+                       "models/contract.py")
     return f"mtlrec-features-{step}-" + digest(where, dataset_digest(dataset), code)
 
 
@@ -102,7 +103,22 @@ def features_outputs_exist(dataset: str, online: str | None) -> bool:
     s = StoreSettings.for_dataset(dataset, online=online)
     need = [s.training_file, s.workspace / "registry.db"] + ([s.workspace / "online.db"] if s.online == "sqlite"
                                                              else [])
-    return all(p.exists() for p in need) and s.tables.is_dir() and any(s.tables.glob("*.parquet"))
+    stamp = features_stamp(dataset, online)
+    # The files sit at one path per dataset: they must also be the ones this key built (not a later build on
+    # other data or settings that a cache hit for this key would otherwise hand on).
+    built_here = stamp.is_file() and stamp.read_text().strip() == features_key("stamp", dataset, online)
+    return built_here and all(p.exists() for p in need) and s.tables.is_dir() and any(s.tables.glob("*.parquet"))
+
+
+def features_stamp(dataset: str, online: str | None) -> Path:
+    from flows.features.store import StoreSettings
+
+    return StoreSettings.for_dataset(dataset, online=online).workspace / ".built-for"
+
+
+def mark_features_built(dataset: str, online: str | None) -> None:
+    """Record which inputs the feature files now on disk were built from (see ``features_outputs_exist``)."""
+    features_stamp(dataset, online).write_text(features_key("stamp", dataset, online) + "\n")
 
 
 def artifact_exists(out: Path | str) -> bool:

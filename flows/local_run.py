@@ -143,12 +143,17 @@ def up(data: Path = Path("data/synth"), port: int = 3000, config: str = "mmoe", 
 
     _say(f"prefect deployment run '{DEPLOYMENT}' --watch")
     cmd = [_bin("prefect"), "deployment", "run", DEPLOYMENT, "--param", f"data={data}",
-           "--param", f"config={config}", "--param", f"report_dir={report_dir}", "--watch"]
+           "--param", f"config={config}", "--param", f"report_dir={report_dir}", "--watch", "--watch-timeout", "1200"]
+    from flows import registry
+
+    production_before = registry.production()
     if overrides:
         cmd += ["--param", "overrides=" + json.dumps(list(overrides))]
     if _run(cmd, env, check=False).returncode != 0:
-        print(f"\nThe pipeline run failed: see the Prefect UI at {server.url.removesuffix('/api')} and "
-              f"{STATE / 'worker.log'}. Production is unchanged.", file=sys.stderr)
+        now = registry.production()
+        state = "unchanged" if now == production_before else f"now {now} (was {production_before})"
+        print(f"\nThe pipeline run failed or timed out: see the Prefect UI at {server.url.removesuffix('/api')} "
+              f"and {STATE / 'worker.log'}. Production is {state}.", file=sys.stderr)
         return 1
     summary = _latest_summary(report_dir)
 

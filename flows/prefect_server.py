@@ -112,9 +112,10 @@ def server_env(home: Path, database_url: str | None = None, *, ui: bool = False,
                base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.pop("PREFECT_API_URL", None)  # the server is not a client of some other server
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)  # the old alias: one name only, the one set below
     env.update({
         "PREFECT_HOME": str(home),
-        "PREFECT_API_DATABASE_CONNECTION_URL": database_url or sqlite_url(home),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url or sqlite_url(home),  # the canonical name wins
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry calls out of a build machine
         "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false",
     })

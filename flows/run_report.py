@@ -79,4 +79,7 @@ def publish_report(summary: dict[str, Any], rankers: dict[str, dict[str, float]]
     create_link_artifact(key="pipeline-report-file", link=Path(summary["report"]).as_uri(),
                          link_text=Path(summary["report"]).name,
                          description="the gate report (or run summary) written for this run")
+    if plot:
+        create_link_artifact(key="ndcg-plot", link=Path(plot).as_uri(), link_text=Path(plot).name,
+                             description="NDCG@K of the model, each objective and the baselines on the holdout")
     return summary

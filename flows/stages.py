@@ -90,6 +90,7 @@ def features_flow(data: str, online: Online | None = None) -> dict:
     started = _value(materialize(data, online, return_state=True), "materialize", cached)
     training = _value(feature_tasks.training_set.with_options(timeout_seconds=2 * HOUR, **cache)(
         data, online, return_state=True), "training-set", cached)
+    caching.mark_features_built(data, online)
     return {"tables": rows, "views": views, "materialized": started, "training_file": training,
             "cached": cached == ["compute", "apply", "materialize", "training-set"], "cached_steps": cached}
 

@@ -264,6 +264,7 @@ class TestOnSQLite:
         assert local.flow_run(run_id).state.is_failed()
         states = local.task_states(run_id)
         assert states == {"validate": "Failed"}, states
+        assert "validation-summary" in local.artifact_keys(run_id)  # the failing rules, on the failed run
         assert registry.pointer() == before and len(registry.list_models()) == 1
 
     def test_non_finite_loss_promotes_nothing(self, local, first, dataset, bento):
@@ -336,10 +337,16 @@ class TestOnSQLite:
 def _postgres_or_skip():
     try:
         import psycopg2
+    except ImportError as exc:
+        pytest.fail(f"psycopg2 is a pinned dependency: {exc}")
+    import socket
 
-        return psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
-    except Exception as exc:  # noqa: BLE001 - any failure to connect means: not available here
+    try:  # nothing listening: the machine has no PostgreSQL, which is a skip, not a failure
+        socket.create_connection(("127.0.0.1", 5432), timeout=3).close()
+    except OSError as exc:
         pytest.skip(f"needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth): {exc}")
+    # a server that answers but refuses us (auth, missing role) is a real failure and says why
+    return psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
 
 
 @pytest.fixture
@@ -374,6 +381,12 @@ def test_deployment_run_on_a_postgres_server(postgres_db, tmp_path, shared, data
         assert states["train-model"] == "Completed", states
         assert {"validate", "register-model", "evaluate-model", "promote-model"} <= set(states), states
         assert "pipeline-report" in orch.artifact_keys(run_id)
+    import psycopg2
+
+    db = postgres_db.rsplit("/", 1)[1]
+    with psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=db) as pg, pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM flow_run WHERE id = %s", (str(run_id),))
+        assert cur.fetchone()[0] == 1, "the run is not in the PostgreSQL database: the server used another one"
     monkeypatch.setenv("BENTOML_HOME", str(orch.bento))
     tag = registry.production()
     summary = _summary(orch, tag)
