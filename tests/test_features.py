@@ -203,7 +203,7 @@ def test_feature_stages_run_as_prefect_tasks(tmp_path):
         materialize_features(directory)
         return training_set(directory)
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # 30 s is too short on two busy cores
         path = features(str(data))
     assert len(pd.read_parquet(path)) == 2000
     assert (data / "_features" / "online.db").exists()

@@ -148,7 +148,7 @@ def test_evaluate_and_promote_as_prefect_tasks(models, tmp_path, monkeypatch):
         evaluate_task(tag, data)
         return promote_task(tag, data, report_dir=str(tmp_path / "reports"))
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # 30 s is too short on two busy cores
         decision = judge(str(paths["good"]), str(paths["data"]))
     assert decision["promote"] and registry.production() is not None
     assert list((tmp_path / "reports").glob("gate-*.md"))

@@ -151,7 +151,7 @@ def test_prefect_task_fails_the_flow_on_bad_data(dataset_copy, clean_dataset):
     def just_validate(directory: str):
         return validate_task(directory)
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # 30 s is too short on two busy cores
         assert just_validate(str(clean_dataset))["rows"]["interactions"] == 5000
         _edit(dataset_copy, "interactions", _set_rows("click", np.int64(3)))
         with pytest.raises(ValidationFailed, match="interactions.click: domain"):
