@@ -15,30 +15,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services import launcher  # noqa: E402 - after the path is set
 
 
 def quick_world(base: Path) -> Path:
@@ -66,37 +57,11 @@ def materialize_redis(data: Path, redis: str) -> None:
     materialize(open_store(StoreSettings.for_dataset(data, online="redis", redis=redis)), full=True)
 
 
-@contextlib.contextmanager
 def serve(data: Path, store: str, redis: str, max_candidates: int, workers: int = 1, access_log: bool = True):
-    port = _free_port()
-    env = {**os.environ, "MTLREC_DATASET": str(data), "MTLREC_ONLINE_STORE": store, "MTLREC_REDIS": redis,
-           "MTLREC_MAX_CANDIDATES": str(max_candidates), "MTLREC_WORKERS": str(workers),
-           "MTLREC_ACCESS_LOG": "1" if access_log else "0", "BENTOML_DO_NOT_TRACK": "True", "FEAST_USAGE": "False",
-           "PYTHONPATH": str(ROOT)}
-    bentoml = str(Path(sys.executable).with_name("bentoml"))
-    proc = subprocess.Popen([bentoml, "serve", "services.service:RankingService", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {proc.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the service was not ready in 90 s")
-            time.sleep(0.25)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    """`mtlrec serve` on a free loopback port with this store and settings, until the block ends."""
+    env = {"MTLREC_REDIS": redis, "MTLREC_MAX_CANDIDATES": str(max_candidates),
+           "MTLREC_ACCESS_LOG": "1" if access_log else "0"}
+    return launcher.serving(env, data=data, online=store, workers=workers, timeout=90)
 
 
 async def drive(url: str, users: list[str], items: list[str], n_candidates: int, concurrency: int,
@@ -207,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                 print(f"# {store}: {a.workers} worker(s), access log {'on' if a.access_log else 'off'}, "
                       f"{os.cpu_count()} CPU(s)", flush=True)
-                with serve(a.data, store, a.redis, max(sizes + [1000]), a.workers, a.access_log) as url:
-                    run_all(url, store)
+                with serve(a.data, store, a.redis, max(sizes + [1000]), a.workers, a.access_log) as served:
+                    run_all(served.url, store)
     finally:
         if tmp is not None:
             tmp.cleanup()

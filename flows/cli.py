@@ -342,19 +342,29 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="interface to bind"),
     data: Path = typer.Option(Path("data/synth"), help="dataset whose _features/ holds the online store"),
     online: str = typer.Option(None, help=ONLINE_HELP),
+    workers: int = typer.Option(None, help="worker processes (default $MTLREC_WORKERS, else 1); with more than "
+                                           "one, each follows the production pointer by itself"),
 ) -> None:
-    """Serve the production model over HTTP (BentoML): POST /rank, POST /score, /readyz, /metrics, /docs."""
+    """Serve the production model over HTTP (BentoML): POST /rank, POST /score, /readyz, /metrics, /docs.
+
+    The process becomes `bentoml serve` (exec): signals reach the server itself, so SIGHUP reloads the
+    model and SIGTERM stops it.
+    """
     import os
-    import subprocess
     import sys
 
     env = dict(os.environ, MTLREC_DATASET=str(data.resolve()))
     if online:
         env["MTLREC_ONLINE_STORE"] = online
+    if workers:
+        env["MTLREC_WORKERS"] = str(workers)
+    if int(env.get("MTLREC_WORKERS", "1")) > 1:
+        env.setdefault("MTLREC_RELOAD_POLL_S", "2")  # SIGHUP and /admin/reload reach one worker only
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "bentoml", "serve", "services.service:RankingService", "--host", host,
-           "--port", str(port)]
-    raise typer.Exit(subprocess.call(cmd, env=env, cwd=root))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    os.chdir(root)
+    os.execve(sys.executable, [sys.executable, "-m", "bentoml", "serve", "services.service:RankingService",
+                               "--host", host, "--port", str(port)], env)
 
 
 @app.command("register")

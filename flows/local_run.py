@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from flows import prefect_server
+from flows import prefect_server, processes
+from services import launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = ROOT / ".mtlrec"
@@ -75,27 +75,8 @@ def stop_process(name: str) -> bool:
         return False
     if str(ROOT / ".venv").encode() not in cmdline and b"mtlrec" not in cmdline and b"prefect" not in cmdline:
         return False  # a recycled pid: not ours
-    prefect_server._stop_group(pid, timeout=20)
+    processes.stop_group(pid, timeout=20)
     return True
-
-
-def _get(url: str, timeout: float = 2.0) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return 0
-
-
-def _wait(url: str, what: str, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while _get(url) != 200:
-        if time.monotonic() > deadline:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log.is_file() else ""
-            raise SystemExit(f"{what} not ready after {timeout:.0f} s; the end of {log}:\n{tail}")
-        time.sleep(0.5)
 
 
 def sample_request(data: Path, n: int = 20, seed: int = 0) -> dict:
@@ -160,9 +141,12 @@ def up(data: Path = Path("data/synth"), port: int = 3000, config: str = "mmoe", 
     _say(f"ranking service on 127.0.0.1:{port}")
     svc_env = dict(env, MTLREC_DATASET=str(data))
     svc_log = STATE / "service.log"
-    _background("service", [sys.executable, "-m", "bentoml", "serve", "services.service:RankingService",
-                            "--host", "127.0.0.1", "--port", str(port)], svc_env)
-    _wait(f"http://127.0.0.1:{port}/readyz", "the ranking service", 120, svc_log)
+    _background("service", launcher.command(port, data=data), svc_env)
+    try:
+        processes.wait_until_ok(f"http://127.0.0.1:{port}/readyz", timeout=120, what="the ranking service",
+                                log=svc_log)
+    except (RuntimeError, TimeoutError) as e:
+        raise SystemExit(str(e)) from None
 
     body = sample_request(data)
     _say("one ranking request: POST /rank")

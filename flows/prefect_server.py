@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +27,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flows.processes import free_port, stop_group
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 4200
 PID_FILE, LOG_FILE = "mtlrec-server.pid", "mtlrec-server.log"
@@ -45,12 +45,6 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
-
-
-def free_port(host: str = DEFAULT_HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def prefect_home() -> Path:
@@ -77,7 +71,7 @@ class Server:
     def stop(self, timeout: float = 20.0) -> None:
         if self.process is None:
             return
-        _stop_group(self.process.pid, timeout)
+        stop_group(self.process.pid, timeout)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=1)
 
@@ -85,27 +79,6 @@ class Server:
         if self.log is None or not self.log.is_file():
             return ""
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _stop_group(pid: int, timeout: float) -> None:
-    """SIGTERM the whole process group (uvicorn and the services it spawned), then SIGKILL what is left."""
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
 
 
 def server_env(home: Path, database_url: str | None = None, *, ui: bool = False,
@@ -193,7 +166,7 @@ def stop(home: Path | str | None = None) -> bool:
         cmdline = []
     try:
         if b"server" in cmdline and any(a.endswith(b"prefect") for a in cmdline):  # never a recycled pid
-            _stop_group(pid, timeout=20)
+            stop_group(pid, timeout=20)
             return True
         return False
     finally:

@@ -10,6 +10,9 @@ Configuration comes from the environment, read at startup:
   worker that receives them, so with several workers set ``MTLREC_RELOAD_POLL_S`` (e.g. 2): each worker then
   checks the production pointer that often and loads a newly promoted model by itself;
 - ``MTLREC_TORCH_THREADS`` (default 1): torch intra-op threads per worker;
+- ``MTLREC_KEEPALIVE_REQUESTS`` (default 16 with several workers, else 0): a keep-alive connection is closed
+  after that many requests, so pooled clients spread over the workers (``services.middleware.RecycleConnections``);
+  0 never closes;
 - ``MTLREC_ACCESS_LOG`` (default 1): ``0`` turns off BentoML's per-request access log, about a fifth of the
   CPU a 100-candidate request costs; Prometheus metrics and error logs stay on;
 - ``MTLREC_ADMIN_TOKEN``: the token ``POST /admin/reload`` requires (header ``X-Admin-Token`` or
@@ -36,6 +39,7 @@ import bentoml
 from starlette.responses import JSONResponse
 
 from services import ranking
+from services.middleware import JsonOnly, RecycleConnections
 from services.schemas import (Candidates, Context, Diversity, Fusion, Id, K, RankResponse, ReloadResponse,
                               ScoreResponse, Weights)
 
@@ -52,31 +56,6 @@ def _bad(field: str, reason: str, kind: str = "value_error") -> JSONResponse:
 
 def _unavailable(message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=503)
-
-
-class JsonOnly:
-    """ASGI middleware: the API takes JSON only; any other body type gets 415 naming it.
-
-    BentoML would otherwise try other decoders (a multipart content type without a boundary
-    escapes its error handling as a 500).
-    """
-
-    ROUTES = ("/rank", "/score", "/admin/reload")
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope.get("type") == "http" and scope.get("path") in self.ROUTES:
-            raw = dict(scope.get("headers") or []).get(b"content-type", b"")
-            media = raw.decode("latin-1").split(";")[0].strip().lower()
-            if media and media != "application/json":
-                resp = JSONResponse({"error": f"unsupported content-type {media!r}: send application/json",
-                                     "detail": [{"type": "content_type", "loc": ["content-type"],
-                                                 "msg": "the body must be application/json"}]}, status_code=415)
-                await resp(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 @bentoml.service(name="mtlrec", workers=int(os.environ.get("MTLREC_WORKERS", "1")), traffic={"timeout": 30},
@@ -211,3 +190,6 @@ class RankingService:
 
 
 RankingService.add_asgi_middleware(JsonOnly)
+# One worker has nobody to hand connections to; several share one listening socket unevenly (see the middleware).
+RankingService.add_asgi_middleware(RecycleConnections, limit=int(os.environ.get(
+    "MTLREC_KEEPALIVE_REQUESTS", "16" if int(os.environ.get("MTLREC_WORKERS", "1")) > 1 else "0")))

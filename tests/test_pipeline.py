@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flows import prefect_server, registry
+from flows import prefect_server, processes, registry
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,7 @@ def orchestrator(home: Path, shared: Path, database_url: str | None = None):
         yield orch
     finally:
         if worker is not None:
-            prefect_server._stop_group(worker.pid, timeout=20)
+            processes.stop_group(worker.pid, timeout=20)
         server.stop()
 
 

@@ -22,17 +22,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from flows.processes import free_port
+from services import launcher
+
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 TS = 1_700_000_000  # a fixed request time, so the context features are the same here and there
 TOKEN = "test-admin-token"
 MAX_CANDIDATES = 100
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -73,40 +70,17 @@ def world(tmp_path_factory):
 
 @contextlib.contextmanager
 def _serve(world, ready: bool = True, **extra):
-    port = _free_port()
-    env = {**os.environ, "BENTOML_HOME": str(world["home"]), "MTLREC_DATASET": str(world["data"]),
-           "MTLREC_MAX_CANDIDATES": str(MAX_CANDIDATES), "MTLREC_ADMIN_TOKEN": TOKEN,
-           "BENTOML_DO_NOT_TRACK": "True", "FEAST_USAGE": "False", "PYTHONPATH": str(ROOT), **extra}
-    env.pop("MTLREC_ONLINE_STORE", None) if "MTLREC_ONLINE_STORE" not in extra else None
-    log = open(world["data"].parent / f"serve-{port}.log", "wb")
-    proc = subprocess.Popen([BENTOML, "serve", "services.service:RankingService", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        probe = "/readyz" if ready else "/livez"
-        while True:
-            assert proc.poll() is None, (world["data"].parent / f"serve-{port}.log").read_text()[-3000:]
-            try:
-                if httpx.get(url + probe, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the service did not come up in 60 s"
-            time.sleep(0.25)
-        with httpx.Client(base_url=url, timeout=20) as client:
-            client.server_pid = proc.pid  # one worker: the serve process itself runs the service
+    """`mtlrec serve` on a free loopback port (through the launcher `make run` and the benchmark use)."""
+    env = {"BENTOML_HOME": str(world["home"]), "MTLREC_MAX_CANDIDATES": str(MAX_CANDIDATES),
+           "MTLREC_ADMIN_TOKEN": TOKEN, **extra}
+    if "MTLREC_ONLINE_STORE" not in extra:
+        env["MTLREC_ONLINE_STORE"] = "sqlite"
+    log = world["data"].parent / f"serve-{time.monotonic_ns()}.log"
+    with launcher.serving(env, data=world["data"], probe="/readyz" if ready else "/livez", timeout=90,
+                          log=log) as served:
+        with httpx.Client(base_url=served.url, timeout=20) as client:
+            client.server_pid = served.pid  # one worker: the serve process itself runs the service
             yield client
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +107,7 @@ def offline(world):
         df = reader.features(user, candidates, TS)
         df["device"] = "mobile"
         df["position"] = 0
-        return scorer.predict(df), df["category"].to_numpy(dtype=object)
+        return scorer.predict(df), df["category"].to_numpy(dtype=object), df
 
     return {"run": run, "users": users, "items": items[:MAX_CANDIDATES], "scorer": scorer}
 
@@ -155,7 +129,7 @@ def test_rank_equals_offline_fused_order(server, offline, world):
 
     user, items = offline["users"][3], offline["items"]
     out = _rank(server, user_id=user, candidates=items)
-    probs, _ = offline["run"](user, items)
+    probs, *_ = offline["run"](user, items)
     fused = fuse(probs, fusion_weights(offline["scorer"].tasks))
     assert out["model_version"] == world["tag"]
     assert [it["item_id"] for it in out["items"]] == _order(fused, items)
@@ -170,7 +144,7 @@ def test_rank_equals_offline_fused_order(server, offline, world):
 
 def test_weights_change_the_order(server, offline):
     user, items = offline["users"][7], offline["items"]
-    probs, _ = offline["run"](user, items)
+    probs, *_ = offline["run"](user, items)
     orders = {}
     for objective in ("click", "purchase"):
         weights = {"click": float(objective == "click"), "purchase": float(objective == "purchase")}
@@ -182,7 +156,7 @@ def test_weights_change_the_order(server, offline):
 
 def test_diversity_spreads_categories(server, offline):
     user, items = offline["users"][11], offline["items"]
-    _, cats = offline["run"](user, items)
+    _, cats, _ = offline["run"](user, items)
     category = dict(zip(items, cats))
     k = 10
     spread = {}
@@ -200,7 +174,7 @@ def test_score_and_cold_start(server, offline):
                                     "context": {"device": "mobile", "timestamp": TS}})
     assert r.status_code == 200, r.text
     out = r.json()
-    probs, _ = offline["run"](user, items)
+    probs, *_ = offline["run"](user, items)
     assert [it["item_id"] for it in out["items"]] == items + ["no-such-item"]
     assert [it["cold_start"] for it in out["items"]] == [False, False, False, True]
     for j in range(3):
@@ -275,6 +249,72 @@ def test_admin_reload_swaps_to_the_new_production_model(server, world, offline):
     assert _rank(server, user_id=offline["users"][0], candidates=offline["items"][:5])["model_version"] == new
 
 
+def test_reload_under_load_drops_nothing_and_never_mixes_models(server, world, offline, tmp_path):
+    """Requests keep arriving while a different model is promoted and loaded.
+
+    Every request is answered (no downtime) and each answer comes whole from the one model it names:
+    a request in flight keeps the model it started with, so no list mixes two. The production
+    pointer goes back and forth five times while four clients keep sending.
+    """
+    import threading
+
+    from flows import registry
+    from models.artifact import Scorer
+    from models.config import load_config
+    from models.train import train
+
+    other = tmp_path / "other"  # a different seed, so the two models' scores differ
+    train(load_config("mmoe", ["train.max_epochs=1", "seed=7",
+                               "model.params={n_experts: 2, expert: [32], tower: [8]}"]), world["data"], other,
+          progress=False)
+    with _env(BENTOML_HOME=str(world["home"]), BENTOML_DO_NOT_TRACK="True"):
+        old = registry.production()
+        scorers = {old: Scorer.load(registry.artifact_path(old))}
+        new = registry.register(other)
+        registry.record_evaluation(new, {"fused/ndcg@10": 0.9})
+        scorers[new] = Scorer.load(registry.artifact_path(new))
+    user, items = offline["users"][5], offline["items"][:40]
+    df = offline["run"](user, items)[2]
+    expected = {tag: sc.predict(df)["click"] for tag, sc in scorers.items()}
+    assert not np.allclose(expected[old], expected[new], atol=1e-4), "the two models must score differently"
+
+    answers: list[list[dict]] = [[] for _ in range(4)]
+    stop = threading.Event()
+
+    def client(out: list[dict]) -> None:
+        with httpx.Client(base_url=str(server.base_url), timeout=20) as c:
+            while not stop.is_set():
+                r = c.post("/rank", json={"user_id": user, "candidates": items,
+                                          "context": {"device": "mobile", "timestamp": TS}})
+                out.append({"status": r.status_code, **(r.json() if r.status_code == 200 else {"text": r.text})})
+
+    threads = [threading.Thread(target=client, args=(a,)) for a in answers]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        for tag in (new, old, new, old, new):  # several swaps: a gap in any of them would show
+            with _env(BENTOML_HOME=str(world["home"]), BENTOML_DO_NOT_TRACK="True"):
+                registry.set_production(tag)
+            r = server.post("/admin/reload", headers={"x-admin-token": TOKEN})
+            assert r.status_code == 200 and r.json()["model_version"] == tag, r.text
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    seen = set()
+    for out in answers:
+        assert out and all(a["status"] == 200 for a in out), [a for a in out if a["status"] != 200][:3]
+        assert out[-1]["model_version"] == new
+        for a in out:
+            seen.add(a["model_version"])
+            click = {it["item_id"]: it["scores"]["click"] for it in a["items"]}
+            ref = expected[a["model_version"]]
+            assert [click[i] for i in items] == pytest.approx([float(x) for x in ref], rel=1e-5, abs=1e-7)
+    assert seen == {old, new}
+
+
 def test_sighup_reloads(server, world, offline):
     from flows import registry
 
@@ -289,26 +329,43 @@ def test_sighup_reloads(server, world, offline):
         time.sleep(0.2)
 
 
-def test_every_worker_follows_a_promotion(world, offline):
+@pytest.fixture(scope="module")
+def two_workers(world):
+    with _serve(world, MTLREC_WORKERS="2", MTLREC_RELOAD_POLL_S="0.5", MTLREC_ACCESS_LOG="0") as client:
+        yield client
+
+
+def test_keep_alive_connections_are_recycled_with_several_workers(two_workers, offline):
+    """Every 16th request on one connection is answered with `Connection: close` (the default with
+    several workers), so a pooled client reconnects and the kernel can hand it to an idler worker."""
+    body = {"user_id": offline["users"][0], "candidates": offline["items"][:4]}
+    with httpx.Client(base_url=str(two_workers.base_url), timeout=20) as c:
+        answers = [c.post("/rank", json=body) for _ in range(40)]
+    assert all(r.status_code == 200 for r in answers)
+    closed = [i + 1 for i, r in enumerate(answers) if r.headers.get("connection", "").lower() == "close"]
+    assert closed == [16, 32]
+
+
+def test_every_worker_follows_a_promotion(world, offline, two_workers):
     """Two workers polling the production pointer: after a promotion every answer comes from the new model."""
     from flows import registry
 
-    with _serve(world, MTLREC_WORKERS="2", MTLREC_RELOAD_POLL_S="0.5", MTLREC_ACCESS_LOG="0") as client:
-        body = {"user_id": offline["users"][0], "candidates": offline["items"][:4]}
-        fresh = {"connection": "close"}  # a new connection per request, so the kernel spreads them over the workers
-        before = {client.post("/rank", json=body, headers=fresh).json()["model_version"] for _ in range(10)}
-        with _env(BENTOML_HOME=str(world["home"]), BENTOML_DO_NOT_TRACK="True"):
-            new = registry.register(world["artifact"])
-            registry.record_evaluation(new, {"fused/ndcg@10": 0.8})
-            registry.set_production(new)
-        assert new not in before
-        deadline = time.monotonic() + 20
-        while True:
-            seen = [client.post("/rank", json=body, headers=fresh).json()["model_version"] for _ in range(20)]
-            if set(seen) == {new}:
-                break
-            assert time.monotonic() < deadline, f"workers still answer with {set(seen) - {new}}"
-            time.sleep(0.3)
+    client = two_workers
+    body = {"user_id": offline["users"][0], "candidates": offline["items"][:4]}
+    fresh = {"connection": "close"}  # a new connection per request, so the kernel spreads them over the workers
+    before = {client.post("/rank", json=body, headers=fresh).json()["model_version"] for _ in range(10)}
+    with _env(BENTOML_HOME=str(world["home"]), BENTOML_DO_NOT_TRACK="True"):
+        new = registry.register(world["artifact"])
+        registry.record_evaluation(new, {"fused/ndcg@10": 0.8})
+        registry.set_production(new)
+    assert new not in before
+    deadline = time.monotonic() + 20
+    while True:
+        seen = [client.post("/rank", json=body, headers=fresh).json()["model_version"] for _ in range(20)]
+        if set(seen) == {new}:
+            break
+        assert time.monotonic() < deadline, f"workers still answer with {set(seen) - {new}}"
+        time.sleep(0.3)
 
 
 def test_store_down_is_503_then_recovers(world, offline, tmp_path):
@@ -318,7 +375,7 @@ def test_store_down_is_503_then_recovers(world, offline, tmp_path):
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         pytest.skip("redis-server is not installed")
-    port = _free_port()
+    port = free_port()
     conn = f"127.0.0.1:{port},db=0"
     with _serve(world, ready=False, MTLREC_ONLINE_STORE="redis", MTLREC_REDIS=conn) as client:
         assert client.get("/readyz").status_code == 503

@@ -7,7 +7,6 @@ layer, so the cost per step does not grow with a Python loop over experts.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from models.architectures.base import Architecture, Outputs
 from models.architectures.batched import BatchedMLP

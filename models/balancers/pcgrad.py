@@ -11,7 +11,6 @@ GPU step never waits for the host.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from models.balancers.base import Balancer
 from models.balancers.surgery import extra_gradient, task_gradients, write_gradient

@@ -1,0 +1,61 @@
+"""The ranking service as a child process: ``mtlrec serve`` started, waited on until ready, stopped.
+
+Tests, the latency benchmark and ``make run`` all start the service the way a user does, through
+``mtlrec serve``, and wait for ``/readyz`` (a model loaded and the online store answering).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows.processes import free_port, stop_group, wait_until_ok
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def command(port: int, *, data: Path | str | None = None, online: str | None = None, workers: int | None = None,
+            host: str = "127.0.0.1") -> list[str]:
+    """``mtlrec serve`` with these options, run by this interpreter (no PATH lookup)."""
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--host", host, "--port", str(port)]
+    if data is not None:
+        cmd += ["--data", str(data)]
+    if online:
+        cmd += ["--online", online]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    return cmd
+
+
+@dataclass
+class Served:
+    url: str
+    pid: int  # `mtlrec serve` execs bentoml: with one worker this process runs the service itself
+    log: Path | None
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str] | None = None, *, port: int | None = None, data: Path | str | None = None,
+            online: str | None = None, workers: int | None = None, probe: str = "/readyz", timeout: float = 90,
+            log: Path | None = None):
+    """Start the service on a free loopback port, yield it once ``probe`` answers 200, stop it and its workers."""
+    port = port or free_port()
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "FEAST_USAGE": "False", **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(command(port, data=data, online=online, workers=workers), cwd=ROOT, env=env,
+                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ok(url + probe, timeout=timeout, what="mtlrec serve", proc=proc, log=log)
+        yield Served(url=url, pid=proc.pid, log=log)
+    finally:
+        stop_group(proc.pid, timeout=15)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        if log:
+            out.close()
