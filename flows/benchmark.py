@@ -22,6 +22,7 @@ from models.config import CONFIG_DIR, load_config
 from models.holdout import evaluate
 from models.table import load_training_table
 from models.train import train
+from models.weight_trace import FILENAME as WEIGHT_TRACE
 
 METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50")
 ARCHITECTURES = ("shared_bottom", "cross_stitch", "mmoe", "ple", "esmm", "gated")
@@ -125,15 +126,16 @@ def plots(runs: list[dict[str, Any]], summary: dict, out: Path) -> None:
     for r in runs:
         first.setdefault(r["model"], r)
     logs = {m: _csv_log(Path(r["artifact"])) for m, r in first.items()}
-    fig, axes = plt.subplots(1, len(logs), figsize=(3.2 * len(logs), 3), squeeze=False)
-    for ax, (m, df) in zip(axes[0], logs.items()):
-        for c in [c for c in df.columns if c.startswith("weight/")]:
-            d = df[["step", c]].dropna()
-            ax.plot(d["step"], d[c], label=c.removeprefix("weight/"))
+    traces = {m: _weight_trace(Path(r["artifact"])) for m, r in first.items()}
+    fig, axes = plt.subplots(1, len(traces), figsize=(3.2 * len(traces), 3), squeeze=False)
+    for ax, (m, df) in zip(axes[0], traces.items()):
+        for c in df.columns.drop(["step", "epoch"], errors="ignore"):
+            ax.plot(df["step"], df[c], label=c)
         ax.set_title(m, fontsize=8)
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("task weight")
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "task_weights.png", dpi=100)
     plt.close(fig)
@@ -159,6 +161,12 @@ def plots(runs: list[dict[str, Any]], summary: dict, out: Path) -> None:
 def _csv_log(artifact: Path) -> pd.DataFrame:
     files = sorted((artifact / "logs" / "csv").glob("version_*/metrics.csv"))
     return pd.read_csv(files[-1]) if files else pd.DataFrame()
+
+
+def _weight_trace(artifact: Path) -> pd.DataFrame:
+    """Every step's task weights (``models.weight_trace``): Lightning's own log keeps only every 10th step."""
+    path = artifact / "logs" / WEIGHT_TRACE
+    return pd.read_csv(path) if path.exists() else pd.DataFrame()
 
 
 def available_configs() -> list[str]:

@@ -26,6 +26,7 @@ from models.data import MTLDataModule
 from models.module import MTLModule
 from models.table import load_training_table, training_file
 from models.tasks import TaskSet
+from models.weight_trace import FILENAME as WEIGHT_TRACE, WeightTrace
 
 log = logging.getLogger("mtlrec.train")
 
@@ -88,8 +89,9 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     monitor = f"val/{config['eval']['monitor']}"
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor=monitor, mode="max", save_top_k=1,
                            filename="best", auto_insert_metric_name=False)
+    # Every step's task weights; Lightning's weight/<task> logs (TensorBoard) keep only every 10th step.
     callbacks = [ckpt, EarlyStopping(monitor=monitor, mode="max", patience=int(tc["patience"])),
-                 _StopOnNonFinite(), *(callbacks or [])]
+                 WeightTrace(out / "logs" / WEIGHT_TRACE), _StopOnNonFinite(), *(callbacks or [])]
     if progress and sys.stderr.isatty():
         from lightning.pytorch.callbacks import RichProgressBar
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -31,5 +32,17 @@ def test_benchmark_writes_table_and_plots(tmp_path):
     best = max(s, key=lambda k: s[k]["ndcg@10"][0])
     ndcg_row = next(r for r in rows if r.startswith("| ndcg@10"))
     assert f"**{s[best]['ndcg@10'][0]:.4f}" in ndcg_row
+    for run in report["runs"]:  # what task_weights.png plots: one row per optimiser step
+        trace = (Path(run["artifact"]) / "logs" / "task_weights.csv").read_text().splitlines()
+        assert trace[0].startswith("step,epoch,click,purchase") and len(trace) > 2
     for png in ("ndcg_by_model.png", "task_weights.png", "training_curves.png"):
         assert (out / png).stat().st_size > 5_000
+
+
+def test_task_weight_plot_without_a_weight_trace(tmp_path):
+    """An artifact from before ``task_weights.csv`` existed: its panel stays empty, the report still plots."""
+    from flows.benchmark import plots
+
+    summary = {"old": {"ndcg@10": [0.2, 0.0]}, "popularity": {"ndcg@10": [0.1, 0.0]}}
+    plots([{"model": "old", "artifact": str(tmp_path / "no-such-artifact")}], summary, tmp_path)
+    assert (tmp_path / "task_weights.png").stat().st_size > 0

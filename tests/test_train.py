@@ -135,6 +135,86 @@ def test_artifact_rebuilds_the_model_and_scores_the_same(small_table, tmp_path):
     assert np.isfinite(scorer.predict(cold)["click"]).all()
 
 
+class _Steps(L.Callback):
+    """Counts batches per epoch and keeps the balancer's weights at the end of training, before the best
+    checkpoint is loaded back: what the weight trace must agree with."""
+
+    def __init__(self, fail_at_step: int | None = None):
+        self.batches: dict[int, int] = {}
+        self.fail_at_step = fail_at_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.batches[trainer.current_epoch] = self.batches.get(trainer.current_epoch, 0) + 1
+        if trainer.global_step == self.fail_at_step:
+            raise RuntimeError("planted crash")
+
+    def on_train_end(self, trainer, module):
+        self.global_step = trainer.global_step
+        self.weights = module.balancer.weights().tolist()
+
+
+def _train_traced(table, out: Path, balancer: str, steps: _Steps):
+    cfg = load_config("shared_bottom", ["train.max_epochs=2", "train.batch_size=1024", f"balancer.name={balancer}",
+                                        "model.params={bottom: [32, 16], tower: [8]}"])
+    meta = train(cfg, "<table>", out, progress=False, table=table, callbacks=[steps])
+    return meta, pd.read_csv(out / "logs" / "task_weights.csv", float_precision="round_trip")
+
+
+def _assert_one_row_per_step(trace: pd.DataFrame, steps: _Steps, task_names: list[str]):
+    assert list(trace.columns) == ["step", "epoch", *task_names]
+    total = sum(steps.batches.values())  # one optimiser step per batch: no gradient accumulation here
+    assert steps.global_step == total and len(steps.batches) == 2
+    assert trace["step"].tolist() == list(range(1, total + 1))  # global_step after each step: no gap, no repeat
+    assert trace.groupby("epoch").size().to_dict() == steps.batches
+    assert trace["epoch"].is_monotonic_increasing
+    assert trace[task_names].iloc[-1].tolist() == steps.weights  # the trained balancer's weights, exactly
+
+
+@pytest.mark.parametrize("balancer", ["uncertainty", "famo"])  # famo: weights move after the module's batch end
+def test_task_weights_are_traced_every_step(small_table, tmp_path, balancer):
+    steps = _Steps()
+    meta, trace = _train_traced(small_table, tmp_path / "u", balancer, steps)
+    names = [t["name"] for t in meta["tasks"]]
+    _assert_one_row_per_step(trace, steps, names)
+    assert (trace[names].diff().iloc[1:] != 0).all(axis=None)  # both move every weight every step
+    # Read before the step (automatic optimisation), Lightning's weight/<task> of its step k (from 0) are the
+    # weights after k steps: row k of the trace.
+    _assert_matches_lightning_log(trace, tmp_path / "u", names, offset=0)
+
+
+def test_task_weights_are_traced_every_step_under_manual_optimisation(small_table, tmp_path):
+    steps = _Steps()
+    meta, trace = _train_traced(small_table, tmp_path / "g", "gradnorm", steps)
+    assert BALANCERS["gradnorm"].manual
+    names = [t["name"] for t in meta["tasks"]]
+    _assert_one_row_per_step(trace, steps, names)
+    assert (trace[names].diff().iloc[1:] != 0).all(axis=None)
+    # Under manual optimisation the module reads the weights after opt.step(): step k's are row k + 1.
+    _assert_matches_lightning_log(trace, tmp_path / "g", names, offset=1)
+
+
+def _assert_matches_lightning_log(trace: pd.DataFrame, artifact: Path, names: list[str], offset: int):
+    """Lightning keeps every 10th step's weight/<task>: each must sit in the trace's row for that step,
+    which a skipped or shifted row breaks."""
+    logged = pd.read_csv(next((artifact / "logs" / "csv").glob("version_*/metrics.csv")))
+    logged = logged.dropna(subset=[f"weight/{n}" for n in names])
+    assert len(logged) >= 2
+    by_step = trace.set_index("step")
+    for _, row in logged.iterrows():
+        step = int(row["step"]) + offset
+        for n in names:
+            assert by_step.loc[step, n] == pytest.approx(row[f"weight/{n}"], rel=1e-6), (step, n)
+
+
+def test_a_crashed_run_keeps_the_task_weights_it_traced(small_table, tmp_path):
+    steps = _Steps(fail_at_step=13)  # in the second epoch, after the first epoch's rows were written
+    with pytest.raises(RuntimeError, match="planted crash"):
+        _train_traced(small_table, tmp_path / "c", "fixed", steps)
+    trace = pd.read_csv(tmp_path / "c" / "logs" / "task_weights.csv")
+    assert trace["step"].tolist() == list(range(1, 14))
+    assert trace["epoch"].iloc[-1] == 1
+
+
 def test_train_command_writes_an_artifact_and_models_import_no_orchestration(tmp_path):
     data = tmp_path / "d"
     generate(data, SynthConfig(n_users=100, n_items=50, n_interactions=4000, days=6, seed=0))
