@@ -360,6 +360,11 @@ def serve(
         env["MTLREC_WORKERS"] = str(workers)
     if int(env.get("MTLREC_WORKERS", "1")) > 1:
         env.setdefault("MTLREC_RELOAD_POLL_S", "2")  # SIGHUP and /admin/reload reach one worker only
+    # glibc hands each large tensor (a 1,000-candidate request makes [8, 1000, 256] activations) its own
+    # mmap and page-faults it in again on every request; keeping them on the heap makes the forward pass
+    # about a fifth faster. Read by the allocator at process start, hence set here, before the exec.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(256 << 20))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(512 << 20))
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     os.chdir(root)
