@@ -22,13 +22,10 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.processes import free_port, stop_group
+from flows.processes import free_port, http_status, log_tail, stop_group, wait_until_ok
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 4200
 PID_FILE, LOG_FILE = "mtlrec-server.pid", "mtlrec-server.log"
@@ -40,11 +37,7 @@ def api_url(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
     """True when the API at ``url`` (ending in /api) answers its health check."""
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    return http_status(f"{url.rstrip('/')}/health", timeout) == 200
 
 
 def prefect_home() -> Path:
@@ -76,9 +69,7 @@ class Server:
             self.process.wait(timeout=1)
 
     def log_tail(self, lines: int = 40) -> str:
-        if self.log is None or not self.log.is_file():
-            return ""
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self.log, lines)
 
 
 def server_env(home: Path, database_url: str | None = None, *, ui: bool = False,
@@ -125,14 +116,8 @@ def start(home: Path | str, *, host: str = DEFAULT_HOST, port: int | None = None
 
 
 def wait_healthy(server: Server, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if healthy(server.url):
-            return
-        if server.process is not None and server.process.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {server.process.returncode}:\n{server.log_tail()}")
-        time.sleep(0.5)
-    raise TimeoutError(f"prefect server at {server.url} not healthy after {timeout:.0f}s:\n{server.log_tail()}")
+    wait_until_ok(f"{server.url.rstrip('/')}/health", timeout=timeout, what="prefect server", proc=server.process,
+                  log=server.log)
 
 
 def ensure(url: str | None = None, home: Path | str | None = None, database_url: str | None = None) -> Server:
