@@ -139,9 +139,8 @@ def up(data: Path = Path("data/synth"), port: int = 3000, config: str = "mmoe", 
     summary = _latest_summary(report_dir)
 
     _say(f"ranking service on 127.0.0.1:{port}")
-    svc_env = dict(env, MTLREC_DATASET=str(data))
     svc_log = STATE / "service.log"
-    _background("service", launcher.command(port, data=data), svc_env)
+    _background("service", launcher.command(port, data=data), env)  # --data sets the service's dataset
     try:
         processes.wait_until_ok(f"http://127.0.0.1:{port}/readyz", timeout=120, what="the ranking service",
                                 log=svc_log)

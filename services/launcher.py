@@ -46,16 +46,15 @@ def serving(env: dict[str, str] | None = None, *, port: int | None = None, data:
     port = port or free_port()
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "FEAST_USAGE": "False", **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    out = open(log, "ab") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(command(port, data=data, online=online, workers=workers), cwd=ROOT, env=env,
-                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ok(url + probe, timeout=timeout, what="mtlrec serve", proc=proc, log=log)
-        yield Served(url=url, pid=proc.pid, log=log)
-    finally:
-        stop_group(proc.pid, timeout=15)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-        if log:
-            out.close()
+    with open(log, "ab") if log else open(os.devnull, "wb") as out:
+        proc = subprocess.Popen(command(port, data=data, online=online, workers=workers), cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            wait_until_ok(url + probe, timeout=timeout, what="mtlrec serve", proc=proc, log=log)
+            yield Served(url=url, pid=proc.pid, log=log)
+        finally:
+            stop_group(proc.pid, timeout=15)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
