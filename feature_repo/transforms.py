@@ -14,11 +14,9 @@ import pandas as pd
 
 DAY_S = 86_400.0
 
-# Inputs the context view reads (feature names from the user/item views, and request fields).
+# The request field the context view reads besides the user/item views' columns (see feature_repo/schema.py).
 REQUEST_FIELDS = {"request_ts": "float"}  # epoch seconds of the impression or request
-CONTEXT_INPUTS = ("user_since_ts", "item_since_ts", "category", "user_top_category_30d")
-CONTEXT_OUTPUTS = {"hour": "int", "dow": "int", "item_age_days": "float", "user_tenure_days": "float",
-                   "top_category_match": "int"}
+TOP_CATEGORY = "user_top_category_30d"
 
 
 def _floats(x) -> np.ndarray:
@@ -28,6 +26,8 @@ def _floats(x) -> np.ndarray:
 
 def context_features(df):
     """Hour and weekday of the request, item age, user tenure, and a user x item category cross.
+
+    The cross is computed only where items have a category (``category`` among the inputs).
 
     ``df`` is a DataFrame (inside Feast), answered with a DataFrame, or a dict of equal-length arrays
     (the served path), answered with a dict of arrays: a request does not pay for pandas.
@@ -42,8 +42,9 @@ def context_features(df):
     user_since = _floats(df["user_since_ts"])
     out["item_age_days"] = np.nan_to_num((ts - item_since) / DAY_S, nan=0.0)
     out["user_tenure_days"] = np.nan_to_num((ts - user_since) / DAY_S, nan=0.0)
-    top = np.asarray(df["user_top_category_30d"], dtype=object)
-    cat = np.asarray(df["category"], dtype=object)
-    match = pd.notna(top) & pd.notna(cat) & (top.astype(str) == cat.astype(str)) & (top.astype(str) != "")
-    out["top_category_match"] = match.astype(np.int64)
+    if "category" in df and TOP_CATEGORY in df:
+        top = np.asarray(df[TOP_CATEGORY], dtype=object)
+        cat = np.asarray(df["category"], dtype=object)
+        match = pd.notna(top) & pd.notna(cat) & (top.astype(str) == cat.astype(str)) & (top.astype(str) != "")
+        out["top_category_match"] = match.astype(np.int64)
     return pd.DataFrame(out, index=df.index) if isinstance(df, pd.DataFrame) else out

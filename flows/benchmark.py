@@ -145,9 +145,9 @@ def plots(runs: list[dict[str, Any]], summary: dict, out: Path) -> None:
         if "train/loss_epoch" in df:
             d = df[["epoch", "train/loss_epoch"]].dropna()
             a.plot(d["epoch"], d["train/loss_epoch"], marker="o", label=m)
-        if "val/ndcg@10" in df:
-            d = df[["epoch", "val/ndcg@10"]].dropna()
-            b.plot(d["epoch"], d["val/ndcg@10"], marker="o", label=m)
+        if "val/fused/ndcg@10" in df:
+            d = df[["epoch", "val/fused/ndcg@10"]].dropna()
+            b.plot(d["epoch"], d["val/fused/ndcg@10"], marker="o", label=m)
     a.set_title("training loss")
     b.set_title("validation NDCG@10 (fused)")
     for ax in (a, b):

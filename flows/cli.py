@@ -81,7 +81,7 @@ def features_training_set(directory: Path = typer.Argument(...)) -> None:
 
     s = _settings(directory, None)
     n = fstore.write_training_set(fstore.open_store(s), contract.load_dataset(s.dataset)["interactions"],
-                                  s.training_file)
+                                  s.training_file, metadata=fstore.training_metadata(s))
     typer.echo(f"wrote {s.training_file}: {n:,} rows")
 
 
@@ -93,16 +93,25 @@ def data_synth(
     interactions: int = typer.Option(300_000, help="number of impressions"),
     days: int = typer.Option(30, help="time span in days"),
     seed: int = typer.Option(0, help="random seed: same seed, same tables"),
+    scenario: str = typer.Option("ecommerce", help="ecommerce (click -> purchase funnel) or short-video "
+                                 "(parallel click, long_view, like, follow, watch_time)"),
 ) -> None:
     """Generate the embedded default dataset from a seeded model with planted structure."""
-    from flows.data.synth import SynthConfig, generate
+    if scenario == "ecommerce":
+        from flows.data.synth import SynthConfig as Config, generate
+    elif scenario == "short-video":
+        from flows.data.short_video import ShortVideoConfig as Config, generate
+    else:
+        raise typer.BadParameter(f"{scenario!r}: choose ecommerce or short-video", param_hint="--scenario")
 
-    cfg = SynthConfig(n_users=users, n_items=items, n_interactions=interactions, days=days, seed=seed)
+    cfg = Config(n_users=users, n_items=items, n_interactions=interactions, days=days, seed=seed)
     manifest = generate(out, cfg)
     typer.echo(f"wrote {out}: " + ", ".join(f"{k}={v:,}" for k, v in manifest.rows.items()))
     oracle = manifest.params.get("ground_truth", {})
     if oracle:
-        typer.echo("ranking quality on the last day (NDCG@10 of clicks): "
+        what = "clicks" if scenario == "ecommerce" else "graded relevance " + " + ".join(
+            f"{t.gain:g}*{t.name}" for t in manifest.declaration.binary if t.gain)
+        typer.echo(f"ranking quality on the last day (NDCG@10 of {what}): "
                    + ", ".join(f"{k}={v:.4f}" for k, v in oracle.items()))
 
 
@@ -232,26 +241,14 @@ def _training_table(data: Path):
     return load_training_table(data)
 
 
-def _single_task_models(path: Path, data: Path, out: Path) -> dict[str, Path]:
-    """One model per binary objective, same architecture and settings, trained on that objective alone."""
-    from models.artifact import read_meta
-    from models.train import train as train_model
-
-    meta = read_meta(path)
-    models = {}
-    for task in [t for t in meta["tasks"] if t["type"] == "binary"]:
-        cfg = dict(meta["config"], tasks=[{**task, "sample_space": "all"}])
-        train_model(cfg, data, out / task["name"], progress=False)
-        models[task["name"]] = out / task["name"]
-    return models
-
-
-def _negative_sampling() -> dict:
-    """Which columns describe the item, and the request-time transform: from the feature definitions."""
-    from feature_repo.definitions import SCHEMAS
+def _negative_sampling(data: Path) -> dict:
+    """Which columns describe the item, and the request-time transform: from the dataset's feature schema."""
+    from feature_repo.schema import FeatureSchema
     from feature_repo.transforms import context_features
 
-    return {"item_columns": ["item_id", *SCHEMAS["item_profile"], *SCHEMAS["item_popularity"]],
+    if not data.is_dir():
+        return {}
+    return {"item_columns": FeatureSchema.load(_settings(data, None).tables).item_columns,
             "recompute": context_features}
 
 
@@ -271,13 +268,15 @@ def evaluate(
     import json
     import tempfile
 
+    from models.baselines import single_task_models
     from models.holdout import evaluate as run
 
     path, tag = _model_path(model)
     table = _training_table(data)
     with tempfile.TemporaryDirectory(prefix="mtlrec-single-") as tmp:
-        singles = _single_task_models(path, data, Path(tmp)) if single_task else None
-        result = run(path, table, seed=seed, single_task=singles, negatives=negatives, **_negative_sampling())
+        singles = single_task_models(path, data, Path(tmp)) if single_task else None
+        result = run(path, table, seed=seed, single_task=singles, negatives=negatives,
+                     **(_negative_sampling(data) if negatives else {}))
     if tag:
         from flows import registry
 

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 DEFAULT_NAME = "mtlrec-ranker"
 CRASH_HOOK = "MTLREC_REGISTRY_CRASH_BEFORE_REPLACE"
 HISTORY = 20  # previous production tags kept for rollback
-KEY_METRICS = ("fused/ndcg@10", "fused/recall@10", "click/auc", "purchase/auc")
+KEY_METRICS = ("fused/ndcg@10", "fused/recall@10", "mean_auc")  # plus every task's AUC
 
 
 class RegistryError(ValueError):
@@ -389,7 +389,7 @@ def list_models(name: str | None = DEFAULT_NAME) -> list[dict[str, Any]]:
             rows.append((m.creation_time, {
                 "tag": tag, "created": m.creation_time.isoformat(timespec="seconds"),
                 "labels": dict(m.info.labels), "split": split,
-                "metrics": {k: metrics[split][k] for k in KEY_METRICS if k in metrics.get(split, {})},
+                "metrics": {k: v for k, v in metrics.get(split, {}).items() if k in KEY_METRICS or k.endswith("/auc")},
                 "evaluated": _evaluation_path(tag).is_file(), "production": tag == current,
             }))
     return [row for _, row in sorted(rows, key=lambda r: r[0], reverse=True)]

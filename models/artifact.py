@@ -89,7 +89,9 @@ class Scorer(torch.nn.Module):
         super().__init__()
         self.meta = meta
         self.spec = FeatureSpec.from_dict(meta["features"])
-        self.tasks = TaskSet.from_config(meta["tasks"])
+        self.tasks = TaskSet.from_config(meta["tasks"], primary=meta.get("primary"))
+        # Artifacts from before fusion was recorded ranked by the weighted product.
+        self.fusion_method = (meta.get("fusion") or {}).get("method", "product")
         model = meta["config"]["model"]
         self.encoder = FeatureEncoder(self.spec.cardinalities, len(self.spec.numeric), model["embedding_dim"])
         self.arch = build_architecture(model["architecture"], self.encoder.out_dim, self.tasks, **model.get("params", {}))
@@ -100,6 +102,14 @@ class Scorer(torch.nn.Module):
         scorer = cls(read_meta(path))
         scorer.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
         return scorer.to(device).eval()
+
+    def fuse(self, probs: dict[str, np.ndarray], weights: dict[str, float] | None = None,
+             method: str | None = None) -> np.ndarray:
+        """The model's ranking score: its declared fusion weights and method unless given others."""
+        from models.evaluation import fusion_weights
+        from models.fusion import fuse
+
+        return fuse(probs, weights or fusion_weights(self.tasks), method=method or self.fusion_method)
 
     @torch.inference_mode()
     def predict(self, df) -> dict[str, np.ndarray]:

@@ -49,6 +49,23 @@ def time_split(df: pd.DataFrame, valid_fraction: float, test_fraction: float) ->
     return train, valid, test
 
 
+def target_stats(train: pd.DataFrame, tasks: TaskSet) -> dict[str, tuple[float, float]]:
+    """Mean and std of each regression task's (transformed) target over the training rows it is trained on."""
+    out = {}
+    for t in tasks:
+        if t.type != "regression":
+            continue
+        y = pd.to_numeric(train[t.column], errors="coerce").astype("float64")
+        if t.parent:
+            y = y[pd.to_numeric(train[tasks.get(t.parent).column], errors="coerce") > 0]
+        if t.transform == "log1p":
+            y = np.log1p(y.clip(lower=0))
+        y = y.dropna()
+        std = float(y.std()) if len(y) > 1 else 1.0
+        out[t.name] = (float(y.mean()) if len(y) else 0.0, std if std > 1e-12 else 1.0)
+    return out
+
+
 def encode(df: pd.DataFrame, spec: FeatureSpec, tasks: TaskSet) -> Split:
     labels = np.stack([df[t.column].to_numpy(dtype=np.float32) for t in tasks], axis=1) if len(df) else \
         np.zeros((0, len(tasks)), dtype=np.float32)
@@ -105,12 +122,13 @@ class IndexBatches:
 class MTLDataModule(L.LightningDataModule):
     def __init__(self, table: pd.DataFrame, tasks: TaskSet, categorical: list[str], numeric: list[str],
                  batch_size: int = 4096, valid_fraction: float = 0.1, test_fraction: float = 0.1,
-                 device: str | torch.device = "cpu", seed: int = 0, eval_batch_size: int | None = None):
+                 device: str | torch.device = "cpu", seed: int = 0, eval_batch_size: int | None = None,
+                 log1p: list[str] | None = None):
+        """``batch_size`` may be set later (``use_batch_size``), once the recipe knows the training split's size."""
         super().__init__()
         self.tasks = tasks
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or max(batch_size, 65_536)
         self.seed = seed
+        self._eval_batch_size = eval_batch_size
         self.device_ = torch.device(device)
         present = set(table.columns)
         self.categorical = [c for c in categorical if c in present]
@@ -118,13 +136,19 @@ class MTLDataModule(L.LightningDataModule):
         train, valid, test = time_split(table, valid_fraction, test_fraction)
         if len(train) == 0 or len(valid) == 0:
             raise ValueError(f"the time split left train={len(train)} valid={len(valid)} rows: need more data")
-        self.spec = FeatureSpec.fit(train, self.categorical, self.numeric)
+        self.spec = FeatureSpec.fit(train, self.categorical, self.numeric, log1p=log1p)
+        self.target_stats = target_stats(train, tasks)
         self.train_split = encode(train, self.spec, tasks).to(self.device_)
         self.valid_split = encode(valid, self.spec, tasks).to(self.device_)
         self.test_split = encode(test, self.spec, tasks).to(self.device_)
         self.time_ranges = {name: [str(df[contract.TIMESTAMP].min()), str(df[contract.TIMESTAMP].max())]
                             for name, df in (("train", train), ("valid", valid), ("test", test)) if len(df)}
-        self._train_batches = IndexBatches(self.train_split, batch_size, shuffle=True, seed=seed)
+        self.use_batch_size(batch_size)
+
+    def use_batch_size(self, batch_size: int) -> None:
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = self._eval_batch_size or max(self.batch_size, 65_536)
+        self._train_batches = IndexBatches(self.train_split, self.batch_size, shuffle=True, seed=self.seed)
 
     def train_dataloader(self):
         return self._train_batches

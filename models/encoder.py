@@ -30,20 +30,26 @@ class FeatureSpec:
     numeric: list[str]
     vocabs: dict[str, list[str]] = field(default_factory=dict)
     stats: dict[str, list[float]] = field(default_factory=dict)  # name -> [mean, std]
+    log1p: list[str] = field(default_factory=list)  # counts: log1p(max(x, 0)) before standardising
 
     @classmethod
-    def fit(cls, df: pd.DataFrame, categorical: list[str], numeric: list[str], min_count: int = 1) -> "FeatureSpec":
+    def fit(cls, df: pd.DataFrame, categorical: list[str], numeric: list[str], min_count: int = 1,
+            log1p: list[str] | None = None) -> "FeatureSpec":
         vocabs = {}
         for c in categorical:
-            counts = df[c].astype(str).value_counts(sort=False)
+            # Missing values are not a category: they share code 0 with unseen values.
+            counts = df[c].dropna().astype(str).value_counts(sort=False)
             keep = counts[counts >= min_count].index
             vocabs[c] = sorted(keep.tolist())
+        counts_ = [c for c in (log1p or []) if c in numeric]
         stats = {}
         for c in numeric:
             x = pd.to_numeric(df[c], errors="coerce").astype("float64")
+            if c in counts_:
+                x = np.log1p(x.clip(lower=0))
             std = float(x.std()) if x.notna().sum() > 1 else 1.0
             stats[c] = [float(x.mean()) if x.notna().any() else 0.0, std if std > 1e-12 else 1.0]
-        return cls(list(categorical), list(numeric), vocabs, stats)
+        return cls(list(categorical), list(numeric), vocabs, stats, counts_)
 
     @property
     def cardinalities(self) -> list[int]:
@@ -74,13 +80,17 @@ class FeatureSpec:
 
     def encode_numeric(self, df: Mapping) -> np.ndarray:
         out = np.zeros((_length(df), len(self.numeric)), dtype=np.float32)
+        counts = set(self.log1p)
         for j, c in enumerate(self.numeric):
             if c in df:
                 mean, std = self.stats[c]
                 x = np.asarray(df[c])
                 if x.dtype.kind not in "fiub":
                     x = pd.to_numeric(pd.Series(x, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
-                out[:, j] = (x.astype(np.float64, copy=False) - mean) / std
+                x = x.astype(np.float64, copy=False)
+                if c in counts:
+                    x = np.log1p(np.maximum(x, 0.0))
+                out[:, j] = (x - mean) / std
         return np.nan_to_num(out, copy=False, nan=0.0)  # missing values sit at the mean
 
     def _lookup(self, c: str) -> dict[str, int]:

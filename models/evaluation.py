@@ -1,8 +1,15 @@
 """Offline metrics of a multi-task model on one split, in one place.
 
-The fused ranking is judged against a graded relevance, the sum of the
-binary labels (a purchase counts twice: it implies a click), so the metric
-rewards ranking buyers above mere clickers, as the product does.
+The fused ranking is judged against a graded relevance: the sum of the
+binary labels, each weighted by its declared ``gain`` (a purchase that
+implies a click counts for both), so the metric rewards ranking the
+behaviours the dataset declares valuable above the rest. Fusing by the
+weighted sum of probabilities with the gains as weights ranks by the expected
+relevance, which is what maximises expected DCG; it is the default.
+
+Besides per-task AUC/GAUC/logloss and the ranking metrics, two summaries are
+offered to early stopping: ``mean_auc`` over the binary tasks and ``loss``,
+the sum of the binary tasks' logloss (lower is better).
 """
 
 from __future__ import annotations
@@ -13,14 +20,45 @@ from models import metrics
 from models.fusion import fuse
 from models.tasks import TaskSet
 
+MINIMISED = ("loss", "logloss", "rmse")
+ALIASES = {"ndcg@": "fused/", "recall@": "fused/"}  # bare ranking metrics mean the fused ranking's
+
 
 def fusion_weights(tasks: TaskSet) -> dict[str, float]:
     return {t.name: t.fusion_weight for t in tasks if t.ranks and t.fusion_weight > 0}
 
 
+def relevance(tasks: TaskSet, labels: np.ndarray) -> np.ndarray:
+    """Graded relevance per row: sum of binary labels x declared gain (``labels`` is [N, T] in task order)."""
+    rel = np.zeros(len(labels), dtype=np.float64)
+    for j, t in enumerate(tasks):
+        if t.ranks and t.gain:
+            rel += t.gain * (np.asarray(labels[:, j], dtype=np.float64) > 0)
+    return rel
+
+
+def monitor_key(monitor: str, metrics: dict | None = None) -> str:
+    """The metrics-dict key a monitor name refers to (``ndcg@10`` is the fused ranking's)."""
+    if metrics is not None and monitor in metrics:
+        return monitor
+    for prefix, where in ALIASES.items():
+        if monitor.startswith(prefix):
+            return where + monitor
+    return monitor
+
+
+def mode(monitor: str) -> str:
+    return "min" if monitor.split("/")[-1] in MINIMISED else "max"
+
+
+def worst(monitor: str) -> float:
+    return 1e9 if mode(monitor) == "min" else -1.0
+
+
 def evaluate_predictions(tasks: TaskSet, probs: dict[str, np.ndarray], labels: np.ndarray, users: np.ndarray,
-                         ks=(10, 20, 50), weights: dict[str, float] | None = None) -> dict[str, float]:
-    """Flat dict: ``<task>/auc``, ``<task>/ndcg@10``, ``fused/ndcg@10``, ... for logging and artifacts."""
+                         ks=(10, 20, 50), weights: dict[str, float] | None = None,
+                         method: str = "sum") -> dict[str, float]:
+    """Flat dict: ``<task>/auc``, ``<task>/ndcg@10``, ``fused/ndcg@10``, ``mean_auc``, ``loss``, ..."""
     out: dict[str, float] = {}
     for j, t in enumerate(tasks):
         y, p = labels[:, j], probs[t.name]
@@ -34,9 +72,11 @@ def evaluate_predictions(tasks: TaskSet, probs: dict[str, np.ndarray], labels: n
             out[f"{t.name}/rmse"] = metrics.rmse(p[mask], y[mask]) if mask.any() else float("nan")
         else:
             out[f"{t.name}/accuracy"] = float(np.mean(p.argmax(-1) == y))
-    binary = [j for j, t in enumerate(tasks) if t.ranks]
-    if binary:
-        relevance = labels[:, binary].sum(axis=1)
-        fused = fuse(probs, weights or fusion_weights(tasks))
-        out.update({f"fused/{k}": v for k, v in metrics.ranking_metrics(users, fused, relevance, ks).items()})
+    aucs = [out[f"{t.name}/auc"] for t in tasks if t.ranks and np.isfinite(out[f"{t.name}/auc"])]
+    out["mean_auc"] = float(np.mean(aucs)) if aucs else float("nan")
+    out["loss"] = float(sum(out[f"{t.name}/logloss"] for t in tasks if t.ranks)) if tasks.binary else float("nan")
+    if tasks.binary:
+        fused = fuse(probs, weights or fusion_weights(tasks), method=method)
+        out.update({f"fused/{k}": v for k, v in metrics.ranking_metrics(users, fused, relevance(tasks, labels),
+                                                                        ks).items()})
     return out

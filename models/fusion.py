@@ -2,9 +2,11 @@
 
 Training, offline evaluation and serving all call this one function, so the
 score a model is judged on is the score it ranks with in production.
-Weighted product (the default) is a sum of weighted log-probabilities: an
-objective with weight 0 drops out, and no single objective's scale
-dominates. Weighted sum is offered for teams that calibrate to a value.
+Weighted sum (the default) with the declared gains as weights is the
+expected graded relevance, the order that maximises expected DCG when the
+probabilities are calibrated. Weighted product is a sum of weighted
+log-probabilities: an objective with weight 0 drops out, and no single
+objective's scale dominates.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def fuse(probs: dict[str, np.ndarray], weights: dict[str, float], method: str = "product",
+def fuse(probs: dict[str, np.ndarray], weights: dict[str, float], method: str = "sum",
          eps: float = 1e-7) -> np.ndarray:
     active = {k: w for k, w in weights.items() if w and k in probs}
     if not active:

@@ -19,7 +19,7 @@ import torch
 from models.architectures import build_architecture
 from models.balancers import build_balancer
 from models.encoder import FeatureEncoder, FeatureSpec
-from models.evaluation import evaluate_predictions
+from models.evaluation import evaluate_predictions, monitor_key, worst
 from models.tasks import TaskSet
 
 
@@ -27,11 +27,12 @@ class MTLModule(L.LightningModule):
     def __init__(self, spec: dict, tasks: list[dict], architecture: str, arch_params: dict | None = None,
                  balancer: str = "fixed", balancer_params: dict | None = None, embedding_dim: int = 16,
                  lr: float = 2e-3, weight_decay: float = 1e-5, grad_clip: float = 5.0,
-                 ks: tuple[int, ...] = (10, 20, 50), monitor: str = "ndcg@10"):
+                 ks: tuple[int, ...] = (10, 20, 50), monitor: str = "ndcg@10", fusion: str = "sum",
+                 primary: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.spec = FeatureSpec.from_dict(spec)
-        self.tasks = TaskSet.from_config(tasks)
+        self.tasks = TaskSet.from_config(tasks, primary=primary)
         self.encoder = FeatureEncoder(self.spec.cardinalities, len(self.spec.numeric), embedding_dim)
         self.arch = build_architecture(architecture, self.encoder.out_dim, self.tasks, **(arch_params or {}))
         self.balancer = build_balancer(balancer, len(self.tasks), [t.loss_weight for t in self.tasks],
@@ -76,7 +77,8 @@ class MTLModule(L.LightningModule):
             loss = (self.balancer.weights() * losses).sum().detach() + extra.detach()
         self._epoch_losses.append(losses.detach())
         weights = self.balancer.weights()
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True)
+        # No prog_bar on a step value: Lightning would call .item() on it every step (a device sync on a GPU).
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True)
         self.log_dict({f"train/loss_{t.name}": losses[j].detach() for j, t in enumerate(self.tasks)}, on_step=True)
         self.log_dict({f"weight/{t.name}": weights[j] for j, t in enumerate(self.tasks)}, on_step=True)
         return loss if self.automatic_optimization else None
@@ -116,7 +118,8 @@ class MTLModule(L.LightningModule):
     def _metrics(self, outs: list[dict[str, torch.Tensor]], users: np.ndarray) -> dict[str, float]:
         probs = {k: torch.cat([o[k] for o in outs]).cpu().numpy() for k in outs[0] if k != "__labels"}
         labels = torch.cat([o["__labels"] for o in outs]).cpu().numpy()
-        return evaluate_predictions(self.tasks, probs, labels, users[: len(labels)], ks=self.hparams.ks)
+        return evaluate_predictions(self.tasks, probs, labels, users[: len(labels)], ks=self.hparams.ks,
+                                    method=self.hparams.fusion)
 
     def _finish(self, prefix: str, users: np.ndarray) -> dict[str, float]:
         outs, self._eval_outputs = self._eval_outputs, []
@@ -124,9 +127,13 @@ class MTLModule(L.LightningModule):
             return {}
         m = self._metrics(outs, users)
         self.last_metrics = m
-        self.log_dict({f"{prefix}/{k}": float(v) for k, v in m.items() if np.isfinite(v)}, prog_bar=False)
-        monitor = m.get(f"fused/{self.hparams.monitor}", float("nan"))
-        self.log(f"{prefix}/{self.hparams.monitor}", float(monitor) if np.isfinite(monitor) else 0.0, prog_bar=True)
+        monitor = self.hparams.monitor
+        logged = {f"{prefix}/{k}": float(v) for k, v in m.items() if np.isfinite(v)}
+        # The monitored value is always logged (once), by its own name; a non-finite one as the worst value, so
+        # a split without positives cannot look like an improvement.
+        value = m.get(monitor_key(monitor, m), float("nan"))
+        logged[f"{prefix}/{monitor}"] = float(value) if np.isfinite(value) else worst(monitor)
+        self.log_dict(logged, prog_bar=False)
         return m
 
     @torch.no_grad()

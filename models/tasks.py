@@ -2,7 +2,10 @@
 
 A task set is configuration, not code: architectures build one tower per
 task from ``out_dim`` and balancers see one loss per task, so adding an
-objective is a YAML edit.
+objective is a YAML edit. By default the task set is the dataset's own
+declaration (``models/declaration.py``), carried in the training table's
+metadata; a config may list tasks instead, and an entry naming a declared
+task inherits the declaration's fields.
 
 Sample spaces. ``all`` trains on every impression. ``<task>`` (e.g.
 ``click``) means "conditional on that task being positive". For a binary
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from models.declaration import Declaration, TaskDecl, topological
+
 TYPES = ("binary", "multiclass", "regression")
 
 
@@ -34,7 +39,11 @@ class TaskSpec:
     loss_weight: float = 1.0  # initial / fixed weight for the balancer
     fusion_weight: float = 1.0  # exponent (product) or weight (sum) at serving
     transform: str | None = None  # regression target transform: "log1p" or None
-    optional: bool = False  # dropped when the data has no such label column
+    gain: float = 1.0  # weight of the label in graded relevance (binary tasks)
+    # Regression: training-split mean and std of the (transformed) target, so the head learns a standardised
+    # value whose squared error starts near 1, the scale of the binary tasks' losses, whatever the unit.
+    target_mean: float = 0.0
+    target_std: float = 1.0
 
     def __post_init__(self):
         if self.type not in TYPES:
@@ -58,9 +67,20 @@ class TaskSpec:
         return self.type == "binary"
 
 
+SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(TaskSpec))
+
+
+def spec_of(decl: TaskDecl) -> TaskSpec:
+    """The model's view of one declared task."""
+    return TaskSpec(name=decl.name, type=decl.type, label=decl.label, sample_space=decl.parent or "all",
+                    num_classes=decl.num_classes or 2, loss_weight=decl.loss_weight,
+                    fusion_weight=decl.default_fusion_weight, transform=decl.transform, gain=decl.gain)
+
+
 @dataclass
 class TaskSet:
     tasks: list[TaskSpec] = field(default_factory=list)
+    primary: str | None = None  # the binary task popularity counts; default: the first binary task
 
     def __post_init__(self):
         names = [t.name for t in self.tasks]
@@ -68,26 +88,72 @@ class TaskSet:
             raise ValueError(f"duplicate task names in {names}")
         for t in self.tasks:
             if t.parent is not None:
+                if t.parent not in names:
+                    raise ValueError(f"task {t.name}: its parent {t.parent!r} is not in the task set {names}; add "
+                                     f"it, or train {t.name} on every impression (sample_space: all)")
                 parent = self.get(t.parent)
                 if parent.type != "binary":
                     raise ValueError(f"task {t.name}: its sample space {t.parent!r} must be a binary task")
                 if names.index(parent.name) > names.index(t.name):
                     raise ValueError(f"task {t.name}: list its parent {parent.name!r} before it")
+        binary = [t.name for t in self.tasks if t.type == "binary"]
+        if self.primary not in binary:
+            self.primary = binary[0] if binary else None
 
     @classmethod
-    def from_config(cls, items: list[dict], columns=None) -> "TaskSet":
-        """Build from YAML entries; with ``columns``, optional tasks without a label column are dropped."""
-        specs = [TaskSpec(**item) for item in items]
+    def from_config(cls, items: list[dict], columns=None, primary: str | None = None) -> "TaskSet":
+        """Build from complete entries (an artifact's, or a config's); with ``columns``, every label must be there."""
+        specs = [_spec(item) for item in items]
         if columns is not None:
-            cols = set(columns)
-            missing = [t for t in specs if t.column not in cols and not t.optional]
+            missing = [t.column for t in specs if t.column not in set(columns)]
             if missing:
-                raise ValueError(f"label column(s) {[t.column for t in missing]} not in the data")
-            specs = [t for t in specs if t.column in cols]
-        return cls(specs)
+                raise ValueError(f"label column(s) {missing} not in the data")
+        return cls(specs, primary=primary)
+
+    @classmethod
+    def resolve(cls, config_tasks, declaration: dict | None, columns=None) -> "TaskSet":
+        """The run's task set: ``auto`` (or none) takes the dataset's declaration; a list picks and overrides.
+
+        A list entry that names a declared task starts from the declaration's spec and overrides the keys it
+        gives (``{name: like, loss_weight: 2}``); an entry naming no declared task must say what it is.
+        """
+        decl = Declaration.from_dict(declaration) if declaration else None
+        if config_tasks in (None, "auto"):
+            if decl is None:
+                raise ValueError("the config says tasks: auto, but the training table carries no task declaration "
+                                 "(rebuild it with `mtlrec features build DATASET`, or list the tasks in the config)")
+            specs = [spec_of(t) for t in topological(decl.tasks)]
+            return cls.from_config([dataclasses.asdict(t) for t in specs], columns, primary=decl.primary)
+        if not isinstance(config_tasks, list):
+            raise ValueError(f"tasks must be auto or a list of task entries, not {config_tasks!r}")
+        declared = {t.name: spec_of(t) for t in decl.tasks} if decl else {}
+        items = []
+        for entry in config_tasks:
+            entry = dict(entry)
+            if "parent" in entry:  # the declaration's word for the sample space
+                parent = entry.pop("parent")
+                entry["sample_space"] = parent or "all"
+            base = dataclasses.asdict(declared[entry["name"]]) if entry.get("name") in declared else {}
+            items.append({**base, **entry})
+        order = {t.name: i for i, t in enumerate(topological([_decl_view(i) for i in items]))}
+        items.sort(key=lambda i: order[i["name"]])
+        return cls.from_config(items, columns, primary=decl.primary if decl else None)
 
     def to_config(self) -> list[dict]:
         return [dataclasses.asdict(t) for t in self.tasks]
+
+    def standardised(self, stats: dict[str, tuple[float, float]]) -> "TaskSet":
+        """The same tasks with regression targets' training statistics filled in (``target_stats``)."""
+        specs = [dataclasses.replace(t, target_mean=stats[t.name][0], target_std=stats[t.name][1])
+                 if t.name in stats else t for t in self.tasks]
+        return TaskSet(specs, primary=self.primary)
+
+    def relevance(self) -> str:
+        """Human form of the graded relevance the fused ranking is judged on."""
+        return " + ".join(f"{t.gain:g}×{t.name}" for t in self.tasks if t.ranks and t.gain)
+
+    def gains(self) -> dict[str, float]:
+        return {t.name: t.gain for t in self.tasks if t.ranks and t.gain}
 
     def __iter__(self):
         return iter(self.tasks)
@@ -98,6 +164,10 @@ class TaskSet:
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    @property
+    def binary(self) -> list[TaskSpec]:
+        return [t for t in self.tasks if t.ranks]
 
     def get(self, name: str) -> TaskSpec:
         for t in self.tasks:
@@ -116,33 +186,41 @@ class TaskSet:
             elif t.type == "multiclass":
                 probs[t.name] = torch.softmax(out, dim=-1)
             else:
-                y = out.squeeze(-1)
-                probs[t.name] = torch.expm1(y) if t.transform == "log1p" else y
+                y = out.squeeze(-1) * t.target_std + t.target_mean  # the head predicts the standardised target
+                probs[t.name] = torch.expm1(y.clamp_min(0)) if t.transform == "log1p" else y  # log1p: y >= 0
         return probs
+
+    def target(self, t: TaskSpec, y: torch.Tensor) -> torch.Tensor:
+        """A regression label as the head learns it: transformed, then standardised with training statistics."""
+        y = torch.log1p(y.float().clamp_min(0)) if t.transform == "log1p" else y.float()
+        return (y - t.target_mean) / t.target_std
 
     def losses(self, outputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
         """One loss per task, stacked in task order (the balancers' input)."""
         out: list[torch.Tensor] = []
-        probs: dict[str, torch.Tensor] = {}
+        log_p: dict[str, torch.Tensor] = {}  # log of each binary task's unconditional probability
         for t in self.tasks:
             logit = outputs[t.name].float()
             y = labels[t.name]
             if t.type == "binary":
-                p = torch.sigmoid(logit.squeeze(-1))
+                z = logit.squeeze(-1)
                 if t.parent:
-                    # ESMM: fit p(parent) * p(task | parent) to the label on every row.
-                    p = p * probs[t.parent]
-                    out.append(F.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), y.float()))
+                    # ESMM: fit p(parent) * p(task | parent) to the label on every row, in log space: a product
+                    # clamped before the BCE would give a rare positive below the clamp no gradient at all.
+                    lp = F.logsigmoid(z) + log_p[t.parent]
+                    log_not = _log1mexp(lp)
+                    yf = y.float()
+                    out.append(-(yf * lp + (1.0 - yf) * log_not).mean())
                 else:
-                    out.append(F.binary_cross_entropy_with_logits(logit.squeeze(-1), y.float()))
-                probs[t.name] = p
+                    lp = F.logsigmoid(z)
+                    out.append(F.binary_cross_entropy_with_logits(z, y.float()))
+                log_p[t.name] = lp
                 continue
             mask = labels[t.parent] > 0 if t.parent else None
             if t.type == "multiclass":
                 loss = F.cross_entropy(logit, y.long(), reduction="none")
             else:
-                target = torch.log1p(y.float().clamp_min(0)) if t.transform == "log1p" else y.float()
-                loss = F.mse_loss(logit.squeeze(-1), target, reduction="none")
+                loss = F.mse_loss(logit.squeeze(-1), self.target(t, y), reduction="none")
             if mask is not None:
                 # Masked mean without a data-dependent branch: no host sync per step.
                 m = mask.float()
@@ -150,3 +228,28 @@ class TaskSet:
             else:
                 out.append(loss.mean())
         return torch.stack(out)
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a < 0, accurate near 0 and far below it (Maechler's two branches)."""
+    a = a.clamp_max(-1e-7)
+    return torch.where(a > -0.6931, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def _spec(item: dict) -> TaskSpec:
+    if not isinstance(item, dict) or "name" not in item:
+        raise ValueError(f"a task entry must be a mapping with a name, not {item!r}")
+    unknown = sorted(set(item) - set(SPEC_FIELDS))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], SPEC_FIELDS, n=1)
+        raise ValueError(f"task {item['name']}: unknown key(s) {unknown}"
+                         + (f" (did you mean {close[0]!r}?)" if close else "") + f"; known keys are {list(SPEC_FIELDS)}")
+    return TaskSpec(**item)
+
+
+def _decl_view(item: dict) -> TaskDecl:
+    """Just enough of a declaration to order entries parents-first."""
+    space = item.get("sample_space", "all")
+    return TaskDecl(name=item["name"], parent=None if space in ("all", None) else space)

@@ -22,7 +22,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from models.artifact import code_version, fingerprint, save_artifact
 from models.config import load_config
+from models import recipe
 from models.data import MTLDataModule
+from models.evaluation import mode
 from models.module import MTLModule
 from models.table import load_training_table, training_file
 from models.tasks import TaskSet
@@ -65,39 +67,50 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     out = Path(out)
     seed = int(config.get("seed", 0))
     L.seed_everything(seed, workers=True, verbose=False)
-    tc = config["train"]
-    if tc.get("deterministic", True):
+    if config["train"].get("deterministic", True):
         torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator, precision, device = _device_settings(config)
+    tc = dict(config["train"])
 
     df = load_training_table(data) if table is None else table
-    tasks = TaskSet.from_config(config["tasks"], columns=df.columns)
-    feats, split = config["data"]["features"], config["data"]["split"]
-    dm = MTLDataModule(df, tasks, feats["categorical"], feats["numeric"], batch_size=int(tc["batch_size"]),
+    info = df.attrs.get("mtlrec") or {}  # the training table's own declaration and feature lists
+    tasks = TaskSet.resolve(config.get("tasks", "auto"), info.get("declaration"), columns=df.columns)
+    feats = resolve_features(config["data"].get("features", "auto"), info.get("features"))
+    split = config["data"]["split"]
+    dm = MTLDataModule(df, tasks, feats["categorical"], feats["numeric"], batch_size=1,
                        valid_fraction=split["valid_fraction"], test_fraction=split["test_fraction"],
-                       device=device, seed=seed)
+                       device=device, seed=seed, log1p=feats.get("log1p"))
+    tasks = tasks.standardised(dm.target_stats)
+    world = int(tc.get("devices", 1)) if str(tc.get("strategy", "auto")).startswith("ddp") else 1
+    tc = recipe.resolve(tc, len(dm.train_split), accelerator, world_size=world)
+    dm.use_batch_size(tc["batch_size"])
+    monitor = recipe.monitor(config["eval"].get("monitor", "auto"))
+    fusion = config["eval"].get("fusion", "sum")
+    log.info("recipe for %d training rows: %s; monitor %s", len(dm.train_split),
+             recipe.describe(tc, len(dm.train_split)), monitor)
     module = MTLModule(
         spec=dm.spec.to_dict(), tasks=tasks.to_config(), architecture=config["model"]["architecture"],
         arch_params=config["model"].get("params", {}), balancer=config["balancer"]["name"],
         balancer_params=config["balancer"].get("params", {}), embedding_dim=int(config["model"]["embedding_dim"]),
-        lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]), grad_clip=float(tc.get("grad_clip") or 0),
-        ks=tuple(config["eval"]["ks"]), monitor=config["eval"]["monitor"],
+        lr=tc["lr"], weight_decay=float(tc["weight_decay"]), grad_clip=float(tc.get("grad_clip") or 0),
+        ks=tuple(config["eval"]["ks"]), monitor=monitor, fusion=fusion, primary=tasks.primary,
     )
     if tc.get("compile"):
         module.arch = torch.compile(module.arch)
 
-    monitor = f"val/{config['eval']['monitor']}"
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor=monitor, mode="max", save_top_k=1,
+    direction = mode(monitor)
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor=f"val/{monitor}", mode=direction, save_top_k=1,
                            filename="best", auto_insert_metric_name=False)
     # Every step's task weights; Lightning's weight/<task> logs (TensorBoard) keep only every 10th step.
-    callbacks = [ckpt, EarlyStopping(monitor=monitor, mode="max", patience=int(tc["patience"])),
+    callbacks = [ckpt, EarlyStopping(monitor=f"val/{monitor}", mode=direction, patience=int(tc["patience"])),
                  WeightTrace(out / "logs" / WEIGHT_TRACE), _StopOnNonFinite(), *(callbacks or [])]
     if progress and sys.stderr.isatty():
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar())
     trainer = L.Trainer(
-        accelerator=accelerator, devices=tc.get("devices", 1), strategy=tc.get("strategy", "auto"), precision=precision, max_epochs=int(tc["max_epochs"]),
+        accelerator=accelerator, devices=tc.get("devices", 1), strategy=tc.get("strategy", "auto"), precision=precision,
+        max_epochs=int(tc["max_epochs"]),
         callbacks=callbacks, logger=[TensorBoardLogger(out / "logs", name="tb"), CSVLogger(out / "logs", name="csv")],
         gradient_clip_val=float(tc.get("grad_clip") or 0) if module.automatic_optimization else None,
         deterministic=bool(tc.get("deterministic", True)), num_sanity_val_steps=0,
@@ -112,19 +125,36 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     valid_metrics = module.evaluate_split(dm.val_dataloader())
     test_metrics = module.evaluate_split(dm.test_dataloader()) if len(dm.test_split) else {}
     meta = {
-        "config": config, "tasks": tasks.to_config(), "features": dm.spec.to_dict(),
-        "feature_service": config.get("feature_service"),
+        "config": config, "tasks": tasks.to_config(), "primary": tasks.primary, "features": dm.spec.to_dict(),
+        "declaration": info.get("declaration"), "fusion": {"method": fusion, "relevance": tasks.relevance()},
+        "feature_service": info.get("feature_service") or config.get("feature_service"),
         "metrics": {"valid": valid_metrics, "test": test_metrics},
         "data": {"path": str(data), "fingerprint": fingerprint(training_file(data)) if table is None else None,
                  "rows": {"train": len(dm.train_split), "valid": len(dm.valid_split), "test": len(dm.test_split)},
                  "time_ranges": dm.time_ranges},
         "training": {"epochs": trainer.current_epoch, "best_checkpoint_score": _f(ckpt.best_model_score),
+                     "recipe": {k: tc[k] for k in ("batch_size", "max_epochs", "lr", "patience")},
+                     "monitor": monitor,
                      "seconds": time.perf_counter() - t0, "accelerator": accelerator, "precision": precision,
                      "torch": torch.__version__, "lightning": L.__version__},
         "code_version": code_version(),
     }
     save_artifact(out, module.inference_state(), meta)
     return meta
+
+
+def resolve_features(chosen, offered: dict | None) -> dict[str, list[str]]:
+    """The model's inputs: ``auto`` takes what the training table offers; a mapping chooses."""
+    if chosen in (None, "auto"):
+        if not offered:
+            raise ValueError("the config says data.features: auto, but the training table lists no features "
+                             "(rebuild it with `mtlrec features build DATASET`, or list them in the config)")
+        return {k: list(offered.get(k, [])) for k in ("categorical", "numeric", "log1p")}
+    if not isinstance(chosen, dict):
+        raise ValueError(f"data.features must be auto or {{categorical: [...], numeric: [...]}}, not {chosen!r}")
+    log1p = chosen.get("log1p", (offered or {}).get("log1p", []))
+    return {"categorical": list(chosen.get("categorical", [])), "numeric": list(chosen.get("numeric", [])),
+            "log1p": list(log1p)}
 
 
 def _f(x) -> float | None:

@@ -59,19 +59,27 @@ class Scored:
 
 
 def model_inputs(reader, user_id: str, item_ids: list[str], request_ts: float,
-                 device: str | None) -> tuple[dict[str, np.ndarray], np.ndarray, bool]:
-    """The model's input columns: the feature service's plus the request context (device, position 0)."""
+                 context: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, bool]:
+    """The model's input columns: the feature service's plus the request's context columns.
+
+    Context columns are those the log carried at training time (``device``, a declared ``context``
+    column) and come from the request's ``context``; one the request leaves out is missing (the model's
+    unknown code, or the training mean). ``position`` defaults to 0: the slot is not known yet, and
+    scoring every candidate as if shown first takes the position effect out of the comparison.
+    """
     cols, item_known, user_known = reader.columns(user_id, item_ids, request_ts)
-    cols["device"] = np.full(len(item_ids), device, dtype=object)
-    cols["position"] = np.zeros(len(item_ids), dtype=np.int64)
+    n = len(item_ids)
+    for name, value in {"position": 0, **(context or {})}.items():
+        cols[name] = np.full(n, value, dtype=np.float64 if isinstance(value, (int, float)) and
+                             not isinstance(value, bool) else object)
     return cols, item_known, user_known
 
 
 def score(model: Model, reader, user_id: str, item_ids: list[str], *, request_ts: float | None = None,
-          device: str | None = None) -> Scored:
+          context: dict[str, Any] | None = None) -> Scored:
     ts = time.time() if request_ts is None else float(request_ts)
     try:
-        cols, item_known, user_known = model_inputs(reader, user_id, item_ids, ts, device)
+        cols, item_known, user_known = model_inputs(reader, user_id, item_ids, ts, context)
     except Exception as e:  # noqa: BLE001 - any failure to read the store is the store's, reported as such
         raise StoreUnavailable(f"online feature store unreachable: {type(e).__name__}: {e}") from e
     probs = model.scorer.predict(cols)
@@ -127,13 +135,14 @@ def mmr(relevance: np.ndarray, categories: np.ndarray, k: int, diversity: float)
 
 
 def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | None = None,
-         weights: dict[str, float] | None = None, diversity: float = 0.0, fusion: str = "product",
-         request_ts: float | None = None, device: str | None = None) -> dict[str, Any]:
+         weights: dict[str, float] | None = None, diversity: float = 0.0, fusion: str | None = None,
+         request_ts: float | None = None, context: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ranked top ``k`` with fused and per-objective scores; plain data, ready for JSON."""
     if k is not None and not 1 <= k <= len(candidates):
         raise RequestError("k", f"must be between 1 and the number of candidates ({len(candidates)}), got {k}")
     w = resolve_weights(model, weights)
-    s = score(model, reader, user_id, candidates, request_ts=request_ts, device=device)
+    fusion = fusion or model.scorer.fusion_method
+    s = score(model, reader, user_id, candidates, request_ts=request_ts, context=context)
     fused = fuse(s.probs, w, method=fusion)
     before = np.empty(len(fused), dtype=np.int64)
     before[np.argsort(-fused, kind="stable")] = np.arange(1, len(fused) + 1)
@@ -148,9 +157,9 @@ def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | 
 
 
 def score_items(model: Model, reader, user_id: str, items: list[str], *, request_ts: float | None = None,
-                device: str | None = None) -> dict[str, Any]:
+                context: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every task's output (binary probabilities and regression outputs) per item, in request order."""
-    s = score(model, reader, user_id, items, request_ts=request_ts, device=device)
+    s = score(model, reader, user_id, items, request_ts=request_ts, context=context)
     return {"model_version": model.tag, "user_id": user_id, "user_cold_start": s.user_cold,
             "items": [{"item_id": it, "scores": {t: _num(p[i]) for t, p in s.probs.items()},
                        "cold_start": bool(s.item_cold[i])} for i, it in enumerate(items)]}

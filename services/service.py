@@ -58,6 +58,15 @@ def _unavailable(message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=503)
 
 
+def _context(context: Optional[Context]) -> tuple[Optional[float], dict]:
+    """The request time (epoch seconds, None for now) and the context columns the model may read."""
+    ctx = context or Context()
+    extra = {k: v for k, v in (ctx.model_extra or {}).items() if isinstance(v, (str, int, float, bool))}
+    if ctx.device is not None:
+        extra["device"] = ctx.device
+    return (ctx.timestamp.timestamp() if ctx.timestamp else None), extra
+
+
 @bentoml.service(name="mtlrec", workers=int(os.environ.get("MTLREC_WORKERS", "1")), traffic={"timeout": 30},
                  logging={"access": {"enabled": os.environ.get("MTLREC_ACCESS_LOG", "1") not in ("0", "false", "False")}})
 class RankingService:
@@ -135,21 +144,23 @@ class RankingService:
     # ---- API --------------------------------------------------------------------------------
     @bentoml.api(route="/rank")
     def rank(self, user_id: Id, candidates: Candidates, context: Optional[Context] = None, k: K = None,
-             weights: Weights = None, diversity: Diversity = 0.0, fusion: Fusion = "product") -> RankResponse:
-        """Rank candidate items for a user: fused score, each objective's score, rank before re-ranking."""
-        ctx = context or Context()
-        ts = ctx.timestamp.timestamp() if ctx.timestamp else None
+             weights: Weights = None, diversity: Diversity = 0.0, fusion: Optional[Fusion] = None) -> RankResponse:
+        """Rank candidate items for a user: fused score, each objective's score, rank before re-ranking.
+
+        ``weights`` are keyed by the model's objectives (its declared binary tasks); ``fusion`` defaults to the
+        model's own method.
+        """
+        ts, extra = _context(context)
         return self._answer("rank", RankResponse, lambda model: ranking.rank(
             model, self.reader, user_id, list(candidates), k=k, weights=weights, diversity=diversity,
-            fusion=fusion, request_ts=ts, device=ctx.device))
+            fusion=fusion, request_ts=ts, context=extra))
 
     @bentoml.api(route="/score")
     def score(self, user_id: Id, items: Candidates, context: Optional[Context] = None) -> ScoreResponse:
         """Raw per-objective scores of (user, item) pairs, in request order."""
-        ctx = context or Context()
-        ts = ctx.timestamp.timestamp() if ctx.timestamp else None
+        ts, extra = _context(context)
         return self._answer("score", ScoreResponse, lambda model: ranking.score_items(
-            model, self.reader, user_id, list(items), request_ts=ts, device=ctx.device))
+            model, self.reader, user_id, list(items), request_ts=ts, context=extra))
 
     def _answer(self, endpoint: str, response, compute):
         """One model snapshot per request (a reload mid-request cannot mix two), errors mapped to 4xx/503."""

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from feature_repo.definitions import SCHEMAS, WINDOWS
+from feature_repo.schema import WINDOWS, FeatureSchema, count_column, rate_column
 from flows.data.synth import SynthConfig, generate
 from flows.features import store as fstore
 from flows.features.online import FeatureReader
@@ -72,27 +72,32 @@ def test_training_set_is_point_in_time_correct(built):
     # The clicked, bought impression must not see its own labels through any feature ...
     first = leak.iloc[0]
     for w in WINDOWS:
-        assert first[f"user_clicks_{w}d"] == 0 and first[f"user_purchases_{w}d"] == 0
-        assert first[f"item_clicks_{w}d"] == 0 and first[f"item_purchases_{w}d"] == 0
+        for prefix in ("user", "item"):
+            for task in ("click", "purchase"):
+                assert first[count_column(prefix, task, w)] == 0 and first[rate_column(prefix, task, w)] == 0
     # ... nor may an impression later the same day (snapshots are taken at midnight) ...
-    assert leak.iloc[1]["user_clicks_30d"] == 0 and leak.iloc[1]["item_clicks_30d"] == 0
+    assert leak.iloc[1]["user_click_count_30d"] == 0 and leak.iloc[1]["item_click_count_30d"] == 0
     # ... while two days later the click is history, and visible.
-    assert leak.iloc[2]["user_clicks_30d"] == 1 and leak.iloc[2]["user_purchases_7d"] == 1
-    assert leak.iloc[2]["item_clicks_7d"] == 1 and leak.iloc[2]["user_top_category_30d"] == "c0"
+    assert leak.iloc[2]["user_click_count_30d"] == 1 and leak.iloc[2]["user_purchase_count_7d"] == 1
+    assert leak.iloc[2]["item_click_count_7d"] == 1 and leak.iloc[2]["user_top_category_30d"] == "c0"
+    # The rate of a task with a parent is per parent positive: one purchase per click.
+    assert leak.iloc[2]["user_purchase_rate_7d"] == 1.0 and leak.iloc[2]["user_click_rate_7d"] == 1 / 2
 
 
-def test_every_aggregate_counts_only_earlier_days(built):
-    """Brute force on every row: the 7-day click count is exactly the clicks in [midnight-7d, midnight)."""
+@pytest.mark.parametrize("task,prefix,key,w", [("click", "user", "user_id", 7), ("purchase", "item", "item_id", 30),
+                                               ("click", "item", "item_id", 1)])
+def test_every_aggregate_counts_only_earlier_days(built, task, prefix, key, w):
+    """Brute force on sampled rows: each window's count is exactly the positives in [midnight-w, midnight)."""
     out, summary, _ = built
     table = pd.read_parquet(summary["training_file"])
     raw = contract.load_dataset(out)["interactions"]
-    clicks = raw[raw.click == 1][["user_id", contract.TIMESTAMP]]
-    sample = table.sample(300, random_state=0)
+    hits = raw[raw[task] == 1][[key, contract.TIMESTAMP]]
+    sample = table.sample(200, random_state=0)
     for _, row in sample.iterrows():
         midnight = row[contract.TIMESTAMP].floor("D")
-        mine = clicks[(clicks.user_id == row.user_id) & (clicks[contract.TIMESTAMP] < midnight)
-                      & (clicks[contract.TIMESTAMP] >= midnight - pd.Timedelta(days=7))]
-        assert row["user_clicks_7d"] == len(mine), (row.user_id, row[contract.TIMESTAMP])
+        mine = hits[(hits[key] == row[key]) & (hits[contract.TIMESTAMP] < midnight)
+                    & (hits[contract.TIMESTAMP] >= midnight - pd.Timedelta(days=w))]
+        assert row[count_column(prefix, task, w)] == len(mine), (row[key], row[contract.TIMESTAMP])
 
 
 def test_context_features_follow_the_request_time(built):
@@ -125,7 +130,7 @@ def _assert_online_equals_offline(store, settings, n: int = 25):
                       ("item_profile", "item_id"), ("item_popularity", "item_id")):
         latest = _latest(settings.tables, view, key)
         ids = list(rng.choice(latest.index.to_numpy(), size=min(n, len(latest)), replace=False))
-        names = list(SCHEMAS[view])
+        names = list(FeatureSchema.load(settings.tables).views[view])
         online = store.get_online_features(features=[f"{view}:{c}" for c in names],
                                            entity_rows=[{key: i} for i in ids]).to_df().set_index(key)
         expected = latest.loc[ids, names]

@@ -9,6 +9,7 @@ from flows.data.synth import SynthConfig, generate
 from flows.features.store import build_all
 from flows.gate import GateConfig, decide, paired_bootstrap
 from models import metrics
+from models.artifact import read_meta
 from models.config import load_config
 from models.holdout import evaluate
 from models.table import load_training_table
@@ -159,16 +160,16 @@ def test_sampled_negatives_join_the_candidates_without_leaking(models):
 
     table, paths = models
     plain = evaluate(paths["good"], table)
-    with_neg = evaluate(paths["good"], table, negatives=20, **_negative_sampling())
+    with_neg = evaluate(paths["good"], table, negatives=20, **_negative_sampling(paths["data"]))
     assert with_neg["protocol"]["negatives"] == 20 and "sampled unshown" in with_neg["protocol"]["candidates"]
     assert with_neg["protocol"]["test_rows"] > plain["protocol"]["test_rows"] + 10 * plain["protocol"]["users"]
     # Unshown items are mostly irrelevant: a real model ranks them below the held-out clicks, random does not.
     m, r = with_neg["rankers"]["model"], with_neg["rankers"]["random"]
     assert m["ndcg@10"] > r["ndcg@10"] + 0.1
 
-    h = Holdout(table)
+    h = Holdout.for_model(table, read_meta(paths["good"]))
     n_before = len(h.test)
-    h.add_negatives(5, **_negative_sampling())
+    h.add_negatives(5, **_negative_sampling(paths["data"]))
     added = h.test.iloc[n_before:]
     assert (added[["click", "purchase"]] == 0).all().all()
     shown = set(map(tuple, h.test.iloc[:n_before][["user_id", "item_id"]].astype(str).to_numpy()))
@@ -176,7 +177,7 @@ def test_sampled_negatives_join_the_candidates_without_leaking(models):
     # The item side is what training saw last: no value from the holdout period.
     last = h.train.sort_values("event_timestamp").groupby("item_id").tail(1).set_index("item_id")
     sample = added.sample(50, random_state=0)
-    np.testing.assert_allclose(sample["item_clicks_30d"].to_numpy(float),
-                               last.loc[sample["item_id"], "item_clicks_30d"].to_numpy(float))
+    np.testing.assert_allclose(sample["item_click_count_30d"].to_numpy(float),
+                               last.loc[sample["item_id"], "item_click_count_30d"].to_numpy(float))
     ts = sample["request_ts"].to_numpy(float)
     np.testing.assert_allclose(sample["item_age_days"], (ts - sample["item_since_ts"].to_numpy(float)) / 86_400)

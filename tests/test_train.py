@@ -56,10 +56,11 @@ SMALL_PARAMS = {
 
 
 def _module(table: pd.DataFrame, architecture: str, balancer: str):
-    cfg = load_config("base")
-    tasks = TaskSet.from_config(cfg["tasks"], columns=table.columns)
-    dm = MTLDataModule(table, tasks, cfg["data"]["features"]["categorical"], cfg["data"]["features"]["numeric"],
-                       batch_size=512, seed=0)
+    info = table.attrs["mtlrec"]  # the training table's declaration and feature lists
+    tasks = TaskSet.resolve("auto", info["declaration"], columns=table.columns)
+    feats = info["features"]
+    dm = MTLDataModule(table, tasks, feats["categorical"], feats["numeric"], batch_size=512, seed=0,
+                       log1p=feats["log1p"])
     module = MTLModule(spec=dm.spec.to_dict(), tasks=tasks.to_config(), architecture=architecture,
                        arch_params=SMALL_PARAMS.get(architecture, {}), balancer=balancer, embedding_dim=8, lr=3e-3)
     return module, dm

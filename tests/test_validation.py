@@ -1,4 +1,12 @@
-"""Every validation rule: a clean table passes, and one corruption breaks exactly that rule."""
+"""Every validation rule: a clean dataset passes, and one planted violation breaks exactly that rule.
+
+The rules are generated from the contract and the dataset's task declaration
+(``dataset.yaml``): the synthetic log declares click (binary), purchase
+(binary, parent click) and dwell (regression, parent click, log1p). Cases that
+need other tasks, context or attributes declare them by editing the manifest
+of a private copy, then plant one violation; the report must name exactly
+that (table, column, rule).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
+# ---- helpers: edit a table, edit the declaration ------------------------------------------------
 def _edit(directory: Path, table: str, fn) -> None:
     df = contract.read_table(directory, table)
     out = fn(df)
@@ -32,6 +41,56 @@ def _set_rows(column, value, rows=slice(0, 5)):
     return fn
 
 
+def _where(condition, column, value, n=5):
+    """Set ``column`` to ``value`` on the first ``n`` rows where ``condition(df)`` holds."""
+    def fn(df):
+        df.loc[df.index[condition(df)][:n], column] = value
+    return fn
+
+
+def _declare(directory: Path, *, add=(), change=None, context=None, attributes=None) -> None:
+    """Edit the task declaration of a dataset's manifest: add tasks, change declared ones, set context/attributes."""
+    m = contract.Manifest.load(directory)
+    for task in m.tasks:
+        task.update((change or {}).get(task["name"], {}))
+    m.tasks = [*m.tasks, *add]
+    if context is not None:
+        m.context = context
+    if attributes is not None:
+        m.attributes = attributes
+    m.save(directory)
+
+
+def _clicked(df):
+    return df.click == 1
+
+
+def _not_clicked(df):
+    return df.click == 0
+
+
+def _with_column(column, make, plant=None):
+    """Add an interaction column ``make(df, rng)``; ``plant`` (value) goes into its first five rows."""
+    def fn(df):
+        df[column] = make(df, np.random.default_rng(0))
+        if plant is not None:
+            df.loc[df.index[:5], column] = plant
+    return fn
+
+
+def _binary(df, rng):
+    return (rng.random(len(df)) < 0.1).astype("int8")
+
+
+def _classes(df, rng):
+    return rng.integers(0, 3, len(df)).astype("int64")
+
+
+def _scores(df, rng):
+    return rng.normal(0.0, 1.0, len(df))
+
+
+# ---- corruptions: (corrupt(directory), the one (table, column, rule) that must fail) -----------------
 def _future(directory: Path):
     m = contract.Manifest.load(directory)
     m.end = "2100-01-01T00:00:00+00:00"
@@ -52,28 +111,63 @@ def _unparseable(directory: Path):
     _edit(directory, "interactions", fn)
 
 
-def _purchase_without_click(directory: Path):
+def _like_sevens(directory: Path):
+    _declare(directory, add=[{"name": "like", "type": "binary"}])
+    _edit(directory, "interactions", _with_column("like", _binary, plant=7))
+
+
+def _rating_five(directory: Path):
+    _declare(directory, add=[{"name": "rating", "type": "multiclass", "num_classes": 3}])
+    _edit(directory, "interactions", _with_column("rating", _classes, plant=5))
+
+
+def _score_minus_inf(directory: Path):
+    _declare(directory, add=[{"name": "score", "type": "regression"}])  # no range declared: finite only
+    _edit(directory, "interactions", _with_column("score", _scores, plant=-np.inf))
+
+
+def _dwell_above_max(directory: Path):
+    _declare(directory, change={"dwell": {"max": 10_000}})
+    _edit(directory, "interactions", _where(_clicked, "dwell", 20_000.0))
+
+
+def _null_click(directory: Path):  # click declares no nulls (max_null_rate 0)
     def fn(df):
-        rows = df.index[df.click == 0][:4]
-        df.loc[rows, "purchase"] = 1
+        df["click"] = df["click"].astype("Int8")  # the nullable dtype a label with nulls is stored in
+        df.loc[df.index[_not_clicked(df)][:3], "click"] = pd.NA
     _edit(directory, "interactions", fn)
 
 
+def _dwell_nulls_above_rate(directory: Path):
+    _declare(directory, change={"dwell": {"max_null_rate": 0.01}})
+    _edit(directory, "interactions", _set_rows("dwell", np.nan, rows=slice(0, 250)))  # 5%
+
+
+def _renamed_purchase(directory: Path, plant: bool):
+    _declare(directory, change={"purchase": {"label": "bought"}})
+    _edit(directory, "interactions", lambda df: df.rename(columns={"purchase": "bought"}))
+    if plant:
+        _edit(directory, "interactions", _where(_not_clicked, "bought", 1, n=4))
+
+
+def _bad_declaration(directory: Path):
+    _declare(directory, change={"purchase": {"parent": "clik"}})
+
+
 CORRUPTIONS = {
-    # name: (corrupt(directory), expected (table, column, rule))
-    "missing column": (lambda d: _edit(d, "items", lambda df: df.drop(columns=["category"])),
-                       ("items", "category", "column exists")),
+    # -- the contract's fixed rules
+    "missing required column": (lambda d: _edit(d, "users", lambda df: df.drop(columns=[contract.TIMESTAMP])),
+                                ("users", contract.TIMESTAMP, "column exists")),
     "wrong type": (lambda d: _edit(d, "interactions", lambda df: df.assign(click=df.click.astype("float64"))),
                    ("interactions", "click", "type")),
+    "regression label as text": (lambda d: _edit(d, "interactions", lambda df: df.assign(dwell=df.dwell.astype(str))),
+                                 ("interactions", "dwell", "type")),
     "null key": (lambda d: _edit(d, "interactions", _set_rows("item_id", None)),
                  ("interactions", "item_id", "not null")),
     "duplicate user id": (lambda d: _edit(d, "users", lambda df: pd.concat([df, df.head(2)], ignore_index=True)),
                           ("users", "user_id", "unique")),
     "duplicate item id": (lambda d: _edit(d, "items", lambda df: pd.concat([df, df.tail(1)], ignore_index=True)),
                           ("items", "item_id", "unique")),
-    "label domain": (lambda d: _edit(d, "interactions", _set_rows("click", 2)),
-                     ("interactions", "click", "domain")),
-    "purchase without click": (_purchase_without_click, ("interactions", "purchase", "purchase implies click")),
     "unparseable timestamp": (_unparseable, ("interactions", contract.TIMESTAMP, "timestamp parseable")),
     "timestamp in the future": (_future, ("interactions", contract.TIMESTAMP, "timestamp not in future")),
     "timestamp outside declared range": (_before_range,
@@ -90,29 +184,78 @@ CORRUPTIONS = {
                            ("interactions", "position", "range")),
     "negative price": (lambda d: _edit(d, "items", _set_rows("price", -3.0)),
                        ("items", "price", "range")),
+    "infinite price": (lambda d: _edit(d, "items", _set_rows("price", np.inf)),  # min 0 only: finite must catch it
+                       ("items", "price", "finite")),
     "missing table": (lambda d: (d / "items.parquet").unlink(), ("items", "-", "table exists")),
+    # -- rules generated from the declaration
+    "declared label missing": (lambda d: _edit(d, "interactions", lambda df: df.drop(columns=["dwell"])),
+                               ("interactions", "dwell", "column exists")),
+    "declared task without its column": (lambda d: _declare(d, add=[{"name": "like", "type": "binary"}]),
+                                         ("interactions", "like", "column exists")),
+    "binary domain": (lambda d: _edit(d, "interactions", _set_rows("click", 2)),
+                      ("interactions", "click", "domain")),
+    "binary domain of a declared extra task": (_like_sevens, ("interactions", "like", "domain")),
+    "multiclass domain": (_rating_five, ("interactions", "rating", "domain")),
+    "purchase without click": (lambda d: _edit(d, "interactions", _where(_not_clicked, "purchase", 1, n=4)),
+                               ("interactions", "purchase", "purchase implies click")),
+    "dwell without click": (lambda d: _edit(d, "interactions", _where(_not_clicked, "dwell", 12.5)),
+                            ("interactions", "dwell", "dwell implies click (0 where click is 0)")),
+    "negative dwell (log1p implies min 0)": (lambda d: _edit(d, "interactions", _where(_clicked, "dwell", -1.0)),
+                                             ("interactions", "dwell", "range")),
+    "dwell above declared max": (_dwell_above_max, ("interactions", "dwell", "range")),
+    "infinite dwell": (lambda d: _edit(d, "interactions", _where(_clicked, "dwell", np.inf)),
+                       ("interactions", "dwell", "finite")),
+    "infinite unbounded regression": (_score_minus_inf, ("interactions", "score", "finite")),
+    "null label": (_null_click, ("interactions", "click", "not null")),
+    "nulls above declared max_null_rate": (_dwell_nulls_above_rate, ("interactions", "dwell", "null rate")),
+    "custom label column": (lambda d: _renamed_purchase(d, plant=True),
+                            ("interactions", "bought", "purchase implies click")),
+    "custom label column absent": (lambda d: _declare(d, change={"purchase": {"label": "bought"}}),
+                                   ("interactions", "bought", "column exists")),
+    "declared context missing": (lambda d: _declare(d, context=["network"]),
+                                 ("interactions", "network", "column exists")),
+    "declared contract context missing": (  # device is optional in the contract, required once declared
+        lambda d: (_declare(d, context=["device"]), _edit(d, "interactions", lambda df: df.drop(columns=["device"]))),
+        ("interactions", "device", "column exists")),
+    "declared attribute missing": (lambda d: _declare(d, attributes={"items": ["author"]}),
+                                   ("items", "author", "column exists")),
+    # -- the manifest itself
+    "missing manifest": (lambda d: (d / contract.MANIFEST).unlink(), ("manifest", "-", "manifest")),
+    "bad declaration": (_bad_declaration, ("manifest", "tasks", "declaration")),
 }
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_each_rule_fails_alone(name, dataset_copy):
+    corrupt, expected = CORRUPTIONS[name]
+    corrupt(dataset_copy)
+    report = validate_dataset(dataset_copy)
+    assert [(f.table, f.column, f.rule) for f in report.failures] == [expected], report.format()
+    text = report.format()
+    table, column, rule = expected
+    failed = [ln for ln in text.splitlines() if ln.startswith("FAIL ")]
+    assert len(failed) == 1, text
+    if table in ("manifest", "dataset"):
+        assert failed[0].startswith(f"FAIL {table}: "), text
+    else:
+        assert failed[0].startswith(f"FAIL {table}.{column}: {rule} ("), text
+    assert text.splitlines()[-1].startswith("FAILED"), text
 
 
 def test_clean_dataset_passes_and_writes_data_docs(clean_dataset, tmp_path):
     res = runner.invoke(app, ["validate", str(clean_dataset), "--docs", str(tmp_path / "gx")])
     assert res.exit_code == 0, res.output
-    assert "PASSED" in res.output and "FAIL " not in res.output
+    assert "PASSED" in res.output and "FAIL " not in res.output and "warning" not in res.output
     docs = Path(res.output.split("Data Docs: ")[1].split()[0])
     assert docs.name == "index.html" and docs.exists() and str(tmp_path) in str(docs)
     assert "interactions_contract" in docs.read_text() or any(docs.parent.rglob("*.html"))
 
 
-@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
-def test_each_rule_fails_alone(name, dataset_copy):
-    corrupt, (table, column, rule) = CORRUPTIONS[name]
-    corrupt(dataset_copy)
-    res = runner.invoke(app, ["validate", str(dataset_copy)])
-    assert res.exit_code == 1, res.output
-    failed = [ln for ln in res.output.splitlines() if ln.startswith("FAIL ")]
-    assert len(failed) == 1, res.output
-    assert failed[0].startswith(f"FAIL {table}.{column}: {rule} ("), res.output
-    assert "FAILED" in res.output
+def test_failure_examples_name_the_planted_values(dataset_copy):
+    _edit(dataset_copy, "interactions", _where(_not_clicked, "dwell", 12.5))
+    (failure,) = validate_dataset(dataset_copy).failures
+    assert failure.examples and set(failure.examples) == {12.5}
+    assert failure.fraction == pytest.approx(5 / 5000)
 
 
 def test_failure_line_gives_fraction_and_examples(dataset_copy):
@@ -124,12 +267,108 @@ def test_failure_line_gives_fraction_and_examples(dataset_copy):
     assert "1.00% of rows" in failure.line() and "'ghost'" in failure.line()
 
 
+def test_declared_nulls_within_max_null_rate_pass(dataset_copy):
+    _declare(dataset_copy, change={"dwell": {"max_null_rate": 0.1}, "click": {"max_null_rate": 0.1}})
+
+    def fn(df):
+        df.loc[df.index[:250], "dwell"] = np.nan  # 5% of 5000
+        df["click"] = df["click"].astype("Int8")
+        df.loc[df.index[250:400], "click"] = pd.NA  # 3%
+    _edit(dataset_copy, "interactions", fn)
+    report = validate_dataset(dataset_copy)
+    assert report.success, report.format()
+
+
+def test_a_richer_declaration_passes_on_data_that_fits_it(dataset_copy):
+    """Extra tasks of every type, a custom label column, context and attributes: all valid, nothing to warn."""
+    _declare(dataset_copy, change={"purchase": {"label": "bought"}, "dwell": {"max": 100_000}},
+             add=[{"name": "like", "type": "binary", "gain": 2},
+                  {"name": "rating", "type": "multiclass", "num_classes": 3},
+                  {"name": "score", "type": "regression", "min": -10, "max": 10}],
+             context=["network", "device"], attributes={"users": ["region"], "items": ["author"]})
+
+    def interactions(df):
+        rng = np.random.default_rng(1)
+        df = df.rename(columns={"purchase": "bought"})
+        df["like"] = _binary(df, rng)
+        df["rating"] = _classes(df, rng)
+        df["score"] = np.clip(_scores(df, rng), -10, 10)
+        df["network"] = np.where(rng.random(len(df)) < 0.5, "wifi", "4g")
+        return df
+    _edit(dataset_copy, "interactions", interactions)
+    _edit(dataset_copy, "users", lambda df: df.assign(region="north"))
+    _edit(dataset_copy, "items", lambda df: df.assign(author=[f"a{i % 7}" for i in range(len(df))]))
+    report = validate_dataset(dataset_copy)
+    assert report.success and not report.warnings, report.format()
+
+
+def test_undeclared_columns_warn_by_name_and_do_not_fail(dataset_copy):
+    _edit(dataset_copy, "interactions", lambda df: df.assign(share=0, watched_to_end=1))
+    _edit(dataset_copy, "items", lambda df: df.assign(colour="red"))
+    report = validate_dataset(dataset_copy)
+    assert report.success, report.format()
+    (items,) = [w for w in report.warnings if w.startswith("items:")]
+    (log,) = [w for w in report.warnings if w.startswith("interactions:")]
+    assert "'colour'" in items
+    assert "'share'" in log and "'watched_to_end'" in log
+    text = report.format()
+    assert "warning: interactions: column(s) ['share', 'watched_to_end']" in text and "PASSED" in text
+
+
 def test_iso_string_timestamps_are_accepted(dataset_copy):
     _edit(dataset_copy, "users", lambda df: df.assign(
         event_timestamp=df.event_timestamp.map(lambda t: t.isoformat()).astype(object)))
     assert validate_dataset(dataset_copy).success
 
 
+# ---- a missing or malformed manifest: a failure that says what is wrong, never a traceback ----------
+BAD_MANIFESTS = {
+    "not yaml": ("name: synth\ntasks: [\n", "is not valid YAML at line"),
+    "a list": ("- name: synth\n- source: x\n", "must be a mapping"),
+    "empty": ("", "must be a mapping"),
+    "no end": ("name: synth\nsource: x\nstart: '2025-01-01T00:00:00+00:00'\ntasks: [{name: click}]\n", "lacks end"),
+    "bad start": ("name: synth\nsource: x\nstart: yesterday\nend: '2026-01-01T00:00:00+00:00'\n"
+                  "tasks: [{name: click}]\n", "start 'yesterday' is not an ISO-8601 time"),
+    "no tasks": ("name: synth\nsource: x\nstart: '2025-01-01T00:00:00+00:00'\nend: '2026-10-01T00:00:00+00:00'\n",
+                 "declares no tasks"),
+    "not utf-8": (b"name: synth\xff\xfe\n", "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_MANIFESTS))
+def test_malformed_manifest_fails_with_a_clear_message(name, dataset_copy):
+    content, message = BAD_MANIFESTS[name]
+    path = dataset_copy / contract.MANIFEST
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    res = runner.invoke(app, ["validate", str(dataset_copy)])
+    assert res.exit_code == 1, res.output
+    assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output, res.output
+    failed = [ln for ln in res.output.splitlines() if ln.startswith("FAIL ")]
+    assert len(failed) == 1 and failed[0].startswith("FAIL manifest: "), res.output
+    assert message in failed[0] and contract.MANIFEST in failed[0], res.output
+
+
+def test_missing_manifest_says_so(dataset_copy):
+    (dataset_copy / contract.MANIFEST).unlink()
+    res = runner.invoke(app, ["validate", str(dataset_copy)])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    (line,) = [ln for ln in res.output.splitlines() if ln.startswith("FAIL ")]
+    assert f"{contract.MANIFEST} is missing" in line and "tasks" in line, res.output
+
+
+def test_nonexistent_directory_fails_and_creates_nothing(tmp_path):
+    target = tmp_path / "nowhere" / "data"
+    report = validate_dataset(target)
+    assert [(f.table, f.rule) for f in report.failures] == [("dataset", "directory exists")]
+    assert "is not a directory" in report.failures[0].detail
+    assert not (tmp_path / "nowhere").exists() and not (target / "_gx").exists()
+    res = runner.invoke(app, ["validate", str(target)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert f"FAIL dataset: {target} is not a directory" in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the command line and the Prefect task --------------------------------------------------------
 def test_command_line_exit_codes(clean_dataset, dataset_copy):
     ok = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(clean_dataset)],
                         capture_output=True, text=True, cwd=ROOT)

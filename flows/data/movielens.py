@@ -8,9 +8,12 @@
   negative takes the time of one of that user's ratings drawn at random, so
   negatives follow the user's activity in time and a time split cuts both alike;
   a negative that would fall before its movie's release is dropped.
-- **Labels.** ``purchase`` (the conversion stage after the click) is
-  ``rating >= 4``, a "like". ``rating`` is the 1-5 rating as a float on clicked
-  rows and 0 on unclicked ones. There is no ``device``, ``position`` or ``dwell``.
+- **Labels** (declared in the manifest): ``click``; ``like`` is
+  ``rating >= 4``, a binary task after the click (trained ESMM-style;
+  published multi-task results on this mapping call it "purchase" or
+  "conversion"); ``rating`` is the 1-5 rating as a float on clicked rows and 0
+  on unclicked ones, a regression task after the click. There is no
+  ``device``, ``position`` or ``dwell``.
 - **Users.** ``segment`` is the occupation; age and gender as given; the zip
   code is dropped. A user's row is timestamped at that user's first rating:
   the moment the user enters the log.
@@ -33,6 +36,13 @@ import numpy as np
 import pandas as pd
 
 from models import contract
+from models.declaration import Declaration
+
+DECLARATION = Declaration.from_dict({"tasks": [
+    {"name": "click", "type": "binary"},
+    {"name": "like", "type": "binary", "parent": "click"},
+    {"name": "rating", "type": "regression", "parent": "click", "min": 0, "max": 5},
+], "primary": "click"})
 
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
@@ -100,16 +110,16 @@ def convert(src: Path | str, out: Path | str, *, negatives_per_positive: int = 4
     negatives = negatives[negatives["ts"].to_numpy() >= since_s[negatives["item"].to_numpy() - 1]]
 
     pos = pd.DataFrame({"user": ratings["user"], "item": ratings["item"], "ts": ratings["ts"],
-                        "click": 1, "purchase": (ratings["rating"] >= 4).astype(int),
+                        "click": 1, "like": (ratings["rating"] >= 4).astype(int),
                         "rating": ratings["rating"].astype(float)})
-    neg = negatives.assign(click=0, purchase=0, rating=0.0)
+    neg = negatives.assign(click=0, like=0, rating=0.0)
     log = pd.concat([pos, neg], ignore_index=True).sort_values(["ts", "user", "item"], kind="stable")
     interactions = pd.DataFrame({
         "user_id": log["user"].astype(str).to_numpy(),
         "item_id": log["item"].astype(str).to_numpy(),
         contract.TIMESTAMP: pd.to_datetime(log["ts"].to_numpy(), unit="s", utc=True),
         "click": log["click"].to_numpy(np.int8),
-        "purchase": log["purchase"].to_numpy(np.int8),
+        "like": log["like"].to_numpy(np.int8),
         "rating": log["rating"].to_numpy(np.float64),
     })
     category, genres = _categories(items)
@@ -129,12 +139,12 @@ def convert(src: Path | str, out: Path | str, *, negatives_per_positive: int = 4
         start=min(start, item_since.min()).isoformat(), end=interactions[contract.TIMESTAMP].max().isoformat(),
         rows={"users": len(users_t), "items": len(items_t), "interactions": len(interactions)},
         params={"negatives_per_positive": negatives_per_positive, "seed": seed,
-                "click": "every rating (1); sampled unrated movies (0)", "purchase": "rating >= 4",
+                "click": "every rating (1); sampled unrated movies (0)", "like": "rating >= 4",
                 "rating": "1-5 on clicks, 0 otherwise", "category": "first genre flag",
                 "click_rate": float(interactions["click"].mean()),
-                "purchase_rate_given_click": float(interactions.loc[interactions.click == 1, "purchase"].mean())},
+                "like_rate_given_click": float(interactions.loc[interactions.click == 1, "like"].mean())},
         notes="MovieLens 100K (GroupLens), research use only; cite Harper & Konstan, "
               "ACM TiiS 5(4), 2015. Mapping: flows/data/movielens.py.",
     )
-    manifest.save(out)
+    manifest.declare(DECLARATION).save(out)
     return manifest

@@ -33,7 +33,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models import contract
+from models.declaration import Declaration
 from models.metrics import ranking_metrics
+
+# What this log records, as its manifest declares it: a funnel (purchase only after a click).
+DECLARATION = Declaration.from_dict({"tasks": [
+    {"name": "click", "type": "binary"},
+    {"name": "purchase", "type": "binary", "parent": "click"},
+    {"name": "dwell", "type": "regression", "parent": "click", "transform": "log1p"},
+], "primary": "click"})
 
 DEVICES = np.array(["mobile", "desktop", "tablet"])
 GENDERS = np.array(["f", "m"])
@@ -248,5 +256,5 @@ def generate(out: Path | str, cfg: SynthConfig = SynthConfig()) -> contract.Mani
               "ranked by the generator's own click probability (oracle), by earlier click "
               "counts (popularity) and at random.",
     )
-    manifest.save(out)
+    manifest.declare(DECLARATION).save(out)
     return manifest

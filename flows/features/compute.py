@@ -1,5 +1,8 @@
 """Feature tables from the validated contract tables: profiles and windowed aggregates.
 
+Which columns each table has follows the dataset's declaration and tables
+(``feature_repo/schema.py``): one count and rate per declared binary task.
+
 Aggregates are daily snapshots. The snapshot stamped midnight ``d`` counts
 the interactions of the ``w`` days strictly before ``d``; a row is written
 at the log's first midnight (all zeros) and then only when some window's
@@ -17,29 +20,33 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from feature_repo.definitions import SCHEMAS, WINDOWS
+from feature_repo.schema import (TOP_CATEGORY, WINDOWS, count_column, derive, impressions_column,
+                                 rate_column)
 from models import contract
+from models.contract import coerce_timestamps
+from models.declaration import Declaration
 
 DAY = pd.Timedelta(days=1)
 
 
-def _profile_users(users: pd.DataFrame) -> pd.DataFrame:
-    out = pd.DataFrame({"user_id": users["user_id"].astype(str), "event_timestamp": users[contract.TIMESTAMP]})
-    out["age"] = pd.to_numeric(users["age"], errors="coerce").astype("float64") if "age" in users else np.nan
-    for c in ("gender", "segment"):
-        out[c] = users[c].astype(object).where(users[c].notna(), None) if c in users else None
-    out["user_since_ts"] = _epoch_s(users[contract.TIMESTAMP])
-    return out
+def _attribute(series: pd.Series, kind: str):
+    if kind == "string":
+        return series.astype(object).where(series.notna(), None).map(lambda v: v if v is None else str(v))
+    if pd.api.types.is_datetime64_any_dtype(series):
+        return _epoch_s(coerce_timestamps(series.to_frame("t"), "t")["t"])
+    return pd.to_numeric(series, errors="coerce").astype("float64")
 
 
-def _profile_items(items: pd.DataFrame) -> pd.DataFrame:
-    out = pd.DataFrame({"item_id": items["item_id"].astype(str), "event_timestamp": items[contract.TIMESTAMP]})
-    out["category"] = items["category"].astype(str)
-    price = pd.to_numeric(items["price"], errors="coerce").astype("float64") if "price" in items else \
-        pd.Series(np.nan, index=items.index)
-    out["price"] = price
-    out["log_price"] = np.log1p(price.clip(lower=0))
-    out["item_since_ts"] = _epoch_s(items[contract.TIMESTAMP])
+def _profile(table: pd.DataFrame, key: str, columns: dict[str, str], since: str) -> pd.DataFrame:
+    """One row per entity: the schema's attribute columns, derived ones (log price) and when it appeared."""
+    out = pd.DataFrame({key: table[key].astype(str), "event_timestamp": table[contract.TIMESTAMP]})
+    for c, kind in columns.items():
+        if c == since:
+            out[c] = _epoch_s(table[contract.TIMESTAMP])
+        elif c == "log_price":
+            out[c] = np.log1p(pd.to_numeric(table["price"], errors="coerce").astype("float64").clip(lower=0))
+        else:
+            out[c] = _attribute(table[c], kind)
     return out
 
 
@@ -57,71 +64,84 @@ def _windowed(daily: np.ndarray) -> np.ndarray:
 
 
 def _activity(inter: pd.DataFrame, key: str, prefix: str, day0: pd.Timestamp, n_days: int,
-              categories: pd.Series | None = None) -> pd.DataFrame:
+              declaration: Declaration, categories: pd.Series | None = None) -> pd.DataFrame:
+    """Impressions and, per declared binary task, positives and rate over each window, per entity and snapshot."""
     codes, uniques = pd.factorize(inter[key].astype(str), sort=True)
     n = len(uniques)
     day = ((inter[contract.TIMESTAMP] - day0) // DAY).to_numpy(dtype=np.int64)
     flat = codes.astype(np.int64) * n_days + day
-    counts = {}
-    for name, weights in (("impressions", None), ("clicks", inter["click"].to_numpy(np.int64)),
-                          ("purchases", inter["purchase"].to_numpy(np.int64))):
-        counts[name] = _windowed(np.bincount(flat, weights=weights, minlength=n * n_days)
-                                 .astype(np.int64).reshape(n, n_days))
-    stacked = np.concatenate(list(counts.values()))  # [3W, E, D+1]
+    daily = {"": None, **{t.name: _positive(inter[t.column]) for t in declaration.binary}}
+    counts = {name: _windowed(np.bincount(flat, weights=w, minlength=n * n_days).astype(np.int64)
+                              .reshape(n, n_days)) for name, w in daily.items()}
+    stacked = np.concatenate(list(counts.values()))  # [(1 + tasks) W, E, D+1]
     changed = np.zeros((n, n_days + 1), dtype=bool)
     # Snapshot 0 (all zeros) is written for every entity: "nothing yet" is a value, not a missing row.
     changed[:, 0] = True
     changed[:, 1:] = (stacked[:, :, 1:] != stacked[:, :, :-1]).any(axis=0)
     top = None
     if categories is not None:
-        # Most-clicked category over the longest window, per user and snapshot ("" when none).
+        # Top category by the primary task over the longest window, per user and snapshot ("" when none).
         cat_codes, cat_names = pd.factorize(categories.astype(str), sort=True)
         k = len(cat_names)
-        clicked = inter["click"].to_numpy() > 0
-        cat_flat = (codes.astype(np.int64)[clicked] * k + cat_codes[clicked]) * n_days + day[clicked]
+        hit = _positive(inter[declaration.get(declaration.primary).column]) > 0
+        cat_flat = (codes.astype(np.int64)[hit] * k + cat_codes[hit]) * n_days + day[hit]
         per_cat = np.bincount(cat_flat, minlength=n * k * n_days).astype(np.int32).reshape(n * k, n_days)
-        w30 = _windowed(per_cat)[-1].reshape(n, k, n_days + 1)
-        best = w30.argmax(axis=1)
-        top = np.where(w30.max(axis=1) > 0, np.asarray(cat_names, dtype=object)[best], "")
+        top_w = _windowed(per_cat)[-1].reshape(n, k, n_days + 1)
+        best = top_w.argmax(axis=1)
+        top = np.where(top_w.max(axis=1) > 0, np.asarray(cat_names, dtype=object)[best], "")
         changed[:, 1:] |= top[:, 1:] != top[:, :-1]
     ent, snap = np.nonzero(changed)
     out = {key: np.asarray(uniques, dtype=object)[ent], "event_timestamp": day0 + pd.to_timedelta(snap, unit="D")}
     for j, w in enumerate(WINDOWS):
-        imps, clicks, buys = (counts[c][j][ent, snap] for c in ("impressions", "clicks", "purchases"))
-        out[f"{prefix}_impressions_{w}d"] = imps
-        out[f"{prefix}_clicks_{w}d"] = clicks
-        out[f"{prefix}_purchases_{w}d"] = buys
-        out[f"{prefix}_ctr_{w}d"] = clicks / np.maximum(imps, 1)
-        out[f"{prefix}_cvr_{w}d"] = buys / np.maximum(clicks, 1)
+        imps = counts[""][j][ent, snap]
+        out[impressions_column(prefix, w)] = imps
+        for t in declaration.binary:
+            hits = counts[t.name][j][ent, snap]
+            base = counts[t.parent][j][ent, snap] if t.parent else imps
+            out[count_column(prefix, t.name, w)] = hits
+            out[rate_column(prefix, t.name, w)] = hits / np.maximum(base, 1)
     if top is not None:
-        out[f"{prefix}_top_category_30d"] = top[ent, snap]
+        out[TOP_CATEGORY] = top[ent, snap]
     return pd.DataFrame(out)
 
 
+def _positive(labels: pd.Series) -> np.ndarray:
+    """A binary label as 0/1 integers (validation has held it to the domain; a missing label counts as 0)."""
+    return pd.to_numeric(labels, errors="coerce").fillna(0).to_numpy(np.int64)
+
+
 def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str) -> dict[str, int]:
-    """Write the four source tables the feature views read; returns their row counts."""
+    """Write the four source tables the feature views read, and their schema; returns their row counts."""
     t0 = time.perf_counter()
+    declaration = contract.Manifest.require(dataset_dir).declaration
     t = contract.load_dataset(dataset_dir)
-    inter = t["interactions"]
+    inter, users, items = t["interactions"], t["users"], t["items"]
+    schema = derive(declaration, users, items, inter)
     day0 = inter[contract.TIMESTAMP].min().floor("D")
     n_days = int((inter[contract.TIMESTAMP].max() - day0) // DAY) + 1
-    cat_of_item = t["items"].set_index(t["items"]["item_id"].astype(str))["category"]
-    categories = inter["item_id"].astype(str).map(cat_of_item)
+    categories = None
+    if schema.has_category:
+        cat_of_item = items.set_index(items["item_id"].astype(str))["category"]
+        categories = inter["item_id"].astype(str).map(cat_of_item)
     tables = {
-        "user_profile": _profile_users(t["users"]),
-        "user_activity": _activity(inter, "user_id", "user", day0, n_days, categories=categories),
-        "item_profile": _profile_items(t["items"]),
-        "item_popularity": _activity(inter, "item_id", "item", day0, n_days),
+        "user_profile": _profile(users, "user_id", schema.views["user_profile"], "user_since_ts"),
+        "user_activity": _activity(inter, "user_id", "user", day0, n_days, declaration, categories=categories),
+        "item_profile": _profile(items, "item_id", schema.views["item_profile"], "item_since_ts"),
+        "item_popularity": _activity(inter, "item_id", "item", day0, n_days, declaration),
     }
     tables_dir = Path(tables_dir)
     tables_dir.mkdir(parents=True, exist_ok=True)
+    for stale in tables_dir.glob("*.parquet"):  # a view this schema no longer has must not linger
+        if stale.stem not in tables:
+            stale.unlink()
     rows = {}
     for name, df in tables.items():
-        missing = set(SCHEMAS[name]) - set(df.columns)
-        assert not missing, f"{name} lacks {missing}"  # the definitions and this module must agree
+        missing = set(schema.views[name]) - set(df.columns)
+        assert not missing, f"{name} lacks {missing}"  # the schema and this module must agree
         # Microseconds: DuckDB casts TIMESTAMPTZ (us) but not its nanosecond form.
         df["event_timestamp"] = df["event_timestamp"].astype("datetime64[us, UTC]")
         df.to_parquet(tables_dir / f"{name}.parquet", index=False)
         rows[name] = len(df)
+    schema.save(tables_dir)
     rows["seconds"] = round(time.perf_counter() - t0, 2)
     return rows

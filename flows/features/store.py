@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from feature_repo.definitions import FEATURE_SERVICE, JOIN_KEY, build
+from feature_repo.schema import FeatureSchema
 from models import contract
 
 WORKSPACE = "_features"
@@ -147,10 +148,26 @@ def training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_000) -
     return pd.concat(parts, ignore_index=True) if parts else entity_frame(interactions).iloc[:0]
 
 
-def write_training_set(store, interactions: pd.DataFrame, path: Path | str, chunk_rows: int = 250_000) -> int:
+def training_metadata(settings: StoreSettings) -> dict:
+    """What training needs to know beside the rows: the dataset's declaration and the model's input columns.
+
+    Stored in the training parquet's own metadata (``models.table.TABLE_METADATA``), so the file alone,
+    copied to a GPU machine, says which columns are labels and which are features.
+    """
+    schema = FeatureSchema.load(settings.tables)
+    return {"declaration": schema.declaration, "features": schema.model_features(),
+            "feature_service": FEATURE_SERVICE}
+
+
+def write_training_set(store, interactions: pd.DataFrame, path: Path | str, chunk_rows: int = 250_000,
+                       metadata: dict | None = None) -> int:
     """Stream the training set to one parquet file, a chunk at a time; returns its row count."""
+    import json
+
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from models.table import TABLE_METADATA
 
     path = Path(path)
     tmp = path.with_suffix(".parquet.tmp")
@@ -161,6 +178,9 @@ def write_training_set(store, interactions: pd.DataFrame, path: Path | str, chun
                 schema = pa.Schema.from_pandas(part, preserve_index=False)
                 # A column that is all missing in the first chunk must still take later chunks' strings.
                 schema = pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in schema])
+                if metadata is not None:
+                    schema = schema.with_metadata({**(schema.metadata or {}),
+                                                   TABLE_METADATA: json.dumps(metadata).encode()})
                 writer = pq.ParquetWriter(tmp, schema)
             writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False))
             rows += len(part)
@@ -189,7 +209,8 @@ def build_all(dataset: Path | str, settings: StoreSettings | None = None, *, mat
         materialize(store)
         timings["materialize_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    n = write_training_set(store, contract.load_dataset(settings.dataset)["interactions"], settings.training_file)
+    n = write_training_set(store, contract.load_dataset(settings.dataset)["interactions"], settings.training_file,
+                           metadata=training_metadata(settings))
     timings["historical_s"] = time.perf_counter() - t
     return {"tables": rows, "training_rows": n, "training_file": str(settings.training_file),
             "feature_service": FEATURE_SERVICE, "online_store": settings.online,
@@ -197,4 +218,4 @@ def build_all(dataset: Path | str, settings: StoreSettings | None = None, *, mat
 
 
 __all__ = ["StoreSettings", "open_store", "apply", "materialize", "training_set", "write_training_set", "build_all",
-           "JOIN_KEY"]
+           "training_metadata", "JOIN_KEY"]

@@ -38,5 +38,6 @@ def training_set(dataset: str, online: str | None = None) -> str:
     from models import contract
 
     s = fstore.StoreSettings.for_dataset(dataset, online=online)
-    fstore.write_training_set(fstore.open_store(s), contract.load_dataset(s.dataset)["interactions"], s.training_file)
+    fstore.write_training_set(fstore.open_store(s), contract.load_dataset(s.dataset)["interactions"], s.training_file,
+                              metadata=fstore.training_metadata(s))
     return str(Path(s.training_file))

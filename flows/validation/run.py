@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from models import contract
+from models.declaration import DeclarationError
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -31,6 +32,8 @@ class Failure:
     detail: str = ""
 
     def line(self) -> str:
+        if self.table in ("manifest", "dataset"):  # not a row-level rule: the detail says it all
+            return f"FAIL {self.table}: {self.detail}"
         ex = ", ".join(repr(e) for e in self.examples[:5])
         text = f"FAIL {self.table}.{self.column}: {self.rule} ({self.fraction:.2%} of rows)"
         if ex:
@@ -79,23 +82,50 @@ def _examples(rule: str, result: dict) -> list:
     return list(values)
 
 
+def _exception(info) -> dict:
+    """GX reports a rule that raised either flat or keyed by the metric that raised: the first raised one."""
+    info = info or {}
+    if not isinstance(info, dict) or info.get("raised_exception"):
+        return info if isinstance(info, dict) else {}
+    return next((v for v in info.values() if isinstance(v, dict) and v.get("raised_exception")), {})
+
+
+def _manifest(directory: Path, report: "ValidationReport"):
+    """The manifest and its declaration; what is missing or malformed becomes a failure, not a traceback."""
+    try:
+        manifest = contract.Manifest.require(directory)
+    except contract.ManifestError as e:
+        report.failures.append(Failure("manifest", "-", "manifest", 1.0, [], str(e)))
+        return None, None
+    try:
+        return manifest, manifest.declaration
+    except DeclarationError as e:
+        report.failures.append(Failure("manifest", "tasks", "declaration", 1.0, [], str(e)))
+        return manifest, None
+
+
 def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = None,
                      now: pd.Timestamp | None = None) -> ValidationReport:
     t0 = time.perf_counter()
     _quiet()
     import great_expectations as gx
 
-    from flows.validation.suites import derive_timestamp_columns, expectations_for
+    from flows.validation.suites import derive_implication_columns, derive_timestamp_columns, expectations_for
 
     directory = Path(directory)
     now = now or pd.Timestamp.now(tz="UTC")
     report = ValidationReport(directory=str(directory))
-    manifest = contract.Manifest.load(directory)
-    if manifest is None:
-        report.warnings.append(f"no {contract.MANIFEST}: the declared time range is not checked")
+    if not directory.is_dir():  # nothing to judge, and nothing (not even _gx) is created there
+        report.failures.append(Failure("dataset", "-", "directory exists", 1.0, [],
+                                       f"{directory} is not a directory: point at a dataset directory holding "
+                                       f"{', '.join(t.file for t in contract.TABLES.values())} and {contract.MANIFEST}"))
+        report.seconds = time.perf_counter() - t0
+        return report
+    manifest, declaration = _manifest(directory, report)
+    tables = contract.tables_for(declaration)
 
     frames: dict[str, pd.DataFrame] = {}
-    for name, table in contract.TABLES.items():
+    for name, table in tables.items():
         path = directory / table.file
         if not path.exists():
             report.failures.append(Failure(name, "-", "table exists", 1.0, [], f"{path} is missing"))
@@ -107,8 +137,14 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
             continue
         report.rows[name] = len(frames[name])
 
-    key_sets = {ref: frames[ref][contract.TABLES[ref].key].dropna().unique().tolist()
-                for ref in ("users", "items") if ref in frames and contract.TABLES[ref].key in frames[ref]}
+    key_sets = {ref: frames[ref][tables[ref].key].dropna().unique().tolist()
+                for ref in ("users", "items") if ref in frames and tables[ref].key in frames[ref]}
+    for name, df in frames.items():
+        undeclared = sorted(set(df.columns) - {c.name for c in tables[name].columns})
+        if undeclared:
+            report.warnings.append(f"{name}: column(s) {undeclared} are not in the contract or the declaration and "
+                                   f"are not used (declare labels under tasks:, request-time columns under context:, "
+                                   f"user/item columns under attributes:)")
     root = Path(docs_dir) if docs_dir else directory / "_gx"
     root.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="file", project_root_dir=str(root))
@@ -117,11 +153,14 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     source = ctx.data_sources.add_or_update_pandas("mtlrec")
     for name, df in frames.items():
-        table = contract.TABLES[name]
+        table = tables[name]
         if contract.TIMESTAMP in df:
             derive_timestamp_columns(df)
+        if name == "interactions":
+            derive_implication_columns(df, declaration)
         suite = gx.ExpectationSuite(name=f"{name}_contract")
-        for exp in expectations_for(table, df, manifest, now, key_sets if name == "interactions" else None):
+        for exp in expectations_for(table, df, manifest, now, key_sets if name == "interactions" else None,
+                                    declaration=declaration):
             suite.add_expectation(exp)
         suite = ctx.suites.add_or_update(suite)
         asset = next((a for a in source.assets if a.name == name), None) or source.add_dataframe_asset(name=name)
@@ -142,7 +181,7 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
                 rule = meta.get("rule", r.expectation_config.type)
                 res = r.result or {}
                 pct = res.get("unexpected_percent")
-                exc = r.exception_info or {}
+                exc = _exception(r.exception_info)
                 detail = ""
                 if rule == "row count":
                     detail = f"{res.get('observed_value')} rows, need at least {table.min_rows}"

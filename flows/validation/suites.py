@@ -2,8 +2,9 @@
 
 The rules are not written out by hand per table: they follow from the
 contract's column specs (kind, nullability, domain, bounds) and the dataset's
-manifest (its declared time range), so changing the contract changes
-validation with it. Every expectation carries a short human rule name and the
+manifest (its declared time range and its task declaration: one label column
+per task, binary domain, parent implication, regression range), so changing
+the contract or the declaration changes validation with it. Every expectation carries a short human rule name and the
 contract column in ``meta``: the report prints those, not GX's type names.
 
 Timestamps are judged on a derived column of epoch seconds (``TS_SECONDS``),
@@ -17,12 +18,15 @@ import great_expectations as gx
 import pandas as pd
 
 from models import contract
+from models.declaration import Declaration
 
 TS_SECONDS = "__event_timestamp_seconds"
 TS_UNPARSEABLE = "__event_timestamp_unparseable"
 # Stored timestamps may be datetimes (naive ones are read as UTC) or ISO-8601 text.
 TIMESTAMP_TYPES = ["datetime64[ns]", "datetime64[us]", "datetime64[ms]", "datetime64[s]", "object", "str"]
 E = gx.expectations
+FINITE = 1.7e308  # between -FINITE and FINITE: any float but the infinities
+NUMERIC_KINDS = ("int", "binary", "float", "number")
 
 
 def _meta(rule: str, column: str | None) -> dict:
@@ -45,8 +49,32 @@ def derive_timestamp_columns(df: pd.DataFrame, column: str = contract.TIMESTAMP)
     df[TS_UNPARSEABLE] = raw.where(raw.notna() & parsed.isna()).astype(object) if parsed.isna().any() else None
 
 
+def implication_column(child: str, parent: str) -> str:
+    return f"__{child}_where_{parent}_is_0"
+
+
+def derive_implication_columns(df: pd.DataFrame, declaration: Declaration | None) -> None:
+    """For each regression task with a parent: its values on rows where the parent is 0 (must be 0 or null).
+
+    A binary child is checked by GX's pair rule; a regression child ("dwell only after a click") needs
+    "zero where the parent is zero", which GX has no single rule for, so the offending values are derived
+    into a column that must be all null, and the report shows them as examples.
+    """
+    if declaration is None:
+        return
+    for t in declaration.tasks:
+        if t.parent is None or t.binary:
+            continue
+        parent = declaration.get(t.parent).column
+        if t.column in df and parent in df:
+            value = pd.to_numeric(df[t.column], errors="coerce")
+            bad = (pd.to_numeric(df[parent], errors="coerce") == 0) & value.notna() & (value != 0)
+            df[implication_column(t.column, parent)] = value.where(bad).astype(object).where(bad, None)
+
+
 def expectations_for(table: contract.Table, df: pd.DataFrame, manifest: contract.Manifest | None,
-                     now: pd.Timestamp, key_sets: dict[str, list] | None = None) -> list:
+                     now: pd.Timestamp, key_sets: dict[str, list] | None = None,
+                     declaration: Declaration | None = None) -> list:
     """The expectations for one table as it was found (rules for absent optional columns are skipped)."""
     out = [E.ExpectTableRowCountToBeBetween(min_value=table.min_rows, meta=_meta("row count", None))]
     present = set(df.columns)
@@ -56,11 +84,21 @@ def expectations_for(table: contract.Table, df: pd.DataFrame, manifest: contract
                 out.append(E.ExpectColumnToExist(column=col.name, meta=_meta("column exists", col.name)))
             continue
         out += _column_rules(table, col, df[col.name])
-    if table is contract.INTERACTIONS:
-        if {"click", "purchase"} <= present:
-            out.append(E.ExpectColumnPairValuesAToBeGreaterThanB(
-                column_A="click", column_B="purchase", or_equal=True, ignore_row_if="either_value_is_missing",
-                meta=_meta("purchase implies click", "purchase")))
+    if table.name == contract.INTERACTIONS.name:
+        for t in declaration.tasks if declaration else ():
+            if t.parent is None:
+                continue
+            parent = declaration.get(t.parent)
+            rule = f"{t.name} implies {parent.name}"
+            if not {t.column, parent.column} <= present:
+                continue
+            if t.binary:
+                out.append(E.ExpectColumnPairValuesAToBeGreaterThanB(
+                    column_A=parent.column, column_B=t.column, or_equal=True, ignore_row_if="either_value_is_missing",
+                    meta=_meta(rule, t.column)))
+            else:
+                out.append(E.ExpectColumnValuesToBeNull(column=implication_column(t.column, parent.column),
+                                                        meta=_meta(f"{rule} (0 where {parent.name} is 0)", t.column)))
         for ref, key in (("users", "user_id"), ("items", "item_id")):
             if key in present and key_sets and key_sets.get(ref) is not None:
                 out.append(E.ExpectColumnValuesToBeInSet(column=key, value_set=key_sets[ref],
@@ -77,7 +115,9 @@ def expectations_for(table: contract.Table, df: pd.DataFrame, manifest: contract
 
 def _column_rules(table: contract.Table, col: contract.Column, series: pd.Series) -> list:
     rules = []
-    if col.kind == "timestamp":
+    if col.kind == "any":
+        pass  # a declared attribute or context column: any type the user chose
+    elif col.kind == "timestamp":
         if not isinstance(series.dtype, pd.DatetimeTZDtype):  # a tz-aware dtype is its own proof
             rules.append(E.ExpectColumnValuesToBeInTypeList(column=col.name, type_list=TIMESTAMP_TYPES,
                                                             meta=_meta("type", col.name)))
@@ -92,10 +132,16 @@ def _column_rules(table: contract.Table, col: contract.Column, series: pd.Series
         rules.append(E.ExpectColumnValuesToNotBeNull(column=col.name, meta=_meta("not null", col.name)))
     if table.key == col.name:
         rules.append(E.ExpectColumnValuesToBeUnique(column=col.name, meta=_meta("unique", col.name)))
+    if col.kind in NUMERIC_KINDS and not pd.api.types.is_numeric_dtype(series.dtype):
+        return rules  # text where a number belongs: the type rule says so; value rules would only raise
     if col.domain is not None:
         rules.append(E.ExpectColumnValuesToBeInSet(column=col.name, value_set=list(col.domain),
                                                    meta=_meta("domain", col.name)))
     if col.min_value is not None or col.max_value is not None:
         rules.append(E.ExpectColumnValuesToBeBetween(column=col.name, min_value=col.min_value,
                                                      max_value=col.max_value, meta=_meta("range", col.name)))
+    if col.kind in ("float", "number") and (col.min_value is None or col.max_value is None):
+        # an open side of the range (a log1p label: min 0 only) would let an infinity through
+        rules.append(E.ExpectColumnValuesToBeBetween(column=col.name, min_value=-FINITE, max_value=FINITE,
+                                                     meta=_meta("finite", col.name)))
     return rules

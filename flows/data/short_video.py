@@ -1,0 +1,344 @@
+"""A second synthetic scenario: a short-video feed whose behaviours are PARALLEL, not a funnel.
+
+The e-commerce log of ``flows/data/synth.py`` is a funnel (a purchase only
+after a click). A short-video feed is not: the video autoplays, so a long view,
+a like or a follow can happen without the viewer ever tapping it. This
+generator exercises that shape, and the item table has no ``category`` (its
+items are described by a declared ``author`` and ``duration`` instead).
+
+The planted structure, each behaviour driven by a *different* mix of latent factors:
+
+- users, authors and items carry latent factors; a user's is centred on its
+  segment's, an item's on its author's (so ``segment`` and ``author`` explain
+  part of the affinity, the ids the rest);
+- item exposure follows a Zipf law, user activity is log-normal, and one item
+  in ten launches inside the log (promoted), as in synth.py;
+- ``click`` (tap into the video): the full user-item affinity, the item's
+  thumbnail appeal, hour of day, device and feed position;
+- ``watch_time`` (seconds, every impression: the video autoplays): the share
+  watched is ``sigmoid(z)`` with ``z`` logistic around a second affinity (the
+  other half of the latent dimensions), the user's patience, a penalty on long
+  videos and a boost after a click; ``watch_time = share * duration``;
+- ``long_view``: 1 when ``watch_time >= 0.8 * duration`` (LONG_VIEW_SHARE), so
+  it is consistent with the two stored columns by construction;
+- ``like``: a third affinity (the first half of the dimensions), the author's
+  quality and the user's propensity to like; more likely after a click and
+  after a long view, but possible without either;
+- ``follow`` (rare): the user-*author* affinity and the author's quality; more
+  likely after a click or a long view.
+
+Because every conditional is a closed form, the generator knows each
+impression's expected graded relevance ``sum(gain_t * p_t)`` (gains of the
+declaration: click 1, long_view 1, like 2, follow 3); ranking the last day by
+it is the oracle reported in ``manifest.params['ground_truth']``.
+
+Whole-array numpy and chunked Arrow writing, as synth.py: 10M impressions in
+well under two minutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from models import contract
+from models.declaration import Declaration
+from models.metrics import ranking_metrics
+
+# Parallel behaviours: no parent anywhere. Gains make the graded relevance of evaluation.
+DECLARATION = Declaration.from_dict({"tasks": [
+    {"name": "click", "type": "binary", "gain": 1},
+    {"name": "long_view", "type": "binary", "gain": 1},
+    {"name": "like", "type": "binary", "gain": 2},
+    {"name": "follow", "type": "binary", "gain": 3},
+    {"name": "watch_time", "type": "regression", "transform": "log1p", "min": 0},
+], "primary": "click", "attributes": {"items": ["author", "duration"]}})
+
+BINARY = ("click", "long_view", "like", "follow")
+GAINS = {t.name: t.gain for t in DECLARATION.binary}
+LONG_VIEW_SHARE = 0.8  # long_view: watched at least this share of the video's duration
+DEVICES = np.array(["mobile", "desktop", "tablet"])
+GENDERS = np.array(["f", "m"])
+US_PER_DAY = 86_400 * 1_000_000
+US_PER_HOUR = 3_600_000_000
+MIN_DURATION, MAX_DURATION = 5.0, 300.0
+
+HOUR_WEIGHT = 1.0 + 0.8 * np.sin((np.arange(24) - 10) / 24 * 2 * np.pi)  # late evening is busiest
+HOUR_CLICK = 0.3 * np.sin((np.arange(24) - 15) / 24 * 2 * np.pi)
+DEVICE_CLICK = np.array([0.2, -0.15, 0.05])
+DEVICE_WATCH = np.array([0.2, -0.3, 0.1])  # phones are where people watch to the end
+
+
+@dataclass(frozen=True)
+class ShortVideoConfig:
+    n_users: int = 3000
+    n_items: int = 800
+    n_interactions: int = 300_000
+    days: int = 30
+    seed: int = 0
+    n_authors: int = 60
+    n_segments: int = 8
+    dim: int = 8
+    zipf_exponent: float = 1.0
+    end: str = "2026-10-01T00:00:00+00:00"  # fixed, so the same seed gives the same tables
+    chunk_rows: int = 2_000_000
+
+
+@dataclass
+class _World:
+    """The hidden truth behind the tables; kept to compute each impression's true probabilities."""
+
+    user_latent: np.ndarray
+    patience: np.ndarray  # per user: tends to watch to the end
+    like_bias: np.ndarray  # per user: tends to like
+    device_probs: np.ndarray  # per user, over DEVICES
+    activity: np.ndarray
+    author_latent: np.ndarray
+    author_quality: np.ndarray
+    item_latent: np.ndarray
+    item_author: np.ndarray
+    item_appeal: np.ndarray  # thumbnail / title: drives clicks only
+    item_duration: np.ndarray  # seconds, as stored
+    item_launch_us: np.ndarray
+    exposure: np.ndarray
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _users(cfg: ShortVideoConfig, rng: np.random.Generator, start_us: int):
+    segment = rng.integers(cfg.n_segments, size=cfg.n_users)
+    centres = rng.normal(0.0, 1.0, (cfg.n_segments, cfg.dim))
+    latent = 0.8 * centres[segment] + rng.normal(0.0, 0.6, (cfg.n_users, cfg.dim))
+    seg_patience = rng.normal(0.0, 0.4, cfg.n_segments)
+    patience = seg_patience[segment] + rng.normal(0.0, 0.5, cfg.n_users)
+    like_bias = rng.normal(0.0, 0.6, cfg.n_users)
+    seg_age = rng.uniform(16, 45, cfg.n_segments)
+    age = np.clip(np.rint(seg_age[segment] + rng.normal(0, 8, cfg.n_users)), 13, 90).astype(np.int64)
+    gender = GENDERS[rng.integers(2, size=cfg.n_users)]
+    seg_device = rng.dirichlet(np.array([6.0, 1.5, 1.5]), cfg.n_segments)  # mostly phones
+    activity = rng.lognormal(0.0, 1.0, cfg.n_users)
+    signup_us = start_us - rng.integers(1, 365, cfg.n_users) * US_PER_DAY
+    table = pd.DataFrame({
+        "user_id": np.char.add("u", np.arange(cfg.n_users).astype(str)),
+        contract.TIMESTAMP: pd.to_datetime(signup_us, unit="us", utc=True),
+        "age": age,
+        "gender": gender,
+        "segment": np.char.add("s", segment.astype(str)),
+    })
+    return table, latent, patience, like_bias, seg_device[segment], activity
+
+
+def _items(cfg: ShortVideoConfig, rng: np.random.Generator, start_us: int, span_us: int):
+    a_latent = rng.normal(0.0, 1.0, (cfg.n_authors, cfg.dim))
+    a_quality = rng.normal(0.0, 0.6, cfg.n_authors)
+    a_log_duration = rng.uniform(np.log(10.0), np.log(90.0), cfg.n_authors)
+    # A few prolific authors post most of the videos.
+    prolific = 1.0 / (rng.permutation(cfg.n_authors) + 1) ** 0.7
+    author = rng.choice(cfg.n_authors, size=cfg.n_items, p=prolific / prolific.sum())
+    latent = 0.8 * a_latent[author] + rng.normal(0.0, 0.6, (cfg.n_items, cfg.dim))
+    appeal = rng.normal(0.0, 0.5, cfg.n_items)
+    duration = np.round(np.clip(np.exp(a_log_duration[author] + rng.normal(0.0, 0.6, cfg.n_items)),
+                                MIN_DURATION, MAX_DURATION), 1)
+    # Exposure follows a Zipf law over a noisy view of quality: the feed promotes what tends to
+    # do well, so earlier clicks (popularity) carry some signal, but far from all of it.
+    promoted = appeal + 0.5 * a_quality[author] + rng.normal(0.0, 0.4, cfg.n_items)
+    rank = np.empty(cfg.n_items, dtype=np.int64)
+    rank[np.argsort(-promoted, kind="stable")] = np.arange(1, cfg.n_items + 1)
+    exposure = 1.0 / rank ** cfg.zipf_exponent
+    # Most videos exist before the log starts; one in ten launches inside it and is promoted.
+    launch = start_us - rng.integers(1, 365, cfg.n_items) * US_PER_DAY
+    new = rng.random(cfg.n_items) < 0.1
+    launch[new] = start_us + (rng.random(new.sum()) * 0.8 * span_us).astype(np.int64)
+    exposure[new] *= 3.0
+    table = pd.DataFrame({
+        "item_id": np.char.add("i", np.arange(cfg.n_items).astype(str)),
+        contract.TIMESTAMP: pd.to_datetime(launch, unit="us", utc=True),
+        "author": np.char.add("a", author.astype(str)),
+        "duration": duration,
+    })
+    return table, a_latent, a_quality, latent, author, appeal, duration, launch, exposure
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("nd,nd->n", a, b) / np.sqrt(a.shape[1])
+
+
+def _impressions(cfg: ShortVideoConfig, w: _World, rng: np.random.Generator, n: int,
+                 start_us: int, span_us: int) -> dict[str, np.ndarray]:
+    """Draw ``n`` impressions with their labels and each behaviour's true (marginal) probability."""
+    u = rng.choice(len(w.activity), size=n, p=w.activity / w.activity.sum())
+    i = rng.choice(len(w.exposure), size=n, p=w.exposure / w.exposure.sum())
+    day = rng.integers(cfg.days, size=n)
+    hour = rng.choice(24, size=n, p=HOUR_WEIGHT / HOUR_WEIGHT.sum())
+    ts = start_us + day * US_PER_DAY + hour * US_PER_HOUR + rng.integers(0, US_PER_HOUR, size=n)
+    # A video cannot be shown before it was posted: move such impressions after the launch.
+    launch = w.item_launch_us[i]
+    early = ts < launch
+    ts[early] = launch[early] + (rng.random(early.sum()) * (start_us + span_us - launch[early])).astype(np.int64)
+    hour = (ts // US_PER_HOUR) % 24
+    cum = np.cumsum(w.device_probs[u], axis=1)
+    device = (rng.random(n)[:, None] > cum[:, :-1]).sum(axis=1)
+    position = np.minimum(rng.geometric(0.1, size=n), 100)
+
+    ul, il = w.user_latent[u], w.item_latent[i]
+    a = w.item_author[i]
+    half = cfg.dim // 2
+    aff_click = _dot(ul, il)
+    aff_watch = _dot(ul[:, half:], il[:, half:])
+    aff_like = _dot(ul[:, :half], il[:, :half])
+    aff_author = _dot(ul, w.author_latent[a])
+    duration = w.item_duration[i]
+
+    # click
+    p_click = _sigmoid(-2.7 + 1.4 * aff_click + w.item_appeal[i] + HOUR_CLICK[hour] + DEVICE_CLICK[device]
+                       - 0.03 * (position - 1))
+    click = rng.random(n) < p_click
+    # watch share = sigmoid(mu + logistic noise); long_view iff share >= LONG_VIEW_SHARE, so
+    # P(long_view | click) = sigmoid((mu - logit(LONG_VIEW_SHARE)) / scale) in closed form.
+    scale = 0.8
+    mu0 = (-0.7 + 1.5 * aff_watch + w.patience[u] - 0.6 * np.log(duration / 30.0) + DEVICE_WATCH[device])
+    cut = np.log(LONG_VIEW_SHARE / (1.0 - LONG_VIEW_SHARE))
+    p_lv = {c: _sigmoid((mu0 + 1.2 * c - cut) / scale) for c in (0, 1)}
+    share = _sigmoid(mu0 + 1.2 * click + rng.logistic(0.0, scale, size=n))
+    watch_time = np.round(share * duration, 2)
+    long_view = watch_time >= LONG_VIEW_SHARE * duration  # the stored columns' own rule
+
+    # like and follow: their logits shift with the realised click and long view.
+    like_base = -5.5 + 1.3 * aff_like + 0.8 * w.author_quality[a] + w.like_bias[u]
+    follow_base = -7.0 + 1.6 * aff_author + 0.9 * w.author_quality[a]
+
+    def like_logit(c, lv):
+        return like_base + 1.6 * c + 1.0 * lv
+
+    def follow_logit(c, lv):
+        return follow_base + 1.3 * c + 1.0 * lv
+
+    like = rng.random(n) < _sigmoid(like_logit(click, long_view))
+    follow = rng.random(n) < _sigmoid(follow_logit(click, long_view))
+    # Marginal probabilities over the four (click, long_view) cells.
+    p_long_view = p_click * p_lv[1] + (1 - p_click) * p_lv[0]
+    p_like = np.zeros(n)
+    p_follow = np.zeros(n)
+    for c in (0, 1):
+        pc = p_click if c else 1 - p_click
+        for lv in (0, 1):
+            cell = pc * (p_lv[c] if lv else 1 - p_lv[c])
+            p_like += cell * _sigmoid(like_logit(c, lv))
+            p_follow += cell * _sigmoid(follow_logit(c, lv))
+    return {"u": u, "i": i, "ts": ts, "device": device, "position": position,
+            "click": click, "long_view": long_view, "like": like, "follow": follow, "watch_time": watch_time,
+            "p_click": p_click, "p_long_view": p_long_view, "p_like": p_like, "p_follow": p_follow}
+
+
+def _arrow_chunk(d: dict[str, np.ndarray], user_ids: pa.Array, item_ids: pa.Array) -> pa.Table:
+    order = np.argsort(d["ts"], kind="stable")
+    return pa.table({
+        "user_id": user_ids.take(pa.array(d["u"][order])),
+        "item_id": item_ids.take(pa.array(d["i"][order])),
+        contract.TIMESTAMP: pa.array(d["ts"][order], type=pa.timestamp("us", tz="UTC")),
+        "device": pa.array(DEVICES).take(pa.array(d["device"][order])),
+        "position": pa.array(d["position"][order].astype(np.int64)),
+        **{name: pa.array(d[name][order].astype(np.int8)) for name in BINARY},
+        "watch_time": pa.array(d["watch_time"][order].astype(np.float64)),
+    })
+
+
+def relevance(d: dict[str, np.ndarray], prefix: str = "") -> np.ndarray:
+    """Graded relevance ``sum(gain_t * y_t)``; with ``prefix='p_'`` its expectation ``sum(gain_t * p_t)``."""
+    return sum(GAINS[t] * d[prefix + t].astype(np.float64) for t in BINARY)
+
+
+def ground_truth_quality(d: dict[str, np.ndarray], start_us: int, span_us: int, k: int = 10) -> dict[str, float]:
+    """NDCG@k of the graded relevance on the last day for the oracle, popularity and random.
+
+    The oracle ranks each user's last-day impressions by the generator's own
+    expected relevance; popularity by clicks before the last day.
+    """
+    last = d["ts"] >= start_us + span_us - US_PER_DAY
+    train = ~last
+    pop = np.bincount(d["i"][train], weights=d["click"][train], minlength=int(d["i"].max()) + 1)
+    u, y = d["u"][last], relevance(d)[last]
+    rng = np.random.default_rng(0)
+    return {
+        "oracle": ranking_metrics(u, relevance(d, "p_")[last], y, ks=(k,))[f"ndcg@{k}"],
+        "popularity": ranking_metrics(u, pop[d["i"][last]], y, ks=(k,))[f"ndcg@{k}"],
+        "random": ranking_metrics(u, rng.random(last.sum()), y, ks=(k,))[f"ndcg@{k}"],
+    }
+
+
+def generate(out: Path | str, cfg: ShortVideoConfig = ShortVideoConfig()) -> contract.Manifest:
+    """Write users, items, interactions and the manifest into ``out``; return the manifest."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    end_us = int(contract.utc(cfg.end).value // 1000)
+    span_us = cfg.days * US_PER_DAY
+    start_us = end_us - span_us
+
+    users, u_lat, patience, like_bias, device_probs, activity = _users(cfg, rng, start_us)
+    items, a_lat, a_quality, i_lat, author, appeal, duration, launch, exposure = _items(cfg, rng, start_us, span_us)
+    world = _World(u_lat, patience, like_bias, device_probs, activity, a_lat, a_quality, i_lat, author, appeal,
+                   duration, launch, exposure)
+    contract.write_table(users, out, "users")
+    contract.write_table(items, out, "items")
+
+    user_ids = pa.array(users["user_id"].to_numpy())
+    item_ids = pa.array(items["item_id"].to_numpy())
+    path = out / contract.INTERACTIONS.file
+    counts = dict.fromkeys(BINARY, 0)
+    without_click = {"like": 0, "follow": 0, "long_view": 0}
+    watch_sum = 0.0
+    # The last chunk's arrays give the oracle (its rows are spread over the whole span like any other).
+    sample: dict[str, np.ndarray] | None = None
+    writer = None
+    try:
+        remaining = cfg.n_interactions
+        while remaining > 0:
+            n = min(cfg.chunk_rows, remaining)
+            d = _impressions(cfg, world, rng, n, start_us, span_us)
+            table = _arrow_chunk(d, user_ids, item_ids)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+            for name in BINARY:
+                counts[name] += int(d[name].sum())
+            for name in without_click:
+                without_click[name] += int((d[name] & ~d["click"]).sum())
+            watch_sum += float(d["watch_time"].sum())
+            sample = d
+            remaining -= n
+    finally:
+        if writer is not None:
+            writer.close()
+
+    n_total = max(cfg.n_interactions, 1)
+    quality_report = ground_truth_quality(sample, start_us, span_us) if sample is not None else {}
+    manifest = contract.Manifest(
+        name="short_video",
+        source="flows.data.short_video",
+        start=pd.Timestamp(min(start_us, int(users[contract.TIMESTAMP].min().value // 1000),
+                               int(items[contract.TIMESTAMP].min().value // 1000)), unit="us", tz="UTC").isoformat(),
+        end=pd.Timestamp(end_us, unit="us", tz="UTC").isoformat(),
+        rows={"users": len(users), "items": len(items), "interactions": cfg.n_interactions},
+        params={**asdict(cfg),
+                **{f"{name}_rate": counts[name] / n_total for name in BINARY},
+                **{f"{name}_share_without_click": without_click[name] / max(counts[name], 1)
+                   for name in without_click},
+                "mean_watch_time": watch_sum / n_total,
+                "long_view_share": LONG_VIEW_SHARE,
+                "log_start": pd.Timestamp(start_us, unit="us", tz="UTC").isoformat(),
+                "ground_truth": quality_report},
+        notes="Seeded synthetic short-video feed with parallel behaviours (no funnel): long_view is "
+              f"watch_time >= {LONG_VIEW_SHARE:g} x the item's duration. ground_truth is NDCG@10 on the last "
+              "day of the graded relevance click + long_view + 2 like + 3 follow, ranked by the generator's "
+              "own expected relevance (oracle), by earlier click counts (popularity) and at random.",
+    )
+    manifest.declare(DECLARATION).save(out)
+    return manifest

@@ -1,0 +1,128 @@
+"""The short-video generator's promises: parallel (non-funnel) labels, no category, determinism, learnable truth."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.data.short_video import DECLARATION, LONG_VIEW_SHARE, ShortVideoConfig, generate
+from models import contract
+from models.declaration import Declaration
+
+SMALL = ShortVideoConfig(n_users=800, n_items=200, n_interactions=60_000, days=14, seed=3, n_authors=30)
+BINARY = ["click", "long_view", "like", "follow"]
+
+
+@pytest.fixture(scope="module")
+def sv(tmp_path_factory):
+    out = tmp_path_factory.mktemp("short_video")
+    manifest = generate(out, SMALL)
+    return out, manifest, contract.load_dataset(out)
+
+
+def test_same_seed_same_bytes_other_seed_other_labels(tmp_path, sv):
+    out = sv[0]
+    generate(tmp_path / "a", SMALL)
+    for name, table in contract.TABLES.items():
+        assert (tmp_path / "a" / table.file).read_bytes() == (out / table.file).read_bytes(), name
+        pd.testing.assert_frame_equal(contract.read_table(tmp_path / "a", name), contract.read_table(out, name))
+    generate(tmp_path / "b", ShortVideoConfig(**{**SMALL.__dict__, "seed": 4}))
+    assert not contract.read_table(tmp_path / "b", "interactions").click.equals(
+        contract.read_table(out, "interactions").click)
+
+
+def test_manifest_declares_parallel_tasks(sv):
+    out, manifest, _ = sv
+    loaded = contract.Manifest.require(out)
+    decl = Declaration.from_dict({"tasks": loaded.tasks, "primary": loaded.primary, "context": loaded.context,
+                                  "attributes": loaded.attributes})
+    assert decl == DECLARATION
+    assert decl.names == ["click", "long_view", "like", "follow", "watch_time"]
+    assert all(t.parent is None for t in decl.tasks)
+    assert decl.primary == "click"
+    assert {t.name: t.gain for t in decl.binary} == {"click": 1, "long_view": 1, "like": 2, "follow": 3}
+    wt = decl.get("watch_time")
+    assert wt.type == "regression" and wt.transform == "log1p" and wt.min == 0
+    assert decl.attributes == {"items": ("author", "duration")}
+    assert manifest.rows == {"users": 800, "items": 200, "interactions": 60_000}
+
+
+def test_tables_follow_the_contract_without_category(sv):
+    _, manifest, t = sv
+    tables = contract.tables_for(manifest.declaration)
+    for name, table in tables.items():
+        df = t[name]
+        assert set(table.required) <= set(df.columns), name
+        for col in table.columns:
+            if col.name in df and col.kind != "any":
+                assert str(df[col.name].dtype) in contract.DTYPE_NAMES[col.kind], (name, col.name, df[col.name].dtype)
+    items = t["items"]
+    assert "category" not in items and "price" not in items
+    assert items.author.str.match(r"^a\d+$").all() and items.author.nunique() > 5
+    assert items.duration.between(5.0, 300.0).all() and items.duration.std() > 10
+    assert {"age", "gender", "segment"} <= set(t["users"].columns)
+    i = t["interactions"]
+    assert str(i.event_timestamp.dtype) == "datetime64[us, UTC]"
+    assert i.event_timestamp.min() >= manifest.start_ts and i.event_timestamp.max() <= manifest.end_ts
+    launch = i.item_id.map(items.set_index("item_id").event_timestamp)
+    assert (i.event_timestamp >= launch).all()
+    assert (items.event_timestamp > pd.Timestamp(manifest.params["log_start"])).any()  # some launch inside the log
+
+
+def test_labels_are_binary_and_long_view_follows_watch_time(sv):
+    t = sv[2]
+    i = t["interactions"]
+    for name in BINARY:
+        assert str(i[name].dtype) == "int8" and set(i[name].unique()) <= {0, 1}, name
+    assert str(i.watch_time.dtype) == "float64" and (i.watch_time >= 0).all() and i.watch_time.notna().all()
+    duration = i.item_id.map(t["items"].set_index("item_id").duration)
+    assert (i.watch_time <= duration).all()
+    np.testing.assert_array_equal(i.long_view.to_numpy() == 1, (i.watch_time >= LONG_VIEW_SHARE * duration).to_numpy())
+
+
+def test_behaviours_are_parallel_not_a_funnel(sv):
+    i = sv[2]["interactions"]
+    no_click = i[i.click == 0]
+    # Autoplay: long views, likes and follows also happen without a tap, just less often.
+    for name in ("long_view", "like", "follow"):
+        assert no_click[name].sum() > 0, name
+        assert i.loc[i.click == 1, name].mean() > no_click[name].mean(), name
+    assert (no_click.watch_time > 0).mean() > 0.9
+
+
+def test_rates_are_plausible(sv):
+    i, params = sv[2]["interactions"], sv[1].params
+    bands = {"click": (0.08, 0.25), "long_view": (0.10, 0.40), "like": (0.01, 0.08), "follow": (0.003, 0.03)}
+    for name, (low, high) in bands.items():
+        assert low < i[name].mean() < high, (name, i[name].mean())
+        assert params[f"{name}_rate"] == pytest.approx(i[name].mean())
+
+
+def test_planted_structure_is_learnable(sv):
+    """On the last day, the generator's expected relevance beats popularity, which is no worse than random."""
+    truth = sv[1].params["ground_truth"]
+    assert truth["oracle"] > truth["popularity"] + 0.05, truth
+    assert truth["popularity"] >= truth["random"], truth
+
+
+def test_dataset_passes_validation(sv):
+    from flows.validation.run import validate_dataset
+
+    report = validate_dataset(sv[0])
+    assert report.success, report.format()
+
+
+def test_cli_short_video_scenario(tmp_path):
+    out = tmp_path / "d"
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "data", "synth", "--scenario", "short-video",
+                          "--out", str(out), "--users", "100", "--items", "50", "--interactions", "3000",
+                          "--days", "5"], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "interactions=3,000" in res.stdout and "oracle=" in res.stdout and "follow" in res.stdout
+    manifest = contract.Manifest.load(out)
+    assert manifest.source == "flows.data.short_video" and manifest.rows["interactions"] == 3000
+    assert "category" not in contract.read_table(out, "items")
