@@ -68,17 +68,17 @@ def _compute(out: str):
     store = open_store(s)
     apply(store, s)
     t = time.perf_counter()
-    materialize(store)
+    materialize(store, s)
     return {"rows": rows, "materialize_s": time.perf_counter() - t}
 
 
 def _historical(out: str):
-    from flows.features.store import StoreSettings, open_store, write_training_set
+    from flows.features.store import StoreSettings, open_store, training_metadata, write_training_set
     from models import contract
 
     s = StoreSettings.for_dataset(out)
     return {"training_rows": write_training_set(open_store(s), contract.load_dataset(out)["interactions"],
-                                                s.training_file)}
+                                                s.training_file, metadata=training_metadata(s))}
 
 
 def _latency(fn, users, items, sizes, requests, rng) -> dict:
@@ -120,8 +120,7 @@ def online(out: str, sizes: list[int], requests: int) -> list[dict]:
             import shutil
 
             shutil.copytree(base.tables, s.tables, dirs_exist_ok=True)
-            fstore.apply(store, s)
-            fstore.materialize(store)
+            fstore.materialize(store, s)
         reader = FeatureReader(store)
         reader.features(users[0], list(items[:10]), 1.79e9)  # connections, first reads
         reader.features(users[0], list(items), 1.79e9)  # a running server's item cache is warm

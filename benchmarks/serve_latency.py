@@ -54,7 +54,8 @@ def quick_world(base: Path) -> Path:
 def materialize_redis(data: Path, redis: str) -> None:
     from flows.features.store import StoreSettings, materialize, open_store
 
-    materialize(open_store(StoreSettings.for_dataset(data, online="redis", redis=redis)), full=True)
+    settings = StoreSettings.for_dataset(data, online="redis", redis=redis)
+    materialize(open_store(settings), settings, full=True)
 
 
 def serve(data: Path, store: str, redis: str, max_candidates: int, workers: int = 1, access_log: bool = True):

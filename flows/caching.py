@@ -22,17 +22,15 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from models.artifact import sha256
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @functools.lru_cache(maxsize=256)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """Keyed on size and mtime too, so one process hashes an unchanged file once however many keys use it."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256(path)
 
 
 def file_digest(path: Path | str) -> str:
@@ -101,8 +99,7 @@ def features_outputs_exist(dataset: str, online: str | None) -> bool:
     from flows.features.store import StoreSettings
 
     s = StoreSettings.for_dataset(dataset, online=online)
-    need = [s.training_file, s.workspace / "registry.db"] + ([s.workspace / "online.db"] if s.online == "sqlite"
-                                                             else [])
+    need = [s.training_file, s.registry_file] + ([s.workspace / "online.db"] if s.online == "sqlite" else [])
     stamp = features_stamp(dataset, online)
     # The files sit at one path per dataset: they must also be the ones this key built (not a later build on
     # other data or settings that a cache hit for this key would otherwise hand on).

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(help="mtlrec: multi-task recommendation, from raw events to a ranking API.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Make or import a dataset in the contract's form.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 features_app = typer.Typer(help="The Feast feature store of a dataset: apply, materialise, training sets.",
@@ -65,12 +65,43 @@ def features_materialize(
     directory: Path = typer.Argument(...), online: str = typer.Option(None, help=ONLINE_HELP),
     full: bool = typer.Option(False, help="reload every view from its first row instead of incrementally"),
 ) -> None:
-    """Load the latest feature values into the online store (incremental by default)."""
+    """Load the latest feature values into the online store (incremental by default) and check they are there.
+
+    A view whose store lacks rows its registry says it holds (a Redis restarted empty) is reloaded in full.
+    """
     from flows.features import store as fstore
 
     s = _settings(directory, online)
-    for view, start in fstore.materialize(fstore.open_store(s), full=full).items():
-        typer.echo(f"{view}: from {start}")
+    for view, r in fstore.materialize(fstore.open_store(s), s, full=full).items():
+        why = f"; full load: {r['reloaded']}" if r.get("reloaded") else ""
+        typer.echo(f"{view}: from {r['from']}{why}; {r['rows']:,} of {r['expected']:,} entities in {s.store_id}")
+
+
+@features_app.command("status")
+def features_status(
+    directory: Path = typer.Argument(..., help="dataset directory"),
+    online: list[str] = typer.Option([], help="store(s) to inspect (default: sqlite, and redis where it was used)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per online store and view: rows held now against rows expected, and up to when it was loaded."""
+    import json
+
+    from flows.features import store as fstore
+
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a dataset directory")
+    stores = online or ["sqlite"] + (["redis"] if any((_settings(directory, "sqlite").workspace)
+                                                      .glob("registry-redis-*.db")) else [])
+    report = [fstore.status(_settings(directory, o)) for o in stores]
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for r in report:
+        state = {True: "reachable", False: f"UNREACHABLE ({r.get('error')})", None: r.get("error")}[r["reachable"]]
+        typer.echo(f"{r['store']}: {state}")
+        for view, v in r["views"].items():
+            flag = "" if v["rows"] >= v["expected"] else "  <- behind: run `mtlrec features materialize`"
+            typer.echo(f"  {view:<18} {v['rows']:>9,} / {v['expected']:>9,} entities, loaded to {v['loaded_to']}{flag}")
 
 
 @features_app.command("training-set")
@@ -309,8 +340,11 @@ def promote(
         decision = run(model, _training_table(data), gate_config(k=k, margin=margin, auc_tolerance=auc_tolerance),
                        report_dir=report_dir)
     except NotEvaluated as exc:
-        typer.echo(str(exc), err=True)
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
+    if decision.attempts > 1:
+        typer.echo(f"production changed while {model} was judged: gating it again, against "
+                   f"{decision.judged_against or 'popularity'} (attempt {decision.attempts})", err=True)
     typer.echo(decision.markdown())
     raise typer.Exit(0 if decision.promote else 1)
 
@@ -346,8 +380,8 @@ def serve(
 ) -> None:
     """Serve the production model over HTTP (BentoML): POST /rank, POST /score, /readyz, /metrics, /docs.
 
-    The process becomes `bentoml serve` (exec): signals reach the server itself, so SIGHUP reloads the
-    model and SIGTERM stops it.
+    The process becomes `bentoml serve` (exec, through services.server): signals reach the server itself, so
+    SIGHUP swaps in the production model in every worker without restarting it, and SIGTERM stops it.
     """
     import os
     import sys
@@ -367,8 +401,9 @@ def serve(
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     os.chdir(root)
-    os.execve(sys.executable, [sys.executable, "-m", "bentoml", "serve", "services.service:RankingService",
-                               "--host", host, "--port", str(port)], env)
+    keep_alive = env.get("MTLREC_KEEPALIVE_TIMEOUT_S", "5")  # idle keep-alive connections are closed after it
+    os.execve(sys.executable, [sys.executable, "-m", "services.server", "serve", "services.service:RankingService",
+                               "--host", host, "--port", str(port), "--timeout-keep-alive", keep_alive], env)
 
 
 @app.command("register")
@@ -412,7 +447,32 @@ def down() -> None:
 
 
 def main() -> None:
-    app()
+    """Every failure is one line on stderr naming the problem, and a non-zero exit (MTLREC_DEBUG=1: traceback)."""
+    import os
+    import sys
+
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the command line's one place to turn failures into a sentence
+        if os.environ.get("MTLREC_DEBUG"):
+            raise
+        typer.echo(f"error: {describe_error(exc)}", err=True)
+        sys.exit(1)
+
+
+def describe_error(exc: BaseException) -> str:
+    """The problem in one line: our own errors already name the fix; others get their type for a search."""
+    from flows.registry import RegistryError
+    from models.config import ConfigError
+    from models.contract import ManifestError
+    from models.declaration import DeclarationError
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (RegistryError, ConfigError, ManifestError, DeclarationError, FileNotFoundError)):
+        return text
+    return f"{type(exc).__name__}: {text} (run with MTLREC_DEBUG=1 for the traceback)"
 
 
 if __name__ == "__main__":

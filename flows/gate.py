@@ -44,6 +44,8 @@ class Decision:
     auc: dict[str, dict[str, float]] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    judged_against: str | None = None  # the production tag the candidate was compared with (None: popularity)
+    attempts: int = 1  # how often it was gated: more than once when production moved while it was judged
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,4 +119,5 @@ def decide(candidate: Path | str, table: pd.DataFrame, production: Path | str | 
             reasons.append(f"{t} AUC fell by {drop:.4f}, more than the tolerance {cfg.auc_tolerance:.4f}")
     return Decision(promote=promote, reference=reference, candidate_ndcg=float(c_users[both].mean()),
                     reference_ndcg=float(r_users[both].mean()), delta=delta, ci=ci, users=int(len(both)),
-                    auc=auc, reasons=reasons, config=asdict(cfg))
+                    auc=auc, reasons=reasons, config=asdict(cfg),
+                    judged_against=(production_tag or str(production)) if production is not None else None)

@@ -1,24 +1,43 @@
 """Promotion: an evaluated candidate, the gate, then the production pointer; every step audited.
 
-The order makes a crash harmless: the decision is computed and written to
-the audit log and the report before the pointer moves, and the pointer move
-itself is one atomic file replace (``flows/registry.py``). A crash anywhere
-before that replace leaves the old production serving.
+Promotion is a compare-and-set. The gate judges the candidate against the
+production model it read; the decision is committed (its audit line, and
+the pointer move when it promotes) under the registry lock, and only if
+production is still the model it was judged against. If another promotion
+moved production in between, the candidate is gated again against the new
+production: two promotions at once can never put the worse model in
+production by racing past each other's gate. The pointer move itself is one
+atomic file replace (``flows/registry.py``), so a crash anywhere leaves the
+old production serving.
+
+On one machine the lock is a file lock beside the pointer. A registry on
+shared storage needs a lock every writer honours: a lock that works on that
+filesystem (NFSv4 byte-range locks, not flock over NFSv3), or the pointer in
+a store with a conditional write (a database row updated WHERE tag = the
+judged one, an object store's If-Match).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from flows import registry
-from flows.registry import NotEvaluated
+from flows.registry import NotEvaluated, ProductionChanged
 from flows.gate import Decision, GateConfig, decide
 
 GATE_YAML = Path(__file__).with_name("gate.yaml")
+ATTEMPTS = 5  # gate again at most this often when production keeps moving underneath
+PAUSE_HOOK = "MTLREC_GATE_PAUSE_S"  # fault injection: sleep between judging and committing (tests widen the race)
+log = logging.getLogger(__name__)
+
+__all__ = ["promote", "gate_config", "NotEvaluated", "ProductionChanged"]
 
 
 def gate_config(**overrides) -> GateConfig:
@@ -33,17 +52,27 @@ def promote(tag: str, table: pd.DataFrame, config: GateConfig | None = None,
     if registry.evaluation_of(tag) is None:
         raise NotEvaluated(f"{tag} has never been evaluated: run `mtlrec evaluate --model {tag} --data ...` first")
     config = config or gate_config()
-    current = registry.production()
-    decision = decide(registry.artifact_path(tag), table,
-                      production=registry.artifact_path(current) if current else None,
-                      production_tag=current, config=config)
-    registry.audit({"event": "gate", "candidate": tag, "production": current, **decision.to_dict()})
+    for attempt in range(1, ATTEMPTS + 1):
+        current = registry.production()
+        production = registry.production_artifact()
+        decision = decide(registry.artifact_path(tag), table, production=production, production_tag=current,
+                          config=config)
+        if os.environ.get(PAUSE_HOOK):
+            time.sleep(float(os.environ[PAUSE_HOOK]))
+        decision.attempts = attempt
+        try:
+            registry.commit_decision(tag, judged_against=current, promote=decision.promote,
+                                     gate=decision.to_dict(), reason="; ".join(decision.reasons))
+            break
+        except ProductionChanged as e:
+            log.warning("%s; gating %s again (attempt %d of %d)", e, tag, attempt + 1, ATTEMPTS)
+    else:
+        raise registry.RegistryError(f"production changed {ATTEMPTS} times while {tag} was being gated; "
+                                     "nothing was promoted: try again when other promotions have finished")
     if report_dir is not None:
         report_dir = Path(report_dir)
         report_dir.mkdir(parents=True, exist_ok=True)
         stem = tag.replace(":", "-")
         (report_dir / f"gate-{stem}.md").write_text(decision.markdown() + "\n")
         (report_dir / f"gate-{stem}.json").write_text(json.dumps(decision.to_dict(), indent=2, default=str))
-    if decision.promote:
-        registry.set_production(tag, reason="; ".join(decision.reasons))
     return decision

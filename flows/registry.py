@@ -29,7 +29,6 @@ which is how the tests prove a killed promotion leaves production alone.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -41,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from models.artifact import META, WEIGHTS, read_meta
+from models.artifact import META, WEIGHTS, read_meta, sha256
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,15 @@ class ModelNotFound(RegistryError):
 
 class NotEvaluated(RegistryError):
     pass
+
+
+class ProductionChanged(RegistryError):
+    """Production moved between the gate's judgement and the pointer write: the decision is stale."""
+
+    def __init__(self, judged_against: str | None, now: str | None):
+        super().__init__(f"the gate judged against {judged_against or 'no production model'}, but production is now "
+                         f"{now or 'empty'}")
+        self.judged_against, self.now = judged_against, now
 
 
 # --- where things live ---------------------------------------------------------------------------------------------
@@ -129,7 +137,7 @@ def register(artifact_dir: Path | str, *, name: str = DEFAULT_NAME, labels: dict
     if not (src / WEIGHTS).is_file() or not (src / META).is_file():
         raise RegistryError(f"{src} is not a model artifact: it needs {WEIGHTS} and {META}")
     meta = read_meta(src)
-    digest = _sha256(src / WEIGHTS)
+    digest = sha256(src / WEIGHTS)
     cfg = meta.get("config") or {}
     fp = (meta.get("data") or {}).get("fingerprint")
     all_labels = {
@@ -186,14 +194,6 @@ def _simple(x: Any) -> Any:
     return None if x is None else str(x)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_intact(model) -> None:
     """Refuse a model torn by a crash during ``register`` (BentoML writes in place, not via rename)."""
     path, tag = Path(model.path), str(model.tag)
@@ -201,7 +201,7 @@ def _check_intact(model) -> None:
     if missing:
         raise RegistryError(f"model {tag} is incomplete in the store: missing {', '.join(missing)}")
     want = model.info.metadata.get("weights_sha256")
-    if want and _sha256(path / WEIGHTS) != want:
+    if want and sha256(path / WEIGHTS) != want:
         raise RegistryError(f"model {tag}: {WEIGHTS} does not match the sha256 recorded at registration")
 
 
@@ -262,24 +262,85 @@ def production() -> str | None:
     return p["tag"] if p else None
 
 
-def set_production(tag: str, reason: str = "") -> str:
-    """Make ``tag`` production; refuses a model that is missing, torn, or has no evaluation record."""
+def set_production(tag: str, reason: str = "", *, expected: str | None | object = ...) -> str:
+    """Make ``tag`` production; refuses a model that is missing, torn, or has no evaluation record.
+
+    With ``expected`` (a tag, or None for "nothing in production yet"), the pointer moves only if production
+    is still that: a compare-and-set under the registry lock, raising ProductionChanged otherwise.
+    """
+    full = _promotable(tag)
+    with _locked():
+        old = pointer()
+        if expected is not ... and (old["tag"] if old else None) != expected:
+            raise ProductionChanged(expected, old["tag"] if old else None)
+        _move_pointer(full, reason, old)
+    return full
+
+
+def commit_decision(tag: str, *, judged_against: str | None, promote: bool, gate: dict[str, Any],
+                    reason: str = "") -> bool:
+    """Record the gate's decision and, if it promotes, move the pointer: one critical section for both.
+
+    The gate judged ``tag`` against ``judged_against`` (the production tag it read, or None). If production
+    is no longer that, nothing is written and ProductionChanged is raised: the caller re-gates against the
+    new production. Otherwise the gate's audit line, then the pointer and its own audit line, are written
+    under the lock, so the audit log and the pointer always tell the same story. Returns whether it moved.
+    """
+    full = _promotable(tag) if promote else resolve(tag)
+    with _locked():
+        old = pointer()
+        now = old["tag"] if old else None
+        if now != judged_against:
+            raise ProductionChanged(judged_against, now)
+        _clean_stale_temp_files()
+        audit({"event": "gate", "candidate": full, "production": now, "promote": promote, **gate})
+        if promote:
+            _move_pointer(full, reason, old)
+    return promote
+
+
+def _promotable(tag: str) -> str:
     model = _get(tag)
     full = str(model.tag)
     _check_intact(model)
     if not _evaluation_path(full).is_file():
         raise NotEvaluated(f"model {full} has no evaluation record; evaluate it (record_evaluation) before promoting")
-    with _locked():
-        old = pointer()
-        if old and old["tag"] == full:
-            return full
-        previous = ([old["tag"]] + [t for t in old.get("previous", []) if t != full]) if old else []
-        record = {"tag": full, "previous": previous[:HISTORY], "changed": _now(), "reason": reason,
-                  "action": "promote"}
-        _atomic_write_json(pointer_path(), record)
-        # after the replace: a crash in between leaves a changed pointer that still says when, why and what came before
-        audit({"event": "promote", "tag": full, "from": old["tag"] if old else None, "reason": reason})
     return full
+
+
+def _move_pointer(full: str, reason: str, old: dict[str, Any] | None) -> None:
+    """Replace the pointer (the caller holds the lock) and audit the move."""
+    if old and old["tag"] == full:
+        return
+    previous = ([old["tag"]] + [t for t in old.get("previous", []) if t != full]) if old else []
+    record = {"tag": full, "previous": previous[:HISTORY], "changed": _now(), "reason": reason, "action": "promote"}
+    _atomic_write_json(pointer_path(), record)
+    # after the replace: a crash in between leaves a changed pointer that still says when, why and what came before
+    audit({"event": "promote", "tag": full, "from": old["tag"] if old else None, "reason": reason})
+
+
+def _clean_stale_temp_files() -> None:
+    """Temp files of the pointer left by a writer killed before its rename (only lock holders write it)."""
+    for tmp in registry_dir().glob(f".{pointer_path().name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            log.info("removed %s, left by an interrupted promotion", tmp.name)
+
+
+def production_artifact() -> Path | None:
+    """The production model's directory, or None when nothing is in production.
+
+    Raises ModelNotFound naming the fix when the pointer names a model the store no longer holds.
+    """
+    current = production()
+    if current is None:
+        return None
+    try:
+        return artifact_path(current)
+    except ModelNotFound:
+        raise ModelNotFound(f"production points at {current}, which is no longer in the model store at "
+                            f"{home() / 'models'}: restore it, or make the previous model production again with "
+                            "`mtlrec rollback`") from None
 
 
 def rollback(reason: str = "rollback") -> str:
@@ -291,6 +352,7 @@ def rollback(reason: str = "rollback") -> str:
                                                                if old else "no model was ever promoted"))
         target, rest = old["previous"][0], old["previous"][1:]
         _check_intact(_get(target))
+        _clean_stale_temp_files()
         record = {"tag": target, "previous": rest, "changed": _now(), "reason": reason, "action": "rollback"}
         _atomic_write_json(pointer_path(), record)
         audit({"event": "rollback", "tag": target, "from": old["tag"], "reason": reason})
@@ -397,7 +459,7 @@ def list_models(name: str | None = DEFAULT_NAME) -> list[dict[str, Any]]:
 
 def find_registered(artifact_dir: Path | str, name: str = DEFAULT_NAME) -> str | None:
     """The tag of a model already registered from these exact weights, so a rerun does not register a twin."""
-    want = _sha256(Path(artifact_dir) / WEIGHTS)
+    want = sha256(Path(artifact_dir) / WEIGHTS)
     base = home() / "models" / name
     if not base.is_dir():
         return None

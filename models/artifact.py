@@ -52,20 +52,41 @@ def fingerprint(path: Path | str) -> str:
     """sha256 over the parquet files of a dataset (names and bytes), or of one file."""
     path = Path(path)
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if len(files) == 1 and not path.is_dir():
+        return sha256(path)
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        _feed(h, f)
     return h.hexdigest()
+
+
+class CorruptModel(ValueError):
+    """An artifact whose weights do not match their recorded checksum, or hold NaN or infinity."""
+
+
+def sha256(path: Path | str) -> str:
+    h = hashlib.sha256()
+    _feed(h, path)
+    return h.hexdigest()
+
+
+def _feed(h, path: Path | str) -> None:
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
 
 
 def save_artifact(out: Path | str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / WEIGHTS))
-    meta = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CorruptModel(f"refusing to save non-finite weights ({bad[:3]}): the run diverged")
+    save_file(tensors, str(out / WEIGHTS))
+    meta = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "weights_sha256": sha256(out / WEIGHTS), **meta}
     (out / META).write_text(json.dumps(meta, indent=2, default=_plain))
     return out
 
@@ -93,14 +114,27 @@ class Scorer(torch.nn.Module):
         # Artifacts from before fusion was recorded ranked by the weighted product.
         self.fusion_method = (meta.get("fusion") or {}).get("method", "product")
         model = meta["config"]["model"]
-        self.encoder = FeatureEncoder(self.spec.cardinalities, len(self.spec.numeric), model["embedding_dim"])
+        default = model["embedding_dim"] if isinstance(model["embedding_dim"], int) else 16
+        self.encoder = FeatureEncoder(self.spec.cardinalities, len(self.spec.numeric),
+                                      self.spec.embedding_widths(default))
         self.arch = build_architecture(model["architecture"], self.encoder.out_dim, self.tasks, **model.get("params", {}))
 
     @classmethod
     def load(cls, path: Path | str, device: str | torch.device = "cpu") -> "Scorer":
+        """Rebuild and load, after checking the weights: their recorded sha256, and that every value is finite."""
         path = Path(path)
-        scorer = cls(read_meta(path))
-        scorer.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+        meta = read_meta(path)
+        want = meta.get("weights_sha256")
+        if want and sha256(path / WEIGHTS) != want:
+            raise CorruptModel(f"{path / WEIGHTS} does not match the sha256 recorded in {META}: the file changed "
+                               "after training; re-register the model or roll back")
+        state = load_file(str(path / WEIGHTS))
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CorruptModel(f"{path / WEIGHTS} holds NaN or infinite values (in {bad[:3]}): refusing to score "
+                               "with it")
+        scorer = cls(meta)
+        scorer.load_state_dict(state, strict=True)
         return scorer.to(device).eval()
 
     def fuse(self, probs: dict[str, np.ndarray], weights: dict[str, float] | None = None,

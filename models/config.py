@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-FREE_FORM = {("model", "params"), ("balancer", "params"), ("tasks",), ("data", "features")}
+FREE_FORM = {("model", "params"), ("model", "embedding_dims"), ("balancer", "params"), ("tasks",), ("data", "features")}
 
 
 class ConfigError(ValueError):
@@ -112,7 +112,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         node = cfg
         parts = key.split(".")
         for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
+            if node.get(p) in (None, "auto"):  # e.g. data.features.categorical=[...] over features: auto
+                node[p] = {}
+            nxt = node[p]
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {item!r}: {p!r} holds a value, not a group of settings")
             node = nxt

@@ -126,6 +126,7 @@ INTERACTIONS = Table(
 CONTEXT = ("device", "position")  # request-time columns of the log every dataset may carry
 
 TABLES: dict[str, Table] = {t.name: t for t in (USERS, ITEMS, INTERACTIONS)}
+KEYS = ("user_id", "item_id")  # ids: bounded in length, not in how many there are
 
 
 def label_column(task: TaskDecl) -> Column:
@@ -193,6 +194,7 @@ class Manifest:
     primary: str | None = None
     context: list[str] = field(default_factory=list)
     attributes: dict[str, list[str]] = field(default_factory=dict)
+    limits: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
@@ -201,7 +203,7 @@ class Manifest:
     def declaration(self) -> Declaration:
         """The parsed declaration; raises DeclarationError naming what is wrong."""
         d = Declaration.from_dict({"tasks": self.tasks, "primary": self.primary, "context": self.context,
-                                   "attributes": self.attributes})
+                                   "attributes": self.attributes, "limits": self.limits})
         clash = sorted(set(d.labels) & set(CONTEXT))
         if clash:  # the contract's own context columns are features everywhere: a label there would leak
             raise DeclarationError(f"label column(s) {clash} are context columns of the contract "
@@ -212,6 +214,7 @@ class Manifest:
         d = declaration.to_dict()
         self.tasks, self.primary = d["tasks"], d["primary"]
         self.context, self.attributes = d.get("context", []), d.get("attributes", {})
+        self.limits = d.get("limits", {})
         return self
 
     @property

@@ -80,11 +80,61 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TaskDecl))
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Bounds on what a table may hold, so one bad value cannot cost the feature build or a request gigabytes.
+
+    A 10 MB category string passed validation once, was materialised, and then asked the training-set build
+    for 1.09 TiB. Strings longer than ``max_string_length`` and categorical columns with more than
+    ``max_categories`` distinct values fail validation; ``columns`` overrides either for one column.
+    """
+
+    max_string_length: int = 256
+    max_categories: int = 10_000
+    columns: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def string_length(self, column: str) -> int:
+        return int(self.columns.get(column, {}).get("max_string_length", self.max_string_length))
+
+    def categories(self, column: str) -> int:
+        return int(self.columns.get(column, {}).get("max_categories", self.max_categories))
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "Limits":
+        if raw in (None, {}):
+            return cls()
+        if not isinstance(raw, dict) or set(raw) - {"max_string_length", "max_categories", "columns"}:
+            raise DeclarationError("limits must be a mapping of max_string_length, max_categories and columns "
+                                   "({column: {max_string_length: N, max_categories: N}})")
+        columns = raw.get("columns") or {}
+        if not isinstance(columns, dict) or not all(isinstance(v, dict) and set(v) <= {"max_string_length",
+                                                                                      "max_categories"}
+                                                    for v in columns.values()):
+            raise DeclarationError("limits.columns must map column names to {max_string_length, max_categories}")
+        values = [raw.get("max_string_length", 1), raw.get("max_categories", 1),
+                  *(x for v in columns.values() for x in v.values())]
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in values):
+            raise DeclarationError("limits must be positive integers")
+        return cls(max_string_length=raw.get("max_string_length", cls.max_string_length),
+                   max_categories=raw.get("max_categories", cls.max_categories), columns=dict(columns))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.max_string_length != Limits.max_string_length:
+            out["max_string_length"] = self.max_string_length
+        if self.max_categories != Limits.max_categories:
+            out["max_categories"] = self.max_categories
+        if self.columns:
+            out["columns"] = self.columns
+        return out
+
+
+@dataclass(frozen=True)
 class Declaration:
     tasks: tuple[TaskDecl, ...]
     primary: str
     context: tuple[str, ...] = ()
     attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # users / items -> columns
+    limits: Limits = field(default_factory=Limits)
 
     # ---- reading ----------------------------------------------------------------------------
     @classmethod
@@ -104,7 +154,7 @@ class Declaration:
         primary = data.get("primary") or binary[0]
         if primary not in binary:
             raise DeclarationError(f"primary {primary!r} must name a binary task; binary tasks are {binary}"
-                                   + _suggest(primary, binary))
+                                   + suggest(primary, binary))
         context = tuple(_names(data.get("context") or [], "context"))
         attrs_raw = data.get("attributes") or {}
         if not isinstance(attrs_raw, dict) or set(attrs_raw) - {"users", "items"}:
@@ -117,7 +167,8 @@ class Declaration:
         if clash:
             raise DeclarationError(f"column(s) {clash} are declared both as labels and as context: a label used as "
                                    "a feature leaks the answer")
-        return cls(tasks=tasks, primary=primary, context=context, attributes=attributes)
+        return cls(tasks=tasks, primary=primary, context=context, attributes=attributes,
+                   limits=Limits.from_dict(data.get("limits")))
 
     def to_dict(self) -> dict[str, Any]:
         tasks = [{k: v for k, v in dataclasses.asdict(t).items() if v != _DEFAULTS[k] or k in ("name", "type")}
@@ -127,6 +178,8 @@ class Declaration:
             out["context"] = list(self.context)
         if any(self.attributes.values()):
             out["attributes"] = {k: list(v) for k, v in self.attributes.items() if v}
+        if self.limits.to_dict():
+            out["limits"] = self.limits.to_dict()
         return out
 
     # ---- questions downstream asks ------------------------------------------------------------
@@ -160,7 +213,8 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def _suggest(word: str, options) -> str:
+def suggest(word: str, options) -> str:
+    """' (did you mean X?)' for the closest option, or '' when none is close."""
     close = difflib.get_close_matches(str(word), list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -183,11 +237,11 @@ def _task(i: int, item: Any) -> TaskDecl:
                                "and _ (at most 48): it names feature columns and API fields")
     unknown = sorted(set(item) - set(FIELDS))
     if unknown:
-        raise DeclarationError(f"task {name}: unknown key(s) {unknown}" + _suggest(unknown[0], FIELDS)
+        raise DeclarationError(f"task {name}: unknown key(s) {unknown}" + suggest(unknown[0], FIELDS)
                                + f"; known keys are {list(FIELDS)}")
     kind = item.get("type", "binary")
     if kind not in TYPES:
-        raise DeclarationError(f"task {name}: type must be one of {list(TYPES)}, not {kind!r}" + _suggest(kind, TYPES))
+        raise DeclarationError(f"task {name}: type must be one of {list(TYPES)}, not {kind!r}" + suggest(kind, TYPES))
     for key in ("label", "parent", "transform"):  # names are looked up and hashed: a list here would crash later
         if item.get(key) is not None and not isinstance(item[key], str):
             raise DeclarationError(f"task {name}: {key} must be a name (a string), not {item[key]!r}")
@@ -239,7 +293,7 @@ def _check_graph(tasks: tuple[TaskDecl, ...]) -> None:
         if t.parent is None:
             continue
         if t.parent not in by_name:
-            raise DeclarationError(f"task {t.name}: unknown parent {t.parent!r}" + _suggest(t.parent, names)
+            raise DeclarationError(f"task {t.name}: unknown parent {t.parent!r}" + suggest(t.parent, names)
                                    + f"; declared tasks are {names}")
         if not by_name[t.parent].binary:
             raise DeclarationError(f"task {t.name}: parent {t.parent!r} is {by_name[t.parent].type}; a parent must "

@@ -25,7 +25,7 @@ from models.tasks import TaskSet
 
 class MTLModule(L.LightningModule):
     def __init__(self, spec: dict, tasks: list[dict], architecture: str, arch_params: dict | None = None,
-                 balancer: str = "fixed", balancer_params: dict | None = None, embedding_dim: int = 16,
+                 balancer: str = "fixed", balancer_params: dict | None = None, embedding_dim: int | str = 16,
                  lr: float = 2e-3, weight_decay: float = 1e-5, grad_clip: float = 5.0,
                  ks: tuple[int, ...] = (10, 20, 50), monitor: str = "ndcg@10", fusion: str = "sum",
                  primary: str | None = None):
@@ -33,7 +33,8 @@ class MTLModule(L.LightningModule):
         self.save_hyperparameters()
         self.spec = FeatureSpec.from_dict(spec)
         self.tasks = TaskSet.from_config(tasks, primary=primary)
-        self.encoder = FeatureEncoder(self.spec.cardinalities, len(self.spec.numeric), embedding_dim)
+        self.encoder = FeatureEncoder(self.spec.cardinalities, len(self.spec.numeric),
+                                      self.spec.embedding_widths(embedding_dim if isinstance(embedding_dim, int) else 16))
         self.arch = build_architecture(architecture, self.encoder.out_dim, self.tasks, **(arch_params or {}))
         self.balancer = build_balancer(balancer, len(self.tasks), [t.loss_weight for t in self.tasks],
                                        **(balancer_params or {}))

@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from models.declaration import Declaration, TaskDecl, topological
+from models.declaration import Declaration, TaskDecl, suggest, topological
 
 TYPES = ("binary", "multiclass", "regression")
+import os as _os
+_DETACH = _os.environ.get("MTLREC_DETACH") == "1"
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,8 @@ class TaskSet:
                 entry["sample_space"] = parent or "all"
             base = dataclasses.asdict(declared[entry["name"]]) if entry.get("name") in declared else {}
             items.append({**base, **entry})
-        order = {t.name: i for i, t in enumerate(topological([_decl_view(i) for i in items]))}
+        names = {i["name"] for i in items}
+        order = {t.name: i for i, t in enumerate(topological([_decl_view(i, names) for i in items]))}
         items.sort(key=lambda i: order[i["name"]])
         return cls.from_config(items, columns, primary=decl.primary if decl else None)
 
@@ -207,7 +210,7 @@ class TaskSet:
                 if t.parent:
                     # ESMM: fit p(parent) * p(task | parent) to the label on every row, in log space: a product
                     # clamped before the BCE would give a rare positive below the clamp no gradient at all.
-                    lp = F.logsigmoid(z) + log_p[t.parent]
+                    lp = F.logsigmoid(z) + (log_p[t.parent].detach() if _DETACH else log_p[t.parent])
                     log_not = _log1mexp(lp)
                     yf = y.float()
                     out.append(-(yf * lp + (1.0 - yf) * log_not).mean())
@@ -241,15 +244,12 @@ def _spec(item: dict) -> TaskSpec:
         raise ValueError(f"a task entry must be a mapping with a name, not {item!r}")
     unknown = sorted(set(item) - set(SPEC_FIELDS))
     if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], SPEC_FIELDS, n=1)
-        raise ValueError(f"task {item['name']}: unknown key(s) {unknown}"
-                         + (f" (did you mean {close[0]!r}?)" if close else "") + f"; known keys are {list(SPEC_FIELDS)}")
+        raise ValueError(f"task {item['name']}: unknown key(s) {unknown}" + suggest(unknown[0], SPEC_FIELDS)
+                         + f"; known keys are {list(SPEC_FIELDS)}")
     return TaskSpec(**item)
 
 
-def _decl_view(item: dict) -> TaskDecl:
-    """Just enough of a declaration to order entries parents-first."""
+def _decl_view(item: dict, names: set[str]) -> TaskDecl:
+    """Just enough of a declaration to order entries parents-first (a missing parent is TaskSet's to report)."""
     space = item.get("sample_space", "all")
-    return TaskDecl(name=item["name"], parent=None if space in ("all", None) else space)
+    return TaskDecl(name=item["name"], parent=space if space in names else None)

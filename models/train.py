@@ -81,6 +81,8 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
                        valid_fraction=split["valid_fraction"], test_fraction=split["test_fraction"],
                        device=device, seed=seed, log1p=feats.get("log1p"))
     tasks = tasks.standardised(dm.target_stats)
+    model_cfg = config["model"]
+    dm.spec.size_embeddings(model_cfg.get("embedding_dim", "auto"), model_cfg.get("embedding_dims"))
     world = int(tc.get("devices", 1)) if str(tc.get("strategy", "auto")).startswith("ddp") else 1
     tc = recipe.resolve(tc, len(dm.train_split), accelerator, world_size=world)
     dm.use_batch_size(tc["batch_size"])
@@ -91,7 +93,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     module = MTLModule(
         spec=dm.spec.to_dict(), tasks=tasks.to_config(), architecture=config["model"]["architecture"],
         arch_params=config["model"].get("params", {}), balancer=config["balancer"]["name"],
-        balancer_params=config["balancer"].get("params", {}), embedding_dim=int(config["model"]["embedding_dim"]),
+        balancer_params=config["balancer"].get("params", {}), embedding_dim=model_cfg.get("embedding_dim", "auto"),
         lr=tc["lr"], weight_decay=float(tc["weight_decay"]), grad_clip=float(tc.get("grad_clip") or 0),
         ks=tuple(config["eval"]["ks"]), monitor=monitor, fusion=fusion, primary=tasks.primary,
     )

@@ -16,8 +16,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from flows.features.online import StoreUnavailable
 from models.evaluation import fusion_weights
 from models.fusion import fuse
+
+__all__ = ["Model", "RequestError", "StoreUnavailable", "NonFiniteScores", "rank", "score_items", "mmr"]
 
 
 class RequestError(ValueError):
@@ -29,8 +32,8 @@ class RequestError(ValueError):
         self.reason = reason
 
 
-class StoreUnavailable(RuntimeError):
-    """The online feature store could not be read."""
+class NonFiniteScores(RuntimeError):
+    """The model scored NaN or infinity: an error to count and report, never a silent 0."""
 
 
 @dataclass
@@ -78,11 +81,11 @@ def model_inputs(reader, user_id: str, item_ids: list[str], request_ts: float,
 def score(model: Model, reader, user_id: str, item_ids: list[str], *, request_ts: float | None = None,
           context: dict[str, Any] | None = None) -> Scored:
     ts = time.time() if request_ts is None else float(request_ts)
-    try:
-        cols, item_known, user_known = model_inputs(reader, user_id, item_ids, ts, context)
-    except Exception as e:  # noqa: BLE001 - any failure to read the store is the store's, reported as such
-        raise StoreUnavailable(f"online feature store unreachable: {type(e).__name__}: {e}") from e
+    cols, item_known, user_known = model_inputs(reader, user_id, item_ids, ts, context)  # raises StoreUnavailable
     probs = model.scorer.predict(cols)
+    bad = [k for k, v in probs.items() if not np.isfinite(v).all()]
+    if bad:
+        raise NonFiniteScores(f"non-finite scores for {bad}")
     return Scored(frame=cols, probs=probs, item_cold=~np.asarray(item_known, dtype=bool), user_cold=not user_known)
 
 
@@ -144,6 +147,8 @@ def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | 
     fusion = fusion or model.scorer.fusion_method
     s = score(model, reader, user_id, candidates, request_ts=request_ts, context=context)
     fused = fuse(s.probs, w, method=fusion)
+    if not np.isfinite(fused).all():
+        raise NonFiniteScores("non-finite fused scores")
     before = np.empty(len(fused), dtype=np.int64)
     before[np.argsort(-fused, kind="stable")] = np.arange(1, len(fused) + 1)
     cats = np.asarray(s.frame["category"], dtype=object) if "category" in s.frame else np.full(len(fused), None)
@@ -166,5 +171,4 @@ def score_items(model: Model, reader, user_id: str, items: list[str], *, request
 
 
 def _num(x) -> float:
-    x = float(x)
-    return x if np.isfinite(x) else 0.0
+    return float(x)  # finite: score() and rank() refuse anything else

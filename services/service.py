@@ -6,9 +6,13 @@ Configuration comes from the environment, read at startup:
 - ``MTLREC_ONLINE_STORE`` (``sqlite`` | ``redis``) and ``MTLREC_REDIS``: which online store serves;
 - ``BENTOML_HOME``: the model store; the production model is what ``flows.registry.production()`` names;
 - ``MTLREC_MAX_CANDIDATES`` (default 1000): the bound on ``candidates``;
-- ``MTLREC_WORKERS`` (default 1): server worker processes. ``/admin/reload`` and ``SIGHUP`` reach the one
-  worker that receives them, so with several workers set ``MTLREC_RELOAD_POLL_S`` (e.g. 2): each worker then
-  checks the production pointer that often and loads a newly promoted model by itself;
+- ``MTLREC_WORKERS`` (default 1): server worker processes. ``/admin/reload`` reaches the one worker that
+  receives it, so with several workers set ``MTLREC_RELOAD_POLL_S`` (e.g. 2): each worker then checks the
+  production pointer that often and loads a newly promoted model by itself. SIGHUP to the server is forwarded
+  to every worker (``services.server``);
+- ``MTLREC_STORE_CONNECT_TIMEOUT_MS`` (100), ``MTLREC_STORE_READ_TIMEOUT_MS`` (250): Redis timeouts, no retries;
+  ``MTLREC_STORE_COOLDOWN_MS`` (1000): how long the circuit breaker stays open before a probe;
+- ``MTLREC_MAX_BODY_BYTES`` (1 MiB, 413 beyond), ``MTLREC_HEADER_TIMEOUT_S`` (10): request bounds;
 - ``MTLREC_TORCH_THREADS`` (default 1): torch intra-op threads per worker;
 - ``MTLREC_KEEPALIVE_REQUESTS`` (default 16 with several workers, else 0): a keep-alive connection is closed
   after that many requests, so pooled clients spread over the workers (``services.middleware.RecycleConnections``);
@@ -18,9 +22,10 @@ Configuration comes from the environment, read at startup:
 - ``MTLREC_ADMIN_TOKEN``: the token ``POST /admin/reload`` requires (header ``X-Admin-Token`` or
   ``Authorization: Bearer``); without it reloading over HTTP is disabled. ``SIGHUP`` also reloads.
 
-Errors: a bad request answers 400 with ``{"error", "detail": [{"loc": [field, ...], "msg", "type"}]}``, the
-shape BentoML's own validation uses; no production model or an unreachable online store answers 503 with
-``{"error": ...}``. ``/readyz`` is 200 only while a model is loaded and the online store answers a read.
+Errors: a bad request (an unknown field too) answers 400 with ``{"error", "detail": [{"loc": [field, ...], "msg",
+"type"}]}``, the shape BentoML's own validation uses; no production model or an unavailable online store answers
+503 with ``{"error": ...}``; non-finite scores and bugs answer 500 with an ``error_id`` found in the log.
+``/readyz`` is 200 only while a model is loaded and the online store holds rows for entities it must hold.
 Reload swaps one reference: a request in flight keeps the model object it started with.
 """
 
@@ -32,6 +37,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -39,7 +45,7 @@ import bentoml
 from starlette.responses import JSONResponse
 
 from services import ranking
-from services.middleware import JsonOnly, RecycleConnections
+from services.middleware import BoundedJson, DocsRedirect, JsonOnly, RecycleConnections, harden_uvicorn
 from services.schemas import (Candidates, Context, Diversity, Fusion, Id, K, RankResponse, ReloadResponse,
                               ScoreResponse, Weights)
 
@@ -58,6 +64,17 @@ def _unavailable(message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=503)
 
 
+def _internal(error: BaseException, message: str) -> JSONResponse:
+    """A 500 whose id finds the traceback in the log."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("error %s: %s", error_id, message, exc_info=error)
+    return JSONResponse({"error": message, "error_id": error_id}, status_code=500)
+
+
+def _ms(name: str, default_ms: float) -> float:
+    return float(os.environ.get(name, default_ms)) / 1000.0
+
+
 def _context(context: Optional[Context]) -> tuple[Optional[float], dict]:
     """The request time (epoch seconds, None for now) and the context columns the model may read."""
     ctx = context or Context()
@@ -65,6 +82,21 @@ def _context(context: Optional[Context]) -> tuple[Optional[float], dict]:
     if ctx.device is not None:
         extra["device"] = ctx.device
     return (ctx.timestamp.timestamp() if ctx.timestamp else None), extra
+
+
+_SERVICES: list = []
+
+
+def _on_hup(*_) -> None:
+    """Reload every service of this worker in a thread: the worker keeps answering while the model loads."""
+    for service in list(_SERVICES):
+        threading.Thread(target=service._load_quietly, daemon=True, name="mtlrec-sighup").start()
+
+
+try:  # at import, in the worker's main thread (a handler cannot be installed from another thread)
+    signal.signal(signal.SIGHUP, _on_hup)
+except ValueError:
+    pass
 
 
 @bentoml.service(name="mtlrec", workers=int(os.environ.get("MTLREC_WORKERS", "1")), traffic={"timeout": 30},
@@ -77,12 +109,16 @@ class RankingService:
         # One request's forward pass is small: intra-op threads only contend with the other requests (5x slower
         # on two busy cores). Scale out with workers instead.
         torch.set_num_threads(int(os.environ.get("MTLREC_TORCH_THREADS", "1")))
-        from flows.features.online import FeatureReader
+        from flows.features.online import FeatureReader, tune_redis
         from flows.features.store import StoreSettings, open_store
 
         self.dataset = Path(os.environ.get("MTLREC_DATASET", "data/synth"))
         self.settings = StoreSettings.for_dataset(self.dataset)
-        self.reader = FeatureReader(open_store(self.settings))
+        store = open_store(self.settings, serving=True)
+        # A store outage must cost a request milliseconds: bounded timeouts, no client retries, a breaker.
+        tune_redis(store, connect_timeout_s=_ms("MTLREC_STORE_CONNECT_TIMEOUT_MS", 100),
+                   read_timeout_s=_ms("MTLREC_STORE_READ_TIMEOUT_MS", 250))
+        self.reader = FeatureReader(store, cooldown_s=_ms("MTLREC_STORE_COOLDOWN_MS", 1000))
         self.model: Optional[ranking.Model] = None
         self._reload_lock = threading.Lock()
         try:
@@ -92,10 +128,7 @@ class RankingService:
         poll = float(os.environ.get("MTLREC_RELOAD_POLL_S", "0"))
         if poll > 0:  # every worker follows the production pointer by itself
             threading.Thread(target=self._follow, args=(poll,), daemon=True, name="mtlrec-reload").start()
-        try:
-            signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self._load_quietly, daemon=True).start())
-        except ValueError:  # not the main thread
-            pass
+        _SERVICES.append(self)  # SIGHUP (forwarded to this worker by services.server) reloads it in place
 
     # ---- model ------------------------------------------------------------------------------
     def _load(self) -> tuple[Optional[str], str]:
@@ -131,12 +164,10 @@ class RankingService:
                 self._load_quietly()
 
     def _store_ok(self) -> bool:
-        try:
-            self.reader._read("user", ["__readyz__"])  # bypasses the cache: a real round trip
-            return True
-        except Exception as e:  # noqa: BLE001
-            log.warning("online store unreachable: %s", e)
-            return False
+        ok, why = self.reader.ready()  # a real read of entities the store must hold; fails fast while it is down
+        if not ok:
+            log.warning("not ready: %s", why)
+        return ok
 
     def __is_ready__(self) -> bool:
         return self.model is not None and self._store_ok()
@@ -176,6 +207,12 @@ class RankingService:
         except ranking.StoreUnavailable as e:
             _requests.labels(endpoint, "unavailable").inc()
             return _unavailable(str(e))
+        except ranking.NonFiniteScores as e:
+            _requests.labels(endpoint, "nonfinite").inc()
+            return _internal(e, f"model {model.tag} produced non-finite scores")
+        except Exception as e:  # noqa: BLE001 - a bug, not the client's fault nor the store's: 500 with an id
+            _requests.labels(endpoint, "error").inc()
+            return _internal(e, "internal error")
         _requests.labels(endpoint, "ok").inc()
         return response(**out)
 
@@ -200,7 +237,13 @@ class RankingService:
         return ReloadResponse(model_version=tag, previous=previous, changed=previous != tag)
 
 
+# The fields each JSON route takes: those of its API's input model, built by BentoML from the method's signature.
+FIELDS = {api.route: set(api.input_spec.model_fields) for api in RankingService.apis.values()}
+harden_uvicorn(float(os.environ.get("MTLREC_HEADER_TIMEOUT_S", "10")))
+RankingService.add_asgi_middleware(BoundedJson, fields=FIELDS,
+                                   max_bytes=int(os.environ.get("MTLREC_MAX_BODY_BYTES", str(1 << 20))))
 RankingService.add_asgi_middleware(JsonOnly)
+RankingService.add_asgi_middleware(DocsRedirect)
 # One worker has nobody to hand connections to; several share one listening socket unevenly (see the middleware).
 RankingService.add_asgi_middleware(RecycleConnections, limit=int(os.environ.get(
     "MTLREC_KEEPALIVE_REQUESTS", "16" if int(os.environ.get("MTLREC_WORKERS", "1")) > 1 else "0")))

@@ -156,9 +156,10 @@ def test_served_path_returns_what_feast_returns(built):
 
 def test_materialize_is_incremental_after_the_first_load(built):
     out, _, _ = built
-    store = fstore.open_store(fstore.StoreSettings.for_dataset(out))
-    again = fstore.materialize(store)
-    assert set(again.values()) == {"incremental"}, again
+    settings = fstore.StoreSettings.for_dataset(out)
+    again = fstore.materialize(fstore.open_store(settings), settings)
+    assert {r["from"] for r in again.values()} == {"incremental"}, again
+    assert all(r["rows"] == r["expected"] > 0 for r in again.values()), again
 
 
 def test_redis_online_store(built, tmp_path):
@@ -170,8 +171,7 @@ def test_redis_online_store(built, tmp_path):
     shutil.copytree(fstore.StoreSettings.for_dataset(out).tables, settings.tables)
     try:
         store = fstore.open_store(settings)
-        fstore.apply(store, settings)
-        fstore.materialize(store)
+        fstore.materialize(store, settings)
         assert client.dbsize() > 0  # the values really are in Redis
         _assert_online_equals_offline(store, settings)
         reader = FeatureReader(store)
@@ -212,3 +212,91 @@ def test_feature_stages_run_as_prefect_tasks(tmp_path):
         path = features(str(data))
     assert len(pd.read_parquet(path)) == 2000
     assert (data / "_features" / "online.db").exists()
+
+
+def test_views_follow_another_declaration_without_leaking(tmp_path):
+    """A short-video log (likes and follows, no category): its own aggregates, counting only earlier days."""
+    from flows.data.short_video import ShortVideoConfig, generate as generate_video
+
+    data = tmp_path / "video"
+    generate_video(data, ShortVideoConfig(n_users=120, n_items=60, n_interactions=6000, days=8, seed=2))
+    summary = fstore.build_all(data, materialize_online=False)
+    schema = FeatureSchema.load(fstore.StoreSettings.for_dataset(data).tables)
+    assert "category" not in schema.views["item_profile"] and "top_category_match" not in schema.context
+    assert {"author", "duration"} <= set(schema.views["item_profile"])
+    assert {count_column("user", t, 7) for t in ("click", "long_view", "like", "follow")} \
+        <= set(schema.views["user_activity"])
+    table = pd.read_parquet(summary["training_file"])
+    raw = contract.load_dataset(data)["interactions"]
+    for _, row in table.sample(150, random_state=1).iterrows():
+        midnight = row[contract.TIMESTAMP].floor("D")
+        seen = raw[(raw.item_id == row.item_id) & (raw[contract.TIMESTAMP] < midnight)
+                   & (raw[contract.TIMESTAMP] >= midnight - pd.Timedelta(days=30))]
+        assert row["item_like_count_30d"] == seen.like.sum()
+        assert row["item_impressions_30d"] == len(seen)
+        assert row["item_follow_rate_30d"] == pytest.approx(seen.follow.sum() / max(len(seen), 1))
+
+
+def test_a_fresh_or_emptied_redis_is_loaded_in_full_and_says_so(built):
+    """The SQLite store was loaded first (build_all); a fresh Redis must still get every row, and a Redis
+    emptied behind the registry's back (restarted without persistence) must be noticed and refilled."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    client = _redis_or_skip()
+    out, _, _ = built
+    project = f"mtlrec_test_{uuid.uuid4().hex[:8]}"
+    conn = f"{REDIS},db={REDIS_DB}"
+    settings = fstore.StoreSettings.for_dataset(out, online="redis", redis=conn, project=project)
+    sqlite = fstore.StoreSettings.for_dataset(out, online="sqlite")
+    assert settings.registry_file != sqlite.registry_file  # bookkeeping per online store
+    try:
+        first = fstore.materialize(fstore.open_store(settings), settings)
+        assert all(r["reloaded"] == "never loaded into this store" for r in first.values()), first
+        assert all(r["rows"] == r["expected"] > 0 for r in first.values()), first
+        assert client.dbsize() > 0
+        reader = FeatureReader(fstore.open_store(settings, serving=True))
+        assert reader.ready() == (True, "ok")
+
+        client.flushdb()  # what a Redis restarted without persistence looks like
+        ok, why = reader.ready()
+        assert not ok and "empty" in why
+        status = fstore.status(settings)
+        assert status["reachable"] and all(v["rows"] == 0 < v["expected"] for v in status["views"].values())
+        shown = CliRunner().invoke(app, ["features", "status", str(out)], env={"MTLREC_FEAST_PROJECT": project,
+                                                                                 "MTLREC_REDIS": conn})
+        assert shown.exit_code == 0 and "behind" in shown.output and "sqlite: reachable" in shown.output
+
+        again = fstore.materialize(fstore.open_store(settings), settings)  # incremental would load nothing
+        assert all(r["reloaded"] == "the store lacks rows its registry says it holds" for r in again.values())
+        assert all(r["rows"] == r["expected"] > 0 for r in again.values()), again
+        assert reader.ready() == (True, "ok")
+        # The SQLite store's own bookkeeping is untouched by all of this.
+        assert {r["from"] for r in fstore.materialize(fstore.open_store(sqlite), sqlite).values()} == {"incremental"}
+    finally:
+        client.flushdb()
+
+
+def test_the_reader_reads_redis_through_the_tuned_client(built):
+    """tune_redis swaps Feast's Redis client for one with bounded timeouts and no retries: if a Feast upgrade
+    stops reading through the client it sets, this fails."""
+    from flows.features.online import tune_redis
+
+    client = _redis_or_skip()
+    out, _, _ = built
+    settings = fstore.StoreSettings.for_dataset(out, online="redis", redis=f"{REDIS},db={REDIS_DB}",
+                                                project=f"mtlrec_test_{uuid.uuid4().hex[:8]}")
+    try:
+        fstore.materialize(fstore.open_store(settings), settings)
+        store = fstore.open_store(settings, serving=True)
+        assert tune_redis(store, connect_timeout_s=0.05, read_timeout_s=0.2)
+        online = store._get_provider().online_store
+        tuned = online._client
+        assert tuned.connection_pool.connection_kwargs["socket_timeout"] == 0.2
+        assert online._get_client(store.config.online_store) is tuned
+        reader = FeatureReader(store)
+        assert reader.known("user", ["u1"]).tolist() == [True]
+        assert not tune_redis(fstore.open_store(fstore.StoreSettings.for_dataset(out, online="sqlite")))
+    finally:
+        client.flushdb()

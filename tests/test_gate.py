@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -35,6 +37,10 @@ def models(tmp_path_factory):
     for name, t in (("good", table), ("noise", noisy_click)):
         train(cfg, "<table>", root / name, progress=False, table=t)
         out[name] = root / name
+    # Beats popularity, but clearly not the good model: it sees ids and categories only.
+    train(load_config("mmoe", SMALL + ["data.features={categorical: [user_id, item_id, category], numeric: []}"]),
+          "<table>", root / "weak", progress=False, table=table)
+    out["weak"] = root / "weak"
     out["data"] = data
     return table, out
 
@@ -181,3 +187,74 @@ def test_sampled_negatives_join_the_candidates_without_leaking(models):
                                last.loc[sample["item_id"], "item_click_count_30d"].to_numpy(float))
     ts = sample["request_ts"].to_numpy(float)
     np.testing.assert_allclose(sample["item_age_days"], (ts - sample["item_since_ts"].to_numpy(float)) / 86_400)
+
+
+@pytest.mark.parametrize("first", ["weak", "good"])
+def test_concurrent_promotions_are_gated_against_each_other(models, tmp_path, monkeypatch, first):
+    """Both candidates beat popularity; judged against each other, only the good one may win.
+
+    Two promotions run at once on one real registry. Both judge against the same (empty) production before
+    either commits (a barrier after each one's first judgement), then ``first`` commits first. Without the
+    compare-and-set both would promote and the later writer would win, whichever it is.
+    """
+    import threading
+
+    from flows import promote as promotion
+    from flows import registry
+
+    table, paths = models
+    assert decide(paths["weak"], table).promote  # each would pass alone, against popularity
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bento"))
+    tags = {}
+    for name in ("good", "weak"):
+        tags[name] = registry.register(paths[name])
+        registry.record_evaluation(tags[name], {"fused/ndcg@10": 0.5})
+    both_judged = threading.Barrier(2)
+    first_done = threading.Event()
+    judged: dict[str, list] = {"good": [], "weak": []}
+    real_decide = promotion.decide
+
+    def decide_then_wait(candidate, *args, production_tag=None, **kwargs):
+        d = real_decide(candidate, *args, production_tag=production_tag, **kwargs)
+        name = "good" if Path(candidate) == registry.artifact_path(tags["good"]) else "weak"
+        judged[name].append(production_tag)
+        if len(judged[name]) == 1:  # the first judgement of each: both see the same production
+            both_judged.wait(120)
+            if name != first:
+                first_done.wait(120)
+        return d
+
+    monkeypatch.setattr(promotion, "decide", decide_then_wait)
+    results, errors = {}, {}
+
+    def run(name):
+        try:
+            results[name] = promotion.promote(tags[name], table, promotion.gate_config())
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors[name] = e
+        finally:
+            if name == first:
+                first_done.set()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("good", "weak")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    later = "weak" if first == "good" else "good"
+    assert judged[first] == [None] and judged[later] == [None, tags[first]]  # gated again, against the winner
+    assert results[later].attempts == 2 and results[later].judged_against == tags[first]
+    assert registry.production() == tags["good"]
+    assert results["good"].promote and not results["weak"].promote if first == "good" else results["good"].promote
+    # The audit log tells the pointer's story: every gate line was judged against the production of its time.
+    production = None
+    gates = 0
+    for e in registry.audit_events():
+        if e["event"] == "gate":
+            gates += 1
+            assert e["production"] == production and e["judged_against"] == production, e
+        if e["event"] == "promote":
+            assert e["from"] == production
+            production = e["tag"]
+    assert production == registry.production() and gates == 2  # the stale judgement was never written

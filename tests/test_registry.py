@@ -171,3 +171,84 @@ def test_cli(evaluated):
     back = run(models_app, ["rollback", "--reason", "cli"])
     assert back.exit_code == 0 and registry.production() == a and registry.pointer()["reason"] == "cli"
     assert run(models_app, ["rollback"]).exit_code == 1
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def _one_line_error(res: subprocess.CompletedProcess, *words: str) -> None:
+    assert res.returncode != 0, res.stdout
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
+    assert lines and lines[-1].startswith("error: "), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    for w in words:
+        assert w in lines[-1], lines[-1]
+
+
+def test_promoting_while_the_production_model_is_gone_is_one_clear_line(trained, evaluated, home):
+    import shutil
+
+    a, b = evaluated
+    registry.set_production(a)
+    shutil.rmtree(registry.artifact_path(a))
+    res = _cli("promote", b, "--data", str(trained["data"]), env={"BENTOML_HOME": str(home)})
+    _one_line_error(res, a, "no longer in the model store", "mtlrec rollback")
+    assert registry.production() == a  # nothing moved
+
+
+def test_a_killed_promotion_leaves_no_temp_file_behind(trained, evaluated, home):
+    a, b = evaluated
+    env = {"BENTOML_HOME": str(home), registry.CRASH_HOOK: "1"}
+    probe = f"from flows import registry; registry.set_production({a!r})"
+    died = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**os.environ, **env}, capture_output=True)
+    assert died.returncode == 70 and registry.production() is None
+    assert list(registry.registry_dir().glob(".production.json.*.tmp"))  # the killed writer's temp file
+    registry.commit_decision(b, judged_against=None, promote=True, gate={"delta": 0.1})
+    assert registry.production() == b and not list(registry.registry_dir().glob(".production.json.*.tmp"))
+
+
+def test_compare_and_set_refuses_a_stale_judgement(trained, evaluated, home):
+    a, b = evaluated
+    registry.commit_decision(a, judged_against=None, promote=True, gate={"delta": 0.1})
+    with pytest.raises(registry.ProductionChanged, match="now " + a):
+        registry.commit_decision(b, judged_against=None, promote=True, gate={"delta": 0.2})
+    assert registry.production() == a
+    with pytest.raises(registry.ProductionChanged):
+        registry.set_production(b, expected=None)
+    assert registry.set_production(b, expected=a) == b
+    gates = [e for e in registry.audit_events() if e["event"] == "gate"]
+    assert [(g["candidate"], g["production"]) for g in gates] == [(a, None)]  # the refused one wrote nothing
+
+
+def test_command_line_failures_are_one_line(trained, tmp_path):
+    """Malformed manifest, missing directory, a config typo: one line naming the problem, exit non-zero."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained["data"], bad, ignore=shutil.ignore_patterns("_features", "_gx"))
+    (bad / "dataset.yaml").write_text("name: x\nsource: y\nstart: [\n")
+    _one_line_error(_cli("features", "build", str(bad)), "dataset.yaml", "not valid YAML")
+    missing = tmp_path / "nowhere"
+    _one_line_error(_cli("features", "build", str(missing)), "dataset.yaml is missing")
+    assert not missing.exists()
+    _one_line_error(_cli("train", "--config", "mmoe", "--data", str(trained["data"]), "--out", str(tmp_path / "o"),
+                         "--set", "train.max_epoch=1"), "train.max_epochs")
+    _one_line_error(_cli("evaluate", "--model", "mtlrec-ranker:nope", "--data", str(trained["data"])),
+                    "mtlrec-ranker:nope")
+
+
+def test_scorer_load_checks_the_weights_checksum(trained, tmp_path):
+    import shutil
+
+    from models.artifact import CorruptModel
+
+    copy = tmp_path / "m"
+    shutil.copytree(trained["a"], copy)
+    Scorer.load(copy)
+    raw = bytearray((copy / "weights.safetensors").read_bytes())
+    raw[-8:] = bytes(8)  # same size, different bytes
+    (copy / "weights.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CorruptModel, match="sha256"):
+        Scorer.load(copy)

@@ -329,3 +329,101 @@ def test_ddp_on_two_cpu_processes_writes_one_artifact(small_table, tmp_path):
     assert res.stdout.count('"artifact"') == 1, res.stdout  # one summary: rank 1 neither evaluates nor writes
     meta = read_meta(tmp_path / "a")
     assert meta["metrics"]["valid"]["fused/ndcg@10"] > 0
+
+
+def test_the_default_recipe_follows_the_data_size():
+    """Enough optimiser steps for a small log, device-sized batches for a large one; numbers override."""
+    from models import recipe
+
+    auto = {"batch_size": "auto", "max_epochs": "auto", "lr": "auto", "patience": "auto"}
+    small = recipe.resolve(auto, 33_000, "cpu")  # the short-video log that lost with batch 4096 and 4 epochs
+    assert small["batch_size"] == 256 and small["max_epochs"] == 24 and small["lr"] == pytest.approx(1e-3)
+    assert small["max_epochs"] * -(-33_000 // 256) >= 2500 and small["patience"] == 5
+    mid = recipe.resolve(auto, 240_000, "cpu")
+    assert mid["batch_size"] == 1024 and mid["lr"] == pytest.approx(1e-3 * 2 ** 0.5)
+    big = recipe.resolve(auto, 8_000_000, "cpu")
+    assert big["batch_size"] == 4096 and big["max_epochs"] == 2 and big["patience"] == 3
+    gpu = recipe.resolve(auto, 8_000_000, "gpu")
+    assert gpu["batch_size"] == 16384 and 4e-3 <= gpu["lr"] <= 8e-3
+    fixed = recipe.resolve({"batch_size": 512, "max_epochs": 3, "lr": 0.01, "patience": 1}, 8_000_000, "cpu")
+    assert (fixed["batch_size"], fixed["max_epochs"], fixed["lr"], fixed["patience"]) == (512, 3, 0.01, 1)
+    assert recipe.resolve(auto, 8_000_000, "gpu", world_size=4)["batch_size"] == 8192  # 2M rows per rank
+
+
+@pytest.mark.parametrize("monitor,direction", [("click/auc", "max"), ("loss", "min"), ("ndcg@10", "max")])
+def test_early_stopping_may_follow_any_validation_metric(small_table, tmp_path, monitor, direction):
+    """A task's AUC (logged as val/click/auc) used to be logged twice and crash Lightning."""
+    from models.evaluation import mode
+
+    cfg = load_config("shared_bottom", ["train.max_epochs=2", f"eval.monitor={monitor}",
+                                        "model.params={bottom: [32, 16], tower: [8]}"])
+    meta = train(cfg, "<table>", tmp_path / "m", progress=False, table=small_table)
+    assert meta["training"]["monitor"] == monitor and mode(monitor) == direction
+    logged = pd.read_csv(next((tmp_path / "m" / "logs" / "csv").glob("version_*/metrics.csv")))
+    values = logged[f"val/{monitor}"].dropna()
+    assert len(values) == 2
+    best = values.min() if direction == "min" else values.max()
+    assert meta["training"]["best_checkpoint_score"] == pytest.approx(best)
+
+
+def test_configs_are_strict_and_extend_by_name_from_anywhere(tmp_path):
+    from models.config import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'train.max_epochs'"):
+        load_config("mmoe", ["train.max_epoch=1"])
+    assert load_config("mmoe", ["train.lr=1e-3"])["train"]["lr"] == 0.001  # a number, not the string '1e-3'
+    mine = tmp_path / "elsewhere" / "mine.yaml"
+    mine.parent.mkdir()
+    mine.write_text("extends: mmoe\ntrain: {lr: 5e-4}\neval: {monitor: like/auc}\n")
+    cfg = load_config(mine)
+    assert cfg["model"]["architecture"] == "mmoe" and cfg["train"]["lr"] == 0.0005
+    assert cfg["eval"]["monitor"] == "like/auc" and cfg["train"]["batch_size"] == "auto"
+    mine.write_text("extends: mmoe\nmodel: {architecure: ple}\n")
+    with pytest.raises(ConfigError, match="did you mean 'model.architecture'"):
+        load_config(mine)
+    with pytest.raises(ConfigError, match="no config 'mmeo'"):
+        load_config("mmeo")
+
+
+def test_config_task_lists_pick_and_override_the_declaration(small_table):
+    declaration = small_table.attrs["mtlrec"]["declaration"]
+    ts = TaskSet.resolve([{"name": "purchase", "loss_weight": 2}, {"name": "click"}], declaration)
+    assert ts.names == ["click", "purchase"]  # parents first, whatever the order given
+    assert ts.get("purchase").loss_weight == 2 and ts.get("purchase").parent == "click"
+    with pytest.raises(ValueError, match="parent 'click' is not in the task set"):
+        TaskSet.resolve([{"name": "purchase"}], declaration)
+    alone = TaskSet.resolve([{"name": "purchase", "sample_space": "all"}], declaration)
+    assert alone.primary == "purchase" and alone.get("purchase").parent is None
+    with pytest.raises(ValueError, match="did you mean 'loss_weight'"):
+        TaskSet.resolve([{"name": "click", "loss_wieght": 2}], declaration)
+
+
+def test_esmm_loss_keeps_a_gradient_for_rare_positives():
+    """p(parent) x p(task | parent) far below any clamp: the loss is its true -log p, and it still pulls."""
+    tasks = TaskSet.from_config([{"name": "click"}, {"name": "purchase", "sample_space": "click"}])
+    logits = {"click": torch.tensor([[-9.0]], requires_grad=True), "purchase": torch.tensor([[-9.0]],
+                                                                                          requires_grad=True)}
+    losses = tasks.losses(logits, {"click": torch.tensor([1.0]), "purchase": torch.tensor([1.0])})
+    expected = -2 * torch.nn.functional.logsigmoid(torch.tensor(-9.0))
+    assert losses[1].item() == pytest.approx(expected.item(), rel=1e-5)  # 18.0, where a clamp at 1e-7 gave 16.1
+    losses[1].backward()
+    assert logits["purchase"].grad.abs().item() > 0.5
+
+
+def test_embedding_widths_follow_the_vocabulary_in_one_lookup():
+    from models.encoder import FeatureEncoder, FeatureSpec, embedding_width
+
+    df = pd.DataFrame({"user_id": [f"u{i}" for i in range(3000)], "hour": np.arange(3000) % 24,
+                       "x": np.arange(3000.0)})
+    spec = FeatureSpec.fit(df, ["user_id", "hour"], ["x"]).size_embeddings("auto", {"hour": 4})
+    assert spec.widths == {"user_id": embedding_width(3001), "hour": 4} and spec.widths["user_id"] == 44
+    assert FeatureSpec.fit(df, ["user_id", "hour"], ["x"]).size_embeddings(16).widths == {"user_id": 16, "hour": 16}
+    enc = FeatureEncoder(spec.cardinalities, 1, spec.embedding_widths(16))
+    assert enc.out_dim == 44 + 4 + 1 and enc.embedding.weight.shape == (3001 + 25, 44)
+    cat = torch.from_numpy(spec.encode_categorical(df.head(5)))
+    out = enc(cat, torch.zeros(5, 1))
+    table = enc.embedding.weight
+    torch.testing.assert_close(out[:, :44], table[cat[:, 0]])
+    torch.testing.assert_close(out[:, 44:48], table[cat[:, 1] + 3001, :4])  # hour: its first 4 columns
+    old = FeatureSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "widths"})
+    assert old.embedding_widths(16) == [16, 16]  # an artifact from before per-feature widths

@@ -150,6 +150,12 @@ def _renamed_purchase(directory: Path, plant: bool):
         _edit(directory, "interactions", _where(_not_clicked, "bought", 1, n=4))
 
 
+def _limit(directory: Path, limits: dict) -> None:
+    m = contract.Manifest.load(directory)
+    m.limits = limits
+    m.save(directory)
+
+
 def _bad_declaration(directory: Path):
     _declare(directory, change={"purchase": {"parent": "clik"}})
 
@@ -219,6 +225,14 @@ CORRUPTIONS = {
         ("interactions", "device", "column exists")),
     "declared attribute missing": (lambda d: _declare(d, attributes={"items": ["author"]}),
                                    ("items", "author", "column exists")),
+    # -- bounds (the declaration's limits, defaults 256 characters and 10,000 categories)
+    "a 10 MB category": (lambda d: _edit(d, "items", _set_rows("category", "x" * 10_000_000, rows=slice(0, 1))),
+                         ("items", "category", "string length")),
+    "a long segment": (lambda d: _edit(d, "users", _set_rows("segment", "s" * 300, rows=slice(0, 1))),
+                                    ("users", "segment", "string length")),
+    "too many categories": (lambda d: _edit(d, "users", lambda df: df.assign(
+                                segment=[f"s{i}" for i in range(len(df))])) or _limit(d, {"max_categories": 50}),
+                            ("users", "segment", "categories")),
     # -- the manifest itself
     "missing manifest": (lambda d: (d / contract.MANIFEST).unlink(), ("manifest", "-", "manifest")),
     "bad declaration": (_bad_declaration, ("manifest", "tasks", "declaration")),
@@ -346,6 +360,17 @@ def test_malformed_manifest_fails_with_a_clear_message(name, dataset_copy):
     failed = [ln for ln in res.output.splitlines() if ln.startswith("FAIL ")]
     assert len(failed) == 1 and failed[0].startswith("FAIL manifest: "), res.output
     assert message in failed[0] and contract.MANIFEST in failed[0], res.output
+
+
+def test_limits_are_declared_per_column(dataset_copy):
+    """A column that really is long or wide gets its own limit; the report says where to set it."""
+    _edit(dataset_copy, "items", _set_rows("category", "c" * 1000, rows=slice(0, 1)))
+    report = validate_dataset(dataset_copy)
+    (failure,) = report.failures
+    assert failure.rule == "string length" and "limits" in failure.detail
+    assert "characters)" in failure.line() and len(failure.line()) < 600  # the example is shortened, not printed
+    _limit(dataset_copy, {"columns": {"category": {"max_string_length": 2000}}})
+    assert validate_dataset(dataset_copy).success
 
 
 def test_missing_manifest_says_so(dataset_copy):

@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from flows.data.generation import US_PER_DAY, declared_range, sigmoid, time_span, write_impressions
 from models import contract
 from models.declaration import Declaration
 from models.metrics import ranking_metrics
@@ -64,7 +64,6 @@ GAINS = {t.name: t.gain for t in DECLARATION.binary}
 LONG_VIEW_SHARE = 0.8  # long_view: watched at least this share of the video's duration
 DEVICES = np.array(["mobile", "desktop", "tablet"])
 GENDERS = np.array(["f", "m"])
-US_PER_DAY = 86_400 * 1_000_000
 US_PER_HOUR = 3_600_000_000
 MIN_DURATION, MAX_DURATION = 5.0, 300.0
 
@@ -106,10 +105,6 @@ class _World:
     item_duration: np.ndarray  # seconds, as stored
     item_launch_us: np.ndarray
     exposure: np.ndarray
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _users(cfg: ShortVideoConfig, rng: np.random.Generator, start_us: int):
@@ -197,7 +192,7 @@ def _impressions(cfg: ShortVideoConfig, w: _World, rng: np.random.Generator, n: 
     duration = w.item_duration[i]
 
     # click
-    p_click = _sigmoid(-2.7 + 1.4 * aff_click + w.item_appeal[i] + HOUR_CLICK[hour] + DEVICE_CLICK[device]
+    p_click = sigmoid(-2.7 + 1.4 * aff_click + w.item_appeal[i] + HOUR_CLICK[hour] + DEVICE_CLICK[device]
                        - 0.03 * (position - 1))
     click = rng.random(n) < p_click
     # watch share = sigmoid(mu + logistic noise); long_view iff share >= LONG_VIEW_SHARE, so
@@ -205,8 +200,8 @@ def _impressions(cfg: ShortVideoConfig, w: _World, rng: np.random.Generator, n: 
     scale = 0.8
     mu0 = (-0.7 + 1.5 * aff_watch + w.patience[u] - 0.6 * np.log(duration / 30.0) + DEVICE_WATCH[device])
     cut = np.log(LONG_VIEW_SHARE / (1.0 - LONG_VIEW_SHARE))
-    p_lv = {c: _sigmoid((mu0 + 1.2 * c - cut) / scale) for c in (0, 1)}
-    share = _sigmoid(mu0 + 1.2 * click + rng.logistic(0.0, scale, size=n))
+    p_lv = {c: sigmoid((mu0 + 1.2 * c - cut) / scale) for c in (0, 1)}
+    share = sigmoid(mu0 + 1.2 * click + rng.logistic(0.0, scale, size=n))
     watch_time = np.round(share * duration, 2)
     long_view = watch_time >= LONG_VIEW_SHARE * duration  # the stored columns' own rule
 
@@ -220,8 +215,8 @@ def _impressions(cfg: ShortVideoConfig, w: _World, rng: np.random.Generator, n: 
     def follow_logit(c, lv):
         return follow_base + 1.3 * c + 1.0 * lv
 
-    like = rng.random(n) < _sigmoid(like_logit(click, long_view))
-    follow = rng.random(n) < _sigmoid(follow_logit(click, long_view))
+    like = rng.random(n) < sigmoid(like_logit(click, long_view))
+    follow = rng.random(n) < sigmoid(follow_logit(click, long_view))
     # Marginal probabilities over the four (click, long_view) cells.
     p_long_view = p_click * p_lv[1] + (1 - p_click) * p_lv[0]
     p_like = np.zeros(n)
@@ -230,8 +225,8 @@ def _impressions(cfg: ShortVideoConfig, w: _World, rng: np.random.Generator, n: 
         pc = p_click if c else 1 - p_click
         for lv in (0, 1):
             cell = pc * (p_lv[c] if lv else 1 - p_lv[c])
-            p_like += cell * _sigmoid(like_logit(c, lv))
-            p_follow += cell * _sigmoid(follow_logit(c, lv))
+            p_like += cell * sigmoid(like_logit(c, lv))
+            p_follow += cell * sigmoid(follow_logit(c, lv))
     return {"u": u, "i": i, "ts": ts, "device": device, "position": position,
             "click": click, "long_view": long_view, "like": like, "follow": follow, "watch_time": watch_time,
             "p_click": p_click, "p_long_view": p_long_view, "p_like": p_like, "p_follow": p_follow}
@@ -278,9 +273,7 @@ def generate(out: Path | str, cfg: ShortVideoConfig = ShortVideoConfig()) -> con
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
-    end_us = int(contract.utc(cfg.end).value // 1000)
-    span_us = cfg.days * US_PER_DAY
-    start_us = end_us - span_us
+    start_us, span_us, end_us = time_span(cfg.end, cfg.days)
 
     users, u_lat, patience, like_bias, device_probs, activity = _users(cfg, rng, start_us)
     items, a_lat, a_quality, i_lat, author, appeal, duration, launch, exposure = _items(cfg, rng, start_us, span_us)
@@ -291,41 +284,30 @@ def generate(out: Path | str, cfg: ShortVideoConfig = ShortVideoConfig()) -> con
 
     user_ids = pa.array(users["user_id"].to_numpy())
     item_ids = pa.array(items["item_id"].to_numpy())
-    path = out / contract.INTERACTIONS.file
     counts = dict.fromkeys(BINARY, 0)
     without_click = {"like": 0, "follow": 0, "long_view": 0}
-    watch_sum = 0.0
-    # The last chunk's arrays give the oracle (its rows are spread over the whole span like any other).
-    sample: dict[str, np.ndarray] | None = None
-    writer = None
-    try:
-        remaining = cfg.n_interactions
-        while remaining > 0:
-            n = min(cfg.chunk_rows, remaining)
-            d = _impressions(cfg, world, rng, n, start_us, span_us)
-            table = _arrow_chunk(d, user_ids, item_ids)
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-            writer.write_table(table)
-            for name in BINARY:
-                counts[name] += int(d[name].sum())
-            for name in without_click:
-                without_click[name] += int((d[name] & ~d["click"]).sum())
-            watch_sum += float(d["watch_time"].sum())
-            sample = d
-            remaining -= n
-    finally:
-        if writer is not None:
-            writer.close()
+    watch = {"sum": 0.0}
+
+    def observe(d):
+        for name in BINARY:
+            counts[name] += int(d[name].sum())
+        for name in without_click:
+            without_click[name] += int((d[name] & ~d["click"]).sum())
+        watch["sum"] += float(d["watch_time"].sum())
+
+    sample = write_impressions(out / contract.INTERACTIONS.file, cfg.n_interactions, cfg.chunk_rows,
+                               lambda n: _impressions(cfg, world, rng, n, start_us, span_us),
+                               lambda d: _arrow_chunk(d, user_ids, item_ids), observe)
+    watch_sum = watch["sum"]
+    first, last = declared_range(start_us, end_us, users, items)
 
     n_total = max(cfg.n_interactions, 1)
     quality_report = ground_truth_quality(sample, start_us, span_us) if sample is not None else {}
     manifest = contract.Manifest(
         name="short_video",
         source="flows.data.short_video",
-        start=pd.Timestamp(min(start_us, int(users[contract.TIMESTAMP].min().value // 1000),
-                               int(items[contract.TIMESTAMP].min().value // 1000)), unit="us", tz="UTC").isoformat(),
-        end=pd.Timestamp(end_us, unit="us", tz="UTC").isoformat(),
+        start=first,
+        end=last,
         rows={"users": len(users), "items": len(items), "interactions": cfg.n_interactions},
         params={**asdict(cfg),
                 **{f"{name}_rate": counts[name] / n_total for name in BINARY},

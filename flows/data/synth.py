@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from flows.data.generation import US_PER_DAY, declared_range, sigmoid, time_span, write_impressions
 from models import contract
 from models.declaration import Declaration
 from models.metrics import ranking_metrics
@@ -45,7 +45,6 @@ DECLARATION = Declaration.from_dict({"tasks": [
 
 DEVICES = np.array(["mobile", "desktop", "tablet"])
 GENDERS = np.array(["f", "m"])
-US_PER_DAY = 86_400 * 1_000_000
 
 
 @dataclass(frozen=True)
@@ -129,10 +128,6 @@ def _items(cfg: SynthConfig, rng: np.random.Generator, start_us: int, span_us: i
     return table, latent, quality, log_price, launch, exposure
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def _impressions(cfg: SynthConfig, world: _World, rng: np.random.Generator, n: int,
                  start_us: int, span_us: int) -> dict[str, np.ndarray]:
     """Draw ``n`` impressions with their labels and the true click/purchase probabilities."""
@@ -155,10 +150,10 @@ def _impressions(cfg: SynthConfig, world: _World, rng: np.random.Generator, n: i
     affinity = np.einsum("nd,nd->n", ul, il) / np.sqrt(cfg.dim)
     half = cfg.dim // 2
     affinity_buy = np.einsum("nd,nd->n", ul[:, :half], il[:, :half]) / np.sqrt(half)
-    p_click = _sigmoid(-2.4 + 1.5 * affinity + world.item_quality[i] + HOUR_EFFECT[hour]
+    p_click = sigmoid(-2.4 + 1.5 * affinity + world.item_quality[i] + HOUR_EFFECT[hour]
                        + DEVICE_CLICK[device] - 0.06 * (position - 1))
     price_z = world.item_log_price[i] - np.log(40.0)
-    p_buy = _sigmoid(-2.4 + 1.2 * affinity_buy - 0.9 * world.price_sensitivity[u] * price_z + DEVICE_BUY[device])
+    p_buy = sigmoid(-2.4 + 1.2 * affinity_buy - 0.9 * world.price_sensitivity[u] * price_z + DEVICE_BUY[device])
     click = rng.random(n) < p_click
     purchase = click & (rng.random(n) < p_buy)
     dwell = np.where(click, np.round(rng.lognormal(2.5 + 0.4 * affinity, 0.5), 2), 0.0)
@@ -205,9 +200,7 @@ def generate(out: Path | str, cfg: SynthConfig = SynthConfig()) -> contract.Mani
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
-    end_us = int(contract.utc(cfg.end).value // 1000)
-    span_us = cfg.days * US_PER_DAY
-    start_us = end_us - span_us
+    start_us, span_us, end_us = time_span(cfg.end, cfg.days)
 
     users, u_lat, price_sens, device_probs, activity = _users(cfg, rng, start_us)
     items, i_lat, quality, log_price, launch, exposure = _items(cfg, rng, start_us, span_us)
@@ -217,36 +210,23 @@ def generate(out: Path | str, cfg: SynthConfig = SynthConfig()) -> contract.Mani
 
     user_ids = pa.array(users["user_id"].to_numpy())
     item_ids = pa.array(items["item_id"].to_numpy())
-    path = out / contract.INTERACTIONS.file
-    clicks = purchases = 0
-    # Only the chunk that holds the last day matters for the oracle; keep the
-    # last chunk's arrays (its rows are spread over the whole span like any other).
-    sample: dict[str, np.ndarray] | None = None
-    writer = None
-    try:
-        remaining = cfg.n_interactions
-        while remaining > 0:
-            n = min(cfg.chunk_rows, remaining)
-            d = _impressions(cfg, world, rng, n, start_us, span_us)
-            table = _arrow_chunk(d, user_ids, item_ids)
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-            writer.write_table(table)
-            clicks += int(d["click"].sum())
-            purchases += int(d["purchase"].sum())
-            sample = d
-            remaining -= n
-    finally:
-        if writer is not None:
-            writer.close()
+    counts = {"click": 0, "purchase": 0}
 
+    def observe(d):
+        counts["click"] += int(d["click"].sum())
+        counts["purchase"] += int(d["purchase"].sum())
+
+    sample = write_impressions(out / contract.INTERACTIONS.file, cfg.n_interactions, cfg.chunk_rows,
+                               lambda n: _impressions(cfg, world, rng, n, start_us, span_us),
+                               lambda d: _arrow_chunk(d, user_ids, item_ids), observe)
+    clicks, purchases = counts["click"], counts["purchase"]
     quality_report = ground_truth_quality(sample, start_us, span_us) if sample is not None else {}
+    first, last = declared_range(start_us, end_us, users, items)
     manifest = contract.Manifest(
         name="synth",
         source="flows.data.synth",
-        start=pd.Timestamp(min(start_us, int(users[contract.TIMESTAMP].min().value // 1000),
-                               int(items[contract.TIMESTAMP].min().value // 1000)), unit="us", tz="UTC").isoformat(),
-        end=pd.Timestamp(end_us, unit="us", tz="UTC").isoformat(),
+        start=first,
+        end=last,
         rows={"users": len(users), "items": len(items), "interactions": cfg.n_interactions},
         params={**asdict(cfg), "click_rate": clicks / max(cfg.n_interactions, 1),
                 "purchase_rate_given_click": purchases / max(clicks, 1),

@@ -7,13 +7,24 @@ provider's ``online_read``, values decoded by Feast's own type map), then the
 context view's transform (``feature_repo.transforms``) applied in-process.
 Items change slowly and are shared by every request, so they are cached for
 ``item_ttl_s``; the user's row for ``user_ttl_s``. A miss reads all missing
-keys of a view in one bulk call. The cache is per process and guarded by a
-lock: SQLite connections are not shared across threads, and several serving
-workers each keep their own cache (on Redis for scale-out).
+keys of a view in one bulk call. The cache is per process, bounded
+(``max_entries`` per entity kind: past it, the kind's cache starts afresh),
+and guarded by a lock: SQLite connections are not shared across threads, and
+several serving workers each keep their own cache (on Redis for scale-out).
+
+Failing fast. A store that is down must cost a request milliseconds, not the
+client's retries: Redis is read with bounded connect and read timeouts and no
+retries (``ONLINE_TIMEOUTS``), and a circuit breaker opens on the first store
+error. While it is open every read fails at once with ``StoreUnavailable``;
+after ``cooldown_s`` one read is let through, and its success closes the
+breaker: the service recovers without a restart. Only errors of the store
+itself (connection, timeout, the database) count; anything else is a bug and
+propagates as itself.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 
@@ -24,11 +35,73 @@ from feature_repo.definitions import FEATURE_SERVICE, JOIN_KEY
 from feature_repo.transforms import context_features
 
 
+class StoreUnavailable(RuntimeError):
+    """The online store could not be read (down, hung, or its breaker is open)."""
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the store failed", not "the code failed"."""
+    errors: list[type[BaseException]] = [sqlite3.Error, ConnectionError, TimeoutError, StoreUnavailable]
+    try:
+        import redis
+
+        errors.append(redis.exceptions.RedisError)
+    except ImportError:  # pragma: no cover - redis is a dependency, but the SQLite path needs none
+        pass
+    return tuple(errors)
+
+
+class CircuitBreaker:
+    """Open on a failure, fail fast while open, let one probe through after ``cooldown_s``, close on success."""
+
+    def __init__(self, cooldown_s: float = 1.0):
+        self.cooldown_s = cooldown_s
+        self._open_until = 0.0
+        self._probing = False
+        self.last_error: str | None = None
+        self.opened = 0  # times it opened (for metrics and tests)
+        self._lock = threading.Lock()
+
+    @property
+    def open(self) -> bool:
+        return self.last_error is not None
+
+    def guard(self) -> None:
+        """Raise StoreUnavailable while open and cooling down or probing, without claiming the probe."""
+        if self.last_error is not None and (time.monotonic() < self._open_until or self._probing):
+            raise StoreUnavailable(f"online store unavailable (circuit open): {self.last_error}")
+
+    def check(self) -> None:
+        """Raise StoreUnavailable at once while open; after the cooldown let exactly one caller through, whose
+        read must end in ``success`` or ``failure``."""
+        if self.last_error is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if now < self._open_until or self._probing:
+                raise StoreUnavailable(f"online store unavailable (circuit open): {self.last_error}")
+            self._probing = True  # this caller is the probe; the rest keep failing fast until it returns
+
+    def success(self) -> None:
+        if self.last_error is not None or self._probing:
+            with self._lock:
+                self.last_error, self._probing = None, False
+
+    def failure(self, error: BaseException) -> None:
+        with self._lock:
+            if self.last_error is None:
+                self.opened += 1
+            self.last_error = f"{type(error).__name__}: {error}"
+            self._open_until = time.monotonic() + self.cooldown_s
+            self._probing = False
+
+
 class FeatureReader:
-    def __init__(self, store, *, user_ttl_s: float = 5.0, item_ttl_s: float = 60.0):
+    def __init__(self, store, *, user_ttl_s: float = 5.0, item_ttl_s: float = 60.0, max_entries: int = 200_000,
+                 cooldown_s: float = 1.0, canaries: dict[str, list[str]] | None = None):
         self.store = store
         self.service = store.get_feature_service(FEATURE_SERVICE)
-        self.provider = store._get_provider()
+        self.provider = _provider(store)
         on_demand = {v.name for v in store.list_on_demand_feature_views()}  # computed here, not stored online
         self.views: dict[str, list] = {"user": [], "item": []}
         for proj in self.service.feature_view_projections:
@@ -37,11 +110,21 @@ class FeatureReader:
                 self.views[_entity_of(view)].append(view)
         self.columns_of = {e: [f.name for v in vs for f in v.features] for e, vs in self.views.items()}
         self.ttl = {"user": user_ttl_s, "item": item_ttl_s}
+        self.max_entries = max_entries
+        self.breaker = CircuitBreaker(cooldown_s)
+        self.errors = store_errors()
+        self.canaries = canaries if canaries is not None else _canaries(self.views)
         self._lock = threading.Lock()
-        self._index: dict[str, dict[str, tuple[float, int]]] = {"user": {}, "item": {}}
-        self._cols = {e: [np.empty(0, dtype=object if _is_string(f) else np.float64) for v in vs for f in v.features]
-                      for e, vs in self.views.items()}
-        self._known = {e: np.zeros(0, dtype=bool) for e in self.views}
+        self._reset_cache()
+
+    def _reset_cache(self, entity: str | None = None) -> None:
+        for e in [entity] if entity else list(self.views):
+            if not hasattr(self, "_index"):
+                self._index, self._cols, self._known = {}, {}, {}
+            self._index[e] = {}
+            self._cols[e] = [np.empty(0, dtype=object if _is_string(f) else np.float64)
+                             for v in self.views[e] for f in v.features]
+            self._known[e] = np.zeros(0, dtype=bool)
 
     # ---- reference path -----------------------------------------------------------------
     def sdk(self, user_id: str, item_ids: list[str], request_ts: float) -> pd.DataFrame:
@@ -49,14 +132,20 @@ class FeatureReader:
         return self.store.get_online_features(features=self.service, entity_rows=rows).to_df()
 
     # ---- served path --------------------------------------------------------------------
-    def _slots(self, entity: str, ids: list[str]) -> np.ndarray:
-        """Row numbers of ``ids`` in the entity's columnar cache, reading missing or stale ones in bulk."""
+    def _slots(self, entity: str, ids: list[str]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """Row numbers of ``ids`` in the entity's columnar cache (reading missing or stale ones in bulk), with the
+        columns and known-flags they index: taken under the lock, so a cache reset cannot shift them."""
         now = time.monotonic()
+        self.breaker.guard()  # fail fast before queueing on the lock behind a read that is timing out
         with self._lock:
             index = self._index[entity]
             missing = [i for i in dict.fromkeys(ids) if (hit := index.get(i)) is None or hit[0] < now]
             if missing:
-                fresh = self._read(entity, missing)
+                self.breaker.check()  # it may have opened while this request waited for the lock
+                fresh = self.read(entity, missing)
+                if len(index) + len(missing) > self.max_entries:  # bounded: start the cache afresh
+                    self._reset_cache(entity)
+                    index = self._index[entity]
                 cols = self._grow(entity, len(index) + len(missing))
                 expires = now + self.ttl[entity]
                 for i, values in zip(missing, fresh):
@@ -65,7 +154,8 @@ class FeatureReader:
                     for col, v in zip(cols, values):
                         col[row] = (np.nan if col.dtype.kind == "f" else None) if v is None else v
                     self._known[entity][row] = any(v is not None for v in values)
-            return np.fromiter((index[i][1] for i in ids), dtype=np.int64, count=len(ids))
+            rows = np.fromiter((index[i][1] for i in ids), dtype=np.int64, count=len(ids))
+            return rows, self._cols[entity], self._known[entity]
 
     def _grow(self, entity: str, need: int) -> list[np.ndarray]:
         cols = self._cols[entity]
@@ -77,7 +167,9 @@ class FeatureReader:
             self._known[entity] = np.concatenate([self._known[entity], np.zeros(size - have, dtype=bool)])
         return cols
 
-    def _read(self, entity: str, ids: list[str]) -> list[tuple]:
+    def read(self, entity: str, ids: list[str]) -> list[tuple]:
+        """One bulk read of the store, bypassing the cache: a tuple of the entity's feature values per id
+        (all None for an id the store lacks). Store failures open the breaker and raise StoreUnavailable."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
         from feast.type_map import feast_value_type_to_python_type as py
@@ -85,13 +177,37 @@ class FeatureReader:
         key = JOIN_KEY[entity]
         keys = [EntityKey(join_keys=[key], entity_values=[Value(string_val=i)]) for i in ids]
         parts: list[list[tuple]] = []
-        for view in self.views[entity]:
-            names = [f.name for f in view.features]
-            got = self.provider.online_read(config=self.store.config, table=view, entity_keys=keys,
-                                            requested_features=list(names))  # Redis appends to it
-            parts.append([tuple(py(vals[n]) if n in vals else None for n in names) if vals else (None,) * len(names)
-                          for _, vals in got])
+        try:
+            for view in self.views[entity]:
+                names = [f.name for f in view.features]
+                got = self.provider.online_read(config=self.store.config, table=view, entity_keys=keys,
+                                                requested_features=list(names))  # Redis appends to it
+                parts.append([tuple(py(vals[n]) if n in vals else None for n in names) if vals
+                              else (None,) * len(names) for _, vals in got])
+        except self.errors as e:
+            self.breaker.failure(e)
+            raise StoreUnavailable(f"online store unreachable: {type(e).__name__}: {e}") from e
+        self.breaker.success()
         return [sum(cols, ()) for cols in zip(*parts)]
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether the store answers and holds the feature service's rows (a real read of known entities).
+
+        Known entities are ids the store must hold once materialised (``canaries``); an answer without any
+        of them is an empty or wiped store, which must not report ready while every user scores cold.
+        """
+        try:
+            self.breaker.check()
+            for entity, ids in self.canaries.items():
+                if not ids or not self.views[entity]:
+                    continue
+                rows = self.read(entity, list(ids))
+                if not any(any(v is not None for v in row) for row in rows):
+                    return False, f"the online store holds none of {len(ids)} known {entity}s: it is empty or " \
+                                  f"was wiped; materialise it (`mtlrec features materialize DATASET`)"
+        except StoreUnavailable as e:
+            return False, str(e)
+        return True, "ok"
 
     def columns(self, user_id: str, item_ids: list[str], request_ts: float) -> tuple[dict[str, np.ndarray], np.ndarray, bool]:
         """The feature service's values as arrays, which items the store knows, and whether it knows the user.
@@ -100,18 +216,18 @@ class FeatureReader:
         the values and the cold-start flags.
         """
         n = len(item_ids)
-        u = self._slots("user", [user_id])[0]
-        rows = self._slots("item", list(item_ids))
+        (u,), user_cols, user_known = self._slots("user", [user_id])
+        rows, item_cols, item_known = self._slots("item", list(item_ids))
         data: dict[str, np.ndarray] = {"user_id": np.full(n, user_id, dtype=object),
                                        "item_id": np.asarray(item_ids, dtype=object)}
-        for name, col in zip(self.columns_of["user"], self._cols["user"]):
+        for name, col in zip(self.columns_of["user"], user_cols):
             data[name] = np.full(n, col[u], dtype=col.dtype)
-        for name, col in zip(self.columns_of["item"], self._cols["item"]):
+        for name, col in zip(self.columns_of["item"], item_cols):
             data[name] = col[rows]
         data["request_ts"] = np.full(n, float(request_ts))
         data.update(context_features(data))
         del data["request_ts"]
-        return data, self._known["item"][rows], bool(self._known["user"][u])
+        return data, item_known[rows], bool(user_known[u])
 
     def features(self, user_id: str, item_ids: list[str], request_ts: float) -> pd.DataFrame:
         """The feature service's values for (user, each item) at ``request_ts``: what ``sdk`` returns."""
@@ -119,13 +235,38 @@ class FeatureReader:
 
     def known(self, entity: str, ids: list[str]) -> np.ndarray:
         """Which ids the online store has (False: cold start, scored from defaults)."""
-        return self._known[entity][self._slots(entity, list(ids))]
+        rows, _, known = self._slots(entity, list(ids))
+        return known[rows]
 
     def invalidate(self) -> None:
         """Drop the cache, e.g. right after a materialisation."""
         with self._lock:
-            for index in self._index.values():
-                index.clear()
+            self._reset_cache()
+
+
+def _provider(store):
+    """Feast's provider, whose ``online_read`` reads many keys of one view in one call.
+
+    Feast has no public bulk read that returns raw values per view without building a response frame, so this
+    is the one private call of the reader; ``tests/test_features.py`` fails if a Feast upgrade removes it.
+    """
+    return store._get_provider()
+
+
+def _canaries(views: dict[str, list], n: int = 16) -> dict[str, list[str]]:
+    """A few ids per entity the store must hold once materialised: read from the first view's source table."""
+    out: dict[str, list[str]] = {}
+    for entity, vs in views.items():
+        if not vs:
+            continue
+        key = JOIN_KEY[entity]
+        try:
+            ids = pd.read_parquet(vs[0].batch_source.path, columns=[key])[key].astype(str).unique()
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        step = max(len(ids) // n, 1)
+        out[entity] = list(ids[::step][:n])
+    return out
 
 
 def _entity_of(view) -> str:
@@ -137,3 +278,26 @@ def _is_string(field) -> bool:
     from feast.types import String
 
     return field.dtype == String
+
+
+def tune_redis(store, *, connect_timeout_s: float = 0.1, read_timeout_s: float = 0.25) -> bool:
+    """Give Feast's Redis online store a client with bounded timeouts and no retries; False on other stores.
+
+    redis-py retries a refused or timed-out command three times with backoff (about four seconds in all),
+    and Feast's connection string cannot turn that off. The served path wants one bounded attempt and the
+    circuit breaker instead. This sets the online store's private ``_client``, the handle its
+    ``_get_client`` returns; ``tests/test_features.py`` checks that Feast still reads through it.
+    """
+    online = _provider(store).online_store
+    if type(online).__name__ != "RedisOnlineStore":
+        return False
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    nodes, params = online._parse_connection_string(store.config.online_store.connection_string)
+    params = {k: v for k, v in params.items() if k in ("db", "password", "username", "ssl")}
+    online._client = redis.Redis(host=nodes[0]["host"], port=int(nodes[0]["port"]), **params,
+                                 socket_timeout=read_timeout_s, socket_connect_timeout=connect_timeout_s,
+                                 retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    return True

@@ -9,12 +9,15 @@ default ``127.0.0.1:6379,db=0``) selects Redis; nothing in code changes.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -56,23 +59,56 @@ class StoreSettings:
     def training_file(self) -> Path:
         return self.workspace / TRAINING_FILE
 
-    def yaml_config(self) -> dict:
+    @property
+    def store_id(self) -> str:
+        """Which online store this is: ``sqlite``, or ``redis-<host>-<port>-db<n>``.
+
+        Each online store keeps its own Feast registry (``registry_file``): Feast records in the registry up
+        to when each view was materialised, and a registry shared by SQLite and Redis would tell a fresh
+        Redis that it already holds everything SQLite was given.
+        """
+        if self.online == "sqlite":
+            return "sqlite"
+        parts = self.redis.split(",")
+        host, _, port = parts[0].partition(":")
+        db = next((p.split("=", 1)[1] for p in parts[1:] if p.startswith("db=")), "0")
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"redis-{host}-{port or 6379}-db{db}")
+
+    @property
+    def registry_file(self) -> Path:
+        return self.workspace / ("registry.db" if self.online == "sqlite" else f"registry-{self.store_id}.db")
+
+    def yaml_config(self, registry: Path | None = None) -> dict:
         online = ({"type": "sqlite", "path": str(self.workspace / "online.db")} if self.online == "sqlite"
                   else {"type": "redis", "connection_string": self.redis})
-        return {"project": self.project, "provider": "local", "registry": str(self.workspace / "registry.db"),
+        return {"project": self.project, "provider": "local", "registry": str(registry or self.registry_file),
                 "online_store": online, "offline_store": {"type": self.offline},
                 "entity_key_serialization_version": 3}
 
 
-def open_store(settings: StoreSettings):
-    """A FeatureStore on this dataset's workspace (the yaml is written there, for the `feast` CLI too)."""
+def open_store(settings: StoreSettings, *, serving: bool = False):
+    """A FeatureStore on this dataset's workspace (the yaml is written there, for the `feast` CLI too).
+
+    ``serving``: the service needs the feature definitions, not the bookkeeping of materialisation; an online
+    store never materialised into has no registry of its own yet, so it reads the definitions from the
+    dataset's main registry (and then reports itself not ready: it holds no rows).
+    """
     os.environ.setdefault("FEAST_USAGE", "False")
     from feast import FeatureStore
 
     settings.workspace.mkdir(parents=True, exist_ok=True)
-    name = "feature_store.yaml" if settings.online == "sqlite" else f"feature_store.{settings.online}.yaml"
+    registry = settings.registry_file
+    if serving and not registry.is_file():
+        registry = settings.workspace / "registry.db"
+    name = "feature_store.yaml" if settings.online == "sqlite" else f"feature_store.{settings.store_id}.yaml"
+    if registry != settings.registry_file:
+        name = f"feature_store.{settings.store_id}.serving.yaml"
     path = settings.workspace / name
-    path.write_text(yaml.safe_dump(settings.yaml_config(), sort_keys=False))
+    text = yaml.safe_dump(settings.yaml_config(registry), sort_keys=False)
+    if not path.is_file() or path.read_text() != text:  # serving workers open it at once: replace, never truncate
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return FeatureStore(repo_path=str(settings.workspace), fs_yaml_file=path)
 
 
@@ -83,27 +119,131 @@ def apply(store, settings: StoreSettings) -> list[str]:
     return sorted(objects)
 
 
-def materialize(store, end: datetime | None = None, *, full: bool = False) -> dict[str, str]:
-    """Load the latest values into the online store, incrementally by default.
+class MaterializationError(RuntimeError):
+    """The online store does not hold what was just materialised into it."""
 
-    A view never materialised before starts at its earliest source row
-    (Feast's own default for views without a TTL is "a year ago", which would
-    skip an older log); after that, each call continues where the last ended.
+
+def materialize(store, settings: StoreSettings, end: datetime | None = None, *, full: bool = False,
+                verify: bool = True) -> dict[str, dict]:
+    """Load the latest values into the online store, incrementally by default, and check that they are there.
+
+    The registry says up to when each view was loaded, but only the store knows what it holds: a Redis
+    restarted empty, or flushed, still has a registry that calls it loaded. So before an incremental load a
+    sample of the entities the view must hold is read back from the store; a view found empty or behind is
+    reloaded in full. A view never materialised before starts at its earliest source row (Feast's own default
+    for views without a TTL is "a year ago", which would skip an older log). After loading, every entity the
+    sources hold up to ``end`` is read back (``verify``) and a shortfall raises MaterializationError.
+    Returns, per view: where the load started, why a full load happened, rows found and rows expected.
     """
     end = end or datetime.now(timezone.utc)
+    apply(store, settings)  # this store's own registry must hold the views before anything is loaded into it
     views = store.list_feature_views()
-    fresh = [v for v in views if v.most_recent_end_time is None]
-    started = {}
-    if full or fresh:
-        targets = views if full else fresh
-        start = min(_earliest(v) for v in targets)
-        store.materialize(start_date=start, end_date=end, feature_views=[v.name for v in targets])
-        started.update({v.name: start.isoformat() for v in targets})
-    rest = [v.name for v in views if v not in fresh and not full]
+    report: dict[str, dict] = {v.name: {} for v in views}
+    reload = []
+    for v in views:
+        if full:
+            reload.append(v)
+            report[v.name]["reloaded"] = "asked for a full load"
+        elif v.most_recent_end_time is None:
+            reload.append(v)
+            report[v.name]["reloaded"] = "never loaded into this store"
+        else:
+            sample = _sample(expected_entities(v, v.most_recent_end_time), 32)
+            if len(sample) and online_rows(store, v, sample) < len(sample):
+                reload.append(v)
+                report[v.name]["reloaded"] = "the store lacks rows its registry says it holds"
+    if reload:
+        start = min(_earliest(v) for v in reload)
+        store.materialize(start_date=start, end_date=end, feature_views=[v.name for v in reload])
+        for v in reload:
+            report[v.name]["from"] = start.isoformat()
+    rest = [v.name for v in views if v not in reload]
     if rest:
         store.materialize_incremental(end_date=end, feature_views=rest)
-        started.update({n: "incremental" for n in rest})
-    return started
+        for name in rest:
+            report[name]["from"] = "incremental"
+    if verify:
+        for v in store.list_feature_views():
+            want = expected_entities(v, end)
+            check = _sample(want, VERIFY_MAX)
+            got = online_rows(store, v, check)
+            report[v.name].update(rows=int(got if len(check) == len(want) else round(got * len(want) / len(check))),
+                                  expected=int(len(want)), checked=int(len(check)))
+            if got < len(check):
+                raise MaterializationError(
+                    f"{v.name}: the online store ({settings.store_id}) holds {got:,} of the {len(check):,} entities "
+                    f"just materialised into it; check that it is reachable and not evicting keys (Redis maxmemory)")
+    _save_state(settings, report, end)
+    return report
+
+
+VERIFY_MAX = 200_000  # entities read back per view after a load; beyond this a uniform sample is checked
+STATE_FILE = "online_state.json"
+
+
+def expected_entities(view, end: datetime) -> np.ndarray:
+    """The entity ids the view's source holds rows for at or before ``end``: what the online store must hold."""
+    src = view.batch_source
+    key = view.entity_columns[0].name if view.entity_columns else next(iter(view.join_keys))
+    df = pd.read_parquet(src.path, columns=[key, src.timestamp_field])
+    ts = pd.to_datetime(df[src.timestamp_field], utc=True)
+    return df.loc[ts <= pd.Timestamp(end), key].astype(str).unique()
+
+
+def online_rows(store, view, ids) -> int:
+    """How many of ``ids`` the online store holds for ``view``, read back through Feast's public API."""
+    ids = list(ids)
+    if not ids:
+        return 0
+    key = view.entity_columns[0].name if view.entity_columns else next(iter(view.join_keys))
+    names = [f.name for f in view.features]
+    present = 0
+    for start in range(0, len(ids), 5000):
+        chunk = ids[start:start + 5000]
+        df = store.get_online_features(features=[f"{view.name}:{n}" for n in names],
+                                       entity_rows=[{key: i} for i in chunk]).to_df()
+        present += int(df[names].notna().any(axis=1).sum())
+    return present
+
+
+def _sample(ids: np.ndarray, n: int) -> np.ndarray:
+    if len(ids) <= n:
+        return ids
+    return ids[np.linspace(0, len(ids) - 1, n).astype(np.int64)]
+
+
+def _save_state(settings: StoreSettings, report: dict[str, dict], end: datetime) -> None:
+    path = settings.workspace / STATE_FILE
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    state[settings.store_id] = {"materialized_to": pd.Timestamp(end).isoformat(),
+                                "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                "views": report}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def status(settings: StoreSettings) -> dict:
+    """What this online store holds now, per view: rows present against rows expected, and up to when it was
+    loaded (its registry); read live, so an emptied store shows as empty whatever was recorded."""
+    out: dict = {"store": settings.store_id, "reachable": True, "views": {}}
+    if not settings.registry_file.is_file():
+        out.update(reachable=None, error=f"never materialised into {settings.store_id}")
+        return out
+    store = open_store(settings)
+    try:
+        for v in store.list_feature_views():
+            loaded_to = v.most_recent_end_time
+            want = expected_entities(v, loaded_to) if loaded_to else np.array([])
+            check = _sample(want, VERIFY_MAX)
+            got = online_rows(store, v, check)
+            out["views"][v.name] = {"rows": int(got if len(check) == len(want) else
+                                                round(got * len(want) / max(len(check), 1))),
+                                    "expected": int(len(want)),
+                                    "loaded_to": loaded_to.isoformat() if loaded_to else None}
+    except Exception as e:  # noqa: BLE001 - status reports an unreachable store, it does not fail on it
+        out.update(reachable=False, error=f"{type(e).__name__}: {e}")
+    return out
 
 
 def _earliest(view) -> datetime:
@@ -206,7 +346,7 @@ def build_all(dataset: Path | str, settings: StoreSettings | None = None, *, mat
     timings["apply_s"] = time.perf_counter() - t
     if materialize_online:
         t = time.perf_counter()
-        materialize(store)
+        materialize(store, settings)
         timings["materialize_s"] = time.perf_counter() - t
     t = time.perf_counter()
     n = write_training_set(store, contract.load_dataset(settings.dataset)["interactions"], settings.training_file,
@@ -218,4 +358,4 @@ def build_all(dataset: Path | str, settings: StoreSettings | None = None, *, mat
 
 
 __all__ = ["StoreSettings", "open_store", "apply", "materialize", "training_set", "write_training_set", "build_all",
-           "training_metadata", "JOIN_KEY"]
+           "training_metadata", "status", "MaterializationError", "JOIN_KEY"]

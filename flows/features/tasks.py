@@ -30,7 +30,7 @@ def apply_features(dataset: str, online: str | None = None) -> list[str]:
 @task(name="materialize-features", retries=3, retry_delay_seconds=[2, 10, 30])
 def materialize_features(dataset: str, online: str | None = None, full: bool = False) -> dict:
     s = fstore.StoreSettings.for_dataset(dataset, online=online)
-    return fstore.materialize(fstore.open_store(s), full=full)
+    return fstore.materialize(fstore.open_store(s), s, full=full)
 
 
 @task(name="training-set", retries=1, retry_delay_seconds=5)

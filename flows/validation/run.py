@@ -56,7 +56,7 @@ class ValidationReport:
 
     def format(self) -> str:
         lines = []
-        for name in contract.TABLES:
+        for name in contract.TABLES if self.rows or not self.failures else ():
             bad = [f for f in self.failures if f.table == name]
             rows = self.rows.get(name)
             status = "ok" if not bad else f"{len(bad)} rule(s) failed"
@@ -70,13 +70,20 @@ class ValidationReport:
         return "\n".join(lines)
 
 
+def _short(value, limit: int = 60):
+    """An example as a person reads it: a 10 MB string is shown by its start and its length."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]}... ({len(value):,} characters)"
+    return value
+
+
 def _quiet() -> None:
     for name in ("great_expectations", "great_expectations.core", "great_expectations.data_context"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _examples(rule: str, result: dict) -> list:
-    values = result.get("partial_unexpected_list") or []
+    values = [_short(v) for v in result.get("partial_unexpected_list") or []]
     if rule.startswith("timestamp") and rule != "timestamp parseable":
         return [pd.Timestamp(v, unit="s", tz="UTC").isoformat() if pd.notna(v) else None for v in values]
     return list(values)
@@ -107,6 +114,13 @@ def _manifest(directory: Path, report: "ValidationReport"):
 def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = None,
                      now: pd.Timestamp | None = None) -> ValidationReport:
     t0 = time.perf_counter()
+    directory = Path(directory)
+    if not directory.is_dir():  # nothing to judge, and nothing (not even _gx) is created there
+        report = ValidationReport(directory=str(directory))
+        report.failures.append(Failure("dataset", "-", "directory exists", 1.0, [],
+                                       f"{directory} is not a directory: point at a dataset directory holding "
+                                       f"{', '.join(t.file for t in contract.TABLES.values())} and {contract.MANIFEST}"))
+        return report
     _quiet()
     import great_expectations as gx
 
@@ -115,12 +129,6 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
     directory = Path(directory)
     now = now or pd.Timestamp.now(tz="UTC")
     report = ValidationReport(directory=str(directory))
-    if not directory.is_dir():  # nothing to judge, and nothing (not even _gx) is created there
-        report.failures.append(Failure("dataset", "-", "directory exists", 1.0, [],
-                                       f"{directory} is not a directory: point at a dataset directory holding "
-                                       f"{', '.join(t.file for t in contract.TABLES.values())} and {contract.MANIFEST}"))
-        report.seconds = time.perf_counter() - t0
-        return report
     manifest, declaration = _manifest(directory, report)
     tables = contract.tables_for(declaration)
 
@@ -187,6 +195,11 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
                     detail = f"{res.get('observed_value')} rows, need at least {table.min_rows}"
                 elif rule == "column exists":
                     detail = "required by the contract"
+                elif rule == "categories":
+                    detail = (f"{res.get('observed_value'):,} distinct values; raise limits.columns.{meta.get('column')}"
+                              ".max_categories in dataset.yaml if that is right")
+                elif rule == "string length":
+                    detail = "raise limits.max_string_length (or limits.columns.<column>) in dataset.yaml if that is right"
                 elif exc.get("raised_exception"):
                     detail = str(exc.get("exception_message", ""))[:200]
                 report.failures.append(Failure(name, meta.get("column", "-"), rule,

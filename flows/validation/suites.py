@@ -18,7 +18,7 @@ import great_expectations as gx
 import pandas as pd
 
 from models import contract
-from models.declaration import Declaration
+from models.declaration import Declaration, Limits
 
 TS_SECONDS = "__event_timestamp_seconds"
 TS_UNPARSEABLE = "__event_timestamp_unparseable"
@@ -84,6 +84,7 @@ def expectations_for(table: contract.Table, df: pd.DataFrame, manifest: contract
                 out.append(E.ExpectColumnToExist(column=col.name, meta=_meta("column exists", col.name)))
             continue
         out += _column_rules(table, col, df[col.name])
+        out += _bounds(table, col, df[col.name], declaration.limits if declaration else Limits())
     if table.name == contract.INTERACTIONS.name:
         for t in declaration.tasks if declaration else ():
             if t.parent is None:
@@ -111,6 +112,22 @@ def expectations_for(table: contract.Table, df: pd.DataFrame, manifest: contract
                 column=TS_SECONDS, min_value=manifest.start_ts.timestamp(), max_value=manifest.end_ts.timestamp(),
                 meta=_meta("timestamp in declared range", contract.TIMESTAMP)))
     return out
+
+
+def _bounds(table: contract.Table, col: contract.Column, series: pd.Series, limits: Limits) -> list:
+    """String length on every text column; distinct values on categorical ones (text that is not a key)."""
+    text = col.kind == "string" or (col.kind == "any" and not pd.api.types.is_numeric_dtype(series.dtype)
+                                    and not pd.api.types.is_bool_dtype(series.dtype)
+                                    and not pd.api.types.is_datetime64_any_dtype(series.dtype))
+    if not text:
+        return []
+    rules = [E.ExpectColumnValueLengthsToBeBetween(column=col.name, max_value=limits.string_length(col.name),
+                                                   meta=_meta("string length", col.name))]
+    if col.name not in contract.KEYS:
+        rules.append(E.ExpectColumnUniqueValueCountToBeBetween(column=col.name,
+                                                               max_value=limits.categories(col.name),
+                                                               meta=_meta("categories", col.name)))
+    return rules
 
 
 def _column_rules(table: contract.Table, col: contract.Column, series: pd.Series) -> list:
