@@ -1,10 +1,26 @@
 """Features in, one dense vector out: vocabularies, normalisation and the embedding table.
 
 ``FeatureSpec`` is fitted on the training split only and travels inside the
-model artifact, so serving encodes exactly as training did. Index 0 of every
-vocabulary is "unknown": unseen ids at serving (cold start) land there
-instead of failing. All categorical features share one embedding table with
-per-feature offsets: one lookup per batch instead of one per feature.
+model artifact, so serving encodes exactly as training did. Every categorical
+feature reserves two codes before its vocabulary:
+
+* ``UNKNOWN`` (0): values not in the vocabulary, i.e. cold-start users and
+  items at serving, and ids rarer than ``min_count`` at fit. Its embedding
+  is trained: in training mode ``FeatureEncoder`` replaces each id with
+  ``UNKNOWN`` with probability ``oov_rate`` (default ``OOV_RATE``, 2%), so the
+  row learns a generic, average-like id instead of staying at its random
+  initialisation. Evaluation mode never replaces anything: serving is
+  deterministic.
+* ``MISSING`` (1): missing values (None, NaN, pd.NA, NaT, the empty string,
+  and their string forms ``"None"``, ``"nan"``, ... that an upstream
+  ``astype(str)`` leaves) are one code of their own, never a vocabulary entry.
+  A feature with no missing value in the training split has no trained
+  ``MISSING`` row, so its missing values take ``UNKNOWN`` instead.
+
+Artifacts from before the ``MISSING`` code (``reserved`` absent from their
+spec) keep their layout: one reserved code, missing values encoded as then.
+All categorical features share one embedding table with per-feature offsets:
+one lookup per batch instead of one per feature.
 
 Embedding widths follow the vocabulary (``embedding_width``): ``user_id``
 with thousands of values gets tens of dimensions, ``hour`` with 24 a handful,
@@ -24,11 +40,27 @@ import pandas as pd
 import torch
 from torch import nn
 
+from models import binning
+
 _VECTORISE_ABOVE = 20_000  # rows; below this a dict lookup beats building pandas objects
+
+UNKNOWN, MISSING = 0, 1  # reserved codes of every categorical feature, before its vocabulary
+# str() of None, NaN, pd.NA and NaT, and the empty string: values are matched by their string form, so
+# these are what a missing value looks like, whether it arrives as an object or was stringified upstream.
+MISSING_STRINGS = ("", "None", "nan", "NaN", "<NA>", "NaT")
+OOV_RATE = 0.02  # training-time probability of replacing a categorical id with UNKNOWN (FeatureEncoder)
 
 
 def _length(df: Mapping) -> int:
     return len(df) if isinstance(df, pd.DataFrame) else len(next(iter(df.values()), ()))
+
+
+def _constant(values: np.ndarray) -> bool:
+    """All values equal (pd.NA compares to NA, whose truth is undefined: then not constant)."""
+    try:
+        return bool((values == values[0]).all())
+    except TypeError:
+        return False
 
 
 @dataclass
@@ -39,18 +71,35 @@ class FeatureSpec:
     stats: dict[str, list[float]] = field(default_factory=dict)  # name -> [mean, std]
     log1p: list[str] = field(default_factory=list)  # counts: log1p(max(x, 0)) before standardising
     widths: dict[str, int] = field(default_factory=dict)  # embedding width per categorical feature
+    reserved: int = 2  # codes before each vocabulary: UNKNOWN and MISSING (1 in artifacts from before MISSING)
+    missing: list[str] = field(default_factory=list)  # features with missing values in training: code MISSING
+    # numeric features also fed as quantile bins (models/binning.py): name -> {"edges": [...], "gain": ...}
+    bins: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def slots(self) -> list[str]:
+        """The embedding lookup's inputs: the categorical features, then each binned numeric as ``name#bins``."""
+        return [*self.categorical, *(f"{c}#bins" for c in self.bins)]
 
     def embedding_widths(self, default: int) -> list[int]:
-        """Per categorical feature, in order; artifacts from before per-feature widths used ``default`` for all."""
-        return [int(self.widths.get(c, default)) for c in self.categorical]
+        """Per slot, in order; artifacts from before per-feature widths used ``default`` for all."""
+        return [int(self.widths.get(c, default)) for c in self.slots]
 
     @classmethod
     def fit(cls, df: pd.DataFrame, categorical: list[str], numeric: list[str], min_count: int = 1,
             log1p: list[str] | None = None) -> "FeatureSpec":
-        vocabs = {}
+        """Vocabularies and numeric statistics from the training split.
+
+        Values seen fewer than ``min_count`` times are left out of the vocabulary: they take
+        ``UNKNOWN``, as unseen ones do. Missing values are never a vocabulary entry (module docstring).
+        """
+        vocabs, missing = {}, []
         for c in categorical:
-            # Missing values are not a category: they share code 0 with unseen values.
-            counts = df[c].dropna().astype(str).value_counts(sort=False)
+            text = df[c].astype(str)
+            absent = df[c].isna().to_numpy() | text.isin(MISSING_STRINGS).to_numpy()
+            if absent.any():
+                missing.append(c)
+            counts = text[~absent].value_counts(sort=False)
             keep = counts[counts >= min_count].index
             vocabs[c] = sorted(keep.tolist())
         counts_ = [c for c in (log1p or []) if c in numeric]
@@ -61,41 +110,60 @@ class FeatureSpec:
                 x = np.log1p(x.clip(lower=0))
             std = float(x.std()) if x.notna().sum() > 1 else 1.0
             stats[c] = [float(x.mean()) if x.notna().any() else 0.0, std if std > 1e-12 else 1.0]
-        return cls(list(categorical), list(numeric), vocabs, stats, counts_)
+        return cls(list(categorical), list(numeric), vocabs, stats, counts_, missing=missing)
 
     def size_embeddings(self, width: int | str = "auto", overrides: dict[str, int] | None = None) -> "FeatureSpec":
         """Fix each categorical feature's embedding width: a number for all, or ``auto`` (the vocabulary rule)."""
         overrides = overrides or {}
-        self.widths = {c: int(overrides.get(c) or (embedding_width(len(self.vocabs[c]) + 1) if width == "auto"
-                                                   else width)) for c in self.categorical}
+        sizes = dict(zip(self.slots, self.cardinalities))
+        self.widths = {c: int(overrides.get(c) or (embedding_width(sizes[c]) if width == "auto" else width))
+                       for c in self.slots}
         return self
 
     @property
     def cardinalities(self) -> list[int]:
-        return [len(self.vocabs[c]) + 1 for c in self.categorical]
+        """Rows of each slot's embedding: its reserved codes and its vocabulary (or its bins)."""
+        return ([len(self.vocabs[c]) + self.reserved for c in self.categorical]
+                + [len(b["edges"]) + 1 + self.reserved for b in self.bins.values()])
+
+    def missing_code(self, c: str) -> int:
+        """The code of feature ``c``'s missing values: MISSING if training had some, else UNKNOWN."""
+        return MISSING if self.reserved > MISSING and c in self.missing else UNKNOWN
 
     def encode_categorical(self, df: Mapping) -> np.ndarray:
-        """Codes per feature, 0 for unknown or missing values.
+        """Codes per feature: ``UNKNOWN`` (0) for unseen values, ``missing_code`` for missing ones.
 
         ``df`` is a DataFrame or a dict of arrays (the served path, which skips pandas). Values are
-        matched by ``str(value)``, as ``fit`` built the vocabularies. A request's few hundred rows go
-        through a cached dict; training's millions through pandas' vectorised hash lookup, which gives
-        the same codes (tests/test_train.py checks both on mixed types).
+        matched by ``str(value)``, as ``fit`` built the vocabularies, so None, NaN, pd.NA and their
+        string forms all meet ``MISSING_STRINGS``. A request's few hundred rows go through a cached
+        dict; training's millions through pandas' vectorised hash lookup, which gives the same codes
+        (tests/test_train.py checks both on mixed types).
         """
         n = _length(df)
-        out = np.zeros((n, len(self.categorical)), dtype=np.int64)
+        out = np.zeros((n, len(self.slots)), dtype=np.int64)
         for j, c in enumerate(self.categorical):
             if c not in df:
                 continue
             values = np.asarray(df[c], dtype=object)
             if n > _VECTORISE_ABOVE:
-                out[:, j] = self._index(c).get_indexer(pd.Series(values).astype(str).to_numpy()) + 1
-            elif n > 1 and (values == values[0]).all():  # a request's user and context columns: one lookup
-                out[:, j] = self._lookup(c).get(str(values[0]), 0)
+                keys, codes = self._index(c)
+                out[:, j] = codes[keys.get_indexer(pd.Series(values).astype(str).to_numpy()) + 1]
+            elif n > 1 and _constant(values):  # a request's user and context columns: one lookup
+                out[:, j] = self._lookup(c).get(str(values[0]), UNKNOWN)
             else:
                 codes = self._lookup(c)
-                out[:, j] = np.fromiter((codes.get(str(v), 0) for v in values), dtype=np.int64, count=n)
+                out[:, j] = np.fromiter((codes.get(str(v), UNKNOWN) for v in values), dtype=np.int64, count=n)
+        for j, (c, b) in enumerate(self.bins.items(), start=len(self.categorical)):
+            x = self._floats(df[c]) if c in df else np.full(n, np.nan)
+            out[:, j] = binning.codes(x, b["edges"], self.reserved)  # NaN: MISSING
         return out
+
+    @staticmethod
+    def _floats(values) -> np.ndarray:
+        x = np.asarray(values)
+        if x.dtype.kind not in "fiub":
+            x = pd.to_numeric(pd.Series(x, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
+        return x.astype(np.float64, copy=False)
 
     def encode_numeric(self, df: Mapping) -> np.ndarray:
         out = np.zeros((_length(df), len(self.numeric)), dtype=np.float32)
@@ -103,25 +171,29 @@ class FeatureSpec:
         for j, c in enumerate(self.numeric):
             if c in df:
                 mean, std = self.stats[c]
-                x = np.asarray(df[c])
-                if x.dtype.kind not in "fiub":
-                    x = pd.to_numeric(pd.Series(x, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
-                x = x.astype(np.float64, copy=False)
+                x = self._floats(df[c])
                 if c in counts:
                     x = np.log1p(np.maximum(x, 0.0))
                 out[:, j] = (x - mean) / std
         return np.nan_to_num(out, copy=False, nan=0.0)  # missing values sit at the mean
 
+    def _missing_keys(self, c: str) -> dict[str, int]:
+        """String forms of missing values and their code; none in the old layout (its encoding unchanged)."""
+        return dict.fromkeys(MISSING_STRINGS, self.missing_code(c)) if self.reserved > MISSING else {}
+
     def _lookup(self, c: str) -> dict[str, int]:
         cache = self.__dict__.setdefault("_lookups", {})
         if c not in cache:
-            cache[c] = {v: i + 1 for i, v in enumerate(self.vocabs[c])}
+            cache[c] = {v: i + self.reserved for i, v in enumerate(self.vocabs[c])} | self._missing_keys(c)
         return cache[c]
 
-    def _index(self, c: str) -> pd.Index:
+    def _index(self, c: str) -> tuple[pd.Index, np.ndarray]:
+        """Keys for ``get_indexer`` and the code of each, after a leading UNKNOWN for position -1."""
         cache = self.__dict__.setdefault("_indexes", {})
         if c not in cache:
-            cache[c] = pd.Index(self.vocabs[c], dtype=object)
+            lookup = self._lookup(c)
+            cache[c] = (pd.Index(list(lookup), dtype=object),
+                        np.fromiter([UNKNOWN, *lookup.values()], dtype=np.int64, count=len(lookup) + 1))
         return cache[c]
 
     def to_dict(self) -> dict:
@@ -129,14 +201,17 @@ class FeatureSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
-        return cls(**d)
+        """From ``to_dict``; a spec saved before the MISSING code keeps its one reserved code."""
+        return cls(**{"reserved": 1, **d})
 
 
 WIDTH_FACTOR, WIDTH_BOUNDS = 6.0, (4, 64)
 
 
 def embedding_width(cardinality: int) -> int:
-    """6 x cardinality^(1/4), between 4 and 64: 8 for a device, 13 for an hour, 44 for 3,000 users.
+    """6 x cardinality^(1/4), between 4 and 64: 9 for 3 devices, 14 for 24 hours, 44 for 3,000 users.
+
+    ``cardinality`` counts the reserved codes (UNKNOWN, MISSING) with the vocabulary.
 
     The fourth-root rule of thumb for embedding sizes (used by TensorFlow's feature columns guide): the
     information a categorical feature can carry grows with its vocabulary, slowly.
@@ -145,8 +220,20 @@ def embedding_width(cardinality: int) -> int:
 
 
 class FeatureEncoder(nn.Module):
-    def __init__(self, cardinalities: list[int], n_numeric: int, widths: list[int] | int = 16):
+    """Categorical codes and numeric features to one vector: a fused embedding lookup, then concatenation.
+
+    In training mode each categorical code is replaced by ``UNKNOWN`` with probability ``oov_rate``
+    (``OOV_RATE`` by default; 0 turns it off), independently per row and feature, so the UNKNOWN row
+    every cold-start user or item falls on at serving is trained. Evaluation mode is deterministic.
+    The rate is not part of the state dict: artifacts load the same whatever it was.
+    """
+
+    def __init__(self, cardinalities: list[int], n_numeric: int, widths: list[int] | int = 16,
+                 oov_rate: float = OOV_RATE):
         super().__init__()
+        if not 0.0 <= oov_rate < 1.0:
+            raise ValueError(f"oov_rate must be in [0, 1), got {oov_rate}")
+        self.oov_rate = float(oov_rate)
         widths = [int(widths)] * len(cardinalities) if isinstance(widths, int) else [int(w) for w in widths]
         offsets = np.concatenate(([0], np.cumsum(cardinalities)[:-1])) if cardinalities else np.zeros(0)
         self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.long), persistent=False)
@@ -160,6 +247,8 @@ class FeatureEncoder(nn.Module):
         self.out_dim = sum(widths) + n_numeric
 
     def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        if self.training and self.oov_rate > 0 and cat.numel():
+            cat = cat.masked_fill(torch.rand(cat.shape, device=cat.device) < self.oov_rate, UNKNOWN)
         emb = self.embedding(cat + self.offsets).flatten(1)
         if not self.uniform:
             emb = emb.index_select(1, self.columns)

@@ -4,50 +4,126 @@ Per-user metrics are computed by one sort of (user, score) and bincounts, not a
 Python loop over users, so evaluating millions of impressions takes seconds.
 Users without a single positive are left out of the ranking averages (their
 NDCG is undefined), which is the usual protocol; the count is reported.
+
+Ties. Rows with equal scores are ranked as a block, never by row order: a
+popularity baseline with its sampled negatives appended last, or a bf16 model
+with many equal outputs, must not gain (or lose) from where rows sit in the
+table. Every metric here gives a tied block its expected value under a
+uniformly random order inside the block:
+
+* AUC and GAUC: Mann-Whitney with average ranks (a tied positive-negative pair
+  counts 1/2), as ``sklearn.metrics.roc_auc_score``.
+* NDCG@K: scikit-learn's ``ndcg_score(ignore_ties=False)``: a tied block gets
+  its mean gain at each of its positions, so a block straddling the cut-off K
+  contributes that mean gain times the discounts of its positions inside K.
+* Recall@K: a block straddling K contributes
+  (its positions inside K / its size) x (its positives).
+
+All arithmetic is float64 whatever the input dtype (bf16, fp16 and fp32
+outputs, numpy arrays or torch tensors, are upcast first).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 
-def _grouped(groups: np.ndarray, scores: np.ndarray, labels: np.ndarray):
-    """Sort by (group, -score) and give each row its group index and 0-based rank."""
-    groups = np.asarray(groups)
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.float64)
+def _f64(x) -> np.ndarray:
+    """Float64 numpy array from a list, a numpy array of any float dtype or a torch tensor (bf16 included)."""
+    if hasattr(x, "detach"):  # a torch tensor: numpy has no bfloat16, so widen on the torch side first
+        import torch
+
+        return x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x).astype(np.float64, copy=False)
+
+
+def _array(x) -> np.ndarray:
+    """Group keys or labels as a numpy array (torch tensors moved to the host)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        return (x.double() if x.is_floating_point() else x).numpy()
+    return np.asarray(x)
+
+
+def _changes(v: np.ndarray) -> np.ndarray:
+    """``v[i] != v[i-1]`` for i >= 1, with NaN equal to NaN (NaN scores tie with each other)."""
+    return (v[1:] != v[:-1]) & ~(np.isnan(v[1:]) & np.isnan(v[:-1]))
+
+
+def _codes(groups) -> tuple[np.ndarray, np.ndarray]:
+    """Integer group codes in the sorted order of the keys, and the sorted keys (a hash, not a sort of strings)."""
+    codes, keys = pd.factorize(_array(groups), sort=True, use_na_sentinel=False)
+    return codes, np.asarray(keys)
+
+
+def _runs(groups, scores: np.ndarray):
+    """Sort by (group, -score); tied runs of equal scores inside a group.
+
+    Returns the sort order, each row's group index, the number of groups, and per run: its group
+    index, its first row (in sorted order), its start rank inside the group (0-based) and its length.
+    ``groups`` are integer codes (``_codes``), so the sort is a numeric one.
+    """
     order = np.lexsort((-scores, groups))
-    g = groups[order]
-    boundaries = np.flatnonzero(g[1:] != g[:-1]) + 1
-    starts = np.concatenate(([0], boundaries))
-    sizes = np.diff(np.concatenate((starts, [len(g)])))
-    group_idx = np.repeat(np.arange(len(starts)), sizes)
-    rank = np.arange(len(g)) - starts[group_idx]
-    # The ideal order: labels sorted descending inside each group (groups stay sorted).
-    ideal = labels[order][np.lexsort((-labels[order], group_idx))]
-    return labels[order], ideal, group_idx, rank, len(starts)
+    g, s = groups[order], scores[order]
+    m = len(g)
+    new_group = np.ones(m, dtype=bool)
+    new_group[1:] = g[1:] != g[:-1]
+    new_run = new_group.copy()
+    new_run[1:] |= _changes(s)
+    group_starts = np.flatnonzero(new_group)
+    group_idx = np.cumsum(new_group) - 1
+    run_first = np.flatnonzero(new_run)
+    run_len = np.diff(np.append(run_first, m))
+    run_group = group_idx[run_first]
+    run_rank = run_first - group_starts[run_group]
+    return order, group_idx, len(group_starts), run_group, run_first, run_rank, run_len
+
+
+def _grouped(groups, scores, labels):
+    """Sort by (group code, -score), with tied runs; the labels in that order and each group's ideal order.
+
+    ``groups`` are integer codes from ``_codes``. Returns ``(lab, ideal, group_idx, rank, n_groups,
+    runs)``: ``rank`` is the 0-based rank inside the group of the sorted rows, ``ideal`` the labels
+    sorted descending inside each group, and ``runs = (run_group, run_first, run_rank, run_len)`` the
+    tied blocks of scores.
+    """
+    scores, labels = _f64(scores), _f64(labels)
+    order, gi, n, run_group, run_first, run_rank, run_len = _runs(groups, scores)
+    lab = labels[order]
+    rank = np.arange(len(lab)) - np.repeat(run_first - run_rank, run_len)  # row index minus its group's start
+    ideal = lab[np.lexsort((-lab, gi))]  # groups stay sorted
+    return lab, ideal, gi, rank, n, (run_group, run_first, run_rank, run_len)
 
 
 def per_user(groups, scores, labels, ks=(10, 20, 50)) -> dict[str, np.ndarray]:
     """Per-user NDCG@K and Recall@K, for users with at least one positive (key ``users``: their ids).
 
-    The paired bootstrap of the promotion gate resamples these rows.
+    Tied scores count as described in the module docstring (expected value over the orders of a
+    tied block). The paired bootstrap of the promotion gate resamples these rows.
     """
-    groups = np.asarray(groups)
+    groups = _array(groups)
     if len(groups) == 0:
         return {"users": groups[:0], **{f"{m}@{k}": np.zeros(0) for m in ("ndcg", "recall") for k in ks}}
-    lab, ideal, gi, rank, n = _grouped(groups, scores, labels)
-    disc = 1.0 / np.log2(rank + 2.0)
-    positives = np.bincount(gi, weights=(lab > 0).astype(np.float64), minlength=n)
+    codes, ids = _codes(groups)
+    lab, ideal, gi, rank, n, (run_group, run_first, run_rank, run_len) = _grouped(codes, scores, labels)
+    pos = (lab > 0).astype(np.float64)
+    positives = np.bincount(gi, weights=pos, minlength=n)
     valid = positives > 0
-    ids = np.sort(np.unique(groups))  # _grouped orders groups the same way (lexsort on the group key)
+    # Per tied run: mean gain and positives; cumulative discounts give any run's discount sum inside K.
+    run_gain = np.add.reduceat(lab, run_first) / run_len
+    run_pos = np.add.reduceat(pos, run_first)
+    cum_disc = np.concatenate(([0.0], np.cumsum(1.0 / np.log2(np.arange(int(rank.max()) + 1) + 2.0))))
+    disc = 1.0 / np.log2(rank + 2.0)
+    run_end = run_rank + run_len
     out: dict[str, np.ndarray] = {"users": ids[valid]}
     for k in ks:
-        top = rank < k
-        dcg = np.bincount(gi, weights=lab * disc * top, minlength=n)
-        idcg = np.bincount(gi, weights=ideal * disc * top, minlength=n)
-        hits = np.bincount(gi, weights=(lab > 0) * top, minlength=n)
-        out[f"ndcg@{k}"] = dcg[valid] / idcg[valid]
+        lo, hi = np.minimum(run_rank, k), np.minimum(run_end, k)
+        dcg = np.bincount(run_group, weights=run_gain * (cum_disc[hi] - cum_disc[lo]), minlength=n)
+        hits = np.bincount(run_group, weights=run_pos * (hi - lo) / run_len, minlength=n)
+        idcg = np.bincount(gi, weights=ideal * disc * (rank < k), minlength=n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[f"ndcg@{k}"] = dcg[valid] / idcg[valid]
         out[f"recall@{k}"] = hits[valid] / positives[valid]
     return out
 
@@ -61,59 +137,43 @@ def ranking_metrics(groups, scores, labels, ks=(10, 20, 50)) -> dict[str, float]
 
 
 def auc(scores, labels) -> float:
-    """ROC AUC by the rank-sum formula, ties given their average rank."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels) > 0
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # Average ranks over runs of tied scores.
-    boundaries = np.flatnonzero(np.diff(s)) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [len(s)]))
-    avg = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties given their average rank; NaN with one class."""
+    return gauc(np.zeros(len(_array(labels)), dtype=np.int64), scores, labels)
 
 
 def gauc(groups, scores, labels) -> float:
-    """Impression-weighted mean of per-user AUC over users with both classes."""
-    groups = np.asarray(groups)
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = (np.asarray(labels) > 0).astype(np.float64)
-    # Per-group rank-sum AUC: rank within group by score (ties averaged).
-    order = np.lexsort((scores, groups))
-    g, s, y = groups[order], scores[order], labels[order]
-    new_group = np.concatenate(([True], g[1:] != g[:-1]))
-    new_run = new_group | np.concatenate(([True], s[1:] != s[:-1]))
-    run_id = np.cumsum(new_run) - 1
-    group_id = np.cumsum(new_group) - 1
-    pos_in_group = np.arange(len(g)) - np.flatnonzero(new_group)[group_id]
-    run_start = np.flatnonzero(new_run)
-    run_len = np.diff(np.concatenate((run_start, [len(g)])))
-    avg_rank = pos_in_group[run_start] + (run_len + 1) / 2.0  # 1-based average rank
-    rank = avg_rank[run_id]
-    n = group_id[-1] + 1 if len(g) else 0
-    n_pos = np.bincount(group_id, weights=y, minlength=n)
-    size = np.bincount(group_id, minlength=n).astype(np.float64)
+    """Impression-weighted mean of per-user AUC over users with both classes (NaN if there are none).
+
+    Each user's AUC is the rank-sum AUC with tied scores given their average rank (a tied
+    positive-negative pair counts 1/2); the weight is the user's number of rows. Users whose rows are
+    all positive or all negative have no AUC and are left out, weights included.
+    """
+    scores = _f64(scores)
+    y = (_array(labels) > 0).astype(np.float64)
+    if len(y) == 0:
+        return float("nan")
+    order, gi, n, run_group, run_first, run_rank, run_len = _runs(_codes(groups)[0], scores)
+    y = y[order]
+    size = np.bincount(gi, minlength=n).astype(np.float64)
+    n_pos = np.bincount(gi, weights=y, minlength=n)
     n_neg = size - n_pos
-    rank_sum = np.bincount(group_id, weights=rank * y, minlength=n)
+    # Sorted by descending score: a run at (0-based) rank r of length L holds ascending ranks
+    # size - r - L + 1 .. size - r, average size - r - (L - 1) / 2.
+    run_avg = size[run_group] - run_rank - (run_len - 1) / 2.0
+    run_pos = np.add.reduceat(y, run_first)
+    rank_sum = np.bincount(run_group, weights=run_avg * run_pos, minlength=n)
     ok = (n_pos > 0) & (n_neg > 0)
     if not ok.any():
         return float("nan")
-    per_user = (rank_sum[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2.0) / (n_pos[ok] * n_neg[ok])
-    return float(np.average(per_user, weights=size[ok]))
+    per_group = (rank_sum[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2.0) / (n_pos[ok] * n_neg[ok])
+    return float(np.average(per_group, weights=size[ok]))
 
 
 def logloss(probs, labels, eps: float = 1e-7) -> float:
-    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
-    y = np.asarray(labels, dtype=np.float64)
+    p = np.clip(_f64(probs), eps, 1 - eps)
+    y = _f64(labels)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def rmse(pred, target) -> float:
-    return float(np.sqrt(np.mean((np.asarray(pred, dtype=np.float64) - np.asarray(target, dtype=np.float64)) ** 2)))
+    return float(np.sqrt(np.mean((_f64(pred) - _f64(target)) ** 2)))
