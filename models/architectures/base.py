@@ -4,8 +4,9 @@ An architecture maps the dense input vector (embeddings and normalised
 numeric features, built by ``models.encoder.FeatureEncoder``) to one output
 per task. It knows nothing of losses or balancers; a balancer that needs
 per-task gradients asks it for ``shared_parameters()`` (the dense shared
-trunk, never embedding tables) or uses ``last_representation`` (the shared
-representation of the last forward pass).
+trunk, never embedding tables), ``last_shared_weight()`` (the one weight
+tensor GradNorm measures gradient norms on) or uses ``last_representation``
+(the shared representation of the last forward pass).
 """
 
 from __future__ import annotations
@@ -68,8 +69,33 @@ class Architecture(nn.Module):
         raise NotImplementedError
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """The dense parameters every task's loss flows through (gradient surgery acts here)."""
+        """The dense parameters more than one task's loss flows through (gradient surgery acts here).
+
+        Contract: every parameter that receives gradient from two or more task losses is listed,
+        except where each task reaches a disjoint slice of it (one gate row or expert column per
+        task), since those slices never conflict; the plain weighted sum is right there. A parameter
+        left out gets the weighted sum of the task gradients, unprojected, so a shared one missing
+        here silently escapes PCGrad's de-conflicting. Embedding tables are never listed.
+        """
         raise NotImplementedError
+
+    def last_shared_weight(self) -> nn.Parameter | None:
+        """The weight (not bias, not gate) of the last shared layer before the tasks split; None if none.
+
+        GradNorm (Chen et al. 2018) measures each task's gradient norm on this one tensor: the
+        last layer all tasks write to is where their gradient magnitudes compete, and one tensor
+        keeps that an extra norm per task rather than a full per-task backward. A bias or a gate
+        would measure the wrong thing (a bias's gradient is the mean of the error signal; a gate's
+        is about routing, not representation). Subclasses override this with the layer they mean;
+        the default is the last shared weight matrix by registration order.
+        """
+        shared = {id(p) for p in self.shared_parameters()}
+        found = None
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            if id(p) in shared and p.ndim >= 2 and not any(q in ("bias", "biases") or "gate" in q for q in parts):
+                found = p
+        return found
 
     def task_parameters(self) -> list[nn.Parameter]:
         shared = {id(p) for p in self.shared_parameters()}

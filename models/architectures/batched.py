@@ -34,12 +34,24 @@ class BatchedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, in] shared by all, or [n, B, in] one input each; returns [n, B, out]."""
+        return self.forward_with_pre(x, keep_pre=False)[0]
+
+    def forward_with_pre(self, x: torch.Tensor, keep_pre: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output and the last layer's pre-activation (before ReLU and dropout), [n, B, out] each.
+
+        The pre-activation is what a decorrelation penalty should see: after the ReLU every unit is
+        non-negative, so two units can only be made uncorrelated without centring by switching them off.
+        """
         split = None if self.training else factored.split_columns(x)
         h = x.unsqueeze(0).expand(self.n, -1, -1) if x.dim() == 2 else x
         in_place = not torch.is_grad_enabled()  # scoring: no autograd graph needs ``pre`` kept
+        last = len(self.weights) - 1
+        pre = None
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             pre = factored.batched(x, w, b, split) if i == 0 and split is not None else torch.baddbmm(b, h, w)
             # In place when scoring: a fresh [n, B, out] output per layer costs an allocation and another pass
-            # over memory, a fifth of a 1,000-candidate forward pass. An expanded view cannot be written in place.
-            h = self.dropout(pre.relu_() if in_place and pre.is_contiguous() else torch.relu(pre))
-        return h
+            # over memory, a fifth of a 1,000-candidate forward pass. An expanded view cannot be written in place,
+            # nor a pre-activation the caller asked to keep.
+            own = in_place and pre.is_contiguous() and not (keep_pre and i == last)
+            h = self.dropout(pre.relu_() if own else torch.relu(pre))
+        return h, (pre if keep_pre else None)

@@ -1,9 +1,10 @@
 """Soft sharing with cross-stitch units (Misra et al. 2016).
 
 Each task has its own column MLP; after every layer a learned T x T mix
-(initialised near identity) lets each column borrow from the others. What is
-shared is the mixing itself, so ``shared_parameters`` are the stitch units:
-gradient-surgery balancers de-conflict how much the tasks borrow. An optional
+(initialised near identity) lets each column borrow from the others. Because
+of that mix every column carries every task's gradient, so the columns and the
+stitch units together are ``shared_parameters``: gradient-surgery balancers
+de-conflict the whole trunk, as for the other architectures. An optional
 ``tie_l2`` adds an L2 penalty pulling the columns' weights together.
 """
 
@@ -18,6 +19,26 @@ from models.tasks import TaskSet
 
 
 class CrossStitch(Architecture):
+    """Cross-stitch networks (Misra et al., "Cross-stitch Networks for Multi-task Learning", CVPR 2016),
+    with the optional L2 tie between columns of soft parameter sharing (Duong et al., ACL 2015).
+
+    Hard sharing fixes in advance how much tasks share; cross-stitch units learn it per layer: each
+    task keeps its own column, and a learned linear mix of the columns' activations decides how much
+    each borrows from the others. Near-identity initialisation starts close to independent per-task
+    models and leaves it to training to decide how much they mix.
+
+    Hyperparameters:
+        hidden (default (128, 64)): widths of each task's column, one cross-stitch unit after each
+            layer; the last is what the towers read.
+        tower (default (32,)): hidden widths of each task's MLP on top of its column.
+        dropout (default 0.0): dropout after every hidden ReLU, columns and towers.
+        self_weight (default 0.9): initial diagonal of each stitch (a column's weight on itself); the
+            rest, 1 - self_weight, is spread evenly over the other columns, so each row sums to 1
+            (the paper's (0.9, 0.1) for two tasks).
+        tie_l2 (default 0.0): weight of an L2 penalty pulling the columns' layer weights towards their
+            mean; a second, parameter-level form of sharing for tasks too similar for mixing alone.
+    """
+
     def __init__(self, in_dim: int, tasks: TaskSet, hidden=(128, 64), tower=(32,), dropout: float = 0.0,
                  self_weight: float = 0.9, tie_l2: float = 0.0):
         super().__init__(in_dim, tasks)
@@ -43,4 +64,9 @@ class CrossStitch(Architecture):
         return Outputs(logits, penalty=penalty)
 
     def shared_parameters(self):
-        return list(self.stitches)
+        # A stitch sends column s's output into every task's path, so each column's weights carry every
+        # task's gradient (through the off-diagonal mix), not just its own task's.
+        return [*self.layers.parameters(), *self.stitches]
+
+    def last_shared_weight(self):
+        return self.layers[-1].weights[-1]  # [T, in, out]: the last column layer, before the last stitch
