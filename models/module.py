@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from models.architectures import build_architecture
-from models.balancers import build_balancer
+from models.balancers import build_balancer, check_world_size
 from models.encoder import FeatureEncoder, FeatureSpec
 from models.evaluation import evaluate_predictions, monitor_key, worst
 from models.tasks import TaskSet
@@ -38,6 +38,7 @@ class MTLModule(L.LightningModule):
         self.arch = build_architecture(architecture, self.encoder.out_dim, self.tasks, **(arch_params or {}))
         self.balancer = build_balancer(balancer, len(self.tasks), [t.loss_weight for t in self.tasks],
                                        **(balancer_params or {}))
+        self.balancer.bind(self.arch)  # GradNorm picks the architecture's last shared layer
         self.automatic_optimization = not self.balancer.manual
         self._epoch_losses: list[torch.Tensor] = []
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
@@ -64,6 +65,11 @@ class MTLModule(L.LightningModule):
         return losses, extra
 
     # ---- training ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Every launcher calls this before the first step, in every process, with the world size known.
+        if stage == "fit":
+            check_world_size(self.hparams.balancer, self.trainer.world_size)
+
     def training_step(self, batch, batch_idx):
         losses, extra = self._losses(batch)
         if self.automatic_optimization:
@@ -86,7 +92,9 @@ class MTLModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.balancer.needs_after_step:
-            with torch.no_grad():
+            # Re-measured in the training step's precision (bf16 autocast on a GPU): FAMO compares these losses
+            # with the step's own, and a bf16 loss against an fp32 one would show precision noise as progress.
+            with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
                 losses, _ = self._losses(batch)
             self.balancer.after_step(losses.detach())
 

@@ -42,10 +42,13 @@ class WeightTrace(L.Callback):
     under automatic optimisation, so their step k is row k here; after it
     under manual optimisation, so their step k is row k + 1 here.
 
-    FAMO moves its weights in the module's ``on_train_batch_end``, which
-    Lightning calls after every callback's, so a step is only noted at batch
-    end and its weights are read at the next hook that follows: the next
-    batch's start, or the end of the epoch, of training or of a failed run.
+    A step is only noted at batch end and its weights are read at the next
+    hook that follows (the next batch's start, or the end of the epoch, of
+    training or of a failed run): the module's own ``on_train_batch_end``
+    (FAMO's logit update) runs after every callback's, and what is read is
+    then final for the step. FAMO's weights are its effective multipliers,
+    set in the step itself, so its step k is row k + 1 here, as under manual
+    optimisation.
 
     Only global rank 0 records and writes: under DDP every rank takes the
     same steps, and a file written by one process needs no locking.

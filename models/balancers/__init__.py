@@ -33,4 +33,24 @@ def build_balancer(name: str, n_tasks: int, initial_weights=None, **params) -> B
     return cls(n_tasks, initial_weights, **params)
 
 
-__all__ = ["BALANCERS", "Balancer", "build_balancer"]
+def check_world_size(name: str, world_size: int) -> None:
+    """Refuse a gradient-surgery balancer in a multi-process (DDP) run, before any step is taken.
+
+    DDP averages the gradients of one backward pass across ranks. PCGrad then
+    overwrites the shared gradients with its own rank's projection of its own
+    per-task gradients, and GradNorm's task weights get their gradient from
+    ``autograd.grad`` outside DDP's reduction: either way the ranks' replicas
+    drift apart without an error. Loss-weighting balancers have one backward
+    pass that DDP reduces as usual.
+    """
+    cls = BALANCERS.get(name)
+    if cls is not None and cls.manual and int(world_size) > 1:
+        safe = ", ".join(sorted(n for n, c in BALANCERS.items() if not c.manual))
+        raise ValueError(
+            f"balancer {name!r} is a gradient-surgery balancer and cannot train across {int(world_size)} processes "
+            f"(DDP): each rank would use its own per-task gradients after DDP averaged them, and the replicas "
+            f"would drift apart. Use a loss-weighting balancer ({safe}) or train on a single device "
+            f"(train.devices=1).")
+
+
+__all__ = ["BALANCERS", "Balancer", "build_balancer", "check_world_size"]

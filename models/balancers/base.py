@@ -3,9 +3,9 @@
 Two kinds, one interface (in the manner of LibMTL's AbsWeighting and
 nash-mtl's WeightMethod):
 
-- loss weighting (fixed, uncertainty, DWA): ``combine(losses)`` returns a
-  scalar; Lightning's automatic optimisation backpropagates it.
-- gradient methods (GradNorm, PCGrad, FAMO, ...): ``manual = True``; the
+- loss weighting (fixed, uncertainty, DWA, FAMO): ``combine(losses)`` returns
+  a scalar; Lightning's automatic optimisation backpropagates it.
+- gradient methods (GradNorm, PCGrad): ``manual = True``; the
   module calls ``backward(losses, shared_parameters, representation)``, which
   sets ``.grad`` on every parameter itself: per-task gradients on the shared
   dense parameters (never the embedding tables), the plain weighted sum
@@ -13,7 +13,15 @@ nash-mtl's WeightMethod):
 
 ``weights()`` returns the current task weights (a detached tensor) so they can
 be logged every step; ``on_epoch_end(mean_losses)`` and ``after_step(...)``
-let history-based methods (DWA, FAMO) update themselves.
+let history-based methods (DWA, FAMO) update themselves. ``bind(architecture)``
+is called once with the architecture, for a method that must pick a part of it
+(GradNorm's last shared layer).
+
+Gradient methods are single-process only: under DDP each rank would rewrite
+the shared gradients DDP has just averaged (PCGrad) or leave its own
+parameters out of DDP's reduction (GradNorm's weights), and the replicas would
+drift apart. ``models.balancers.check_world_size`` refuses that combination
+before training starts.
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ class Balancer(nn.Module):
 
     def weights(self) -> torch.Tensor:
         return self.initial_weights
+
+    def bind(self, architecture: nn.Module) -> None:
+        """Called once with the architecture the balancer will train; most need nothing from it."""
 
     def backward(self, losses: torch.Tensor, shared_parameters: list[nn.Parameter],
                  representation: torch.Tensor | None = None, extra_loss: torch.Tensor | None = None) -> None:

@@ -6,4 +6,9 @@ from models.balancers.base import Balancer
 
 
 class FixedWeights(Balancer):
-    pass
+    """The weighted sum ``sum_i w_i L_i`` with each task's configured ``loss_weight`` (default 1).
+
+    No paper: the baseline the balancers are compared with, and the right
+    choice when the weights are known (or tuned by search), since it adds
+    nothing to the step. No hyperparameters beyond the per-task weights.
+    """

@@ -30,6 +30,24 @@ def project_conflicts(grads: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 class PCGrad(Balancer):
+    """PCGrad: Yu, Kumar, Gupta, Levine, Hausman & Finn, "Gradient Surgery for Multi-Task
+    Learning", NeurIPS 2020.
+
+    Chosen when tasks conflict on the shared trunk (one task's gradient
+    undoes another's): only the conflicting component of each task's
+    gradient is removed, so no task's step makes another's loss worse to
+    first order, while agreeing tasks move exactly as under the weighted sum.
+    The per-task gradients are the configured ``loss_weight`` times each
+    loss's gradient. The projections act on the dense shared parameters only;
+    embedding tables and towers get the plain weighted sum. One backward pass
+    per task, so a single process only (see ``check_world_size``).
+
+    ``seed`` (default 0): seeds the random order in which each task is
+    projected against the others, which the paper draws anew every step so
+    that no task is systematically projected last; fixed so that a run
+    repeats.
+    """
+
     manual = True
 
     def __init__(self, n_tasks: int, initial_weights=None, seed: int = 0):

@@ -16,6 +16,20 @@ from models.balancers.base import Balancer
 
 
 class UncertaintyWeighting(Balancer):
+    """Homoscedastic uncertainty weighting: Kendall, Gal & Cipolla, "Multi-Task Learning Using
+    Uncertainty to Weigh Losses for Scene Geometry and Semantics", CVPR 2018.
+
+    Chosen when the tasks are noisy to different degrees: a task whose loss
+    cannot go below a high floor (noisy labels) is weighted down instead of
+    dominating the sum, at the cost of one learnable scalar per task and no
+    extra pass. The loss is ``sum_i w_i (exp(-s_i) L_i + s_i)`` with s_i =
+    log sigma_i^2 learned by the model's optimiser (no weight decay) and
+    ``w_i`` the configured ``loss_weight``; ``weights()`` are
+    ``w_i exp(-s_i)``, what multiplies each loss.
+
+    No hyperparameters: every s_i starts at 0 (weight ``loss_weight``).
+    """
+
     def __init__(self, n_tasks: int, initial_weights=None):
         super().__init__(n_tasks, initial_weights)
         self.log_vars = nn.Parameter(torch.zeros(n_tasks))
