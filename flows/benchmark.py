@@ -2,10 +2,15 @@
 
 Each run trains through the project's own path (``models.train.train``) on
 the dataset's Feast training set and is judged by ``models.holdout`` on the
-same time-ordered holdout, beside popularity and random. The report is a
-paper-style results table (mean ± std over seeds, best value in bold,
-relative improvement of the best model over the best baseline) and PNG plots:
-NDCG@10 by model, task-weight trajectories, training curves.
+same time-ordered holdout, beside popularity and random (and, on the
+synthetic log, the generator's own probabilities: the oracle), under every
+protocol ``models.holdout.evaluate`` applies: re-ranking each user's held-out
+impressions, each held-out positive among 99 unshown items, and the full
+catalogue when it is small. The report is one paper-style results table per
+protocol (mean ± std over seeds, best value in bold, relative improvement of
+the best model over the best baseline, each ranker's share of the oracle's
+gain over random) and PNG plots: NDCG@10 by model, task-weight trajectories,
+training curves.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from models.config import CONFIG_DIR, load_config
+from flows.evaluation_inputs import holdout_inputs
 from models.holdout import evaluate
 from models.table import load_training_table
 from models.train import train
@@ -27,6 +33,7 @@ from models.weight_trace import FILENAME as WEIGHT_TRACE
 METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50")
 ARCHITECTURES = ("shared_bottom", "cross_stitch", "mmoe", "ple", "esmm", "gated")
 BASELINES = ("popularity", "random")
+REFERENCES = ("oracle",)  # an upper bound, not a baseline to beat
 
 
 def run(data: Path | str, out: Path | str, *, configs=ARCHITECTURES, balancers=(None,), seeds=(0, 1),
@@ -34,8 +41,9 @@ def run(data: Path | str, out: Path | str, *, configs=ARCHITECTURES, balancers=(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = load_training_table(data)
+    inputs = holdout_inputs(data)
     runs: list[dict[str, Any]] = []
-    protocol = None
+    protocols: dict[str, dict] = {}
     for config in configs:
         for balancer in balancers:
             for seed in seeds:
@@ -45,49 +53,63 @@ def run(data: Path | str, out: Path | str, *, configs=ARCHITECTURES, balancers=(
                 art = out / "runs" / f"{name}-s{seed}"
                 t = time.perf_counter()
                 meta = train(cfg, data, art, progress=False, table=table)
-                result = evaluate(art, table, seed=seed)
-                protocol = protocol or result["protocol"]
+                result = evaluate(art, table, seed=seed, **inputs)
+                for pname, r in result["protocols"].items():
+                    protocols.setdefault(pname, r["protocol"])
                 runs.append({"model": name, "seed": seed, "seconds": time.perf_counter() - t,
                              "epochs": meta["training"]["epochs"], "artifact": str(art),
-                             "rankers": result["rankers"], "tasks": result["tasks"]})
+                             "rankers": result["rankers"], "tasks": result["tasks"],
+                             "protocols": {k: r["rankers"] for k, r in result["protocols"].items()}})
                 log(f"{name} seed {seed}: ndcg@10 {result['rankers']['model']['ndcg@10']:.4f} "
                     f"({time.perf_counter() - t:.0f}s)")
-    summary = summarise(runs)
-    report = {"data": str(data), "protocol": protocol, "seeds": list(seeds), "overrides": list(overrides or []),
-              "runs": runs, "summary": summary}
+    by_protocol = {name: summarise(runs, name) for name in protocols}
+    report = {"data": str(data), "protocol": protocols.get("rerank"), "protocols": protocols, "seeds": list(seeds),
+              "overrides": list(overrides or []), "runs": runs, "summary": by_protocol["rerank"],
+              "summaries": by_protocol}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(markdown(report))
-    plots(runs, summary, out)
+    plots(runs, report["summary"], out)
     return report
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
-    """``{ranker: {metric: [mean, std]}}`` over seeds, models and baselines alike."""
+def summarise(runs: list[dict[str, Any]], protocol: str = "rerank") -> dict[str, dict[str, list[float]]]:
+    """``{ranker: {metric: [mean, std]}}`` over seeds, models and baselines alike, under one protocol."""
     values: dict[str, dict[str, list[float]]] = {}
     for r in runs:
-        for ranker, m in r["rankers"].items():
+        for ranker, m in (r.get("protocols") or {"rerank": r["rankers"]})[protocol].items():
             key = r["model"] if ranker == "model" else ranker
-            for metric in METRICS:
-                values.setdefault(key, {}).setdefault(metric, []).append(m[metric])
+            for metric in (*METRICS, "oracle_gap_share"):
+                if metric in m:
+                    values.setdefault(key, {}).setdefault(metric, []).append(m[metric])
         for task, t in r["tasks"].items():
             values.setdefault(r["model"], {}).setdefault(f"{task} AUC", []).append(t["auc"])
     return {k: {m: [float(np.mean(v)), float(np.std(v))] for m, v in ms.items()} for k, ms in values.items()}
 
 
 def markdown(report: dict[str, Any]) -> str:
-    s = report["summary"]
-    p = report["protocol"] or {}
-    models = [k for k in s if k not in BASELINES]
-    cols = [b for b in BASELINES if b in s] + models
-    rows = list(METRICS) + sorted({m for k in models for m in s[k] if m.endswith("AUC")})
-    lines = [f"Protocol: {p.get('split')}; test {p.get('test_from')} to {p.get('test_to')}, "
-             f"{p.get('test_rows', 0):,} impressions of {p.get('users', 0):,} users; candidates: "
-             f"{p.get('candidates')}; sampled negatives: {p.get('negatives')}; relevance: {p.get('relevance')}; "
-             f"seeds {report['seeds']} (mean ± std)." + (f" Overrides: {report['overrides']}." if report["overrides"] else ""),
-             "", "| metric | " + " | ".join(cols) + " | best model vs best baseline |",
-             "|---|" + "---|" * (len(cols) + 1)]
+    split = report["protocol"] or {}
+    lines = [f"Split: {split.get('split')}; test {split.get('test_from')} to {split.get('test_to')}, "
+             f"{split.get('test_rows', 0):,} impressions of {split.get('users', 0):,} users; relevance: "
+             f"{split.get('relevance')}; seeds {report['seeds']} (mean ± std)."
+             + (f" Overrides: {report['overrides']}." if report["overrides"] else "")]
+    for name, s in (report.get("summaries") or {"rerank": report["summary"]}).items():
+        p = (report.get("protocols") or {}).get(name, split)
+        lines += ["", f"### {name}", "", f"Candidates: {p.get('candidates')}"
+                  + (f"; {p['positives']:,} positives" if "positives" in p else "") + ".", ""]
+        lines += _table(s, with_auc=name == "rerank")
+    lines += ["", "![NDCG@10 by model](ndcg_by_model.png)", "![task weights](task_weights.png)",
+              "![training curves](training_curves.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _table(s: dict[str, dict[str, list[float]]], with_auc: bool) -> list[str]:
+    models = [k for k in s if k not in BASELINES + REFERENCES]
+    cols = [b for b in BASELINES + REFERENCES if b in s] + models
+    rows = list(METRICS) + (["oracle_gap_share"] if "oracle" in s else [])
+    rows += sorted({m for k in models for m in s[k] if m.endswith("AUC")}) if with_auc else []
+    lines = ["| metric | " + " | ".join(cols) + " | best model vs best baseline |", "|---|" + "---|" * (len(cols) + 1)]
     for metric in rows:
-        best = max((s[c][metric][0] for c in cols if metric in s[c]), default=None)
+        best = max((s[c][metric][0] for c in cols if metric in s[c] and c not in REFERENCES), default=None)
         cells = []
         for c in cols:
             if metric not in s[c]:
@@ -100,9 +122,7 @@ def markdown(report: dict[str, Any]) -> str:
         top = max((s[m][metric][0] for m in models if metric in s[m]), default=None)
         gain = f"{(top - base) / base:+.1%}" if base and top is not None else ""
         lines.append(f"| {metric} | " + " | ".join(cells) + f" | {gain} |")
-    lines += ["", "![NDCG@10 by model](ndcg_by_model.png)", "![task weights](task_weights.png)",
-              "![training curves](training_curves.png)"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plots(runs: list[dict[str, Any]], summary: dict, out: Path) -> None:

@@ -272,17 +272,6 @@ def _training_table(data: Path):
     return load_training_table(data)
 
 
-def _negative_sampling(data: Path) -> dict:
-    """Which columns describe the item, and the request-time transform: from the dataset's feature schema."""
-    from feature_repo.schema import FeatureSchema
-    from feature_repo.transforms import context_features
-
-    if not data.is_dir():
-        return {}
-    return {"item_columns": FeatureSchema.load(_settings(data, None).tables).item_columns,
-            "recompute": context_features}
-
-
 @app.command("evaluate")
 def evaluate(
     model: str = typer.Option(..., help="artifact directory or registry tag (name:version)"),
@@ -290,15 +279,21 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object for scripts and CI"),
     single_task: bool = typer.Option(False, help="also train and score a single-task model per objective"),
     seed: int = typer.Option(0, help="seed of the random baseline and of negative sampling"),
-    negatives: int = typer.Option(0, help="also rank this many sampled unshown items per user (label 0)"),
+    unshown: int = typer.Option(99, help="rank each held-out positive among this many items its user was never "
+                                         "shown (0: only re-rank the held-out impressions)"),
 ) -> None:
-    """Rank every user's held-out impressions: the model beside popularity, random (and single-task) rankers.
+    """Rank the holdout under every protocol: the model beside popularity, random (single-task, oracle) rankers.
+
+    Protocols: ``rerank`` (each user's own held-out impressions, what the gate judges), ``unshown-N`` (each
+    held-out positive among N items its user was never shown) and ``catalogue`` (among every unshown item,
+    for catalogues of at most 2,000 items).
 
     Evaluating a registry tag records the result there; only evaluated models can be promoted.
     """
     import json
     import tempfile
 
+    from flows.evaluation_inputs import holdout_inputs
     from models.baselines import single_task_models
     from models.holdout import evaluate as run
 
@@ -306,8 +301,7 @@ def evaluate(
     table = _training_table(data)
     with tempfile.TemporaryDirectory(prefix="mtlrec-single-") as tmp:
         singles = single_task_models(path, data, Path(tmp)) if single_task else None
-        result = run(path, table, seed=seed, single_task=singles, negatives=negatives,
-                     **(_negative_sampling(data) if negatives else {}))
+        result = run(path, table, seed=seed, single_task=singles, unshown_items=unshown, **holdout_inputs(data))
     if tag:
         from flows import registry
 
@@ -315,13 +309,9 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(result, default=str))
         return
-    ks = ("ndcg@10", "ndcg@20", "ndcg@50", "recall@10", "recall@20", "recall@50")
-    typer.echo(f"{'ranker':<22}" + "".join(f"{k:>11}" for k in ks))
-    for name, m in result["rankers"].items():
-        typer.echo(f"{name:<22}" + "".join(f"{m[k]:>11.4f}" for k in ks))
-    for name, t in result["tasks"].items():
-        typer.echo(f"{name:<22} " + "  ".join(f"{k}={v:.4f}" for k, v in t.items()))
-    typer.echo(json.dumps(result["protocol"]))
+    from flows.evaluation_tasks import protocol_tables
+
+    typer.echo(protocol_tables(result))
 
 
 @app.command("promote")

@@ -12,18 +12,35 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from flows import registry
+from flows.evaluation_inputs import holdout_inputs
 from flows.promote import gate_config, promote
 from models.holdout import evaluate
 from models.table import load_training_table
 
 
+KS = ("ndcg@10", "ndcg@20", "ndcg@50", "recall@10", "recall@20", "recall@50")
+
+
 def metric_table(result: dict) -> str:
-    ks = ("ndcg@10", "ndcg@20", "ndcg@50", "recall@10", "recall@20", "recall@50")
-    lines = ["| ranker | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
-    lines += [f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in ks) + " |" for name, m in result["rankers"].items()]
-    lines += ["", "| task | AUC | GAUC | logloss |", "|---|---|---|---|"]
-    lines += [f"| {t} | {v['auc']:.4f} | {v['gauc']:.4f} | {v['logloss']:.4f} |" for t, v in result["tasks"].items()]
+    """One protocol's rankers (with their share of the oracle's gain over random, when there is an oracle)."""
+    gap = any("oracle_gap_share" in m for m in result["rankers"].values())
+    cols = (*KS, "oracle_gap_share") if gap else KS
+    lines = ["| ranker | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in cols) + " |"
+              for name, m in result["rankers"].items()]
     return "\n".join(lines)
+
+
+def protocol_tables(result: dict) -> str:
+    """Every protocol's table under its description, then the model's task metrics."""
+    parts = []
+    for name, r in (result.get("protocols") or {"rerank": result}).items():
+        p = r["protocol"]
+        parts += [f"## {name}: {p['candidates']}", "", metric_table(r), ""]
+    parts += ["| task | AUC | GAUC | logloss |", "|---|---|---|---|"]
+    parts += [f"| {t} | {v.get('auc', float('nan')):.4f} | {v.get('gauc', float('nan')):.4f} | "
+              f"{v.get('logloss', float('nan')):.4f} |" for t, v in result["tasks"].items()]
+    return "\n".join(parts)
 
 
 @task(name="register-model")
@@ -33,9 +50,9 @@ def register_task(artifact: str) -> str:
 
 @task(name="evaluate-model", timeout_seconds=3600)
 def evaluate_task(tag: str, data: str) -> dict:
-    result = evaluate(registry.artifact_path(tag), load_training_table(data))
+    result = evaluate(registry.artifact_path(tag), load_training_table(data), **holdout_inputs(data))
     registry.record_evaluation(tag, result)
-    create_markdown_artifact(key="evaluation", markdown=f"# Evaluation of `{tag}`\n\n" + metric_table(result),
+    create_markdown_artifact(key="evaluation", markdown=f"# Evaluation of `{tag}`\n\n" + protocol_tables(result),
                              description="holdout ranking metrics of the model and its baselines")
     return result
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models import contract
+from models import binning, contract
 from models.encoder import FeatureSpec
 from models.tasks import TaskSet
 
@@ -123,8 +123,11 @@ class MTLDataModule(L.LightningDataModule):
     def __init__(self, table: pd.DataFrame, tasks: TaskSet, categorical: list[str], numeric: list[str],
                  batch_size: int = 4096, valid_fraction: float = 0.1, test_fraction: float = 0.1,
                  device: str | torch.device = "cpu", seed: int = 0, eval_batch_size: int | None = None,
-                 log1p: list[str] | None = None):
-        """``batch_size`` may be set later (``use_batch_size``), once the recipe knows the training split's size."""
+                 log1p: list[str] | None = None, numeric_bins: str = "auto", n_bins: int = binning.N_BINS):
+        """``batch_size`` may be set later (``use_batch_size``), once the recipe knows the training split's size.
+
+        ``numeric_bins``: which numeric features also enter as quantile-bin embeddings (``models.binning``).
+        """
         super().__init__()
         self.tasks = tasks
         self.seed = seed
@@ -137,6 +140,8 @@ class MTLDataModule(L.LightningDataModule):
         if len(train) == 0 or len(valid) == 0:
             raise ValueError(f"the time split left train={len(train)} valid={len(valid)} rows: need more data")
         self.spec = FeatureSpec.fit(train, self.categorical, self.numeric, log1p=log1p)
+        self.spec.bins = binning.choose(train, valid, self.numeric, [t.column for t in tasks.binary if t.column in train],
+                                        numeric_bins, n_bins)
         self.target_stats = target_stats(train, tasks)
         self.train_split = encode(train, self.spec, tasks).to(self.device_)
         self.valid_split = encode(valid, self.spec, tasks).to(self.device_)

@@ -13,27 +13,31 @@ and optionally one single-task model per binary task.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from models import metrics
+from models import metrics, unshown
 from models.artifact import Scorer
 from models.data import time_split
 from models.tasks import TaskSet
+
+
+class HoldoutOverlap(ValueError):
+    """The holdout overlaps the rows the model was trained or early-stopped on."""
 
 
 class Holdout:
     """The held-out rows of a training table and what every ranker is judged against."""
 
     def __init__(self, table: pd.DataFrame, tasks: TaskSet, valid_fraction: float = 0.1, test_fraction: float = 0.1):
+        self.log = table
         self.train, _, self.test = time_split(table, valid_fraction, test_fraction)
         if len(self.test) == 0:
             raise ValueError("the holdout is empty: the table is too small for its test_fraction")
         self.task_set = tasks
         self.fractions = (valid_fraction, test_fraction)
-        self.negatives = 0
         self._index()
 
     def _index(self) -> None:
@@ -46,56 +50,27 @@ class Holdout:
                 rel += t.gain * self.labels[t.name]
         self.relevance = rel
 
-    def add_negatives(self, n: int, item_columns: list[str], recompute=None, seed: int = 0) -> int:
-        """Add ``n`` sampled unshown items per held-out user as negatives (every label 0); returns rows added.
-
-        A negative row is the user's first held-out impression (user features
-        and request context) with the item side replaced by the sampled
-        item's last training-split row: what was known of the item before
-        the holdout began, so nothing from the holdout leaks in. Request-time
-        crosses are recomputed by ``recompute(frame) -> DataFrame`` (the
-        context view's transform) when given.
-        """
-        if n <= 0:
-            return 0
-        rng = np.random.default_rng(seed)
-        ts = "event_timestamp"
-        base = self.test.sort_values(ts, kind="stable").groupby("user_id", sort=True).head(1)
-        donors = self.train.sort_values(ts, kind="stable").groupby("item_id").tail(1).set_index("item_id")
-        pool = donors.index.to_numpy()
-        rows = base.loc[np.repeat(base.index.to_numpy(), n)].reset_index(drop=True)
-        picks = pool[rng.integers(0, len(pool), size=len(rows))]
-        side = [c for c in item_columns if c in rows.columns and c != "item_id"]
-        rows["item_id"] = picks
-        rows[side] = donors.loc[picks, side].to_numpy()
-        shown = pd.MultiIndex.from_frame(self.test[["user_id", "item_id"]].astype(str))
-        pair = pd.MultiIndex.from_frame(rows[["user_id", "item_id"]].astype(str))
-        rows = rows[~pair.isin(shown) & ~pair.duplicated()]
-        for t in self.task_set:
-            if t.column in rows:
-                rows[t.column] = 0
-        if recompute is not None:
-            ctx = recompute(rows)
-            rows[list(ctx.columns)] = ctx.to_numpy()
-        self.test = pd.concat([self.test, rows.astype(self.test.dtypes.to_dict())], ignore_index=True)
-        self.negatives = n
-        self._index()
-        return len(rows)
-
     @classmethod
     def for_model(cls, table: pd.DataFrame, meta: dict) -> "Holdout":
+        """The model's holdout; refused if it starts before the model's training or validation data ends."""
         split = meta["config"]["data"]["split"]
         tasks = TaskSet.from_config(meta["tasks"], primary=meta.get("primary"))
-        return cls(table, tasks, split["valid_fraction"], split["test_fraction"])
+        h = cls(table, tasks, split["valid_fraction"], split["test_fraction"])
+        seen = [pd.Timestamp(r[1]) for k, r in (meta.get("data", {}).get("time_ranges") or {}).items()
+                if k in ("train", "valid")]
+        start = h.test["event_timestamp"].min()
+        if seen and start <= max(seen):
+            raise HoldoutOverlap(f"the holdout starts at {start}, before the model's training data ends "
+                                 f"({max(seen)}): it would be judged on rows it learned from; evaluate it on "
+                                 "a table whose last {:.0%} of impressions are newer".format(split["test_fraction"]))
+        return h
 
     def protocol(self, seed: int) -> dict[str, Any]:
         ts = self.test["event_timestamp"]
         return {"split": f"time-ordered: the last {self.fractions[1]:.0%} of impressions, never trained on",
                 "test_from": str(ts.min()), "test_to": str(ts.max()), "test_rows": int(len(self.test)),
                 "train_rows": int(len(self.train)), "users": int(len(np.unique(self.users))),
-                "candidates": "each user's own held-out impressions"
-                + (f" + {self.negatives} sampled unshown items (label 0)" if self.negatives else ""),
-                "negatives": self.negatives,
+                "name": "rerank", "candidates": "each user's own held-out impressions",
                 "relevance": self.task_set.relevance(), "popularity": f"training-split {self.primary} per item",
                 "seed": seed}
 
@@ -104,14 +79,13 @@ class Holdout:
     def primary(self) -> str:
         return self.task_set.primary
 
-    def popularity(self) -> np.ndarray:
-        """Training-split positives of the primary task per item."""
+    def popularity_counts(self) -> pd.Series:
+        """Training-split positives of the primary task per item: what the popularity ranker scores."""
         column = self.task_set.get(self.primary).column
-        hits = (pd.to_numeric(self.train[column], errors="coerce") > 0).groupby(self.train["item_id"]).sum()
-        return self.test["item_id"].map(hits).fillna(0).to_numpy(dtype=np.float64)
+        return (pd.to_numeric(self.train[column], errors="coerce") > 0).groupby(self.train["item_id"]).sum()
 
-    def random(self, seed: int) -> np.ndarray:
-        return np.random.default_rng(seed).random(len(self.test))
+    def popularity(self) -> np.ndarray:
+        return self.test["item_id"].map(self.popularity_counts()).fillna(0).to_numpy(dtype=np.float64)
 
     def model_scores(self, artifact: Path | str | Scorer) -> tuple[np.ndarray, dict[str, np.ndarray], Scorer]:
         scorer = artifact if isinstance(artifact, Scorer) else Scorer.load(artifact)
@@ -144,41 +118,152 @@ class Holdout:
         return out
 
 
+Oracle = Callable[[pd.DataFrame], dict[str, np.ndarray]]  # rows -> the true probability of each task
+
+
 def summary(rankers: dict, tasks: dict, single_auc: dict[str, float], ks) -> dict[str, float]:
     """The comparison a multi-task model is bought on: its mean task AUC and fused NDCG beside the baselines'."""
     k = f"ndcg@{ks[0]}"
     model_auc = [tasks[t]["auc"] for t in single_auc or [t for t in tasks if "(" not in t]]
     out = {"model_mean_auc": float(np.nanmean(model_auc)) if model_auc else float("nan"),
-           f"model_{k}": rankers["model"][k], f"popularity_{k}": rankers["popularity"][k]}
+           **ranking_summary(rankers, list(single_auc), ks)}
     if single_auc:
         out["single_task_mean_auc"] = float(np.nanmean(list(single_auc.values())))
-        out[f"best_single_task_{k}"] = max(rankers[f"single-task {t}"][k] for t in single_auc)
     return out
 
 
+def ranking_summary(rankers: dict, single: list[str], ks) -> dict[str, float]:
+    """Fused NDCG@K of the model and baselines; with an oracle, each ranker's share of its gap over random."""
+    k = f"ndcg@{ks[0]}"
+    out = {f"model_{k}": rankers["model"][k], f"popularity_{k}": rankers["popularity"][k]}
+    if single:
+        out[f"best_single_task_{k}"] = max(rankers[f"single-task {t}"][k] for t in single)
+    if "oracle" in rankers:
+        lo, hi = rankers["random"][k], rankers["oracle"][k]
+        out[f"oracle_{k}"] = hi
+        for name, m in rankers.items():
+            m["oracle_gap_share"] = (m[k] - lo) / (hi - lo) if hi > lo else float("nan")
+        out["model_oracle_gap_share"] = rankers["model"]["oracle_gap_share"]
+    return out
+
+
+def _fused(probs: dict[str, np.ndarray], tasks: TaskSet) -> np.ndarray:
+    """An oracle's expected relevance: the declared gains times its true probabilities."""
+    return sum(t.gain * np.asarray(probs[t.name], dtype=np.float64) for t in tasks.binary if t.name in probs)
+
+
+class Rankers:
+    """Every ranker of one evaluation, able to score any frame of (user, item, context) rows."""
+
+    def __init__(self, model: Scorer, singles: dict[str, Scorer], popularity: pd.Series, tasks: TaskSet,
+                 oracle: Oracle | None, seed: int):
+        self.model, self.singles, self.pop, self.tasks = model, singles, popularity, tasks
+        self.oracle, self.seed = oracle, seed
+
+    def scores(self, frame: pd.DataFrame) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """ranker -> (fused score, per-objective scores)."""
+        probs = self.model.predict(frame)
+        out = {"model": (self.model.fuse(probs), probs),
+               "popularity": (frame["item_id"].map(self.pop).fillna(0).to_numpy(np.float64), {}),
+               "random": (np.random.default_rng(self.seed).random(len(frame)), {})}
+        if self.oracle is not None:
+            truth = self.oracle(frame)
+            out["oracle"] = (_fused(truth, self.tasks), truth)
+        for name, st in self.singles.items():
+            p = st.predict(frame)
+            out[f"single-task {name}"] = (p[name], p)
+        return out
+
+
+def _rerank(h: Holdout, rankers: Rankers, ks) -> dict[str, Any]:
+    scored = rankers.scores(h.test)
+    out = {name: h.ranking(fused, per, ks) for name, (fused, per) in scored.items()}
+    tasks = h.tasks(scored["model"][1], rankers.model)
+    for name, st in rankers.singles.items():
+        tasks[f"{name} (single-task)"] = h.tasks(scored[f"single-task {name}"][1], st).get(name, {})
+    return {"rankers": out, "tasks": tasks}
+
+
+def _unshown(h: Holdout, rankers: Rankers, n: int | str, ks, seed: int, max_positives: int,
+             item_columns: list[str], recompute) -> dict[str, Any]:
+    """Each held-out positive among ``n`` items its user was never shown (``models.unshown``)."""
+    test = h.test.reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    chosen = set()
+    for name, label in [("relevance", h.relevance), *h.labels.items()]:
+        idx = np.nonzero(np.asarray(label) > 0)[0]
+        if len(idx) > max_positives:
+            idx = rng.choice(idx, max_positives, replace=False)
+        chosen.update(idx.tolist())
+    positives = test.iloc[sorted(chosen)]
+    labels = [t.column for t in h.task_set]
+    cands = unshown.build(h.log, positives, item_columns, n, seed, recompute, labels)
+    scored = rankers.scores(cands.frame)
+    pos_rel = np.zeros(len(positives))
+    for t in h.task_set.binary:
+        if t.column in positives:
+            pos_rel += t.gain * (positives[t.column].to_numpy(np.float64) > 0)
+    target = cands.is_positive.astype(np.float64)
+    out = {}
+    for ranker, (fused, per) in scored.items():
+        m = _grouped(cands.group, fused, target, pos_rel > 0, ks)
+        for name in h.labels:
+            hit = positives[h.task_set.get(name).column].to_numpy(np.float64) > 0
+            m.update({f"{name}/{k}": v for k, v in _grouped(cands.group, per.get(name, fused), target, hit,
+                                                           ks).items() if k != "users"})
+        out[ranker] = m
+    what = "every item" if n == "all" else f"{n} items (drawn uniformly)"
+    protocol = {"name": "catalogue" if n == "all" else f"unshown-{n}",
+                "candidates": f"each held-out positive against {what} its user was never shown, among the "
+                              "items that existed at its time; item features as of that time",
+                "positives": int(len(positives)), "candidates_per_positive": float(cands.sizes.mean()),
+                "rows_scored": int(len(cands.frame)), "max_positives_per_objective": max_positives,
+                "request_crosses": "recomputed" if recompute is not None else "the positive's (no transform given)",
+                "relevance": "the held-out positive (graded relevance > 0 for the fused ranking)", "seed": seed}
+    return {"rankers": out, "protocol": protocol}
+
+
+def _grouped(group: np.ndarray, score: np.ndarray, target: np.ndarray, keep: np.ndarray, ks) -> dict[str, float]:
+    """Ranking metrics over the candidate groups whose positive passes ``keep``."""
+    rows = keep[group]
+    if not rows.any():
+        return {**{f"{m}@{k}": float("nan") for m in ("ndcg", "recall") for k in ks}, "users": 0}
+    return metrics.ranking_metrics(group[rows], np.asarray(score)[rows], target[rows], ks)
+
+
 def evaluate(artifact: Path | str, table: pd.DataFrame, *, ks=(10, 20, 50), seed: int = 0,
-             single_task: dict[str, Path | str] | None = None, negatives: int = 0,
-             item_columns: list[str] | None = None, recompute=None) -> dict[str, Any]:
-    """One JSON-able result: ``rankers`` (model and baselines), ``tasks`` (the model's), ``protocol``."""
+             single_task: dict[str, Path | str] | None = None, unshown_items: int | None = 99,
+             catalogue_max: int = 2000, max_positives: int = 2000, catalogue_positives: int = 500,
+             item_columns: list[str] | None = None, recompute=None, oracle: Oracle | None = None) -> dict[str, Any]:
+    """One JSON-able result under every protocol that applies.
+
+    Top level (``rankers``, ``tasks``, ``protocol``, ``summary``): the re-ranking protocol, which the gate
+    uses. ``protocols`` holds each protocol's rankers, protocol and summary: ``rerank``; ``unshown-N`` (each
+    held-out positive among N unshown items: ``models.unshown``) when the item-side columns are known (``item_columns``, else
+    the training table's metadata); ``catalogue`` (among every unshown item) when the catalogue has at most
+    ``catalogue_max`` items. ``oracle`` (the generator's own probabilities, synthetic data) joins the rankers.
+    """
     scorer = Scorer.load(artifact)
     h = Holdout.for_model(table, scorer.meta)
-    if negatives:
-        if not item_columns:
-            raise ValueError("sampled negatives need the item-side columns (item_columns)")
-        h.add_negatives(negatives, item_columns, recompute, seed)
-    fused, probs, _ = h.model_scores(scorer)
-    rankers = {"model": h.ranking(fused, probs, ks),
-               "popularity": h.ranking(h.popularity(), ks=ks),
-               "random": h.ranking(h.random(seed), ks=ks)}
-    tasks = h.tasks(probs, scorer)
-    single_auc = {}
-    for name, path in (single_task or {}).items():
-        st_fused, st_probs, st = h.model_scores(path)
-        rankers[f"single-task {name}"] = h.ranking(st_probs[name], st_probs, ks)
-        tasks[f"{name} (single-task)"] = h.tasks(st_probs, st).get(name, {})
-        single_auc[name] = tasks[f"{name} (single-task)"].get("auc", float("nan"))
-    return {"rankers": rankers, "tasks": tasks, "protocol": h.protocol(seed),
-            "summary": summary(rankers, tasks, single_auc, ks),
-            "model": {"architecture": scorer.meta["config"]["model"]["architecture"],
-                      "balancer": scorer.meta["config"]["balancer"]["name"],
-                      "data_fingerprint": scorer.meta.get("data", {}).get("fingerprint")}}
+    singles = {name: Scorer.load(path) for name, path in (single_task or {}).items()}
+    rankers = Rankers(scorer, singles, h.popularity_counts(), h.task_set, oracle, seed)
+    rerank = _rerank(h, rankers, ks)
+    tasks = rerank["tasks"]
+    single_auc = {name: tasks[f"{name} (single-task)"].get("auc", float("nan")) for name in singles}
+    result = {"rankers": rerank["rankers"], "tasks": tasks, "protocol": h.protocol(seed),
+              "summary": summary(rerank["rankers"], tasks, single_auc, ks),
+              "model": {"architecture": scorer.meta["config"]["model"]["architecture"],
+                        "balancer": scorer.meta["config"]["balancer"]["name"],
+                        "data_fingerprint": scorer.meta.get("data", {}).get("fingerprint")}}
+    result["protocols"] = {"rerank": {"rankers": result["rankers"], "protocol": result["protocol"],
+                                      "summary": ranking_summary(result["rankers"], list(singles), ks)}}
+    item_columns = item_columns or (table.attrs.get("mtlrec") or {}).get("item_columns")
+    if unshown_items and item_columns:
+        runs = [(int(unshown_items), max_positives)]
+        if table["item_id"].nunique() <= catalogue_max:
+            runs.append(("all", catalogue_positives))
+        for n, cap in runs:
+            r = _unshown(h, rankers, n, ks, seed, cap, item_columns, recompute)
+            r["summary"] = ranking_summary(r["rankers"], list(singles), ks)
+            result["protocols"][r["protocol"]["name"]] = r
+    return result

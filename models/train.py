@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from models.artifact import code_version, fingerprint, save_artifact
 from models.config import load_config
 from models import recipe
+from models.balancers import check_world_size
 from models.data import MTLDataModule
 from models.evaluation import mode
 from models.module import MTLModule
@@ -72,6 +73,9 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     accelerator, precision, device = _device_settings(config)
     tc = dict(config["train"])
 
+    world = int(tc.get("devices", 1)) if str(tc.get("strategy", "auto")).startswith("ddp") else 1
+    check_world_size(config["balancer"]["name"], world)  # before any data is loaded; MTLModule.setup checks too
+
     df = load_training_table(data) if table is None else table
     info = df.attrs.get("mtlrec") or {}  # the training table's own declaration and feature lists
     tasks = TaskSet.resolve(config.get("tasks", "auto"), info.get("declaration"), columns=df.columns)
@@ -79,11 +83,11 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     split = config["data"]["split"]
     dm = MTLDataModule(df, tasks, feats["categorical"], feats["numeric"], batch_size=1,
                        valid_fraction=split["valid_fraction"], test_fraction=split["test_fraction"],
-                       device=device, seed=seed, log1p=feats.get("log1p"))
+                       device=device, seed=seed, log1p=feats.get("log1p"),
+                       numeric_bins=config["data"].get("numeric_bins", "auto"), n_bins=config["data"].get("n_bins", 32))
     tasks = tasks.standardised(dm.target_stats)
     model_cfg = config["model"]
     dm.spec.size_embeddings(model_cfg.get("embedding_dim", "auto"), model_cfg.get("embedding_dims"))
-    world = int(tc.get("devices", 1)) if str(tc.get("strategy", "auto")).startswith("ddp") else 1
     tc = recipe.resolve(tc, len(dm.train_split), accelerator, world_size=world)
     dm.use_batch_size(tc["batch_size"])
     monitor = recipe.monitor(config["eval"].get("monitor", "auto"))

@@ -160,33 +160,34 @@ def test_evaluate_and_promote_as_prefect_tasks(models, tmp_path, monkeypatch):
     assert list((tmp_path / "reports").glob("gate-*.md"))
 
 
-def test_sampled_negatives_join_the_candidates_without_leaking(models):
-    from flows.cli import _negative_sampling
-    from models.holdout import Holdout
+def test_every_protocol_is_reported_with_the_oracle_and_separates_the_model_from_random(models):
+    from flows.evaluation_inputs import holdout_inputs
 
     table, paths = models
-    plain = evaluate(paths["good"], table)
-    with_neg = evaluate(paths["good"], table, negatives=20, **_negative_sampling(paths["data"]))
-    assert with_neg["protocol"]["negatives"] == 20 and "sampled unshown" in with_neg["protocol"]["candidates"]
-    assert with_neg["protocol"]["test_rows"] > plain["protocol"]["test_rows"] + 10 * plain["protocol"]["users"]
-    # Unshown items are mostly irrelevant: a real model ranks them below the held-out clicks, random does not.
-    m, r = with_neg["rankers"]["model"], with_neg["rankers"]["random"]
-    assert m["ndcg@10"] > r["ndcg@10"] + 0.1
+    result = evaluate(paths["good"], table, **holdout_inputs(paths["data"]))
+    assert set(result["protocols"]) == {"rerank", "unshown-99", "catalogue"}  # 150 items: the catalogue is small
+    assert result["protocols"]["rerank"]["rankers"] is result["rankers"]
+    for name, r in result["protocols"].items():
+        m, rand, oracle = r["rankers"]["model"], r["rankers"]["random"], r["rankers"]["oracle"]
+        assert m["ndcg@10"] > rand["ndcg@10"] + 0.02, name
+        assert oracle["oracle_gap_share"] == pytest.approx(1.0) and rand["oracle_gap_share"] == pytest.approx(0.0)
+        assert r["summary"]["model_oracle_gap_share"] == pytest.approx(m["oracle_gap_share"])
+    # Unshown candidates make the task harder than re-ranking the user's own ~10 impressions.
+    rr, un = result["protocols"]["rerank"]["rankers"], result["protocols"]["unshown-99"]["rankers"]
+    assert un["random"]["recall@50"] < 0.7 < rr["random"]["recall@50"]
+    p = result["protocols"]["unshown-99"]["protocol"]
+    assert p["candidates_per_positive"] > 60 and p["request_crosses"] == "recomputed"
+    # The oracle is the generator's own click probability: on re-ranking, no trained model is far above it.
+    assert rr["oracle"]["click/ndcg@10"] > rr["model"]["click/ndcg@10"] - 0.05
 
-    h = Holdout.for_model(table, read_meta(paths["good"]))
-    n_before = len(h.test)
-    h.add_negatives(5, **_negative_sampling(paths["data"]))
-    added = h.test.iloc[n_before:]
-    assert (added[["click", "purchase"]] == 0).all().all()
-    shown = set(map(tuple, h.test.iloc[:n_before][["user_id", "item_id"]].astype(str).to_numpy()))
-    assert not shown & set(map(tuple, added[["user_id", "item_id"]].astype(str).to_numpy()))
-    # The item side is what training saw last: no value from the holdout period.
-    last = h.train.sort_values("event_timestamp").groupby("item_id").tail(1).set_index("item_id")
-    sample = added.sample(50, random_state=0)
-    np.testing.assert_allclose(sample["item_click_count_30d"].to_numpy(float),
-                               last.loc[sample["item_id"], "item_click_count_30d"].to_numpy(float))
-    ts = sample["request_ts"].to_numpy(float)
-    np.testing.assert_allclose(sample["item_age_days"], (ts - sample["item_since_ts"].to_numpy(float)) / 86_400)
+
+def test_a_holdout_inside_the_models_training_data_is_refused(models):
+    from models.holdout import HoldoutOverlap
+
+    table, paths = models
+    early = table[table["event_timestamp"] < table["event_timestamp"].quantile(0.7)]
+    with pytest.raises(HoldoutOverlap, match="before the model's training data ends"):
+        evaluate(paths["good"], early)
 
 
 @pytest.mark.parametrize("first", ["weak", "good"])

@@ -106,3 +106,20 @@ def test_cli_writes_a_dataset(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "interactions=2,000" in res.stdout and "oracle=" in res.stdout
     assert contract.Manifest.load(out).rows["interactions"] == 2000
+
+
+def test_the_oracle_is_the_generators_own_click_probability(tmp_path):
+    """Redrawn from the manifest alone, it reproduces the ground truth the generator reported."""
+    import pandas as pd
+
+    from flows.data.synth import oracle
+    from models.metrics import auc, ranking_metrics
+
+    m = generate(tmp_path, SynthConfig(n_users=300, n_items=80, n_interactions=20_000, days=6, seed=3))
+    probs = oracle(tmp_path)(log := pd.read_parquet(tmp_path / "interactions.parquet"))
+    last = log["event_timestamp"] >= pd.Timestamp(m.params["log_start"]) + pd.Timedelta(days=5)
+    ndcg = ranking_metrics(log["user_id"][last].to_numpy(), probs["click"][last], log["click"][last].to_numpy(),
+                           ks=(10,))["ndcg@10"]
+    assert ndcg == pytest.approx(m.params["ground_truth"]["oracle"], abs=1e-12)
+    assert abs(probs["click"].mean() - log["click"].mean()) < 0.01 and auc(probs["click"], log["click"]) > 0.75
+    assert (probs["purchase"] <= probs["click"]).all()

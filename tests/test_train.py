@@ -171,8 +171,10 @@ def _assert_one_row_per_step(trace: pd.DataFrame, steps: _Steps, task_names: lis
     assert trace[task_names].iloc[-1].tolist() == steps.weights  # the trained balancer's weights, exactly
 
 
-@pytest.mark.parametrize("balancer", ["uncertainty", "famo"])  # famo: weights move after the module's batch end
-def test_task_weights_are_traced_every_step(small_table, tmp_path, balancer):
+# famo: its weights are what multiplied each loss in the step, set as the step combines them (not before it), so
+# like manual optimisation's they are read after the step: Lightning's step k is row k + 1.
+@pytest.mark.parametrize(("balancer", "offset"), [("uncertainty", 0), ("famo", 1)])
+def test_task_weights_are_traced_every_step(small_table, tmp_path, balancer, offset):
     steps = _Steps()
     meta, trace = _train_traced(small_table, tmp_path / "u", balancer, steps)
     names = [t["name"] for t in meta["tasks"]]
@@ -180,7 +182,7 @@ def test_task_weights_are_traced_every_step(small_table, tmp_path, balancer):
     assert (trace[names].diff().iloc[1:] != 0).all(axis=None)  # both move every weight every step
     # Read before the step (automatic optimisation), Lightning's weight/<task> of its step k (from 0) are the
     # weights after k steps: row k of the trace.
-    _assert_matches_lightning_log(trace, tmp_path / "u", names, offset=0)
+    _assert_matches_lightning_log(trace, tmp_path / "u", names, offset=offset)
 
 
 def test_task_weights_are_traced_every_step_under_manual_optimisation(small_table, tmp_path):
@@ -262,10 +264,12 @@ def test_request_and_training_encodings_agree_on_mixed_values():
     np.testing.assert_array_equal(small[0], large[0])
     np.testing.assert_array_equal(small[1], large[1])
     vocab = spec.vocabs["c"]
-    assert small[0][:, 0].tolist() == [vocab.index(v) + 1 if v in vocab else 0 for v in map(str, values)]
+    assert "None" not in vocab and "nan" not in vocab  # missing values (here stringified ones) are no category
+    assert small[0][:, 0].tolist() == [vocab.index(v) + 2 if v in vocab else encoder.MISSING if v in ("None", "nan")
+                                       else encoder.UNKNOWN for v in map(str, values)]
     assert np.isfinite(small[1]).all() and small[1][2, 0] == 0.0  # missing sits at the mean
     same = {"c": np.array(["b"] * 12, dtype=object), "x": np.ones(12)}  # the one-lookup path for constant columns
-    assert (spec.encode_categorical(same) == vocab.index("b") + 1).all()
+    assert (spec.encode_categorical(same) == vocab.index("b") + 2).all()
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
@@ -416,14 +420,14 @@ def test_embedding_widths_follow_the_vocabulary_in_one_lookup():
     df = pd.DataFrame({"user_id": [f"u{i}" for i in range(3000)], "hour": np.arange(3000) % 24,
                        "x": np.arange(3000.0)})
     spec = FeatureSpec.fit(df, ["user_id", "hour"], ["x"]).size_embeddings("auto", {"hour": 4})
-    assert spec.widths == {"user_id": embedding_width(3001), "hour": 4} and spec.widths["user_id"] == 44
+    assert spec.widths == {"user_id": embedding_width(3002), "hour": 4} and spec.widths["user_id"] == 44
     assert FeatureSpec.fit(df, ["user_id", "hour"], ["x"]).size_embeddings(16).widths == {"user_id": 16, "hour": 16}
-    enc = FeatureEncoder(spec.cardinalities, 1, spec.embedding_widths(16))
-    assert enc.out_dim == 44 + 4 + 1 and enc.embedding.weight.shape == (3001 + 25, 44)
+    enc = FeatureEncoder(spec.cardinalities, 1, spec.embedding_widths(16)).eval()  # eval: no ids dropped to UNKNOWN
+    assert enc.out_dim == 44 + 4 + 1 and enc.embedding.weight.shape == (3002 + 26, 44)  # + UNKNOWN, MISSING
     cat = torch.from_numpy(spec.encode_categorical(df.head(5)))
     out = enc(cat, torch.zeros(5, 1))
     table = enc.embedding.weight
     torch.testing.assert_close(out[:, :44], table[cat[:, 0]])
-    torch.testing.assert_close(out[:, 44:48], table[cat[:, 1] + 3001, :4])  # hour: its first 4 columns
+    torch.testing.assert_close(out[:, 44:48], table[cat[:, 1] + 3002, :4])  # hour: its first 4 columns
     old = FeatureSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "widths"})
     assert old.embedding_widths(16) == [16, 16]  # an artifact from before per-feature widths

@@ -128,6 +128,19 @@ def _items(cfg: SynthConfig, rng: np.random.Generator, start_us: int, span_us: i
     return table, latent, quality, log_price, launch, exposure
 
 
+def _probabilities(cfg: SynthConfig, world: _World, u, i, hour, device, position):
+    """The truth: P(click), P(purchase | click) and the affinity, for users u shown items i in a context."""
+    ul, il = world.user_latent[u], world.item_latent[i]
+    affinity = np.einsum("nd,nd->n", ul, il) / np.sqrt(cfg.dim)
+    half = cfg.dim // 2
+    affinity_buy = np.einsum("nd,nd->n", ul[:, :half], il[:, :half]) / np.sqrt(half)
+    p_click = sigmoid(-2.4 + 1.5 * affinity + world.item_quality[i] + HOUR_EFFECT[hour]
+                      + DEVICE_CLICK[device] - 0.06 * (position - 1))
+    price_z = world.item_log_price[i] - np.log(40.0)
+    p_buy = sigmoid(-2.4 + 1.2 * affinity_buy - 0.9 * world.price_sensitivity[u] * price_z + DEVICE_BUY[device])
+    return p_click, p_buy, affinity
+
+
 def _impressions(cfg: SynthConfig, world: _World, rng: np.random.Generator, n: int,
                  start_us: int, span_us: int) -> dict[str, np.ndarray]:
     """Draw ``n`` impressions with their labels and the true click/purchase probabilities."""
@@ -146,14 +159,7 @@ def _impressions(cfg: SynthConfig, world: _World, rng: np.random.Generator, n: i
     device = (rng.random(n)[:, None] > cum[:, :-1]).sum(axis=1)
     position = np.minimum(rng.geometric(0.15, size=n), 50)
 
-    ul, il = world.user_latent[u], world.item_latent[i]
-    affinity = np.einsum("nd,nd->n", ul, il) / np.sqrt(cfg.dim)
-    half = cfg.dim // 2
-    affinity_buy = np.einsum("nd,nd->n", ul[:, :half], il[:, :half]) / np.sqrt(half)
-    p_click = sigmoid(-2.4 + 1.5 * affinity + world.item_quality[i] + HOUR_EFFECT[hour]
-                       + DEVICE_CLICK[device] - 0.06 * (position - 1))
-    price_z = world.item_log_price[i] - np.log(40.0)
-    p_buy = sigmoid(-2.4 + 1.2 * affinity_buy - 0.9 * world.price_sensitivity[u] * price_z + DEVICE_BUY[device])
+    p_click, p_buy, affinity = _probabilities(cfg, world, u, i, hour, device, position)
     click = rng.random(n) < p_click
     purchase = click & (rng.random(n) < p_buy)
     dwell = np.where(click, np.round(rng.lognormal(2.5 + 0.4 * affinity, 0.5), 2), 0.0)
@@ -195,16 +201,49 @@ def ground_truth_quality(d: dict[str, np.ndarray], start_us: int, span_us: int, 
     }
 
 
+def _world(cfg: SynthConfig, rng: np.random.Generator, start_us: int, span_us: int):
+    users, u_lat, price_sens, device_probs, activity = _users(cfg, rng, start_us)
+    items, i_lat, quality, log_price, launch, exposure = _items(cfg, rng, start_us, span_us)
+    return users, items, _World(u_lat, i_lat, price_sens, quality, log_price, launch, device_probs, activity,
+                                exposure)
+
+
+def oracle(data: Path | str):
+    """The generator's own probabilities for any rows of this dataset, or None if it is not a synth log.
+
+    The world is drawn again from the manifest's seed and sizes (the draws that made users and items come
+    first, so they repeat exactly). Rows need ``user_id``, ``item_id``, ``event_timestamp``, ``device`` and
+    ``position``; returned: ``{"click": P(click), "purchase": P(click and purchase)}``. No model can expect
+    to beat it on this data, so a model's share of the oracle's gain over random says how much is left.
+    """
+    manifest = contract.Manifest.load(data)
+    if manifest is None or manifest.source != "flows.data.synth":
+        return None
+    fields = SynthConfig.__dataclass_fields__
+    cfg = SynthConfig(**{k: v for k, v in manifest.params.items() if k in fields})
+    start_us, span_us, _ = time_span(cfg.end, cfg.days)
+    _, _, world = _world(cfg, np.random.default_rng(cfg.seed), start_us, span_us)
+    device_code = {d: k for k, d in enumerate(DEVICES)}
+
+    def probabilities(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+        u = rows["user_id"].astype(str).str[1:].astype(np.int64).to_numpy()
+        i = rows["item_id"].astype(str).str[1:].astype(np.int64).to_numpy()
+        hour = pd.to_datetime(rows[contract.TIMESTAMP], utc=True).dt.hour.to_numpy()
+        device = rows["device"].astype(str).map(device_code).fillna(len(DEVICES) - 1).astype(np.int64).to_numpy()
+        position = pd.to_numeric(rows["position"], errors="coerce").fillna(1).to_numpy(np.float64)
+        p_click, p_buy, _ = _probabilities(cfg, world, u, i, hour, device, position)
+        return {"click": p_click, "purchase": p_click * p_buy}
+
+    return probabilities
+
+
 def generate(out: Path | str, cfg: SynthConfig = SynthConfig()) -> contract.Manifest:
     """Write users, items, interactions and the manifest into ``out``; return the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     start_us, span_us, end_us = time_span(cfg.end, cfg.days)
-
-    users, u_lat, price_sens, device_probs, activity = _users(cfg, rng, start_us)
-    items, i_lat, quality, log_price, launch, exposure = _items(cfg, rng, start_us, span_us)
-    world = _World(u_lat, i_lat, price_sens, quality, log_price, launch, device_probs, activity, exposure)
+    users, items, world = _world(cfg, rng, start_us, span_us)
     contract.write_table(users, out, "users")
     contract.write_table(items, out, "items")
 

@@ -296,6 +296,7 @@ def training_metadata(settings: StoreSettings) -> dict:
     """
     schema = FeatureSchema.load(settings.tables)
     return {"declaration": schema.declaration, "features": schema.model_features(),
+            "item_columns": schema.item_columns,
             "feature_service": FEATURE_SERVICE}
 
 

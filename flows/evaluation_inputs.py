@@ -1,0 +1,31 @@
+"""What the holdout needs from the dataset beside the training table: item columns, the context transform, an oracle.
+
+``models.holdout`` cannot import the feature repository or the data
+generators (``models/`` runs on a machine with torch alone), so the
+dataset-side pieces of the unshown-items protocol are gathered here and
+passed in: which columns describe an item (from the feature schema), the
+request-time transform that recomputes item-dependent crosses for a
+candidate, and, for a synthetic log, the generator's own probabilities.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def holdout_inputs(data: Path | str) -> dict:
+    """Keyword arguments for ``models.holdout.evaluate``; {} for a bare training parquet."""
+    from feature_repo.schema import FeatureSchema
+    from feature_repo.transforms import context_features
+    from flows.data import synth
+    from flows.features.store import StoreSettings
+
+    data = Path(data)
+    if not data.is_dir():
+        return {}
+    out = {"recompute": context_features, "oracle": synth.oracle(data)}
+    try:
+        out["item_columns"] = FeatureSchema.load(StoreSettings.for_dataset(data).tables).item_columns
+    except FileNotFoundError:
+        pass
+    return out
