@@ -117,7 +117,8 @@ class Scorer(torch.nn.Module):
         default = model["embedding_dim"] if isinstance(model["embedding_dim"], int) else 16
         self.encoder = FeatureEncoder(self.spec.cardinalities, len(self.spec.numeric),
                                       self.spec.embedding_widths(default))
-        self.arch = build_architecture(model["architecture"], self.encoder.out_dim, self.tasks, **model.get("params", {}))
+        self.arch = build_architecture(model["architecture"], self.encoder.out_dim, self.tasks,
+                                       **model.get("params", {}))
 
     @classmethod
     def load(cls, path: Path | str, device: str | torch.device = "cpu") -> "Scorer":

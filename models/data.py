@@ -38,7 +38,8 @@ class Split:
         return Split(self.cat.to(device), self.num.to(device), self.labels.to(device), self.users, self.items)
 
 
-def time_split(df: pd.DataFrame, valid_fraction: float, test_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def time_split(df: pd.DataFrame, valid_fraction: float,
+               test_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Cut at timestamp quantiles: validation and test are strictly later than training."""
     ts = df[contract.TIMESTAMP]
     t_test = ts.quantile(1 - test_fraction) if test_fraction > 0 else ts.max() + pd.Timedelta(seconds=1)
@@ -140,7 +141,8 @@ class MTLDataModule(L.LightningDataModule):
         if len(train) == 0 or len(valid) == 0:
             raise ValueError(f"the time split left train={len(train)} valid={len(valid)} rows: need more data")
         self.spec = FeatureSpec.fit(train, self.categorical, self.numeric, log1p=log1p)
-        self.spec.bins = binning.choose(train, valid, self.numeric, [t.column for t in tasks.binary if t.column in train],
+        labels = [t.column for t in tasks.binary if t.column in train]
+        self.spec.bins = binning.choose(train, valid, self.numeric, labels,
                                         numeric_bins, n_bins)
         self.target_stats = target_stats(train, tasks)
         self.train_split = encode(train, self.spec, tasks).to(self.device_)

@@ -66,7 +66,8 @@ def evaluate_predictions(tasks: TaskSet, probs: dict[str, np.ndarray], labels: n
             out[f"{t.name}/auc"] = metrics.auc(p, y)
             out[f"{t.name}/gauc"] = metrics.gauc(users, p, y)
             out[f"{t.name}/logloss"] = metrics.logloss(p, y)
-            out.update({f"{t.name}/{k}": v for k, v in metrics.ranking_metrics(users, p, y, ks).items() if k != "users"})
+            out.update({f"{t.name}/{k}": v for k, v in metrics.ranking_metrics(users, p, y, ks).items()
+                        if k != "users"})
         elif t.type == "regression":
             mask = labels[:, tasks.names.index(t.parent)] > 0 if t.parent else np.ones(len(y), bool)
             out[f"{t.name}/rmse"] = metrics.rmse(p[mask], y[mask]) if mask.any() else float("nan")

@@ -123,7 +123,6 @@ Oracle = Callable[[pd.DataFrame], dict[str, np.ndarray]]  # rows -> the true pro
 
 def summary(rankers: dict, tasks: dict, single_auc: dict[str, float], ks) -> dict[str, float]:
     """The comparison a multi-task model is bought on: its mean task AUC and fused NDCG beside the baselines'."""
-    k = f"ndcg@{ks[0]}"
     model_auc = [tasks[t]["auc"] for t in single_auc or [t for t in tasks if "(" not in t]]
     out = {"model_mean_auc": float(np.nanmean(model_auc)) if model_auc else float("nan"),
            **ranking_summary(rankers, list(single_auc), ks)}
@@ -141,7 +140,7 @@ def ranking_summary(rankers: dict, single: list[str], ks) -> dict[str, float]:
     if "oracle" in rankers:
         lo, hi = rankers["random"][k], rankers["oracle"][k]
         out[f"oracle_{k}"] = hi
-        for name, m in rankers.items():
+        for m in rankers.values():
             m["oracle_gap_share"] = (m[k] - lo) / (hi - lo) if hi > lo else float("nan")
         out["model_oracle_gap_share"] = rankers["model"]["oracle_gap_share"]
     return out
@@ -190,7 +189,7 @@ def _unshown(h: Holdout, rankers: Rankers, n: int | str, ks, seed: int, max_posi
     test = h.test.reset_index(drop=True)
     rng = np.random.default_rng(seed)
     chosen = set()
-    for name, label in [("relevance", h.relevance), *h.labels.items()]:
+    for label in [h.relevance, *h.labels.values()]:
         idx = np.nonzero(np.asarray(label) > 0)[0]
         if len(idx) > max_positives:
             idx = rng.choice(idx, max_positives, replace=False)
@@ -239,7 +238,8 @@ def evaluate(artifact: Path | str, table: pd.DataFrame, *, ks=(10, 20, 50), seed
 
     Top level (``rankers``, ``tasks``, ``protocol``, ``summary``): the re-ranking protocol, which the gate
     uses. ``protocols`` holds each protocol's rankers, protocol and summary: ``rerank``; ``unshown-N`` (each
-    held-out positive among N unshown items: ``models.unshown``) when the item-side columns are known (``item_columns``, else
+    held-out positive among N unshown items: ``models.unshown``) when the item-side columns are known
+    (``item_columns``, else
     the training table's metadata); ``catalogue`` (among every unshown item) when the catalogue has at most
     ``catalogue_max`` items. ``oracle`` (the generator's own probabilities, synthetic data) joins the rankers.
     """

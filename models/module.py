@@ -34,7 +34,8 @@ class MTLModule(L.LightningModule):
         self.spec = FeatureSpec.from_dict(spec)
         self.tasks = TaskSet.from_config(tasks, primary=primary)
         self.encoder = FeatureEncoder(self.spec.cardinalities, len(self.spec.numeric),
-                                      self.spec.embedding_widths(embedding_dim if isinstance(embedding_dim, int) else 16))
+                                      self.spec.embedding_widths(embedding_dim if isinstance(embedding_dim, int)
+                                                                 else 16))
         self.arch = build_architecture(architecture, self.encoder.out_dim, self.tasks, **(arch_params or {}))
         self.balancer = build_balancer(balancer, len(self.tasks), [t.loss_weight for t in self.tasks],
                                        **(balancer_params or {}))

@@ -27,8 +27,6 @@ import torch.nn.functional as F
 from models.declaration import Declaration, TaskDecl, suggest, topological
 
 TYPES = ("binary", "multiclass", "regression")
-import os as _os
-_DETACH = _os.environ.get("MTLREC_DETACH") == "1"
 
 
 @dataclass(frozen=True)
@@ -210,7 +208,7 @@ class TaskSet:
                 if t.parent:
                     # ESMM: fit p(parent) * p(task | parent) to the label on every row, in log space: a product
                     # clamped before the BCE would give a rare positive below the clamp no gradient at all.
-                    lp = F.logsigmoid(z) + (log_p[t.parent].detach() if _DETACH else log_p[t.parent])
+                    lp = F.logsigmoid(z) + log_p[t.parent]
                     log_not = _log1mexp(lp)
                     yf = y.float()
                     out.append(-(yf * lp + (1.0 - yf) * log_not).mean())

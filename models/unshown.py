@@ -59,11 +59,18 @@ class Candidates:
     sizes: np.ndarray  # unshown candidates actually drawn per positive
 
 
+def _ns(times) -> np.ndarray:
+    """UTC nanoseconds since the epoch, whatever the resolution and zone of ``times``."""
+    t = pd.to_datetime(pd.Series(np.asarray(times)) if not isinstance(times, pd.Series) else times, utc=True)
+    return t.dt.tz_convert(None).to_numpy().astype("datetime64[ns]").astype(np.int64)
+
+
 def _codes(values: pd.Series, categories: pd.Index) -> np.ndarray:
     return pd.Categorical(values.astype(str), categories=categories).codes.astype(np.int64)
 
 
-def draw(log: pd.DataFrame, positives: pd.DataFrame, n: int | str, seed: int = 0, chunk: int = 512) -> tuple[np.ndarray, np.ndarray, pd.Index]:
+def draw(log: pd.DataFrame, positives: pd.DataFrame, n: int | str, seed: int = 0,
+         chunk: int = 512) -> tuple[np.ndarray, np.ndarray, pd.Index]:
     """Per positive, the item codes of its candidates: ``(rows, items, catalogue)``.
 
     ``rows`` indexes ``positives``. An item is eligible for a positive if the
@@ -76,9 +83,9 @@ def draw(log: pd.DataFrame, positives: pd.DataFrame, n: int | str, seed: int = 0
     shown = np.unique(_codes(log["user_id"], users) * n_items + _codes(log["item_id"], items))
     first = (pd.Series(log[TS].to_numpy()).groupby(_codes(log["item_id"], items)).min()
              .reindex(range(n_items)).to_numpy())
-    first_ns = pd.to_datetime(first, utc=True).tz_convert(None).to_numpy().astype("datetime64[ns]").astype(np.int64)
+    first_ns = _ns(first)
     p_user = _codes(positives["user_id"], users)
-    p_ts = pd.to_datetime(positives[TS], utc=True).dt.tz_convert(None).to_numpy().astype("datetime64[ns]").astype(np.int64)
+    p_ts = _ns(positives[TS])
     rng = np.random.default_rng(seed)
     out_rows, out_items = [], []
     for lo in range(0, len(positives), chunk):

@@ -104,6 +104,7 @@ class Architecture(nn.Module):
     def towers_for(self, out_in_dim: int, hidden: list[int], dropout: float) -> nn.ModuleDict:
         """One tower per task ending in that task's output width."""
         return nn.ModuleDict({
-            t.name: nn.Sequential(mlp(out_in_dim, hidden, dropout), nn.Linear(hidden[-1] if hidden else out_in_dim, t.out_dim))
+            t.name: nn.Sequential(mlp(out_in_dim, hidden, dropout),
+                                  nn.Linear(hidden[-1] if hidden else out_in_dim, t.out_dim))
             for t in self.tasks
         })

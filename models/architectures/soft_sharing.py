@@ -60,7 +60,8 @@ class CrossStitch(Architecture):
         logits = {name: tower(h[i]) for i, (name, tower) in enumerate(self.towers.items())}
         penalty = None
         if self.tie_l2 > 0:
-            penalty = self.tie_l2 * sum(((w - w.mean(0, keepdim=True)) ** 2).sum() for l in self.layers for w in l.weights)
+            penalty = self.tie_l2 * sum(((w - w.mean(0, keepdim=True)) ** 2).sum()
+                                        for layer in self.layers for w in layer.weights)
         return Outputs(logits, penalty=penalty)
 
     def shared_parameters(self):
