@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA ?= data/synth
 STAMP := $(VENV)/.installed
 
-.PHONY: install run stop test data validate bench clean
+.PHONY: install run stop test lint data validate bench bento-requirements clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,11 +31,18 @@ run: $(STAMP)
 stop: $(STAMP)
 	$(BIN)/mtlrec down
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# services/requirements.txt, what the bento installs: services/requirements.in at the pins of constraints.txt.
+bento-requirements: $(STAMP)
+	$(BIN)/python -m services.pins
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py
 
 clean: stop
-	rm -rf data/synth data/movielens gx_output .pytest_cache .mtlrec reports artifacts
+	rm -rf data/synth data/movielens gx_output .pytest_cache .ruff_cache .mtlrec reports artifacts

@@ -48,7 +48,8 @@ def run_one(data: Path, config: str, overrides: list[str], seed: int, work: Path
             "single_task_epochs": st_epochs, "monitor": meta["training"]["monitor"],
             "train_rows": meta["data"]["rows"]["train"], "train_seconds": round(seconds, 1),
             "summary": result["summary"], "tasks": result["tasks"], "protocol": result["protocol"],
-            "protocols": {k: {"summary": r["summary"], "protocol": r["protocol"]} for k, r in result["protocols"].items()},
+            "protocols": {k: {"summary": r["summary"], "protocol": r["protocol"]}
+                          for k, r in result["protocols"].items()},
             "rankers": {k: {m: v[m] for m in ("ndcg@10", "recall@10")} for k, v in result["rankers"].items()}}
 
 
@@ -84,13 +85,15 @@ def main(argv=None) -> int:
               f"{s['model_ndcg@10']:.4f} | {s['popularity_ndcg@10']:.4f} | {s['best_single_task_ndcg@10']:.4f} | "
               f"{s['model_mean_auc']:.4f} | {s['single_task_mean_auc']:.4f} |")
     print()
-    print("| dataset | protocol | fused NDCG@10 | popularity | best single-task | oracle | model's share of oracle gain |")
+    print("| dataset | protocol | fused NDCG@10 | popularity | best single-task | oracle "
+          "| model's share of oracle gain |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         for name, p in r["protocols"].items():
             s = p["summary"]
             print(f"| {Path(r['data']).name} | {name} | {s['model_ndcg@10']:.4f} | {s['popularity_ndcg@10']:.4f} | "
-                  f"{s.get('best_single_task_ndcg@10', float('nan')):.4f} | {s.get('oracle_ndcg@10', float('nan')):.4f} | "
+                  f"{s.get('best_single_task_ndcg@10', float('nan')):.4f} | "
+                  f"{s.get('oracle_ndcg@10', float('nan')):.4f} | "
                   f"{s.get('model_oracle_gap_share', float('nan')):.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str))

@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.config import load_config  # noqa: E402
-from models.data import time_split  # noqa: E402
-from models.metrics import ranking_metrics  # noqa: E402
-from models.table import load_training_table  # noqa: E402
-from models.train import train  # noqa: E402
+from models.config import load_config
+from models.data import time_split
+from models.metrics import ranking_metrics
+from models.table import load_training_table
+from models.train import train
 
 
 def main() -> None:

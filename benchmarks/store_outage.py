@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import signal
 import socket
@@ -53,7 +52,7 @@ def start_redis(port: int, workdir: Path) -> subprocess.Popen:
                 return proc
         except OSError:
             if time.monotonic() > deadline:
-                raise SystemExit("redis-server did not start")
+                raise SystemExit("redis-server did not start") from None
             time.sleep(0.05)
 
 

@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.config import load_config  # noqa: E402
-from models.train import train  # noqa: E402
+from models.config import load_config
+from models.train import train
 
 N_CAT, N_NUM = 20, 60
 

@@ -25,12 +25,10 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, Reques
 from feast.on_demand_feature_view import on_demand_feature_view
 from feast.types import Float64, Int64, String
 
-from feature_repo.schema import ENTITY_OF, SCHEMA_FILE, FeatureSchema
+from feature_repo.schema import ENTITY_OF, FEATURE_SERVICE, JOIN_KEY, SCHEMA_FILE, FeatureSchema
 from feature_repo.transforms import REQUEST_FIELDS, context_features
 
-FEATURE_SERVICE = "mtl_ranking_v1"
 TYPES = {"int": Int64, "float": Float64, "string": String}
-JOIN_KEY = {"user": "user_id", "item": "item_id"}
 
 
 def _fields(schema: dict[str, str]) -> list[Field]:

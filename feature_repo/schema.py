@@ -37,6 +37,8 @@ WINDOWS = (1, 7, 30)  # days
 SCHEMA_FILE = "schema.json"
 VIEWS = ("user_profile", "user_activity", "item_profile", "item_popularity")
 ENTITY_OF = {"user_profile": "user", "user_activity": "user", "item_profile": "item", "item_popularity": "item"}
+JOIN_KEY = {"user": "user_id", "item": "item_id"}
+FEATURE_SERVICE = "mtl_ranking_v1"  # the one feature service models train and serve on (definitions.py builds it)
 TOP_WINDOW = WINDOWS[-1]
 
 
@@ -175,7 +177,7 @@ def derive(declaration: Declaration, users: pd.DataFrame, items: pd.DataFrame,
         categorical.append(TOP_CATEGORY)
         numeric.append("top_category_match")
     log1p: list[str] = []
-    for prefix, view in (("user", "user_activity"), ("item", "item_popularity")):
+    for prefix in ("user", "item"):
         for w in WINDOWS:
             numeric.append(impressions_column(prefix, w))
             log1p.append(impressions_column(prefix, w))

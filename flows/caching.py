@@ -78,8 +78,8 @@ def features_key(step: str, dataset: str, online: str | None) -> str:
     where = {"dataset": str(s.dataset), "online": s.online, "redis": s.redis if s.online == "redis" else None,
              "project": s.project}
     # not flows/features/online.py: serving reads the store, nothing in it builds the features
-    code = code_digest("flows/features/compute.py", "flows/features/store.py", "flows/features/tasks.py", "feature_repo",
-                       "models/contract.py")
+    code = code_digest("flows/features/compute.py", "flows/features/store.py", "flows/features/tasks.py",
+                       "feature_repo", "models/contract.py")
     return f"mtlrec-features-{step}-" + digest(where, dataset_digest(dataset), code)
 
 

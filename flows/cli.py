@@ -174,7 +174,7 @@ def data_landed(
         event = emit_data_landed(directory)
     except RuntimeError as exc:
         typer.echo(str(exc), err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     typer.echo(f"emitted {event.event} for {event.payload['data']} (event {event.id})")
 
 
@@ -205,14 +205,15 @@ def pipeline(
                                artifacts=str(artifacts))
     except Exception as exc:  # noqa: BLE001 - the flow run is already recorded Failed; say why and exit 1
         typer.echo(f"pipeline failed: {type(exc).__name__}: {exc}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
 @app.command("validate")
 def validate(
     directory: Path = typer.Argument(..., help="dataset directory (users, items, interactions parquet)"),
-    docs: Path = typer.Option(None, help="where to write Great Expectations Data Docs (default: DIR/../gx or gx_output)"),
+    docs: Path = typer.Option(None, help="where to write Great Expectations Data Docs "
+                                         "(default: DIR/../gx or gx_output)"),
 ) -> None:
     """Validate every table with Great Expectations; exit 1 and say why if any rule fails."""
     from flows.validation.run import validate_dataset
@@ -331,7 +332,7 @@ def promote(
                        report_dir=report_dir)
     except NotEvaluated as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if decision.attempts > 1:
         typer.echo(f"production changed while {model} was judged: gating it again, against "
                    f"{decision.judged_against or 'popularity'} (attempt {decision.attempts})", err=True)
@@ -372,10 +373,15 @@ def serve(
 
     The process becomes `bentoml serve` (exec, through services.server): signals reach the server itself, so
     SIGHUP swaps in the production model in every worker without restarting it, and SIGTERM stops it.
+    Before that it checks that the dataset's feature store (with its feature service) and a production model
+    exist, and exits 1 with one line naming what is missing and the command that makes it.
     """
     import os
     import sys
 
+    from services.launcher import preflight
+
+    preflight(data, online)  # a missing store or model is one line here, not a BentoML worker restarted forever
     env = dict(os.environ, MTLREC_DATASET=str(data.resolve()))
     if online:
         env["MTLREC_ONLINE_STORE"] = online
@@ -445,7 +451,7 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the command line's one place to turn failures into a sentence
+    except Exception as exc:  # the command line's one place to turn failures into a sentence (re-raised under DEBUG)
         if os.environ.get("MTLREC_DEBUG"):
             raise
         typer.echo(f"error: {describe_error(exc)}", err=True)
@@ -458,9 +464,10 @@ def describe_error(exc: BaseException) -> str:
     from models.config import ConfigError
     from models.contract import ManifestError
     from models.declaration import DeclarationError
+    from services.launcher import NotServable
 
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, (RegistryError, ConfigError, ManifestError, DeclarationError, FileNotFoundError)):
+    if isinstance(exc, (RegistryError, ConfigError, ManifestError, DeclarationError, FileNotFoundError, NotServable)):
         return text
     return f"{type(exc).__name__}: {text} (run with MTLREC_DEBUG=1 for the traceback)"
 

@@ -139,6 +139,11 @@ def up(data: Path = Path("data/synth"), port: int = 3000, config: str = "mmoe", 
     summary = _latest_summary(report_dir)
 
     _say(f"ranking service on 127.0.0.1:{port}")
+    try:
+        launcher.preflight(data)  # e.g. the gate kept the first model out of production: say so, not time out
+    except launcher.NotServable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     svc_log = STATE / "service.log"
     _background("service", launcher.command(port, data=data), env)  # --data sets the service's dataset
     try:

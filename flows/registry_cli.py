@@ -47,7 +47,7 @@ def show_cmd(tag: str = typer.Argument(..., help="name:version (a unique version
         typer.echo(json.dumps(registry.describe(tag), indent=2, default=str))
     except registry.RegistryError as exc:
         typer.echo(str(exc), err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 @models_app.command("rollback")
@@ -67,5 +67,5 @@ def rollback(reason: str = "manual rollback") -> None:
         now = registry.rollback(reason)
     except registry.RegistryError as exc:
         typer.echo(str(exc), err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     typer.echo(f"production: {now} (was {before})")

@@ -18,6 +18,41 @@ from flows.processes import free_port, stop_group, wait_until_ok
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class NotServable(RuntimeError):
+    """Something the service needs is missing; the message names each missing piece and the command that makes it."""
+
+
+def preflight(data: Path | str, online: str | None = None) -> None:
+    """Refuse, in a second or two, to serve without a feature store, its feature service or a production model.
+
+    ``mtlrec serve`` checks this before it starts BentoML: there, a worker that cannot start is restarted
+    forever and ``/healthz`` never answers. Read from the same places the service reads (``MTLREC_ONLINE_STORE``,
+    ``BENTOML_HOME``), without importing Feast. A store that goes away after the start is the service's business
+    (503 until it is back), not this check's.
+    """
+    from flows import registry
+    from flows.features.store import StoreNotBuilt, StoreSettings, check_servable
+
+    problems = []
+    if not Path(data).is_dir():
+        problems.append(f"no dataset at {data}: make one with `mtlrec data synth --out {data}`, "
+                        f"then `mtlrec features build {data}`")
+    else:
+        try:
+            check_servable(StoreSettings.for_dataset(data, online=online), shown=data)
+        except StoreNotBuilt as e:
+            problems.append(str(e))
+    try:
+        if registry.production_artifact() is None:
+            problems.append(f"no production model in the registry at {registry.home()}: train and promote one with "
+                            f"`mtlrec pipeline --data {data}`, or promote an evaluated model with "
+                            f"`mtlrec promote TAG --data {data}`")
+    except registry.RegistryError as e:  # production names a model the store no longer holds; the message says so
+        problems.append(str(e))
+    if problems:
+        raise NotServable("cannot serve: " + "; ".join(problems))
+
+
 def command(port: int, *, data: Path | str | None = None, online: str | None = None, workers: int | None = None,
             host: str = "127.0.0.1") -> list[str]:
     """``mtlrec serve`` with these options, run by this interpreter (no PATH lookup)."""

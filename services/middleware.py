@@ -113,9 +113,9 @@ class BoundedJson:
         unknown = self._unknown(scope["path"], body)
         if unknown:
             known = sorted(self.fields[scope["path"]])
-            await JSONResponse({"error": f"unknown field(s) {unknown}; this endpoint takes {known}",
-                                "detail": [{"type": "extra_forbidden", "loc": [f], "msg": f"unknown field; known: {known}"}
-                                           for f in unknown]}, status_code=400)(scope, receive, send)
+            detail = [{"type": "extra_forbidden", "loc": [f], "msg": f"unknown field; known: {known}"} for f in unknown]
+            await JSONResponse({"error": f"unknown field(s) {unknown}; this endpoint takes {known}", "detail": detail},
+                               status_code=400)(scope, receive, send)
             return
         sent = False
 

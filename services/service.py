@@ -51,7 +51,8 @@ from services.schemas import (Candidates, Context, Diversity, Fusion, Id, K, Ran
 
 log = logging.getLogger("mtlrec.service")
 
-_requests = bentoml.metrics.Counter(name="mtlrec_requests", documentation="Ranking API requests by endpoint and outcome",
+_requests = bentoml.metrics.Counter(name="mtlrec_requests",
+                                    documentation="Ranking API requests by endpoint and outcome",
                                     labelnames=["endpoint", "outcome"])
 
 
@@ -99,8 +100,11 @@ except ValueError:
     pass
 
 
+_ACCESS_LOG = os.environ.get("MTLREC_ACCESS_LOG", "1") not in ("0", "false", "False")
+
+
 @bentoml.service(name="mtlrec", workers=int(os.environ.get("MTLREC_WORKERS", "1")), traffic={"timeout": 30},
-                 logging={"access": {"enabled": os.environ.get("MTLREC_ACCESS_LOG", "1") not in ("0", "false", "False")}})
+                 logging={"access": {"enabled": _ACCESS_LOG}})
 class RankingService:
     def __init__(self) -> None:
         os.environ.setdefault("FEAST_USAGE", "False")

@@ -1,8 +1,15 @@
-"""Shared fixtures: a small clean dataset, made once per test session."""
+"""Shared fixtures: a small clean dataset, made once per test session.
+
+And a guard: a test session must leave the checkout as it found it. Every test writes under temporary
+directories; ``pytest_sessionfinish`` fails the session if ``git status`` shows files that were not there at
+its start, or if a directory the command line writes by default (``reports/``...) appeared.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +17,54 @@ import pytest
 from flows.data.synth import SynthConfig, generate
 
 SMALL = SynthConfig(n_users=200, n_items=100, n_interactions=5000, days=10, seed=0)
+ROOT = Path(__file__).resolve().parents[1]
+# Where the command line writes when not told otherwise: ignored by git, so `git status` alone would not see them.
+DEFAULT_OUTPUTS = ("reports", "artifacts", "gx_output", "lightning_logs", ".mtlrec")
+_STATE = pytest.StashKey["set[str] | None"]()
+
+
+def checkout_state() -> set[str] | None:
+    """``git status --porcelain`` entries (modified and untracked, not ignored) and which DEFAULT_OUTPUTS exist;
+    None when the tests do not run in a git checkout of their own (an sdist, a copied tree) or git is missing."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != ROOT:
+            return None
+        status = git("status", "--porcelain", "--untracked-files=all")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if status.returncode != 0:
+        return None
+    return set(status.stdout.splitlines()) | {f"(ignored, written by default) {d}/" for d in DEFAULT_OUTPUTS
+                                              if (ROOT / d).exists()}
+
+
+def pytest_sessionstart(session) -> None:
+    if os.environ.get("MTLREC_SKIP_CLEAN_CHECK") or hasattr(session.config, "workerinput"):
+        return
+    session.config.stash[_STATE] = checkout_state()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    before = session.config.stash.get(_STATE, None)
+    if before is None:
+        return
+    after = checkout_state() or set()
+    new = sorted(after - before)
+    if not new:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = ["the tests left files in the checkout (write them under tmp_path instead):", *new]
+    if reporter is not None:
+        reporter.write("\n")
+        reporter.write_sep("=", "checkout not clean", red=True)
+        for line in lines:
+            reporter.write_line(line)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -156,7 +156,8 @@ def test_batched_mlp_keeps_the_pre_activation_when_scoring():
 
 # ---- 2. shared_parameters() and PLE's dropout ---------------------------------------------------
 
-@pytest.mark.parametrize("name,params", VARIANTS, ids=[f"{n}-levels{p['levels']}" if n == "ple" else n for n, p in VARIANTS])
+@pytest.mark.parametrize("name,params", VARIANTS,
+                         ids=[f"{n}-levels{p['levels']}" if n == "ple" else n for n, p in VARIANTS])
 def test_every_parameter_two_tasks_reach_is_shared(name, params):
     """Each element reached by two task losses belongs to a parameter in shared_parameters(); a
     parameter whose elements each reach only one task (a gate row per task) may stay out. And

@@ -304,7 +304,8 @@ def test_famo_remeasures_under_the_training_steps_autocast(tiny_table):
         return out
 
     module.arch.forward = forward
-    _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, precision="bf16-mixed").fit(module, datamodule=dm)
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, precision="bf16-mixed")
+    trainer.fit(module, datamodule=dm)
     steps = [c for c in calls if c[0] and c[1]]
     remeasured = [c for c in calls if not c[0] and c[1]]
     assert len(steps) == 2 and len(remeasured) == 2

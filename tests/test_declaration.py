@@ -91,7 +91,8 @@ BAD = {
     "gain not finite": (_tasks({"name": "click", "gain": float("inf")}), ["task click", "gain must be a finite"]),
     "max not finite": (_tasks(CLICK, {"name": "dwell", "type": "regression", "max": float("nan")}),
                        ["task dwell", "max must be a finite"]),
-    "null rate of one": (_tasks({"name": "click", "max_null_rate": 1}), ["task click", "max_null_rate must be in [0, 1)"]),
+    "null rate of one": (_tasks({"name": "click", "max_null_rate": 1}),
+                         ["task click", "max_null_rate must be in [0, 1)"]),
 }
 
 
@@ -113,7 +114,7 @@ def test_label_on_a_contract_context_column_is_refused(tmp_path):
     m = contract.Manifest(name="x", source="test", start="2025-01-01T00:00:00+00:00",
                           end="2025-02-01T00:00:00+00:00", tasks=[CLICK, {"name": "tap", "label": "position"}])
     with pytest.raises(DeclarationError, match=r"\['position'\] are context columns of the contract"):
-        m.declaration
+        _ = m.declaration
 
 
 # ---- good declarations -----------------------------------------------------------------------------

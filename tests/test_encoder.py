@@ -134,7 +134,7 @@ def _fit_synthetic(oov_rate: float, steps: int = 300):
     head = torch.nn.Linear(enc.out_dim, 1)
     init = enc.embedding.weight[UNKNOWN].detach().clone()
     opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=0.03)
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.from_numpy(rng.integers(0, 4000, 512))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head(enc(cat[idx], num[idx])).squeeze(1), y[idx])
         opt.zero_grad()

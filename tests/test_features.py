@@ -38,16 +38,18 @@ def _plant_leak(directory: Path) -> dict:
     t = contract.load_dataset(directory)
     start = t["interactions"][contract.TIMESTAMP].min().floor("D")
     t1 = start + pd.Timedelta(days=3, hours=10)
-    users = pd.concat([t["users"], pd.DataFrame({"user_id": ["leaky"], contract.TIMESTAMP: [start - pd.Timedelta(days=5)],
+    before = start - pd.Timedelta(days=5)
+    users = pd.concat([t["users"], pd.DataFrame({"user_id": ["leaky"], contract.TIMESTAMP: [before],
                                                    "age": [30], "gender": ["f"], "segment": ["s0"]})])
-    items = pd.concat([t["items"], pd.DataFrame({"item_id": ["leaky_item"], contract.TIMESTAMP: [start - pd.Timedelta(days=5)],
+    items = pd.concat([t["items"], pd.DataFrame({"item_id": ["leaky_item"], contract.TIMESTAMP: [before],
                                                    "category": ["c0"], "price": [10.0]})])
     planted = pd.DataFrame({
         "user_id": ["leaky"] * 3, "item_id": ["leaky_item"] * 3,
         contract.TIMESTAMP: [t1, t1 + pd.Timedelta(hours=6), t1 + pd.Timedelta(days=2)],
         "device": ["mobile"] * 3, "position": [0, 0, 0], "click": [1, 0, 0], "purchase": [1, 0, 0],
         "dwell": [30.0, 0.0, 0.0]})
-    inter = pd.concat([t["interactions"], planted.astype({contract.TIMESTAMP: t["interactions"][contract.TIMESTAMP].dtype})])
+    ts_type = t["interactions"][contract.TIMESTAMP].dtype
+    inter = pd.concat([t["interactions"], planted.astype({contract.TIMESTAMP: ts_type})])
     for name, df in (("users", users), ("items", items), ("interactions", inter)):
         contract.write_table(df.reset_index(drop=True), directory, name)
     return {"t1": t1}

@@ -11,7 +11,6 @@ from flows.data.synth import SynthConfig, generate
 from flows.features.store import build_all
 from flows.gate import GateConfig, decide, paired_bootstrap
 from models import metrics
-from models.artifact import read_meta
 from models.config import load_config
 from models.holdout import evaluate
 from models.table import load_training_table
@@ -128,7 +127,8 @@ def test_promotion_through_the_command_line(models, tmp_path, monkeypatch):
     worse = run(app, ["promote", noise, "--data", data, "--report-dir", reports])
     assert worse.exit_code == 1 and registry.production() == good
     assert (tmp_path / "reports" / f"gate-{noise.replace(':', '-')}.md").exists()
-    forced = run(app, ["promote", noise, "--data", data, "--margin", "-1", "--auc-tolerance", "1"])
+    forced = run(app, ["promote", noise, "--data", data, "--margin", "-1", "--auc-tolerance", "1",
+                       "--report-dir", reports])
     assert forced.exit_code == 0 and registry.production() == noise
     back = run(app, ["rollback"])
     assert back.exit_code == 0 and registry.production() == good

@@ -36,7 +36,8 @@ def test_counts_and_labels(ml):
     assert 0.95 * expected_neg < (i.click == 0).sum() <= expected_neg
     assert (i.like <= i.click).all()
     assert i.like[i.click == 1].mean() == pytest.approx((r.rating >= 4).mean())
-    assert manifest.declaration.names == ["click", "like", "rating"] and manifest.declaration.get("like").parent == "click"
+    declaration = manifest.declaration
+    assert declaration.names == ["click", "like", "rating"] and declaration.get("like").parent == "click"
     assert (i.rating[i.click == 0] == 0).all() and i.rating[i.click == 1].between(1, 5).all()
     assert manifest.rows == {"users": 943, "items": 1682, "interactions": len(i)}
 

@@ -187,13 +187,14 @@ def _one_line_error(res: subprocess.CompletedProcess, *words: str) -> None:
         assert w in lines[-1], lines[-1]
 
 
-def test_promoting_while_the_production_model_is_gone_is_one_clear_line(trained, evaluated, home):
+def test_promoting_while_the_production_model_is_gone_is_one_clear_line(trained, evaluated, home, tmp_path):
     import shutil
 
     a, b = evaluated
     registry.set_production(a)
     shutil.rmtree(registry.artifact_path(a))
-    res = _cli("promote", b, "--data", str(trained["data"]), env={"BENTOML_HOME": str(home)})
+    res = _cli("promote", b, "--data", str(trained["data"]), "--report-dir", str(tmp_path / "reports"),
+               env={"BENTOML_HOME": str(home)})
     _one_line_error(res, a, "no longer in the model store", "mtlrec rollback")
     assert registry.production() == a  # nothing moved
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -47,3 +48,30 @@ def test_make_run_and_prefect_yaml_agree():
     makefile = (ROOT / "Makefile").read_text()
     assert "mtlrec up" in makefile and "mtlrec down" in makefile
     assert "--data" in _help("up") and "--port" in _help("up")
+
+
+@pytest.mark.parametrize("name, online", [("feature_store.yaml", "sqlite"), ("feature_store.redis.yaml", "redis")])
+def test_the_feast_repo_files_say_what_the_code_writes(name, online):
+    """feature_repo/*.yaml (for `feast` in that directory) and the per-dataset config the code writes agree."""
+    from flows.features.store import StoreSettings
+
+    repo = ROOT / "feature_repo"
+    written = yaml.safe_load((repo / name).read_text())
+    code = StoreSettings.for_dataset(ROOT / "data/synth", online=online, redis="127.0.0.1:6379,db=0",
+                                     project="mtlrec").yaml_config()
+    for cfg, base in ((written, repo), (code, ROOT)):  # paths as absolute ones
+        cfg["registry"] = str((base / cfg["registry"]).resolve())
+        if "path" in cfg["online_store"]:
+            cfg["online_store"]["path"] = str((base / cfg["online_store"]["path"]).resolve())
+    assert written == code
+
+
+def test_the_bento_installs_the_pins():
+    """services/requirements.txt, what the bento installs, is services/requirements.in at constraints.txt's pins."""
+    from services import pins
+
+    bento = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]
+    assert (ROOT / bento["requirements_txt"]).resolve() == pins.TARGET and not bento.get("lock_packages")
+    assert pins.TARGET.read_text() == pins.render(), "services/requirements.txt is stale: `make bento-requirements`"
+    constraints = pins.read_pins()
+    assert all(constraints[n] == v for n, v in pins.read_pins(pins.TARGET).items())

@@ -162,8 +162,9 @@ class FeatureReader:
         have = len(self._known[entity])
         if need > have:
             size = max(need, 2 * have, 1024)
-            self._cols[entity] = cols = [np.concatenate([c, np.full(size - have, np.nan if c.dtype.kind == "f" else None,
-                                                                     dtype=c.dtype)]) for c in cols]
+            self._cols[entity] = cols = [
+                np.concatenate([c, np.full(size - have, np.nan if c.dtype.kind == "f" else None, dtype=c.dtype)])
+                for c in cols]
             self._known[entity] = np.concatenate([self._known[entity], np.zeros(size - have, dtype=bool)])
         return cols
 
@@ -209,7 +210,8 @@ class FeatureReader:
             return False, str(e)
         return True, "ok"
 
-    def columns(self, user_id: str, item_ids: list[str], request_ts: float) -> tuple[dict[str, np.ndarray], np.ndarray, bool]:
+    def columns(self, user_id: str, item_ids: list[str],
+                request_ts: float) -> tuple[dict[str, np.ndarray], np.ndarray, bool]:
         """The feature service's values as arrays, which items the store knows, and whether it knows the user.
 
         The ranking service's path: no DataFrame is built, and one cache lookup per entity answers both

@@ -21,8 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from feature_repo.definitions import FEATURE_SERVICE, JOIN_KEY, build
-from feature_repo.schema import FeatureSchema
+from feature_repo.schema import FEATURE_SERVICE, JOIN_KEY, FeatureSchema
 from models import contract
 
 WORKSPACE = "_features"
@@ -97,9 +96,7 @@ def open_store(settings: StoreSettings, *, serving: bool = False):
     from feast import FeatureStore
 
     settings.workspace.mkdir(parents=True, exist_ok=True)
-    registry = settings.registry_file
-    if serving and not registry.is_file():
-        registry = settings.workspace / "registry.db"
+    registry = serving_registry(settings) if serving else settings.registry_file
     name = "feature_store.yaml" if settings.online == "sqlite" else f"feature_store.{settings.store_id}.yaml"
     if registry != settings.registry_file:
         name = f"feature_store.{settings.store_id}.serving.yaml"
@@ -112,8 +109,93 @@ def open_store(settings: StoreSettings, *, serving: bool = False):
     return FeatureStore(repo_path=str(settings.workspace), fs_yaml_file=path)
 
 
+def serving_registry(settings: StoreSettings) -> Path:
+    """The registry the service reads: this online store's own, or the dataset's main one before the first
+    materialisation into it (see ``open_store``)."""
+    registry = settings.registry_file
+    return registry if registry.is_file() else settings.workspace / "registry.db"
+
+
+class StoreNotBuilt(FileNotFoundError):
+    """The dataset has no feature store, or its store lacks the feature service; the message names the fix."""
+
+
+def check_servable(settings: StoreSettings, shown: Path | str | None = None) -> Path:
+    """Raise StoreNotBuilt unless the registry the service would read holds the feature service; return it.
+
+    Reads the registry file without Feast (``feature_services``), so ``mtlrec serve`` can refuse in well under a
+    second instead of after Feast's import. ``shown``: the dataset as the user wrote it, for the message.
+    """
+    shown = str(shown if shown is not None else settings.dataset)
+    fix = f"build it with `mtlrec features build {shown}`"
+    registry = serving_registry(settings)
+    if not registry.is_file():
+        raise StoreNotBuilt(f"no feature store for {shown} (no Feast registry at {registry}): {fix}")
+    try:
+        services = feature_services(registry, settings.project)
+    except (OSError, ValueError) as e:
+        raise StoreNotBuilt(f"the Feast registry {registry} of {shown} cannot be read ({e}): re{fix}") from None
+    if FEATURE_SERVICE not in services:
+        raise StoreNotBuilt(f"the feature store of {shown} has no feature service {FEATURE_SERVICE!r} in project "
+                            f"{settings.project!r} (registry {registry}): {fix}")
+    return registry
+
+
+def feature_services(registry: Path | str, project: str) -> list[str]:
+    """The names of the feature services a Feast file registry holds for ``project``, read without Feast.
+
+    Importing Feast takes seconds (it imports torch), too long for a precondition. The file is Feast's
+    ``RegistryProto``: ``feature_services`` is its field 7, each a ``FeatureService`` whose ``spec`` (1) has
+    ``name`` (1) and ``project`` (2). Field numbers are protobuf's wire contract, fixed across Feast versions;
+    tests compare this with Feast's own ``list_feature_services``.
+    """
+    names = []
+    for number, service in _proto_fields(Path(registry).read_bytes()):
+        if number != 7:
+            continue
+        spec = dict(_proto_fields(next((v for n, v in _proto_fields(service) if n == 1), b"")))
+        if spec.get(2, b"").decode() == project and 1 in spec:
+            names.append(spec[1].decode())
+    return names
+
+
+def _proto_fields(buf: bytes):
+    """(field number, bytes) of each length-delimited field of a serialised protobuf message, in order."""
+    def varint(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            if i >= len(buf):
+                raise ValueError("truncated protobuf message")
+            b = buf[i]
+            value |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if not b & 0x80:
+                return value, i
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, i = varint(i)
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        elif wire == 2:
+            size, i = varint(i)
+            if i + size > len(buf):
+                raise ValueError("truncated protobuf message")
+            yield number, buf[i:i + size]
+            i += size
+        else:
+            raise ValueError(f"not a protobuf message (wire type {wire})")
+    if i != len(buf):
+        raise ValueError("truncated protobuf message")
+
+
 def apply(store, settings: StoreSettings) -> list[str]:
     """Register entities, views and the feature service for this dataset's tables."""
+    from feature_repo.definitions import build
+
     objects = build(settings.tables)
     store.apply(list(objects.values()))
     return sorted(objects)
@@ -358,5 +440,6 @@ def build_all(dataset: Path | str, settings: StoreSettings | None = None, *, mat
             **{k: round(v, 2) for k, v in timings.items()}}
 
 
-__all__ = ["StoreSettings", "open_store", "apply", "materialize", "training_set", "write_training_set", "build_all",
-           "training_metadata", "status", "MaterializationError", "JOIN_KEY"]
+__all__ = ["StoreSettings", "open_store", "serving_registry", "check_servable", "StoreNotBuilt", "apply", "materialize",
+           "training_set", "write_training_set", "build_all", "training_metadata", "status", "MaterializationError",
+           "JOIN_KEY"]

@@ -117,9 +117,10 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
     directory = Path(directory)
     if not directory.is_dir():  # nothing to judge, and nothing (not even _gx) is created there
         report = ValidationReport(directory=str(directory))
+        tables = ", ".join(t.file for t in contract.TABLES.values())
         report.failures.append(Failure("dataset", "-", "directory exists", 1.0, [],
                                        f"{directory} is not a directory: point at a dataset directory holding "
-                                       f"{', '.join(t.file for t in contract.TABLES.values())} and {contract.MANIFEST}"))
+                                       f"{tables} and {contract.MANIFEST}"))
         return report
     _quiet()
     import great_expectations as gx
@@ -196,10 +197,11 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
                 elif rule == "column exists":
                     detail = "required by the contract"
                 elif rule == "categories":
-                    detail = (f"{res.get('observed_value'):,} distinct values; raise limits.columns.{meta.get('column')}"
-                              ".max_categories in dataset.yaml if that is right")
+                    detail = (f"{res.get('observed_value'):,} distinct values; raise "
+                              f"limits.columns.{meta.get('column')}.max_categories in dataset.yaml if that is right")
                 elif rule == "string length":
-                    detail = "raise limits.max_string_length (or limits.columns.<column>) in dataset.yaml if that is right"
+                    detail = ("raise limits.max_string_length (or limits.columns.<column>) in dataset.yaml "
+                              "if that is right")
                 elif exc.get("raised_exception"):
                     detail = str(exc.get("exception_message", ""))[:200]
                 report.failures.append(Failure(name, meta.get("column", "-"), rule,
