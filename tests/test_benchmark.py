@@ -22,16 +22,21 @@ def test_benchmark_writes_table_and_plots(tmp_path):
     report = json.loads((out / "results.json").read_text())
     assert len(report["runs"]) == 4 and report["protocol"]["test_rows"] > 0
     md = (out / "report.md").read_text()
-    assert md.startswith("Protocol: time-ordered")
-    header = next(line for line in md.splitlines() if line.startswith("| metric"))
-    assert "popularity" in header and "mmoe+uncertainty" in header and "shared_bottom+uncertainty" in header
-    rows = [line for line in md.splitlines() if line.startswith("| ndcg@10") or line.startswith("| recall@50")]
-    assert len(rows) == 2 and all("**" in r and "±" in r for r in rows)
-    # The bold cell is the largest mean in its row.
-    s = report["summary"]
-    best = max(s, key=lambda k: s[k]["ndcg@10"][0])
-    ndcg_row = next(r for r in rows if r.startswith("| ndcg@10"))
-    assert f"**{s[best]['ndcg@10'][0]:.4f}" in ndcg_row
+    assert md.startswith("Split: time-ordered")
+    sections = {part.split("\n", 1)[0]: part for part in md.split("### ")[1:]}
+    assert set(sections) == {"rerank", "unshown-99", "catalogue"} == set(report["summaries"])
+    for name, text in sections.items():
+        header = next(line for line in text.splitlines() if line.startswith("| metric"))
+        assert "popularity" in header and "oracle" in header and "mmoe+uncertainty" in header, name
+        assert "shared_bottom+uncertainty" in header and "| oracle_gap_share |" in text, name
+        rows = [line for line in text.splitlines() if line.startswith(("| ndcg@10", "| recall@50"))]
+        assert len(rows) == 2 and all("**" in r and "±" in r for r in rows), name
+        # The bold cell is the largest mean in its row, the oracle (a bound, not a contender) aside.
+        s = report["summaries"][name]
+        best = max((k for k in s if k != "oracle"), key=lambda k: s[k]["ndcg@10"][0])
+        ndcg_row = next(r for r in rows if r.startswith("| ndcg@10"))
+        assert f"**{s[best]['ndcg@10'][0]:.4f}" in ndcg_row, name
+    assert "click AUC" in sections["rerank"] and "click AUC" not in sections["unshown-99"]
     for run in report["runs"]:  # what task_weights.png plots: one row per optimiser step
         trace = (Path(run["artifact"]) / "logs" / "task_weights.csv").read_text().splitlines()
         assert trace[0].startswith("step,epoch,click,purchase") and len(trace) > 2
