@@ -11,12 +11,11 @@ the impression it is joined to.
 ``build(tables_dir)`` returns the objects for a given table location (the
 pipeline applies them per dataset); the module-level objects let
 ``feast apply`` run in this directory on ``MTLREC_FEATURE_TABLES`` (default
-``../data/synth/_features/tables``) once that directory's tables exist.
+``../data/synth/_features/tables``; ``models.settings``) once that directory's tables exist.
 """
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from feast.types import Float64, Int64, String
 
 from feature_repo.schema import ENTITY_OF, FEATURE_SERVICE, JOIN_KEY, SCHEMA_FILE, FeatureSchema
 from feature_repo.transforms import REQUEST_FIELDS, context_features
+from models.settings import get_settings
 
 TYPES = {"int": Int64, "float": Float64, "string": String}
 
@@ -62,7 +62,7 @@ def build(tables_dir: str | Path, schema: FeatureSchema | None = None) -> dict[s
     return {**entities, **views, "context": context, FEATURE_SERVICE: service}
 
 
-_TABLES = Path(os.environ.get("MTLREC_FEATURE_TABLES", Path(__file__).parent / "../data/synth/_features/tables"))
+_TABLES = get_settings().feature_tables
 if (_TABLES / SCHEMA_FILE).exists():  # `feast apply` in this directory: the objects of that dataset's tables
     _objects = build(_TABLES)
     user, item = _objects["user"], _objects["item"]

@@ -379,16 +379,18 @@ def serve(
     import os
     import sys
 
+    from models.settings import get_settings
     from services.launcher import preflight
 
+    settings = get_settings()  # a malformed MTLREC_* variable is one line naming it, before anything starts
     preflight(data, online)  # a missing store or model is one line here, not a BentoML worker restarted forever
+    # The service reads its settings from its own environment: the options become variables. With several
+    # workers each follows the production pointer by itself (MTLREC_RELOAD_POLL_S defaults to 2 s then).
     env = dict(os.environ, MTLREC_DATASET=str(data.resolve()))
     if online:
         env["MTLREC_ONLINE_STORE"] = online
     if workers:
         env["MTLREC_WORKERS"] = str(workers)
-    if int(env.get("MTLREC_WORKERS", "1")) > 1:
-        env.setdefault("MTLREC_RELOAD_POLL_S", "2")  # SIGHUP and /admin/reload reach one worker only
     # glibc hands each large tensor (a 1,000-candidate request makes [8, 1000, 256] activations) its own
     # mmap and page-faults it in again on every request; keeping them on the heap makes the forward pass
     # about a fifth faster. Read by the allocator at process start, hence set here, before the exec.
@@ -397,9 +399,31 @@ def serve(
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     os.chdir(root)
-    keep_alive = env.get("MTLREC_KEEPALIVE_TIMEOUT_S", "5")  # idle keep-alive connections are closed after it
+    keep_alive = str(settings.keepalive_timeout_s)  # idle keep-alive connections are closed after it
     os.execve(sys.executable, [sys.executable, "-m", "services.server", "serve", "services.service:RankingService",
                                "--host", host, "--port", str(port), "--timeout-keep-alive", keep_alive], env)
+
+
+@app.command("settings")
+def settings_command(
+    markdown: bool = typer.Option(False, "--markdown", help="the README's table instead: defaults, no values"),
+) -> None:
+    """Every MTLREC_* environment variable: its current value, its default and what it does."""
+    import os
+    import textwrap
+
+    from models import settings
+
+    if markdown:
+        typer.echo(settings.markdown_table(), nl=False)
+        return
+    for row in settings.describe():
+        set_here = "" if row["name"] in os.environ and os.environ[row["name"]] else " (default)"
+        typer.echo(f"{row['name']}={row['value']}{set_here}")
+        about = f"{row['description']} Default: {row['default'].replace('`', '')}."
+        typer.echo(textwrap.fill(about, width=110, initial_indent="    ", subsequent_indent="    "))
+    for name in settings.unknown():
+        typer.echo(f"{name}: not a setting, ignored (a typo?)")
 
 
 @app.command("register")
@@ -444,7 +468,6 @@ def down() -> None:
 
 def main() -> None:
     """Every failure is one line on stderr naming the problem, and a non-zero exit (MTLREC_DEBUG=1: traceback)."""
-    import os
     import sys
 
     try:
@@ -452,10 +475,20 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # the command line's one place to turn failures into a sentence (re-raised under DEBUG)
-        if os.environ.get("MTLREC_DEBUG"):
+        if _debug():
             raise
         typer.echo(f"error: {describe_error(exc)}", err=True)
         sys.exit(1)
+
+
+def _debug() -> bool:
+    """MTLREC_DEBUG; a settings error (which may be the failure being reported) counts as off."""
+    from models.settings import SettingsError, get_settings
+
+    try:
+        return get_settings().debug
+    except SettingsError:
+        return False
 
 
 def describe_error(exc: BaseException) -> str:
@@ -464,10 +497,12 @@ def describe_error(exc: BaseException) -> str:
     from models.config import ConfigError
     from models.contract import ManifestError
     from models.declaration import DeclarationError
+    from models.settings import SettingsError
     from services.launcher import NotServable
 
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, (RegistryError, ConfigError, ManifestError, DeclarationError, FileNotFoundError, NotServable)):
+    if isinstance(exc, (RegistryError, ConfigError, ManifestError, DeclarationError, FileNotFoundError, NotServable,
+                        SettingsError)):
         return text
     return f"{type(exc).__name__}: {text} (run with MTLREC_DEBUG=1 for the traceback)"
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -31,10 +30,10 @@ import yaml
 from flows import registry
 from flows.registry import NotEvaluated, ProductionChanged
 from flows.gate import Decision, GateConfig, decide
+from models.settings import get_settings
 
 GATE_YAML = Path(__file__).with_name("gate.yaml")
 ATTEMPTS = 5  # gate again at most this often when production keeps moving underneath
-PAUSE_HOOK = "MTLREC_GATE_PAUSE_S"  # fault injection: sleep between judging and committing (tests widen the race)
 log = logging.getLogger(__name__)
 
 __all__ = ["promote", "gate_config", "NotEvaluated", "ProductionChanged"]
@@ -57,8 +56,9 @@ def promote(tag: str, table: pd.DataFrame, config: GateConfig | None = None,
         production = registry.production_artifact()
         decision = decide(registry.artifact_path(tag), table, production=production, production_tag=current,
                           config=config)
-        if os.environ.get(PAUSE_HOOK):
-            time.sleep(float(os.environ[PAUSE_HOOK]))
+        pause = get_settings().gate_pause_s  # fault injection: tests widen the race between judging and committing
+        if pause:
+            time.sleep(pause)
         decision.attempts = attempt
         try:
             registry.commit_decision(tag, judged_against=current, promote=decision.promote,

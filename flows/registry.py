@@ -41,11 +41,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from models.artifact import META, WEIGHTS, read_meta, sha256
+from models.settings import env_name, get_settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "mtlrec-ranker"
-CRASH_HOOK = "MTLREC_REGISTRY_CRASH_BEFORE_REPLACE"
+CRASH_HOOK = env_name("registry_crash_before_replace")  # the variable's name, for tests that set it
 HISTORY = 20  # previous production tags kept for rollback
 KEY_METRICS = ("fused/ndcg@10", "fused/recall@10", "mean_auc")  # plus every task's AUC
 
@@ -384,7 +385,7 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
-        if os.environ.get(CRASH_HOOK) == "1":  # fault injection, see the module docstring
+        if get_settings().registry_crash_before_replace:  # fault injection, see the module docstring
             os._exit(70)
         os.replace(tmp, path)
     except BaseException:

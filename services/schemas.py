@@ -8,15 +8,17 @@ number of candidates) run in the service and answer in the same shape.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from models.settings import get_settings
+
 
 def max_candidates() -> int:
-    return int(os.environ.get("MTLREC_MAX_CANDIDATES", "1000"))
+    """``MTLREC_MAX_CANDIDATES`` as the environment holds it now."""
+    return get_settings().max_candidates
 
 
 MAX_CANDIDATES = max_candidates()  # fixed when the service module is imported: it shapes the OpenAPI schema

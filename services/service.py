@@ -1,26 +1,12 @@
 """The BentoML ranking service: ``bentoml serve services.service:RankingService``.
 
-Configuration comes from the environment, read at startup:
-
-- ``MTLREC_DATASET``: dataset directory whose ``_features/`` holds the Feast store (default ``data/synth``);
-- ``MTLREC_ONLINE_STORE`` (``sqlite`` | ``redis``) and ``MTLREC_REDIS``: which online store serves;
-- ``BENTOML_HOME``: the model store; the production model is what ``flows.registry.production()`` names;
-- ``MTLREC_MAX_CANDIDATES`` (default 1000): the bound on ``candidates``;
-- ``MTLREC_WORKERS`` (default 1): server worker processes. ``/admin/reload`` reaches the one worker that
-  receives it, so with several workers set ``MTLREC_RELOAD_POLL_S`` (e.g. 2): each worker then checks the
-  production pointer that often and loads a newly promoted model by itself. SIGHUP to the server is forwarded
-  to every worker (``services.server``);
-- ``MTLREC_STORE_CONNECT_TIMEOUT_MS`` (100), ``MTLREC_STORE_READ_TIMEOUT_MS`` (250): Redis timeouts, no retries;
-  ``MTLREC_STORE_COOLDOWN_MS`` (1000): how long the circuit breaker stays open before a probe;
-- ``MTLREC_MAX_BODY_BYTES`` (1 MiB, 413 beyond), ``MTLREC_HEADER_TIMEOUT_S`` (10): request bounds;
-- ``MTLREC_TORCH_THREADS`` (default 1): torch intra-op threads per worker;
-- ``MTLREC_KEEPALIVE_REQUESTS`` (default 16 with several workers, else 0): a keep-alive connection is closed
-  after that many requests, so pooled clients spread over the workers (``services.middleware.RecycleConnections``);
-  0 never closes;
-- ``MTLREC_ACCESS_LOG`` (default 1): ``0`` turns off BentoML's per-request access log, about a fifth of the
-  CPU a 100-candidate request costs; Prometheus metrics and error logs stay on;
-- ``MTLREC_ADMIN_TOKEN``: the token ``POST /admin/reload`` requires (header ``X-Admin-Token`` or
-  ``Authorization: Bearer``); without it reloading over HTTP is disabled. ``SIGHUP`` also reloads.
+Configuration is the ``MTLREC_*`` environment (``models.settings``; ``mtlrec settings`` lists every variable,
+its value and what it does). The request bounds, worker count and access log are read when this module is
+imported; the dataset (``MTLREC_DATASET``), online store, timeouts and reload polling when a worker starts; the
+admin token on every ``POST /admin/reload``. ``BENTOML_HOME`` is the model store: the production model is what
+``flows.registry.production()`` names. With several workers ``/admin/reload`` reaches the one worker that receives
+it, so each worker also follows the production pointer by itself (``MTLREC_RELOAD_POLL_S``), and SIGHUP to the
+server is forwarded to every worker (``services.server``).
 
 Errors: a bad request (an unknown field too) answers 400 with ``{"error", "detail": [{"loc": [field, ...], "msg",
 "type"}]}``, the shape BentoML's own validation uses; no production model or an unavailable online store answers
@@ -38,12 +24,12 @@ import signal
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Optional
 
 import bentoml
 from starlette.responses import JSONResponse
 
+from models.settings import get_settings
 from services import ranking
 from services.middleware import BoundedJson, DocsRedirect, JsonOnly, RecycleConnections, harden_uvicorn
 from services.schemas import (Candidates, Context, Diversity, Fusion, Id, K, RankResponse, ReloadResponse,
@@ -72,10 +58,6 @@ def _internal(error: BaseException, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "error_id": error_id}, status_code=500)
 
 
-def _ms(name: str, default_ms: float) -> float:
-    return float(os.environ.get(name, default_ms)) / 1000.0
-
-
 def _context(context: Optional[Context]) -> tuple[Optional[float], dict]:
     """The request time (epoch seconds, None for now) and the context columns the model may read."""
     ctx = context or Context()
@@ -100,38 +82,38 @@ except ValueError:
     pass
 
 
-_ACCESS_LOG = os.environ.get("MTLREC_ACCESS_LOG", "1") not in ("0", "false", "False")
+_SETTINGS = get_settings()  # what shapes the service itself: read once, when its module is imported
 
 
-@bentoml.service(name="mtlrec", workers=int(os.environ.get("MTLREC_WORKERS", "1")), traffic={"timeout": 30},
-                 logging={"access": {"enabled": _ACCESS_LOG}})
+@bentoml.service(name="mtlrec", workers=_SETTINGS.workers, traffic={"timeout": 30},
+                 logging={"access": {"enabled": _SETTINGS.access_log}})
 class RankingService:
     def __init__(self) -> None:
         os.environ.setdefault("FEAST_USAGE", "False")
         import torch
 
+        env = get_settings()  # this worker's, read as it starts
         # One request's forward pass is small: intra-op threads only contend with the other requests (5x slower
         # on two busy cores). Scale out with workers instead.
-        torch.set_num_threads(int(os.environ.get("MTLREC_TORCH_THREADS", "1")))
-        from flows.features.online import FeatureReader, tune_redis
+        torch.set_num_threads(env.torch_threads)
+        from flows.features.online import FeatureReader
         from flows.features.store import StoreSettings, open_store
 
-        self.dataset = Path(os.environ.get("MTLREC_DATASET", "data/synth"))
+        self.dataset = env.dataset
         self.settings = StoreSettings.for_dataset(self.dataset)
-        store = open_store(self.settings, serving=True)
         # A store outage must cost a request milliseconds: bounded timeouts, no client retries, a breaker.
-        tune_redis(store, connect_timeout_s=_ms("MTLREC_STORE_CONNECT_TIMEOUT_MS", 100),
-                   read_timeout_s=_ms("MTLREC_STORE_READ_TIMEOUT_MS", 250))
-        self.reader = FeatureReader(store, cooldown_s=_ms("MTLREC_STORE_COOLDOWN_MS", 1000))
+        self.reader = FeatureReader.for_serving(open_store(self.settings, serving=True),
+                                                connect_timeout_s=env.store_connect_timeout_ms / 1000,
+                                                read_timeout_s=env.store_read_timeout_ms / 1000,
+                                                cooldown_s=env.store_cooldown_ms / 1000)
         self.model: Optional[ranking.Model] = None
         self._reload_lock = threading.Lock()
         try:
             self._load()
         except Exception as e:  # noqa: BLE001 - serve (not ready) and let a reload fix it
             log.error("no production model loaded: %s", e)
-        poll = float(os.environ.get("MTLREC_RELOAD_POLL_S", "0"))
-        if poll > 0:  # every worker follows the production pointer by itself
-            threading.Thread(target=self._follow, args=(poll,), daemon=True, name="mtlrec-reload").start()
+        if env.reload_poll_s > 0:  # every worker follows the production pointer by itself
+            threading.Thread(target=self._follow, args=(env.reload_poll_s,), daemon=True, name="mtlrec-reload").start()
         _SERVICES.append(self)  # SIGHUP (forwarded to this worker by services.server) reloads it in place
 
     # ---- model ------------------------------------------------------------------------------
@@ -223,7 +205,7 @@ class RankingService:
     @bentoml.api(route="/admin/reload")
     def reload(self, ctx: bentoml.Context) -> ReloadResponse:
         """Load the model production points to now; authenticated by ``MTLREC_ADMIN_TOKEN``."""
-        expected = os.environ.get("MTLREC_ADMIN_TOKEN", "")
+        expected = get_settings().admin_token.get_secret_value()  # read per call, as it always was
         headers = ctx.request.headers
         given = headers.get("x-admin-token") or headers.get("authorization", "").removeprefix("Bearer ").strip()
         def refuse(status: int, message: str) -> JSONResponse:
@@ -243,11 +225,9 @@ class RankingService:
 
 # The fields each JSON route takes: those of its API's input model, built by BentoML from the method's signature.
 FIELDS = {api.route: set(api.input_spec.model_fields) for api in RankingService.apis.values()}
-harden_uvicorn(float(os.environ.get("MTLREC_HEADER_TIMEOUT_S", "10")))
-RankingService.add_asgi_middleware(BoundedJson, fields=FIELDS,
-                                   max_bytes=int(os.environ.get("MTLREC_MAX_BODY_BYTES", str(1 << 20))))
+harden_uvicorn(_SETTINGS.header_timeout_s)
+RankingService.add_asgi_middleware(BoundedJson, fields=FIELDS, max_bytes=_SETTINGS.max_body_bytes)
 RankingService.add_asgi_middleware(JsonOnly)
 RankingService.add_asgi_middleware(DocsRedirect)
 # One worker has nobody to hand connections to; several share one listening socket unevenly (see the middleware).
-RankingService.add_asgi_middleware(RecycleConnections, limit=int(os.environ.get(
-    "MTLREC_KEEPALIVE_REQUESTS", "16" if int(os.environ.get("MTLREC_WORKERS", "1")) > 1 else "0")))
+RankingService.add_asgi_middleware(RecycleConnections, limit=_SETTINGS.keepalive_requests)  # 16 with several

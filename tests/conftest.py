@@ -7,7 +7,6 @@ its start, or if a directory the command line writes by default (``reports/``...
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.data.synth import SynthConfig, generate
+from models.settings import get_settings
 
 SMALL = SynthConfig(n_users=200, n_items=100, n_interactions=5000, days=10, seed=0)
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def checkout_state() -> set[str] | None:
 
 
 def pytest_sessionstart(session) -> None:
-    if os.environ.get("MTLREC_SKIP_CLEAN_CHECK") or hasattr(session.config, "workerinput"):
+    if get_settings().skip_clean_check or hasattr(session.config, "workerinput"):  # MTLREC_SKIP_CLEAN_CHECK=1
         return
     session.config.stash[_STATE] = checkout_state()
 

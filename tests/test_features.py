@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -292,13 +293,89 @@ def test_the_reader_reads_redis_through_the_tuned_client(built):
     try:
         fstore.materialize(fstore.open_store(settings), settings)
         store = fstore.open_store(settings, serving=True)
-        assert tune_redis(store, connect_timeout_s=0.05, read_timeout_s=0.2)
-        online = store._get_provider().online_store
-        tuned = online._client
-        assert tuned.connection_pool.connection_kwargs["socket_timeout"] == 0.2
-        assert online._get_client(store.config.online_store) is tuned
-        reader = FeatureReader(store)
+        reader = FeatureReader.for_serving(store, connect_timeout_s=0.05, read_timeout_s=0.2)
+        used = store.provider.online_store._get_client(store.config.online_store)  # the client Feast reads with
+        assert used.connection_pool.connection_kwargs["socket_timeout"] == 0.2
+        assert used.connection_pool.connection_kwargs["socket_connect_timeout"] == 0.05
         assert reader.known("user", ["u1"]).tolist() == [True]
         assert not tune_redis(fstore.open_store(fstore.StoreSettings.for_dataset(out, online="sqlite")))
     finally:
         client.flushdb()
+
+
+def test_the_feast_names_the_reader_relies_on_still_exist(built):
+    """The reader uses Feast's public ``FeatureStore.provider`` and, for the Redis client only, two private names,
+    each in one function of flows/features/online.py. A Feast upgrade that removes or renames one fails here."""
+    import inspect
+
+    from feast import FeatureStore
+    from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
+
+    from flows.features.online import _redis_connection, _use_redis_client
+
+    assert isinstance(inspect.getattr_static(FeatureStore, "provider"), property)
+    out, _, _ = built
+    store = fstore.open_store(fstore.StoreSettings.for_dataset(out))
+    assert hasattr(store.provider, "online_read") and hasattr(store.provider, "online_store")
+    reader = FeatureReader(store)
+    known, unknown = reader.read("user", ["u1", "nobody"])  # one uncached bulk read through the provider
+    assert any(v is not None for v in known) and unknown == (None,) * len(reader.columns_of["user"])
+
+    assert isinstance(inspect.getattr_static(RedisOnlineStore, "_parse_connection_string"), staticmethod)
+    online = RedisOnlineStore()
+    nodes, params = _redis_connection(online, "redis.example:6390,db=3,password=pw,ssl=true")
+    assert nodes == [{"host": "redis.example", "port": "6390"}]
+    assert params == {"db": 3, "password": "pw", "ssl": True}
+    mine = object()
+    _use_redis_client(online, mine)
+    assert online._get_client(RedisOnlineStoreConfig(connection_string="nowhere:1")) is mine  # no connection made
+
+
+def _counting_reads(reader) -> list:
+    reads: list = []
+    read = reader.read
+
+    def counted(entity, ids):
+        reads.append((entity, list(ids)))
+        return read(entity, ids)
+
+    reader.read = counted  # the cache reads through the public method
+    return reads
+
+
+def test_the_cache_drops_expired_rows_before_starting_afresh(built):
+    from flows.features.online import CacheSettings
+
+    out, _, _ = built
+    store = fstore.open_store(fstore.StoreSettings.for_dataset(out))
+    reader = FeatureReader(store, cache=CacheSettings(item_ttl_s=2.0, max_entries=8))
+    reads = _counting_reads(reader)
+    old, fresh, new = ["i1", "i2", "i3"], ["i4", "i5", "i6"], ["i7", "i8", "i9"]
+    reader.known("item", old)
+    time.sleep(2.1)  # the first three expire
+    reader.known("item", fresh)
+    assert reader.cache_info()["item"] == {"entries": 6, "fresh": 3, "max_entries": 8, "ttl_s": 2.0}
+    reads.clear()
+    reader.known("item", new)  # 6 + 3 rows is past 8: the expired three go, the fresh three stay
+    assert reader.cache_info()["item"]["entries"] == 6
+    reader.known("item", fresh + new)
+    assert reads == [("item", new)]  # nothing else was read: the fresh rows survived the compaction
+    items = old + fresh + new + ["never-seen"]
+    assert_same_values(reader.features("u1", items, 1.79e9), reader.sdk("u1", items, 1.79e9))
+
+
+def test_a_cache_full_of_fresh_rows_starts_afresh(built):
+    """Nothing expired: the bound holds by starting afresh, keeping the rows the request itself reads (a request
+    mixing cached and new ids past the bound once failed with a KeyError)."""
+    from flows.features.online import CacheSettings
+
+    out, _, _ = built
+    reader = FeatureReader(fstore.open_store(fstore.StoreSettings.for_dataset(out)),
+                           cache=CacheSettings(max_entries=8))
+    reader.known("item", [f"i{i}" for i in range(8)])
+    assert reader.cache_info()["item"]["entries"] == 8
+    reads = _counting_reads(reader)
+    items = ["i0", "i1", "i30", "never-seen"]
+    assert_same_values(reader.features("u2", items, 1.79e9), reader.sdk("u2", items, 1.79e9))
+    assert reads == [("user", ["u2"]), ("item", ["i30", "never-seen"])]  # i0 and i1 came from the cache
+    assert reader.cache_info()["item"]["entries"] == 4

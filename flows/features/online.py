@@ -2,24 +2,39 @@
 
 Two paths return the same frame. ``sdk`` is Feast's own
 ``get_online_features`` on the feature service: the reference. ``features``
-is the served path: a read-through cache over Feast's online store (the
-provider's ``online_read``, values decoded by Feast's own type map), then the
-context view's transform (``feature_repo.transforms``) applied in-process.
-Items change slowly and are shared by every request, so they are cached for
-``item_ttl_s``; the user's row for ``user_ttl_s``. A miss reads all missing
-keys of a view in one bulk call. The cache is per process, bounded
-(``max_entries`` per entity kind: past it, the kind's cache starts afresh),
-and guarded by a lock: SQLite connections are not shared across threads, and
-several serving workers each keep their own cache (on Redis for scale-out).
+(and ``columns``, the service's) is the served path: a read-through cache over
+Feast's online store (the provider's ``online_read``, values decoded by Feast's
+own type map), then the context view's transform (``feature_repo.transforms``)
+applied in-process. Items change slowly and are shared by every request, so
+they are cached for ``CacheSettings.item_ttl_s``; the user's row for
+``user_ttl_s``. A miss reads all missing keys of a view in one bulk call. The
+cache is per process and guarded by a lock: SQLite connections are not shared
+across threads, and several serving workers each keep their own cache (on
+Redis for scale-out). It is bounded: past ``max_entries`` per entity kind the
+expired rows are dropped, and if the fresh ones still fill three quarters of
+it the kind's cache starts afresh, keeping only the rows the request at hand
+reads (so a full cache is compacted at most once per quarter of its size in
+new rows).
+
+What the service uses: ``FeatureReader.for_serving`` (bounded Redis timeouts,
+a breaker, the cache), ``columns`` (one request's features), ``ready`` (the
+readiness probe) and ``StoreUnavailable``; ``read`` is one uncached bulk read,
+``cache_info`` and ``invalidate`` look at and drop the cache.
 
 Failing fast. A store that is down must cost a request milliseconds, not the
 client's retries: Redis is read with bounded connect and read timeouts and no
-retries (``ONLINE_TIMEOUTS``), and a circuit breaker opens on the first store
+retries (``tune_redis``), and a circuit breaker opens on the first store
 error. While it is open every read fails at once with ``StoreUnavailable``;
 after ``cooldown_s`` one read is let through, and its success closes the
 breaker: the service recovers without a restart. Only errors of the store
 itself (connection, timeout, the database) count; anything else is a bug and
 propagates as itself.
+
+Feast's public API covers all of this except the Redis client: its
+connection string cannot turn redis-py's retries off. The two private Feast
+names that needs are each used in one function below (``_redis_connection``,
+``_use_redis_client``), and ``tests/test_features.py`` fails if a Feast upgrade
+removes or renames them.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -96,12 +112,26 @@ class CircuitBreaker:
             self._probing = False
 
 
+@dataclass(frozen=True)
+class CacheSettings:
+    """The served path's read-through cache: how long a row is fresh, and how many rows per entity kind."""
+
+    user_ttl_s: float = 5.0
+    item_ttl_s: float = 60.0  # items change slowly and every request shares them
+    max_entries: int = 200_000  # per entity kind; past it expired rows go first, then all but a request's
+
+    def ttl(self, entity: str) -> float:
+        return self.user_ttl_s if entity == "user" else self.item_ttl_s
+
+
 class FeatureReader:
-    def __init__(self, store, *, user_ttl_s: float = 5.0, item_ttl_s: float = 60.0, max_entries: int = 200_000,
-                 cooldown_s: float = 1.0, canaries: dict[str, list[str]] | None = None):
+    """The feature service's online values for (user, items), through a bounded cache and a circuit breaker."""
+
+    def __init__(self, store, *, cache: CacheSettings | None = None, cooldown_s: float = 1.0,
+                 canaries: dict[str, list[str]] | None = None):
         self.store = store
         self.service = store.get_feature_service(FEATURE_SERVICE)
-        self.provider = _provider(store)
+        self.provider = store.provider  # public since Feast 0.60; its online_read reads many keys of a view at once
         on_demand = {v.name for v in store.list_on_demand_feature_views()}  # computed here, not stored online
         self.views: dict[str, list] = {"user": [], "item": []}
         for proj in self.service.feature_view_projections:
@@ -109,13 +139,19 @@ class FeatureReader:
                 view = store.get_feature_view(proj.name)
                 self.views[_entity_of(view)].append(view)
         self.columns_of = {e: [f.name for v in vs for f in v.features] for e, vs in self.views.items()}
-        self.ttl = {"user": user_ttl_s, "item": item_ttl_s}
-        self.max_entries = max_entries
+        self.cache = cache or CacheSettings()
         self.breaker = CircuitBreaker(cooldown_s)
         self.errors = store_errors()
         self.canaries = canaries if canaries is not None else _canaries(self.views)
         self._lock = threading.Lock()
         self._reset_cache()
+
+    @classmethod
+    def for_serving(cls, store, *, connect_timeout_s: float = 0.1, read_timeout_s: float = 0.25,
+                    cooldown_s: float = 1.0, cache: CacheSettings | None = None) -> "FeatureReader":
+        """The service's reader: on Redis one bounded attempt per read (``tune_redis``), then the breaker."""
+        tune_redis(store, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
+        return cls(store, cache=cache, cooldown_s=cooldown_s)
 
     def _reset_cache(self, entity: str | None = None) -> None:
         for e in [entity] if entity else list(self.views):
@@ -143,11 +179,10 @@ class FeatureReader:
             if missing:
                 self.breaker.check()  # it may have opened while this request waited for the lock
                 fresh = self.read(entity, missing)
-                if len(index) + len(missing) > self.max_entries:  # bounded: start the cache afresh
-                    self._reset_cache(entity)
-                    index = self._index[entity]
+                if len(index) + sum(i not in index for i in missing) > self.cache.max_entries:
+                    index = self._make_room(entity, now, ids, len(missing))
                 cols = self._grow(entity, len(index) + len(missing))
-                expires = now + self.ttl[entity]
+                expires = now + self.cache.ttl(entity)
                 for i, values in zip(missing, fresh):
                     row = index[i][1] if i in index else len(index)
                     index[i] = (expires, row)
@@ -156,6 +191,21 @@ class FeatureReader:
                     self._known[entity][row] = any(v is not None for v in values)
             rows = np.fromiter((index[i][1] for i in ids), dtype=np.int64, count=len(ids))
             return rows, self._cols[entity], self._known[entity]
+
+    def _make_room(self, entity: str, now: float, ids: list[str], adding: int) -> dict:
+        """Drop the entity's expired rows, compacting its columns; if the fresh ones and ``adding`` new ones would
+        still fill three quarters of ``max_entries``, start afresh but for the fresh rows ``ids`` (this request's)
+        read. Under the lock; returns the new index."""
+        index = self._index[entity]
+        keep = {i: hit for i, hit in index.items() if hit[0] >= now}
+        if len(keep) + adding > 0.75 * self.cache.max_entries:
+            keep = {i: keep[i] for i in dict.fromkeys(ids) if i in keep}
+        rows = np.fromiter((row for _, row in keep.values()), dtype=np.int64, count=len(keep))
+        # New arrays: a request that took rows of the old ones before the lock was released keeps reading them.
+        self._cols[entity] = [c[rows] for c in self._cols[entity]]
+        self._known[entity] = self._known[entity][rows]
+        self._index[entity] = {i: (expires, n) for n, (i, (expires, _)) in enumerate(keep.items())}
+        return self._index[entity]
 
     def _grow(self, entity: str, need: int) -> list[np.ndarray]:
         cols = self._cols[entity]
@@ -245,14 +295,13 @@ class FeatureReader:
         with self._lock:
             self._reset_cache()
 
-
-def _provider(store):
-    """Feast's provider, whose ``online_read`` reads many keys of one view in one call.
-
-    Feast has no public bulk read that returns raw values per view without building a response frame, so this
-    is the one private call of the reader; ``tests/test_features.py`` fails if a Feast upgrade removes it.
-    """
-    return store._get_provider()
+    def cache_info(self) -> dict[str, dict]:
+        """Per entity kind: rows cached, how many of them are still fresh, the bound and the TTL."""
+        now = time.monotonic()
+        with self._lock:
+            return {e: {"entries": len(index), "fresh": sum(hit[0] >= now for hit in index.values()),
+                        "max_entries": self.cache.max_entries, "ttl_s": self.cache.ttl(e)}
+                    for e, index in self._index.items()}
 
 
 def _canaries(views: dict[str, list], n: int = 16) -> dict[str, list[str]]:
@@ -287,19 +336,34 @@ def tune_redis(store, *, connect_timeout_s: float = 0.1, read_timeout_s: float =
 
     redis-py retries a refused or timed-out command three times with backoff (about four seconds in all),
     and Feast's connection string cannot turn that off. The served path wants one bounded attempt and the
-    circuit breaker instead. This sets the online store's private ``_client``, the handle its
-    ``_get_client`` returns; ``tests/test_features.py`` checks that Feast still reads through it.
+    circuit breaker instead.
     """
-    online = _provider(store).online_store
+    online = getattr(store.provider, "online_store", None)
     if type(online).__name__ != "RedisOnlineStore":
         return False
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    nodes, params = online._parse_connection_string(store.config.online_store.connection_string)
+    nodes, params = _redis_connection(online, store.config.online_store.connection_string)
     params = {k: v for k, v in params.items() if k in ("db", "password", "username", "ssl")}
-    online._client = redis.Redis(host=nodes[0]["host"], port=int(nodes[0]["port"]), **params,
-                                 socket_timeout=read_timeout_s, socket_connect_timeout=connect_timeout_s,
-                                 retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    _use_redis_client(online, redis.Redis(host=nodes[0]["host"], port=int(nodes[0]["port"]), **params,
+                                          socket_timeout=read_timeout_s, socket_connect_timeout=connect_timeout_s,
+                                          retry=Retry(NoBackoff(), 0), health_check_interval=0))
     return True
+
+
+# ---- Feast internals: each private name used in exactly one place --------------------------------------------
+# Feast offers no public way to hand its Redis online store a client of our own. tests/test_features.py asserts
+# that both names exist and behave as used here, so a Feast upgrade that changes them fails a test, not a request.
+
+def _redis_connection(online, connection_string: str) -> tuple[list[dict], dict]:
+    """Feast's own parse of its Redis connection string ((nodes, params)), so the client we build connects
+    exactly where Feast's would. Private: ``RedisOnlineStore._parse_connection_string``, a static method."""
+    return online._parse_connection_string(connection_string)
+
+
+def _use_redis_client(online, client) -> None:
+    """Make Feast's Redis online store read and write through ``client``. Private: ``RedisOnlineStore._client``,
+    the handle its ``_get_client`` returns once set, instead of building a retrying client of its own."""
+    online._client = client

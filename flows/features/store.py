@@ -4,7 +4,8 @@ The workspace of a dataset lives in ``<dataset>/_features/``: the computed
 source tables, the registry, the SQLite online store and the training set.
 Which online store serves is configuration: ``online="redis"`` (or the
 environment variable ``MTLREC_ONLINE_STORE=redis`` with ``MTLREC_REDIS``,
-default ``127.0.0.1:6379,db=0``) selects Redis; nothing in code changes.
+default ``127.0.0.1:6379,db=0``; ``models.settings``) selects Redis; nothing in
+code changes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import yaml
 
 from feature_repo.schema import FEATURE_SERVICE, JOIN_KEY, FeatureSchema
 from models import contract
+from models.settings import get_settings
 
 WORKSPACE = "_features"
 TRAINING_FILE = "training.parquet"
@@ -42,13 +44,14 @@ class StoreSettings:
     @classmethod
     def for_dataset(cls, dataset: Path | str, *, workspace: Path | str | None = None, online: str | None = None,
                     redis: str | None = None, project: str | None = None) -> "StoreSettings":
+        """Arguments win; what they leave out comes from the environment as it is now (``models.settings``)."""
+        env = get_settings()
         dataset = Path(dataset).resolve()
-        online = (online or os.environ.get("MTLREC_ONLINE_STORE") or "sqlite").lower()
+        online = (online or env.online_store).lower()
         if online not in ("sqlite", "redis"):
             raise ValueError(f"online store must be 'sqlite' or 'redis', not {online!r}")
         return cls(dataset=dataset, workspace=Path(workspace).resolve() if workspace else dataset / WORKSPACE,
-                   online=online, redis=redis or os.environ.get("MTLREC_REDIS", "127.0.0.1:6379,db=0"),
-                   project=project or os.environ.get("MTLREC_FEAST_PROJECT", "mtlrec"))
+                   online=online, redis=redis or env.redis, project=project or env.feast_project)
 
     @property
     def tables(self) -> Path:
