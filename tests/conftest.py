@@ -80,3 +80,17 @@ def dataset_copy(clean_dataset, tmp_path) -> Path:
     out = tmp_path / "data"
     shutil.copytree(clean_dataset, out, ignore=shutil.ignore_patterns("_gx"))
     return out
+
+
+@pytest.fixture(scope="session")
+def synth_with_features(tmp_path_factory):
+    """``make(name, cfg)``: a generated dataset with its feature tables and training set built (no online store)."""
+    from flows.features.store import build_all
+
+    def make(name: str, cfg: SynthConfig) -> Path:
+        out = tmp_path_factory.mktemp(name)
+        generate(out, cfg)
+        build_all(out, materialize_online=False)
+        return out
+
+    return make

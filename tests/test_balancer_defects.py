@@ -14,8 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from flows.data.synth import SynthConfig, generate
-from flows.features.store import build_all
+from flows.data.synth import SynthConfig
 from models.balancers import BALANCERS, build_balancer, check_world_size
 from models.data import MTLDataModule
 from models.module import MTLModule
@@ -31,11 +30,9 @@ SMALL_PARAMS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_table(tmp_path_factory):
-    out = tmp_path_factory.mktemp("balancer-defects")
-    generate(out, SynthConfig(n_users=100, n_items=50, n_interactions=3000, days=6, seed=0))
-    build_all(out, materialize_online=False)
-    return load_training_table(out)
+def tiny_table(synth_with_features):
+    cfg = SynthConfig(n_users=100, n_items=50, n_interactions=3000, days=6, seed=0)
+    return load_training_table(synth_with_features("balancer-defects", cfg))
 
 
 def _module(table, architecture: str, balancer: str, batch_size: int = 512):

@@ -30,19 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def small_table(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-small")
-    generate(out, SynthConfig(n_users=300, n_items=120, n_interactions=12_000, days=10, seed=1))
-    build_all(out, materialize_online=False)
-    return load_training_table(out)
+def small_table(synth_with_features):
+    cfg = SynthConfig(n_users=300, n_items=120, n_interactions=12_000, days=10, seed=1)
+    return load_training_table(synth_with_features("train-small", cfg))
 
 
 @pytest.fixture(scope="module")
-def quality_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-quality")
-    generate(out, SynthConfig(n_users=1500, n_items=300, n_interactions=150_000, days=20, seed=2))
-    build_all(out, materialize_online=False)
-    return out
+def quality_data(synth_with_features):
+    cfg = SynthConfig(n_users=1500, n_items=300, n_interactions=150_000, days=20, seed=2)
+    return synth_with_features("train-quality", cfg)
 
 
 SMALL_PARAMS = {
