@@ -232,7 +232,7 @@ def _grouped(group: np.ndarray, score: np.ndarray, target: np.ndarray, keep: np.
 
 def evaluate(artifact: Path | str, table: pd.DataFrame, *, ks=(10, 20, 50), seed: int = 0,
              single_task: dict[str, Path | str] | None = None, unshown_items: int | None = 99,
-             catalogue_max: int = 2000, max_positives: int = 2000, catalogue_positives: int = 500,
+             catalogue_max: int = 2000, max_positives: int = 2000, catalogue_positives: int = 1000,
              item_columns: list[str] | None = None, recompute=None, oracle: Oracle | None = None) -> dict[str, Any]:
     """One JSON-able result under every protocol that applies.
 
@@ -260,8 +260,8 @@ def evaluate(artifact: Path | str, table: pd.DataFrame, *, ks=(10, 20, 50), seed
     item_columns = item_columns or (table.attrs.get("mtlrec") or {}).get("item_columns")
     if unshown_items and item_columns:
         runs = [(int(unshown_items), max_positives)]
-        if table["item_id"].nunique() <= catalogue_max:
-            runs.append(("all", catalogue_positives))
+        if table["item_id"].nunique() <= catalogue_max:  # positives x catalogue rows: at most about 2M
+            runs.append(("all", max(100, catalogue_positives // (1 + len(h.labels)))))
         for n, cap in runs:
             r = _unshown(h, rankers, n, ks, seed, cap, item_columns, recompute)
             r["summary"] = ranking_summary(r["rankers"], list(singles), ks)

@@ -181,6 +181,17 @@ def test_every_protocol_is_reported_with_the_oracle_and_separates_the_model_from
     assert rr["oracle"]["click/ndcg@10"] > rr["model"]["click/ndcg@10"] - 0.05
 
 
+def test_scoring_in_chunks_gives_the_same_scores(models):
+    from models.artifact import Scorer
+
+    table, paths = models
+    scorer = Scorer.load(paths["good"])
+    whole, chunked = scorer.predict(table.head(1000)), scorer.predict(table.head(1000), chunk_rows=97)
+    assert set(whole) == set(chunked)
+    for k in whole:
+        np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-5, atol=1e-7)
+
+
 def test_a_holdout_inside_the_models_training_data_is_refused(models):
     from models.holdout import HoldoutOverlap
 
