@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run_one(data: Path, config: str, overrides: list[str], seed: int, work: Path) -> dict:
-    from flows.cli import _ensure_training_set
+    from flows.cli.common import ensure_training_set as _ensure_training_set
     from flows.evaluation_inputs import holdout_inputs
     from models.artifact import read_meta
     from models.baselines import single_task_models

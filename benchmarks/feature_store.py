@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import sys
 import tempfile
 import time
@@ -29,28 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _in_child(fn, *args):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_run, args=(fn, args, q))
-    p.start()
-    while True:
-        try:
-            out = q.get(timeout=5)
-            break
-        except Exception:  # noqa: BLE001 - queue.Empty: is the child still alive?
-            if not p.is_alive():
-                raise RuntimeError(f"{fn.__name__}{args} died (exit code {p.exitcode}; out of memory?)") from None
-    p.join()
-    return out
-
-
-def _run(fn, args, q):
-    t = time.perf_counter()
-    result = fn(*args) or {}
-    q.put({**result, "seconds": time.perf_counter() - t,
-           "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+from benchmarks.measure import in_child, latency_ms
 
 
 def _generate(out: str, n: int):
@@ -60,8 +37,8 @@ def _generate(out: str, n: int):
 
 
 def _compute(out: str):
-    from flows.features.compute import compute_feature_tables
-    from flows.features.store import StoreSettings, apply, materialize, open_store
+    from feature_repo.compute import compute_feature_tables
+    from feature_repo.store import StoreSettings, apply, materialize, open_store
 
     s = StoreSettings.for_dataset(out)
     rows = compute_feature_tables(s.dataset, s.tables)
@@ -73,7 +50,7 @@ def _compute(out: str):
 
 
 def _historical(out: str):
-    from flows.features.store import StoreSettings, open_store, training_metadata, write_training_set
+    from feature_repo.store import StoreSettings, open_store, training_metadata, write_training_set
     from models import contract
 
     s = StoreSettings.for_dataset(out)
@@ -91,7 +68,7 @@ def _latency(fn, users, items, sizes, requests, rng) -> dict:
             t = time.perf_counter()
             fn(u, cands, 1.79e9)
             times.append(time.perf_counter() - t)
-        out[n] = {"p50_ms": float(np.percentile(times, 50) * 1e3), "p99_ms": float(np.percentile(times, 99) * 1e3)}
+        out[n] = latency_ms(times)
     return out
 
 
@@ -99,8 +76,8 @@ def online(out: str, sizes: list[int], requests: int) -> list[dict]:
     import pandas as pd
     import redis
 
-    from flows.features import store as fstore
-    from flows.features.online import FeatureReader
+    from feature_repo import store as fstore
+    from feature_repo.online import FeatureReader
 
     base = fstore.StoreSettings.for_dataset(out)
     users = pd.read_parquet(base.tables / "user_profile.parquet", columns=["user_id"]).user_id.to_numpy()
@@ -143,9 +120,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mtlrec-fs-") as tmp:
         for i, n in enumerate(sorted(args.sizes)):
             out = str(Path(tmp) / f"d{n}")
-            _in_child(_generate, out, n)
-            c = _in_child(_compute, out)
-            h = _in_child(_historical, out)
+            in_child(_generate, out, n)
+            c = in_child(_compute, out)
+            h = in_child(_historical, out)
             offline.append({"impressions": n, "compute_s": c["rows"]["seconds"], "materialize_s": c["materialize_s"],
                             "historical_s": h["seconds"], "historical_rows_per_s": n / h["seconds"],
                             "historical_peak_mb": h["peak_mb"], "training_rows": h["training_rows"]})

@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.serve_latency import quick_world  # noqa: E402 - after the path is set
-from flows.processes import free_port  # noqa: E402
-from services import launcher  # noqa: E402
+from benchmarks.measure import latency_ms
+from benchmarks.serve_latency import quick_world
+from flows.dev.processes import free_port
+from flows.dev import launcher
 
 
 def start_redis(port: int, workdir: Path) -> subprocess.Popen:
@@ -90,7 +90,7 @@ def per_second(results: list[tuple[float, int, float]], duration: float) -> list
         w = df[(df.t >= s) & (df.t < s + 1)]
         rows.append({"second": s, "ok": int((w.status == 200).sum()), "unavailable": int((w.status == 503).sum()),
                      "other": int(((w.status != 200) & (w.status != 503)).sum()),
-                     "p99_ms": float(np.percentile(w.seconds, 99) * 1000) if len(w) else float("nan")})
+                     "p99_ms": latency_ms(w.seconds)["p99_ms"]})
     return rows
 
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         a.data = quick_world(base)
     if a.data is None:
         p.error("--data (or --quick) is needed")
-    from flows.features.store import StoreSettings, materialize, open_store
+    from feature_repo.store import StoreSettings, materialize, open_store
 
     port = free_port()
     conn = f"127.0.0.1:{port},db=0"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.measure import peak_rss_mb
 from models.config import load_config
 from models.train import train
 
@@ -107,7 +107,7 @@ def run(df: pd.DataFrame, batch: int, lr: float, epochs: int, precision: str, co
     samples = sum(n for n, _ in steady)
     seconds = sum(t for _, t in steady)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            else peak_rss_mb())
     return {"batch": batch, "precision": meta["training"]["precision"], "samples_per_s": samples / seconds,
             "peak_mb": peak, "val_auc_click": meta["metrics"]["valid"]["click/auc"],
             "val_auc_purchase": meta["metrics"]["valid"]["purchase/auc"], "epochs_timed": len(steady),

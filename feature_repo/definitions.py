@@ -1,6 +1,6 @@
 """Feast objects: entities ``user`` and ``item``, four batch views, one on-demand view, one service.
 
-The batch views read parquet tables that ``flows/features/compute.py`` writes
+The batch views read parquet tables that ``feature_repo/compute.py`` writes
 (one row per entity and snapshot time, ``event_timestamp`` = when the values
 became true); their columns follow the dataset's declaration and tables
 (``feature_repo/schema.py``, saved as ``schema.json`` beside the tables).

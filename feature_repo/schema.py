@@ -6,7 +6,7 @@ of clicks and purchases, and a log without item categories gets no category
 features. ``derive`` decides this once, from the dataset; the result is
 written beside the feature tables (``schema.json``), so that Feast's
 definitions (``feature_repo/definitions.py``), the computation
-(``flows/features/compute.py``), the training table's metadata and the
+(``feature_repo/compute.py``), the training table's metadata and the
 served path all read the same answer. Pure Python: no Feast import.
 
 Per view:

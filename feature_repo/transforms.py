@@ -2,7 +2,7 @@
 
 The on-demand feature view calls ``context_features`` inside Feast (training
 sets through ``get_historical_features``, and the SDK's online path); the
-served path (``flows/features/online.py``) calls the same function on the
+served path (``feature_repo/online.py``) calls the same function on the
 same inputs, so training and serving cannot drift apart. Pure pandas/numpy:
 no Feast import, cheap to test.
 """

@@ -18,7 +18,7 @@ def holdout_inputs(data: Path | str) -> dict:
     from feature_repo.schema import FeatureSchema
     from feature_repo.transforms import context_features
     from flows.data import synth
-    from flows.features.store import StoreSettings
+    from feature_repo.store import StoreSettings
 
     data = Path(data)
     if not data.is_dir():

@@ -23,7 +23,7 @@ def emit_data_landed(directory: Path | str):
     from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL
 
-    from flows.prefect_server import healthy
+    from flows.dev.prefect_server import healthy
 
     path = Path(directory).resolve()
     if not path.is_dir():

@@ -1,6 +1,6 @@
 """``mtl-pipeline``: validate, build features, train, evaluate, promote, as one Prefect flow.
 
-The stages are the subflows of ``flows/stages.py``, called in order, each
+The stages are the subflows of ``flows/stages/``, called in order, each
 on the previous one's output; an exception in any of them ends the run
 Failed there, so bad data stops at validation and a failed or non-finite
 training run registers and promotes nothing. The production pointer moves
@@ -52,7 +52,7 @@ def mtl_pipeline(
         report_dir: where the gate report, the run summary and the plot go.
         artifacts: where trained model artifacts go (one directory per training fingerprint).
     """
-    from flows import registry
+    from services import registry
 
     log = get_run_logger()
     data, report_dir, artifacts = (str(Path(p).resolve()) for p in (data, report_dir, artifacts))

@@ -7,7 +7,7 @@ production is still the model it was judged against. If another promotion
 moved production in between, the candidate is gated again against the new
 production: two promotions at once can never put the worse model in
 production by racing past each other's gate. The pointer move itself is one
-atomic file replace (``flows/registry.py``), so a crash anywhere leaves the
+atomic file replace (``services/registry.py``), so a crash anywhere leaves the
 old production serving.
 
 On one machine the lock is a file lock beside the pointer. A registry on
@@ -27,9 +27,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from flows import registry
-from flows.registry import NotEvaluated, ProductionChanged
-from flows.gate import Decision, GateConfig, decide
+from services import registry
+from services.registry import NotEvaluated, ProductionChanged
+from models.gate import Decision, GateConfig, decide
 from models.settings import get_settings
 
 GATE_YAML = Path(__file__).with_name("gate.yaml")

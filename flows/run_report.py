@@ -1,7 +1,7 @@
 """What one pipeline run leaves behind for people: a summary file, an NDCG@K plot, and artifacts pointing at them.
 
 The gate already writes its own ``gate-<tag>.md|json`` into the report
-directory (``flows/promote.py``); this adds the run summary and the plot
+directory (``flows/stages/promote.py``); this adds the run summary and the plot
 beside them, and publishes a markdown artifact that lists every file and a
 link artifact to the gate report, so the Prefect UI leads to them.
 """

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flows.features.online import StoreUnavailable
+from feature_repo.online import StoreUnavailable
 from models.evaluation import fusion_weights
 from models.fusion import fuse
 

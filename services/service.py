@@ -4,7 +4,7 @@ Configuration is the ``MTLREC_*`` environment (``models.settings``; ``mtlrec set
 its value and what it does). The request bounds, worker count and access log are read when this module is
 imported; the dataset (``MTLREC_DATASET``), online store, timeouts and reload polling when a worker starts; the
 admin token on every ``POST /admin/reload``. ``BENTOML_HOME`` is the model store: the production model is what
-``flows.registry.production()`` names. With several workers ``/admin/reload`` reaches the one worker that receives
+``services.registry.production()`` names. With several workers ``/admin/reload`` reaches the one worker that receives
 it, so each worker also follows the production pointer by itself (``MTLREC_RELOAD_POLL_S``), and SIGHUP to the
 server is forwarded to every worker (``services.server``).
 
@@ -96,8 +96,8 @@ class RankingService:
         # One request's forward pass is small: intra-op threads only contend with the other requests (5x slower
         # on two busy cores). Scale out with workers instead.
         torch.set_num_threads(env.torch_threads)
-        from flows.features.online import FeatureReader
-        from flows.features.store import StoreSettings, open_store
+        from feature_repo.online import FeatureReader
+        from feature_repo.store import StoreSettings, open_store
 
         self.dataset = env.dataset
         self.settings = StoreSettings.for_dataset(self.dataset)
@@ -118,7 +118,7 @@ class RankingService:
 
     # ---- model ------------------------------------------------------------------------------
     def _load(self) -> tuple[Optional[str], str]:
-        from flows import registry
+        from services import registry
         from models.artifact import Scorer
 
         with self._reload_lock:
@@ -138,7 +138,7 @@ class RankingService:
             log.error("reload failed, keeping %s: %s", self.model.tag if self.model else None, e)
 
     def _follow(self, every_s: float) -> None:
-        from flows import registry
+        from services import registry
 
         while True:
             time.sleep(every_s)

@@ -20,10 +20,10 @@ import httpx
 import pandas as pd
 import pytest
 
-from flows import prefect_server
+from flows.dev import prefect_server
 from flows.data.short_video import ShortVideoConfig, generate
 from models import contract
-from services import launcher
+from flows.dev import launcher
 
 pytestmark = pytest.mark.slow
 

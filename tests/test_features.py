@@ -15,8 +15,8 @@ import pytest
 
 from feature_repo.schema import WINDOWS, FeatureSchema, count_column, rate_column
 from flows.data.synth import SynthConfig, generate
-from flows.features import store as fstore
-from flows.features.online import FeatureReader
+from feature_repo import store as fstore
+from feature_repo.online import FeatureReader
 from models import contract
 
 REDIS = "127.0.0.1:6379"
@@ -199,7 +199,7 @@ def test_feature_stages_run_as_prefect_tasks(tmp_path):
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.features.tasks import apply_features, compute_features, materialize_features, training_set
+    from flows.stages.features import apply_features, compute_features, materialize_features, training_set
 
     data = tmp_path / "d"
     generate(data, SynthConfig(n_users=60, n_items=30, n_interactions=2000, days=4, seed=5))
@@ -284,7 +284,7 @@ def test_a_fresh_or_emptied_redis_is_loaded_in_full_and_says_so(built):
 def test_the_reader_reads_redis_through_the_tuned_client(built):
     """tune_redis swaps Feast's Redis client for one with bounded timeouts and no retries: if a Feast upgrade
     stops reading through the client it sets, this fails."""
-    from flows.features.online import tune_redis
+    from feature_repo.online import tune_redis
 
     client = _redis_or_skip()
     out, _, _ = built
@@ -305,13 +305,13 @@ def test_the_reader_reads_redis_through_the_tuned_client(built):
 
 def test_the_feast_names_the_reader_relies_on_still_exist(built):
     """The reader uses Feast's public ``FeatureStore.provider`` and, for the Redis client only, two private names,
-    each in one function of flows/features/online.py. A Feast upgrade that removes or renames one fails here."""
+    each in one function of feature_repo/online.py. A Feast upgrade that removes or renames one fails here."""
     import inspect
 
     from feast import FeatureStore
     from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
 
-    from flows.features.online import _redis_connection, _use_redis_client
+    from feature_repo.online import _redis_connection, _use_redis_client
 
     assert isinstance(inspect.getattr_static(FeatureStore, "provider"), property)
     out, _, _ = built
@@ -344,7 +344,7 @@ def _counting_reads(reader) -> list:
 
 
 def test_the_cache_drops_expired_rows_before_starting_afresh(built):
-    from flows.features.online import CacheSettings
+    from feature_repo.online import CacheSettings
 
     out, _, _ = built
     store = fstore.open_store(fstore.StoreSettings.for_dataset(out))
@@ -367,7 +367,7 @@ def test_the_cache_drops_expired_rows_before_starting_afresh(built):
 def test_a_cache_full_of_fresh_rows_starts_afresh(built):
     """Nothing expired: the bound holds by starting afresh, keeping the rows the request itself reads (a request
     mixing cached and new ids past the bound once failed with a KeyError)."""
-    from flows.features.online import CacheSettings
+    from feature_repo.online import CacheSettings
 
     out, _, _ = built
     reader = FeatureReader(fstore.open_store(fstore.StoreSettings.for_dataset(out)),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from flows.data.synth import SynthConfig, generate
-from flows.features.store import build_all
-from flows.gate import GateConfig, decide, paired_bootstrap
+from feature_repo.store import build_all
+from models.gate import GateConfig, decide, paired_bootstrap
 from models import metrics
 from models.config import load_config
 from models.holdout import evaluate
@@ -104,7 +104,7 @@ def test_promotion_through_the_command_line(models, tmp_path, monkeypatch):
 
     from typer.testing import CliRunner
 
-    from flows import registry
+    from services import registry
     from flows.cli import app
 
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bento"))
@@ -142,8 +142,9 @@ def test_evaluate_and_promote_as_prefect_tasks(models, tmp_path, monkeypatch):
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows import registry
-    from flows.evaluation_tasks import evaluate_task, promote_task, register_task
+    from services import registry
+    from flows.stages.evaluate import evaluate_task, register_task
+    from flows.stages.promote import promote_task
 
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bento"))
     _, paths = models
@@ -212,7 +213,7 @@ def test_concurrent_promotions_are_gated_against_each_other(models, tmp_path, mo
     import threading
 
     from flows import promote as promotion
-    from flows import registry
+    from services import registry
 
     table, paths = models
     assert decide(paths["weak"], table).promote  # each would pass alone, against popularity

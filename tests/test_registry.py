@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows import registry
+from services import registry
 from models.artifact import Scorer, read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def trained(tmp_path_factory) -> dict:
     """Two tiny models (seed 0 and seed 1) on one small dataset, trained once for the module."""
     from flows.data.synth import SynthConfig, generate
-    from flows.features.store import build_all
+    from feature_repo.store import build_all
     from models.config import load_config
     from models.train import train
 
@@ -128,7 +128,7 @@ def test_killed_promotion_leaves_production_intact(evaluated, home):
     registry.set_production(a, reason="first")
     before = registry.pointer_path().read_bytes()
     env = {**os.environ, "BENTOML_HOME": str(home), registry.CRASH_HOOK: "1"}
-    proc = subprocess.run([sys.executable, "-c", f"from flows import registry; registry.set_production({b!r}, 'x')"],
+    proc = subprocess.run([sys.executable, "-c", f"from services import registry; registry.set_production({b!r}, 'x')"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 70, proc.stderr
     # it died with the new pointer written beside the old one, not over it
@@ -155,7 +155,7 @@ def test_torn_model_is_never_promoted_and_does_not_break_listing(evaluated, home
 def test_cli(evaluated):
     from typer.testing import CliRunner
 
-    from flows.registry_cli import models_app
+    from flows.cli.registry import app as models_app
 
     a, b = evaluated
     registry.set_production(a, reason="first")
@@ -202,7 +202,7 @@ def test_promoting_while_the_production_model_is_gone_is_one_clear_line(trained,
 def test_a_killed_promotion_leaves_no_temp_file_behind(trained, evaluated, home):
     a, b = evaluated
     env = {"BENTOML_HOME": str(home), registry.CRASH_HOOK: "1"}
-    probe = f"from flows import registry; registry.set_production({a!r})"
+    probe = f"from services import registry; registry.set_production({a!r})"
     died = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**os.environ, **env}, capture_output=True)
     assert died.returncode == 70 and registry.production() is None
     assert list(registry.registry_dir().glob(".production.json.*.tmp"))  # the killed writer's temp file

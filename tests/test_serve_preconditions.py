@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.processes import free_port, stop_group
-from services import launcher
+from flows.dev.processes import free_port, stop_group
+from flows.dev import launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 10
@@ -53,8 +53,8 @@ def _one_line(err: str) -> str:
 @pytest.fixture(scope="module")
 def store(clean_dataset, tmp_path_factory):
     """A dataset whose feature store is applied (no materialisation: the check needs only the registry)."""
-    from flows.features import store as fstore
-    from flows.features.compute import compute_feature_tables
+    from feature_repo import store as fstore
+    from feature_repo.compute import compute_feature_tables
 
     data = tmp_path_factory.mktemp("preconditions") / "data"
     shutil.copytree(clean_dataset, data, ignore=shutil.ignore_patterns("_gx", "_features"))
@@ -87,7 +87,7 @@ def test_serve_without_a_production_model_exits_at_once_naming_it(store, tmp_pat
 
 def test_serve_on_a_store_without_the_feature_service_names_it(store, tmp_path):
     from feature_repo.schema import FEATURE_SERVICE
-    from flows.features import store as fstore
+    from feature_repo import store as fstore
 
     data = tmp_path / "data"
     shutil.copytree(store["data"], data)
@@ -101,7 +101,7 @@ def test_serve_on_a_store_without_the_feature_service_names_it(store, tmp_path):
 
 def test_the_registry_reader_agrees_with_feast(store):
     from feature_repo.schema import FEATURE_SERVICE
-    from flows.features import store as fstore
+    from feature_repo import store as fstore
 
     settings = store["settings"]
     registry = fstore.check_servable(settings)
@@ -115,8 +115,8 @@ def test_the_registry_reader_agrees_with_feast(store):
 
 
 def test_an_unreadable_registry_or_a_vanished_production_model_is_named(tmp_path, monkeypatch):
-    from flows import registry
-    from flows.features import store as fstore
+    from services import registry
+    from feature_repo import store as fstore
 
     data = tmp_path / "data"
     (data / "_features").mkdir(parents=True)

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.processes import free_port
-from services import launcher
+from flows.dev.processes import free_port
+from flows.dev import launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
@@ -49,9 +49,9 @@ def _env(**values):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A small dataset with its feature store, and a trained model promoted in a private BENTOML_HOME."""
-    from flows import registry
+    from services import registry
     from flows.data.synth import SynthConfig, generate
-    from flows.features.store import build_all
+    from feature_repo.store import build_all
     from models.config import load_config
     from models.train import train
 
@@ -92,9 +92,9 @@ def server(world):
 @pytest.fixture(scope="module")
 def offline(world):
     """Per-objective probabilities and categories computed in this process, without the service."""
-    from flows import registry
-    from flows.features.online import FeatureReader
-    from flows.features.store import StoreSettings, open_store
+    from services import registry
+    from feature_repo.online import FeatureReader
+    from feature_repo.store import StoreSettings, open_store
     from models.artifact import Scorer
 
     with _env(BENTOML_HOME=str(world["home"])):
@@ -235,7 +235,7 @@ def test_health_readiness_and_metrics(server):
 
 
 def test_admin_reload_swaps_to_the_new_production_model(server, world, offline):
-    from flows import registry
+    from services import registry
 
     assert server.post("/admin/reload").status_code == 401
     assert server.post("/admin/reload", headers={"x-admin-token": "wrong"}).status_code == 401
@@ -259,7 +259,7 @@ def test_reload_under_load_drops_nothing_and_never_mixes_models(server, world, o
     """
     import threading
 
-    from flows import registry
+    from services import registry
     from models.artifact import Scorer
     from models.config import load_config
     from models.train import train
@@ -325,7 +325,7 @@ def _workers(pid: int) -> list[int]:
 
 def test_sighup_swaps_the_model_in_the_running_worker(server, world, offline):
     """SIGHUP to the server loads the new production model in the worker that is running: no restart, no stall."""
-    from flows import registry
+    from services import registry
 
     workers = _workers(server.server_pid)
     assert workers
@@ -392,7 +392,7 @@ def test_a_corrupt_production_model_is_refused(world, offline, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from flows import registry
+    from services import registry
 
     home = tmp_path / "bentoml"
     sh.copytree(world["home"], home)
@@ -534,7 +534,7 @@ class _Load:
 
 
 def test_a_hung_or_stopped_store_fails_fast_and_recovers_without_a_restart(world, offline, tmp_path):
-    from flows.features.store import StoreSettings, materialize, open_store
+    from feature_repo.store import StoreSettings, materialize, open_store
 
     port = free_port()
     conn = f"127.0.0.1:{port},db=0"
@@ -574,7 +574,7 @@ def test_a_hung_or_stopped_store_fails_fast_and_recovers_without_a_restart(world
 
 
 def test_a_store_restarted_empty_is_not_ready_until_refilled(world, offline, tmp_path):
-    from flows.features.store import StoreSettings, materialize, open_store
+    from feature_repo.store import StoreSettings, materialize, open_store
 
     port = free_port()
     conn = f"127.0.0.1:{port},db=0"

@@ -111,7 +111,7 @@ def test_a_bad_value_is_an_error_naming_the_variable(monkeypatch, name, value):
 
 
 def test_store_settings_read_the_environment_per_call(monkeypatch, tmp_path):
-    from flows.features.store import StoreSettings
+    from feature_repo.store import StoreSettings
 
     monkeypatch.setenv("MTLREC_ONLINE_STORE", "redis")
     monkeypatch.setenv("MTLREC_REDIS", "10.0.0.1:6380,db=2")

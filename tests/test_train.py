@@ -21,7 +21,7 @@ from models.config import load_config
 from models.data import MTLDataModule, time_split
 from models.metrics import ranking_metrics
 from models.module import MTLModule
-from flows.features.store import build_all
+from feature_repo.store import build_all
 from models.table import load_training_table
 from models.tasks import TaskSet
 from models.train import train

@@ -409,7 +409,7 @@ def test_prefect_task_fails_the_flow_on_bad_data(dataset_copy, clean_dataset):
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.validation.tasks import ValidationFailed, validate_task
+    from flows.stages.validate import ValidationFailed, validate_task
 
     @flow
     def just_validate(directory: str):

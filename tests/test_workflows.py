@@ -38,7 +38,7 @@ def test_retrain_workflow_runs_commands_that_exist():
 
 
 def test_make_run_and_prefect_yaml_agree():
-    from flows import local_run
+    from flows.dev import local_run
 
     prefect = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     local = next(d for d in prefect["deployments"] if d["name"] == local_run.DEPLOYMENT.split("/")[1])
@@ -53,7 +53,7 @@ def test_make_run_and_prefect_yaml_agree():
 @pytest.mark.parametrize("name, online", [("feature_store.yaml", "sqlite"), ("feature_store.redis.yaml", "redis")])
 def test_the_feast_repo_files_say_what_the_code_writes(name, online):
     """feature_repo/*.yaml (for `feast` in that directory) and the per-dataset config the code writes agree."""
-    from flows.features.store import StoreSettings
+    from feature_repo.store import StoreSettings
 
     repo = ROOT / "feature_repo"
     written = yaml.safe_load((repo / name).read_text())

@@ -8,8 +8,8 @@ it must share one server, so they need a persistent one. This module starts
 children too), waits for ``/api/health``, and stops it again; ``ensure()``
 reuses a server that already answers.
 
-    python -m flows.prefect_server start   # prints the API URL; reuses a server that answers
-    python -m flows.prefect_server stop    # stops the server that `start` left running
+    python -m flows.dev.prefect_server start   # prints the API URL; reuses a server that answers
+    python -m flows.dev.prefect_server stop    # stops the server that `start` left running
 
 The database is SQLite under ``PREFECT_HOME`` unless a SQLAlchemy URL is
 given (``postgresql+asyncpg://user@host:5432/db``); PostgreSQL is what to
@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.processes import free_port, http_status, log_tail, stop_group, wait_until_ok
+from flows.dev.processes import free_port, http_status, log_tail, stop_group, wait_until_ok
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 4200
 PID_FILE, LOG_FILE = "mtlrec-server.pid", "mtlrec-server.log"
@@ -161,7 +161,7 @@ def stop(home: Path | str | None = None) -> bool:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m flows.prefect_server", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m flows.dev.prefect_server", description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["start", "stop"])
     ap.add_argument("--url", help="API URL to reuse or serve (default $PREFECT_API_URL, else 127.0.0.1:4200/api)")
     ap.add_argument("--database", help="SQLAlchemy URL of the server's database (default: SQLite in PREFECT_HOME)")

@@ -1,25 +1,27 @@
-"""`mtlrec models ...`: look at the registry and undo a promotion from the shell.
+"""`mtlrec models ...`, `mtlrec register` and `mtlrec rollback`: the registry from the shell.
 
-A sub-app of its own so that ``flows/cli.py`` only mounts it; the registry
-(and BentoML) is imported when a command runs, not when ``mtlrec`` starts.
+The registry (and BentoML) is imported when a command runs, not when ``mtlrec`` starts.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
-models_app = typer.Typer(help="Registered models (BentoML store) and the production pointer.", no_args_is_help=True)
+app = typer.Typer(help="Registered models (BentoML store) and the production pointer.", no_args_is_help=True)
+# `mtlrec register` and `mtlrec rollback`, at the top level.
+commands = typer.Typer()
 
 
-@models_app.command("list")
+@app.command("list")
 def list_cmd(
     name: str = typer.Option("mtlrec-ranker", help="model name in the store; '' for every name"),
     as_json: bool = typer.Option(False, "--json", help="one JSON list for scripts"),
 ) -> None:
     """Registered models, newest first; '*' marks production."""
-    from flows import registry
+    from services import registry
 
     rows = registry.list_models(name or None)
     if as_json:
@@ -38,10 +40,10 @@ def list_cmd(
                    f"{'-' if ndcg is None else f'{ndcg:.4f}':>8}  {'yes' if r['evaluated'] else 'no'}")
 
 
-@models_app.command("show")
+@app.command("show")
 def show_cmd(tag: str = typer.Argument(..., help="name:version (a unique version prefix will do)")) -> None:
     """Labels, metadata, evaluation and store path of one model, as JSON."""
-    from flows import registry
+    from services import registry
 
     try:
         typer.echo(json.dumps(registry.describe(tag), indent=2, default=str))
@@ -50,17 +52,17 @@ def show_cmd(tag: str = typer.Argument(..., help="name:version (a unique version
         raise typer.Exit(2) from None
 
 
-@models_app.command("rollback")
+@app.command("rollback")
 def rollback_cmd(
     reason: str = typer.Option("manual rollback", help="recorded in the pointer and the audit log"),
 ) -> None:
     """Make the previous production model production again."""
-    rollback(reason)
+    rollback_now(reason)
 
 
-def rollback(reason: str = "manual rollback") -> None:
+def rollback_now(reason: str = "manual rollback") -> None:
     """Shared with the top-level `mtlrec rollback` alias."""
-    from flows import registry
+    from services import registry
 
     before = registry.production()
     try:
@@ -69,3 +71,20 @@ def rollback(reason: str = "manual rollback") -> None:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
     typer.echo(f"production: {now} (was {before})")
+
+
+@commands.command("register")
+def register(
+    artifact: Path = typer.Argument(..., help="artifact directory written by `mtlrec train`"),
+    name: str = typer.Option("mtlrec-ranker", help="model name in the BentoML store"),
+) -> None:
+    """Store a trained artifact in the registry (BentoML model store); prints its tag."""
+    from services import registry
+
+    typer.echo(registry.register(artifact, name=name))
+
+
+@commands.command("rollback")
+def rollback_top(reason: str = typer.Option("manual rollback", help="why, for the audit log")) -> None:
+    """Make the previous production model the production model again."""
+    rollback_now(reason)

@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 
 from models.config import CONFIG_DIR, load_config
-from flows.evaluation_inputs import holdout_inputs
 from models.holdout import evaluate
 from models.table import load_training_table
 from models.train import train
@@ -37,11 +36,14 @@ REFERENCES = ("oracle",)  # an upper bound, not a baseline to beat
 
 
 def run(data: Path | str, out: Path | str, *, configs=ARCHITECTURES, balancers=(None,), seeds=(0, 1),
-        overrides: list[str] | None = None, log=print) -> dict[str, Any]:
+        overrides: list[str] | None = None, inputs: dict | None = None, log=print) -> dict[str, Any]:
+    """``inputs``: what ``models.holdout.evaluate`` needs beyond the table (item columns, context recompute,
+    the generator's oracle), built by the caller from the feature repository; the learning core cannot
+    import it (imports point down)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = load_training_table(data)
-    inputs = holdout_inputs(data)
+    inputs = inputs or {}
     runs: list[dict[str, Any]] = []
     protocols: dict[str, dict] = {}
     for config in configs:

@@ -27,10 +27,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from flows import prefect_server, processes
-from services import launcher
+from flows.dev import prefect_server, processes
+from flows.dev import launcher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STATE = ROOT / ".mtlrec"
 POOL = "mtlrec-local"
 DEPLOYMENT = "mtl-pipeline/local"
@@ -125,7 +125,7 @@ def up(data: Path = Path("data/synth"), port: int = 3000, config: str = "mmoe", 
     _say(f"prefect deployment run '{DEPLOYMENT}' --watch")
     cmd = [_bin("prefect"), "deployment", "run", DEPLOYMENT, "--param", f"data={data}",
            "--param", f"config={config}", "--param", f"report_dir={report_dir}", "--watch", "--watch-timeout", "1200"]
-    from flows import registry
+    from services import registry
 
     production_before = registry.production()
     if overrides:

@@ -1,21 +1,14 @@
-"""Evaluation and promotion as Prefect tasks: the metric table and the gate decision as artifacts.
+"""Evaluation, the fourth stage: register the artifact, rank the holdout, publish the metric tables.
 
 Tasks take paths and tags (hashable, cacheable), never loaded models.
-Promotion never retries: a decision is made once, on the record.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from prefect import task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows import registry
-from flows.evaluation_inputs import holdout_inputs
-from flows.promote import gate_config, promote
-from models.holdout import evaluate
-from models.table import load_training_table
+from flows.stages.common import HOUR, MINUTE
 
 
 KS = ("ndcg@10", "ndcg@20", "ndcg@50", "recall@10", "recall@20", "recall@50")
@@ -45,11 +38,18 @@ def protocol_tables(result: dict) -> str:
 
 @task(name="register-model")
 def register_task(artifact: str) -> str:
+    from services import registry
+
     return registry.register(artifact)
 
 
 @task(name="evaluate-model", timeout_seconds=3600)
 def evaluate_task(tag: str, data: str) -> dict:
+    from flows.evaluation_inputs import holdout_inputs
+    from models.holdout import evaluate
+    from models.table import load_training_table
+    from services import registry
+
     result = evaluate(registry.artifact_path(tag), load_training_table(data), **holdout_inputs(data))
     registry.record_evaluation(tag, result)
     create_markdown_artifact(key="evaluation", markdown=f"# Evaluation of `{tag}`\n\n" + protocol_tables(result),
@@ -57,10 +57,18 @@ def evaluate_task(tag: str, data: str) -> dict:
     return result
 
 
-@task(name="promote-model", retries=0, timeout_seconds=3600)
-def promote_task(tag: str, data: str, report_dir: str | None = None, **gate) -> dict:
-    decision = promote(tag, load_training_table(data), gate_config(**gate),
-                       report_dir=Path(report_dir) if report_dir else None)
-    create_markdown_artifact(key="gate-decision", markdown=decision.markdown(),
-                             description="NDCG@K promotion gate: decision and the numbers behind it")
-    return decision.to_dict()
+@task(name="register-model", retries=0, timeout_seconds=10 * MINUTE)
+def register_once(artifact: str) -> dict:
+    """A rerun whose training came from the cache finds its model already registered instead of adding a twin."""
+    from services import registry
+
+    existing = registry.find_registered(artifact)
+    return {"tag": existing or registry.register(artifact), "new": existing is None}
+
+
+@flow(name="evaluate", timeout_seconds=2 * HOUR)
+def evaluate_flow(artifact: str, data: str) -> dict:
+    """Register the artifact, then rank the holdout with it and the baselines; the registry keeps the result."""
+    reg = register_once(artifact)
+    result = evaluate_task.with_options(timeout_seconds=HOUR)(reg["tag"], data)
+    return {"tag": reg["tag"], "registered": reg["new"], "evaluation": result}

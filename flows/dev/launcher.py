@@ -13,9 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.processes import free_port, stop_group, wait_until_ok
+from flows.dev.processes import free_port, stop_group, wait_until_ok
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class NotServable(RuntimeError):
@@ -30,8 +30,8 @@ def preflight(data: Path | str, online: str | None = None) -> None:
     ``BENTOML_HOME``), without importing Feast. A store that goes away after the start is the service's business
     (503 until it is back), not this check's.
     """
-    from flows import registry
-    from flows.features.store import StoreNotBuilt, StoreSettings, check_servable
+    from services import registry
+    from feature_repo.store import StoreNotBuilt, StoreSettings, check_servable
 
     problems = []
     if not Path(data).is_dir():

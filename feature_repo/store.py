@@ -419,7 +419,7 @@ def write_training_set(store, interactions: pd.DataFrame, path: Path | str, chun
 
 def build_all(dataset: Path | str, settings: StoreSettings | None = None, *, materialize_online: bool = True) -> dict:
     """Raw tables to training set and online store in one call: compute, apply, materialise, join."""
-    from flows.features.compute import compute_feature_tables
+    from feature_repo.compute import compute_feature_tables
 
     settings = settings or StoreSettings.for_dataset(dataset)
     timings: dict[str, float] = {}

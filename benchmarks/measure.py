@@ -1,0 +1,62 @@
+"""Measuring code the benchmark scripts share, so that their figures are taken the same way.
+
+The scripts import it as ``benchmarks.measure`` after putting the repository
+root on ``sys.path`` (the one line each keeps: it is what makes this module
+importable when a script is run as ``.venv/bin/python benchmarks/X.py``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import queue
+import resource
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+
+def peak_rss_mb() -> float:
+    """This process's high-water resident memory; ru_maxrss is KiB on Linux, where the figures are taken."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_child(fn, *args, imports: Iterable[str] = ()) -> dict:
+    """``fn(*args)`` (a dict or None) with ``seconds`` and ``peak_mb`` added, run in a fresh spawned process.
+
+    A fresh process so that the peak is this step's own, not the high-water
+    mark an earlier step left in the parent. ``imports`` are imported before
+    the clock starts, for steps whose figure should not include loading a
+    heavy library. A child that dies without answering (killed for memory,
+    most often) raises instead of leaving the parent waiting for ever.
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_run, args=(fn, args, tuple(imports), q))
+    p.start()
+    while True:
+        try:
+            out = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"{fn.__name__}{args} died (exit code {p.exitcode}; out of memory?)") from None
+    p.join()
+    return out
+
+
+def _run(fn, args, imports, q) -> None:
+    for name in imports:
+        importlib.import_module(name)
+    t = time.perf_counter()
+    result = fn(*args) or {}
+    q.put({**result, "seconds": time.perf_counter() - t, "peak_mb": peak_rss_mb()})
+
+
+def latency_ms(seconds: Sequence[float]) -> dict:
+    """p50 and p99 in milliseconds; NaN for no samples, so an empty window prints rather than raises."""
+    s = np.asarray(seconds, dtype=float)
+    if s.size == 0:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan")}
+    return {"p50_ms": float(np.percentile(s, 50) * 1e3), "p99_ms": float(np.percentile(s, 99) * 1e3)}

@@ -1,0 +1,41 @@
+"""What several command groups share: the store settings of a dataset, and a training set built on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ONLINE_HELP = "online store: sqlite (default) or redis; also MTLREC_ONLINE_STORE / MTLREC_REDIS"
+
+
+def store_settings(directory: Path, online: str | None):
+    from feature_repo.store import StoreSettings
+
+    return StoreSettings.for_dataset(directory, online=online)
+
+
+def model_path(model: str) -> tuple[Path, str | None]:
+    """A model argument is an artifact directory or a registry tag (name:version)."""
+    if Path(model).is_dir():
+        return Path(model), None
+    from services import registry
+
+    return registry.artifact_path(model), model
+
+
+def ensure_training_set(data: Path, materialize_online: bool = False) -> None:
+    """A dataset directory gets its Feast training set built when it is missing or older than the log."""
+    log = data / "interactions.parquet"
+    if not (data.is_dir() and log.exists()):
+        return
+    s = store_settings(data, None)
+    if not s.training_file.exists() or s.training_file.stat().st_mtime < log.stat().st_mtime:
+        from feature_repo.store import build_all
+
+        build_all(data, s, materialize_online=materialize_online)
+
+
+def training_table(data: Path):
+    from models.table import load_training_table
+
+    ensure_training_set(data)
+    return load_training_table(data)
