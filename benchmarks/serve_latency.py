@@ -23,20 +23,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services import launcher  # noqa: E402 - after the path is set
+from benchmarks.measure import latency_ms
+from flows.dev import launcher
 
 
 def quick_world(base: Path) -> Path:
     """A small dataset, its feature store and a promoted model under ``base`` (sets BENTOML_HOME)."""
-    from flows import registry
+    from services import registry
     from flows.data.synth import SynthConfig, generate
-    from flows.features.store import build_all
+    from feature_repo.store import build_all
     from models.config import load_config
     from models.train import train
 
@@ -52,16 +51,20 @@ def quick_world(base: Path) -> Path:
 
 
 def materialize_redis(data: Path, redis: str) -> None:
-    from flows.features.store import StoreSettings, materialize, open_store
+    from feature_repo.store import StoreSettings, materialize, open_store
 
     settings = StoreSettings.for_dataset(data, online="redis", redis=redis)
     materialize(open_store(settings), settings, full=True)
 
 
-def serve(data: Path, store: str, redis: str, max_candidates: int, workers: int = 1, access_log: bool = True):
-    """`mtlrec serve` on a free loopback port with this store and settings, until the block ends."""
+def serve(data: Path, store: str, redis: str, max_candidates: int, workers: int = 1, access_log: bool = True,
+          events: str = "off"):
+    """`mtlrec serve` on a free loopback port with this store and settings, until the block ends.
+
+    ``events``: the impression log's URL (``MTLREC_EVENTS_URL``), or ``off``.
+    """
     env = {"MTLREC_REDIS": redis, "MTLREC_MAX_CANDIDATES": str(max_candidates),
-           "MTLREC_ACCESS_LOG": "1" if access_log else "0"}
+           "MTLREC_ACCESS_LOG": "1" if access_log else "0", "MTLREC_EVENTS_URL": events}
     return launcher.serving(env, data=data, online=store, workers=workers, timeout=90)
 
 
@@ -109,11 +112,9 @@ async def drive(url: str, users: list[str], items: list[str], n_candidates: int,
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = time.perf_counter() - start
-    lat = np.asarray(latencies) * 1000
-    return {"candidates": n_candidates, "concurrency": concurrency, "requests": len(lat),
-            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-            "rps": len(lat) / elapsed if elapsed > 0 else 0.0, "errors": errors, "seconds": elapsed}
+    return {"candidates": n_candidates, "concurrency": concurrency, "requests": len(latencies),
+            **latency_ms(latencies),
+            "rps": len(latencies) / elapsed if elapsed > 0 else 0.0, "errors": errors, "seconds": elapsed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="server worker processes (started servers only)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="start the server without per-request access logging")
+    p.add_argument("--events", default="off",
+                   help="impression log settings to compare, comma-separated: off, on (an SQLite file in a "
+                        "temporary directory) or a database URL (started servers only)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
 
@@ -146,13 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     conc = list(map(int, a.concurrency.split(",")))
     rows = []
 
-    def run_all(url: str, store: str) -> None:
+    def run_all(url: str, store: str, events: str = "-") -> None:
         for n in sizes:
             for c in conc:
-                r = {"store": store, **asyncio.run(drive(url, users, items, n, c, a.duration, a.requests))}
+                r = {"store": store, "events": events,
+                     **asyncio.run(drive(url, users, items, n, c, a.duration, a.requests))}
                 rows.append(r)
                 if not a.json:
-                    print(f"{store:7s} candidates={n:5d} concurrency={c:3d}  p50={r['p50_ms']:7.1f} ms  "
+                    print(f"{store:7s} events={events:3s} candidates={n:5d} concurrency={c:3d}  "
+                          f"p50={r['p50_ms']:7.1f} ms  "
                           f"p99={r['p99_ms']:7.1f} ms  {r['rps']:7.1f} req/s  n={r['requests']:6d}  "
                           f"errors={sum(r['errors'].values())} {r['errors'] or ''}", flush=True)
 
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.url:
             run_all(a.url, "server")
         else:
-            from flows import registry
+            from services import registry
 
             if registry.production() is None:
                 p.error(f"no production model in the registry at {registry.home()} (set BENTOML_HOME, or --quick)")
@@ -171,10 +177,14 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as e:  # noqa: BLE001
                         print(f"redis: skipped ({type(e).__name__}: {e})", file=sys.stderr)
                         continue
-                print(f"# {store}: {a.workers} worker(s), access log {'on' if a.access_log else 'off'}, "
-                      f"{os.cpu_count()} CPU(s)", flush=True)
-                with serve(a.data, store, a.redis, max(sizes + [1000]), a.workers, a.access_log) as served:
-                    run_all(served.url, store)
+                for events in a.events.split(","):
+                    url = (f"sqlite:///{tempfile.mkdtemp(prefix='serve-bench-events-')}/events.db"
+                           if events == "on" else events)
+                    print(f"# {store}: {a.workers} worker(s), access log {'on' if a.access_log else 'off'}, "
+                          f"impression log {url}, {os.cpu_count()} CPU(s)", flush=True)
+                    with serve(a.data, store, a.redis, max(sizes + [1000]), a.workers, a.access_log,
+                               url) as served:
+                        run_all(served.url, store, "off" if events == "off" else "on")
     finally:
         if tmp is not None:
             tmp.cleanup()

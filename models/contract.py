@@ -294,17 +294,22 @@ def read_table(directory: Path | str, table: str, columns: list[str] | None = No
 
 
 def coerce_timestamps(df: pd.DataFrame, column: str = TIMESTAMP) -> pd.DataFrame:
-    """Timestamps may arrive as ISO strings or naive datetimes; downstream wants UTC datetimes."""
+    """Timestamps may arrive as ISO strings, naive or nanosecond datetimes; downstream wants UTC microseconds.
+
+    Microseconds because Feast's offline store keeps them and refuses to drop nonzero nanoseconds (a log
+    stamped from float epoch seconds has them): the point-in-time join would fail on such a log.
+    """
     if column not in df:
         return df
     dtype = df[column].dtype
-    if isinstance(dtype, pd.DatetimeTZDtype) and str(dtype.tz) == "UTC":
+    if isinstance(dtype, pd.DatetimeTZDtype) and str(dtype.tz) == "UTC" and dtype.unit == "us":
         return df
     df = df.copy()
     if isinstance(dtype, pd.DatetimeTZDtype):
-        df[column] = df[column].dt.tz_convert("UTC")
+        stamps = df[column].dt.tz_convert("UTC")
     else:
-        df[column] = pd.to_datetime(df[column], utc=True, errors="coerce", format="ISO8601")
+        stamps = pd.to_datetime(df[column], utc=True, errors="coerce", format="ISO8601")
+    df[column] = stamps.dt.floor("us").astype("datetime64[us, UTC]")
     return df
 
 

@@ -104,6 +104,15 @@ class Settings(BaseSettings):
         SecretStr(""), description="The token POST /admin/reload requires (header X-Admin-Token or Authorization: "
                                    "Bearer); unset disables reloading over HTTP. SIGHUP always reloads.")
 
+    # ---- the impression log ----------------------------------------------------------------------------------
+    events_url: str = Field(
+        "", description="Where the service logs every impression it returns and the feedback on it: a "
+                        "postgresql:// URL, sqlite:///path/events.db, or off. `mtlrec events export` reads it.",
+        json_schema_extra={"default_shown": "an SQLite file, `<dataset>/_events/events.db`"})
+    events_queue_rows: int = Field(
+        20000, ge=1, description="Impression rows waiting to be written; beyond this they are dropped and counted "
+                                 "(mtlrec_event_drops_total on /metrics), never a ranking request slowed or failed.")
+
     # ---- the command line -------------------------------------------------------------------------------------
     debug: bool = Field(
         False, description="mtlrec prints the full traceback of a failure instead of one line.")

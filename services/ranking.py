@@ -20,7 +20,8 @@ from feature_repo.online import StoreUnavailable
 from models.evaluation import fusion_weights
 from models.fusion import fuse
 
-__all__ = ["Model", "RequestError", "StoreUnavailable", "NonFiniteScores", "rank", "score_items", "mmr"]
+__all__ = ["Model", "RequestError", "StoreUnavailable", "NonFiniteScores", "rank", "score_items", "mmr",
+           "check_events"]
 
 
 class RequestError(ValueError):
@@ -168,6 +169,30 @@ def score_items(model: Model, reader, user_id: str, items: list[str], *, request
     return {"model_version": model.tag, "user_id": user_id, "user_cold_start": s.user_cold,
             "items": [{"item_id": it, "scores": {t: _num(p[i]) for t, p in s.probs.items()},
                        "cold_start": bool(s.item_cold[i])} for i, it in enumerate(items)]}
+
+
+def check_events(model: Model, events: dict[str, float]) -> dict[str, float]:
+    """Feedback events named by the model's declared tasks, each value in its task's domain.
+
+    Binary: 0 or 1; multiclass: a class index; regression: a finite number (not below 0 for a task trained on
+    ``log1p``). A wrong name or value is a ``RequestError`` naming ``events.<name>``.
+    """
+    tasks = {t.name: t for t in model.scorer.tasks}
+    out = {}
+    for name, value in events.items():
+        field = f"events.{name}"
+        task = tasks.get(name)
+        if task is None:
+            raise RequestError(field, f"unknown event; this model's tasks are {sorted(tasks)}")
+        value = float(value)
+        if task.type == "binary" and value not in (0.0, 1.0):
+            raise RequestError(field, f"must be 0 or 1 (task {name} is binary), got {value:g}")
+        if task.type == "multiclass" and (value != int(value) or not 0 <= value < task.num_classes):
+            raise RequestError(field, f"must be a class index 0..{task.num_classes - 1}, got {value:g}")
+        if task.type == "regression" and task.transform == "log1p" and value < 0:
+            raise RequestError(field, f"must not be negative (task {name} is trained on log1p), got {value:g}")
+        out[name] = value
+    return out
 
 
 def _num(x) -> float:

@@ -60,6 +60,7 @@ class RankedItem(BaseModel):
 
 class RankResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
+    request_id: str = Field(description="this answer's id in the impression log: quote it in POST /feedback")
     model_version: str
     user_id: str
     user_cold_start: bool
@@ -67,6 +68,18 @@ class RankResponse(BaseModel):
     fusion: str
     diversity: float
     items: list[RankedItem]
+
+
+EventName = Annotated[str, Field(min_length=1, max_length=64)]
+EventValue = Annotated[float, Field(allow_inf_nan=False)]
+Events = Annotated[dict[EventName, EventValue], Field(min_length=1, max_length=32)]
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    item_id: str
+    recorded: list[str] = Field(description="events written now")
+    duplicates: list[str] = Field(description="events this request and item already had (feedback is idempotent)")
 
 
 class ScoredItem(BaseModel):

@@ -32,19 +32,22 @@ from starlette.responses import JSONResponse
 from models.settings import get_settings
 from services import ranking
 from services.middleware import BoundedJson, DocsRedirect, JsonOnly, RecycleConnections, harden_uvicorn
-from services.schemas import (Candidates, Context, Diversity, Fusion, Id, K, RankResponse, ReloadResponse,
-                              ScoreResponse, Weights)
+from services.schemas import (Candidates, Context, Diversity, Events, FeedbackResponse, Fusion, Id, K, RankResponse,
+                              ReloadResponse, ScoreResponse, Weights)
 
 log = logging.getLogger("mtlrec.service")
 
 _requests = bentoml.metrics.Counter(name="mtlrec_requests",
                                     documentation="Ranking API requests by endpoint and outcome",
                                     labelnames=["endpoint", "outcome"])
+_event_drops = bentoml.metrics.Counter(name="mtlrec_event_drops",
+                                       documentation="Impression-log rows dropped (queue full or event database "
+                                                     "unavailable); the ranking requests themselves were answered")
 
 
-def _bad(field: str, reason: str, kind: str = "value_error") -> JSONResponse:
+def _bad(field: str, reason: str, kind: str = "value_error", status: int = 400) -> JSONResponse:
     return JSONResponse({"error": f"invalid {field}: {reason}",
-                         "detail": [{"type": kind, "loc": [field], "msg": reason}]}, status_code=400)
+                         "detail": [{"type": kind, "loc": field.split("."), "msg": reason}]}, status_code=status)
 
 
 def _unavailable(message: str) -> JSONResponse:
@@ -65,6 +68,30 @@ def _context(context: Optional[Context]) -> tuple[Optional[float], dict]:
     if ctx.device is not None:
         extra["device"] = ctx.device
     return (ctx.timestamp.timestamp() if ctx.timestamp else None), extra
+
+
+class RecentRequests:
+    """The items of this worker's last answers, so feedback does not wait for the log's writer.
+
+    Feedback on an answer another worker gave is checked against the database instead.
+    """
+
+    def __init__(self, capacity: int = 50_000):
+        from collections import OrderedDict
+
+        self.capacity = capacity
+        self._items: "OrderedDict[str, set[str]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, request_id: str, items: set[str]) -> None:
+        with self._lock:
+            self._items[request_id] = items
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def items(self, request_id: str) -> Optional[set[str]]:
+        with self._lock:
+            return self._items.get(request_id)
 
 
 _SERVICES: list = []
@@ -108,6 +135,17 @@ class RankingService:
                                                 cooldown_s=env.store_cooldown_ms / 1000)
         self.model: Optional[ranking.Model] = None
         self._reload_lock = threading.Lock()
+        self.events = None  # the impression log (services/events.py); MTLREC_EVENTS_URL=off turns it off
+        if env.events_url.strip().lower() != "off":
+            from services.events import EventStore, ImpressionLog
+
+            store = EventStore.for_dataset(self.dataset, env.events_url or None)
+            try:
+                store.create()  # here, so that feedback finds the tables before the first impression is written
+            except Exception as e:  # noqa: BLE001 - a down database must not stop the ranking; the writer retries
+                log.warning("impression log unavailable at start (rows will be dropped until it answers): %s", e)
+            self.events = ImpressionLog(store, capacity=env.events_queue_rows, on_drop=_event_drops.inc)
+        self._recent = RecentRequests()  # feedback on a request whose rows are still queued finds them here
         try:
             self._load()
         except Exception as e:  # noqa: BLE001 - serve (not ready) and let a reload fix it
@@ -168,9 +206,71 @@ class RankingService:
         model's own method.
         """
         ts, extra = _context(context)
-        return self._answer("rank", RankResponse, lambda model: ranking.rank(
-            model, self.reader, user_id, list(candidates), k=k, weights=weights, diversity=diversity,
-            fusion=fusion, request_ts=ts, context=extra))
+        request_id = uuid.uuid4().hex
+
+        def answer(model):
+            out = ranking.rank(model, self.reader, user_id, list(candidates), k=k, weights=weights,
+                               diversity=diversity, fusion=fusion, request_ts=ts, context=extra)
+            out["request_id"] = request_id
+            self._log(request_id, ts, out, extra)
+            return out
+
+        return self._answer("rank", RankResponse, answer)
+
+    def _log(self, request_id: str, ts: Optional[float], answer: dict, context: dict) -> None:
+        """Queue the answer's rows (never blocks, never raises); a deterministic policy shows each with p = 1."""
+        if self.events is None:
+            return
+        from services.events import impression_rows
+
+        rows = impression_rows(request_id, time.time() if ts is None else ts, answer,
+                               [1.0] * len(answer["items"]), context)
+        self._recent.add(request_id, {r[1] for r in rows})
+        self.events.log(rows)
+
+    @bentoml.api(route="/feedback")
+    def feedback(self, request_id: Id, item_id: Id, events: Events) -> FeedbackResponse:
+        """What the user did with an item a ``/rank`` answer showed: ``events`` keyed by the model's tasks.
+
+        Idempotent on (request, item, event): a repeat is reported under ``duplicates`` and changes nothing.
+        """
+        model = self.model
+        if self.events is None:
+            _requests.labels("feedback", "unavailable").inc()
+            return _unavailable("the impression log is off (MTLREC_EVENTS_URL=off): feedback cannot be recorded")
+        if model is None:
+            _requests.labels("feedback", "unavailable").inc()
+            return _unavailable("no production model is loaded to check the events against")
+        from services.events import EventStoreError
+
+        try:
+            checked = ranking.check_events(model, events)
+            shown = self._recent.items(request_id)
+            if shown is None:
+                shown = set(self.events.store.shown(request_id))
+            if not shown:
+                raise ranking.RequestError("request_id", "unknown: no ranking answer with this id was logged "
+                                                         "(or it was dropped)")
+            if item_id not in shown:
+                raise ranking.RequestError("item_id", f"{item_id!r} was not in the answer to this request")
+            new = self.events.store.record_feedback(request_id, item_id, checked)
+        except ranking.RequestError as e:
+            _requests.labels("feedback", "bad_request").inc()
+            return _bad(e.field, e.reason, status=404 if e.field in ("request_id", "item_id") else 400)
+        except EventStoreError as e:
+            _requests.labels("feedback", "unavailable").inc()
+            return _unavailable(str(e))
+        except Exception as e:  # noqa: BLE001 - a bug: 500 with an id
+            _requests.labels("feedback", "error").inc()
+            return _internal(e, "internal error")
+        _requests.labels("feedback", "ok").inc()
+        return FeedbackResponse(request_id=request_id, item_id=item_id, recorded=new,
+                                duplicates=[n for n in checked if n not in new])
+
+    @bentoml.on_shutdown
+    def _flush_events(self) -> None:
+        if self.events is not None:
+            self.events.close()
 
     @bentoml.api(route="/score")
     def score(self, user_id: Id, items: Candidates, context: Optional[Context] = None) -> ScoreResponse:

@@ -67,6 +67,9 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+SMALL_MMOE = "model.params={n_experts: 2, expert: [32], tower: [8]}"
+
+
 @pytest.fixture(scope="session")
 def clean_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("clean") / "data"
@@ -85,7 +88,7 @@ def dataset_copy(clean_dataset, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def synth_with_features(tmp_path_factory):
     """``make(name, cfg)``: a generated dataset with its feature tables and training set built (no online store)."""
-    from flows.features.store import build_all
+    from feature_repo.store import build_all
 
     def make(name: str, cfg: SynthConfig) -> Path:
         out = tmp_path_factory.mktemp(name)
@@ -94,3 +97,63 @@ def synth_with_features(tmp_path_factory):
         return out
 
     return make
+
+
+@pytest.fixture(scope="session")
+def promoted_world(tmp_path_factory):
+    """``make(name, cfg)``: a dataset with its feature store (SQLite online), and a small MMoE trained on it,
+    registered, evaluated and promoted in a private ``BENTOML_HOME``: what a served test needs."""
+    from feature_repo.store import build_all
+    from models.config import load_config
+    from models.train import train
+    from services import registry
+
+    def make(name: str, cfg: SynthConfig) -> dict:
+        base = tmp_path_factory.mktemp(name)
+        data, art, home = base / "data", base / "artifact", base / "bentoml"
+        generate(data, cfg)
+        build_all(data)
+        train(load_config("mmoe", ["train.max_epochs=1", SMALL_MMOE]), data, art, progress=False)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("BENTOML_HOME", str(home))
+            env.setenv("BENTOML_DO_NOT_TRACK", "True")
+            tag = registry.register(art)
+            registry.record_evaluation(tag, {"fused/ndcg@10": 0.5})
+            registry.set_production(tag)
+        return {"data": data, "artifact": art, "home": home, "tag": tag, "base": base}
+
+    return make
+
+
+def _postgres_or_skip():
+    try:
+        import psycopg2
+    except ImportError as exc:
+        pytest.fail(f"psycopg2 is a pinned dependency: {exc}")
+    import socket
+
+    try:  # nothing listening: the machine has no PostgreSQL, which is a skip, not a failure
+        socket.create_connection(("127.0.0.1", 5432), timeout=3).close()
+    except OSError as exc:
+        pytest.skip(f"needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth): {exc}")
+    # a server that answers but refuses us (auth, missing role) is a real failure and says why
+    return psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
+
+
+@pytest.fixture
+def postgres_database():
+    """A fresh database on the local PostgreSQL (its name), dropped afterwards with FORCE (a server's pool may
+    still hold connections); skips with a message where nothing listens on 127.0.0.1:5432."""
+    import uuid
+
+    conn = _postgres_or_skip()
+    conn.autocommit = True
+    name = f"mtlrec_test_{uuid.uuid4().hex[:12]}"
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()

@@ -379,3 +379,15 @@ def test_a_cache_full_of_fresh_rows_starts_afresh(built):
     assert_same_values(reader.features("u2", items, 1.79e9), reader.sdk("u2", items, 1.79e9))
     assert reads == [("user", ["u2"]), ("item", ["i30", "never-seen"])]  # i0 and i1 came from the cache
     assert reader.cache_info()["item"]["entries"] == 4
+
+
+def test_a_log_stamped_to_the_nanosecond_builds_its_training_set(tmp_path):
+    """Float epoch seconds (a service's log, a user's export) carry nanoseconds, which Feast's offline store
+    refuses to drop: the contract's loader keeps microseconds, so the point-in-time join works."""
+    data = tmp_path / "ns"
+    generate(data, SynthConfig(n_users=60, n_items=30, n_interactions=2000, days=4, seed=5))
+    inter = contract.read_table(data, "interactions")
+    inter[contract.TIMESTAMP] = inter[contract.TIMESTAMP].astype("datetime64[ns, UTC]") + pd.Timedelta(123, "ns")
+    contract.write_table(inter, data, "interactions")
+    summary = fstore.build_all(data, materialize_online=False)
+    assert len(pd.read_parquet(summary["training_file"])) == 2000

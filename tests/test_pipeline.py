@@ -33,7 +33,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flows import prefect_server, processes, registry
+from flows.dev import prefect_server, processes
+from services import registry
 
 pytestmark = pytest.mark.slow
 
@@ -334,35 +335,9 @@ class TestOnSQLite:
         assert registry.pointer() == before
 
 
-def _postgres_or_skip():
-    try:
-        import psycopg2
-    except ImportError as exc:
-        pytest.fail(f"psycopg2 is a pinned dependency: {exc}")
-    import socket
-
-    try:  # nothing listening: the machine has no PostgreSQL, which is a skip, not a failure
-        socket.create_connection(("127.0.0.1", 5432), timeout=3).close()
-    except OSError as exc:
-        pytest.skip(f"needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth): {exc}")
-    # a server that answers but refuses us (auth, missing role) is a real failure and says why
-    return psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
-
-
 @pytest.fixture
-def postgres_db():
-    """A fresh database for one server, dropped afterwards (FORCE: the server's pool may still hold connections)."""
-    conn = _postgres_or_skip()
-    conn.autocommit = True
-    name = f"mtlrec_prefect_{uuid.uuid4().hex[:12]}"
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
+def postgres_db(postgres_database):
+    yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{postgres_database}"
 
 
 def test_deployment_run_on_a_postgres_server(postgres_db, tmp_path, shared, dataset, monkeypatch):

@@ -47,25 +47,11 @@ def _env(**values):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(promoted_world):
     """A small dataset with its feature store, and a trained model promoted in a private BENTOML_HOME."""
-    from services import registry
-    from flows.data.synth import SynthConfig, generate
-    from feature_repo.store import build_all
-    from models.config import load_config
-    from models.train import train
+    from flows.data.synth import SynthConfig
 
-    base = tmp_path_factory.mktemp("service")
-    data, art, home = base / "data", base / "artifact", base / "bentoml"
-    generate(data, SynthConfig(n_users=150, n_items=80, n_interactions=8000, days=6, seed=0))
-    build_all(data)
-    train(load_config("mmoe", ["train.max_epochs=1", "model.params={n_experts: 2, expert: [32], tower: [8]}"]),
-          data, art, progress=False)
-    with _env(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True"):
-        tag = registry.register(art)
-        registry.record_evaluation(tag, {"fused/ndcg@10": 0.5})
-        registry.set_production(tag)
-    return {"data": data, "artifact": art, "home": home, "tag": tag}
+    return promoted_world("service", SynthConfig(n_users=150, n_items=80, n_interactions=8000, days=6, seed=0))
 
 
 @contextlib.contextmanager
@@ -598,3 +584,24 @@ def test_a_store_restarted_empty_is_not_ready_until_refilled(world, offline, tmp
             while client.get("/readyz").status_code != 200:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
+
+
+@pytest.mark.parametrize("route", ["/rank", "/score", "/feedback"])
+def test_generated_requests_never_get_a_server_error(server, route):
+    """Schemathesis draws bodies from the served OpenAPI schema, valid and not: any answer but a 5xx will do."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{server.base_url}/docs.json")
+    operation = next(op.ok() for op in schema.get_all_operations()
+                     if op.ok().path == route and op.ok().method.upper() == "POST")
+    url = str(server.base_url)
+
+    @settings(max_examples=40, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    @given(case=operation.as_strategy())
+    def check(case):
+        response = case.call(base_url=url, timeout=20)
+        assert response.status_code < 500, (case.body, response.status_code, response.text[:500])
+
+    check()

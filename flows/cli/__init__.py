@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import typer
 
-from flows.cli import data, features, registry, serving, workflow
+from flows.cli import data, events, features, registry, serving, workflow
 
 app = typer.Typer(help="mtlrec: multi-task recommendation, from raw events to a ranking API.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(data.app, name="data")
 app.add_typer(features.app, name="features")
 app.add_typer(registry.app, name="models", help="The model registry: list, show, rollback.")
+app.add_typer(events.app, name="events")
 for group in (workflow.app, serving.app, registry.commands):
     app.registered_commands.extend(group.registered_commands)
 

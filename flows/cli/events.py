@@ -1,0 +1,71 @@
+"""`mtlrec events ...`: the service's impression log and feedback, turned back into training data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="The impression log the service writes, and what users did next.", no_args_is_help=True)
+
+
+def _since(value: str | None) -> float | None:
+    """An ISO-8601 time or epoch seconds, as epoch seconds."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    import pandas as pd
+
+    try:
+        ts = pd.Timestamp(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither an ISO-8601 time nor epoch seconds",
+                                 param_hint="--since") from None
+    return (ts.tz_localize("UTC") if ts.tzinfo is None else ts).timestamp()
+
+
+def _store(data: Path, url: str | None):
+    from models.settings import get_settings
+    from services.events import EventStore
+
+    return EventStore.for_dataset(data, url or get_settings().events_url)
+
+
+@app.command("export")
+def export(
+    out: Path = typer.Option(..., help="dataset directory to write (users, items, interactions, dataset.yaml)"),
+    data: Path = typer.Option(Path("data/synth"), help="the dataset the service served from: its users, items "
+                                                       "and task declaration"),
+    since: str = typer.Option(None, help="only impressions at or after this time (ISO-8601 or epoch seconds)"),
+    url: str = typer.Option(None, help="event database (default $MTLREC_EVENTS_URL, else <data>/_events)"),
+) -> None:
+    """Logged impressions plus their feedback as contract tables; `mtlrec data landed OUT` retrains on them."""
+    from flows.data.logged import export as run
+
+    manifest = run(_store(data, url), data, out, since=_since(since))
+    typer.echo(f"wrote {out}: " + ", ".join(f"{k}={v:,}" for k, v in manifest.rows.items())
+               + f" from {manifest.params['requests']:,} requests and {manifest.params['feedback_rows']:,} "
+                 "feedback events")
+
+
+@app.command("status")
+def status(
+    data: Path = typer.Option(Path("data/synth"), help="the dataset the service served from"),
+    url: str = typer.Option(None, help="event database (default $MTLREC_EVENTS_URL, else <data>/_events)"),
+) -> None:
+    """How many impressions and feedback events the log holds, and over what time."""
+    store = _store(data, url)
+    impressions, feedback = store.read()
+    if impressions.empty:
+        typer.echo(f"{store.where()}: no impressions logged")
+        return
+    import pandas as pd
+
+    first, last = (pd.Timestamp(t, unit="s", tz="UTC").isoformat()
+                   for t in (impressions.ts.min(), impressions.ts.max()))
+    typer.echo(f"{store.where()}: {len(impressions):,} impressions in {impressions.request_id.nunique():,} requests "
+               f"from {first} to {last}; {len(feedback):,} feedback events "
+               + ", ".join(f"{k}={v:,}" for k, v in feedback.groupby('event').size().items()))
