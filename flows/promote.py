@@ -10,6 +10,9 @@ production by racing past each other's gate. The pointer move itself is one
 atomic file replace (``services/registry.py``), so a crash anywhere leaves the
 old production serving.
 
+A model with tuned fusion weights in the registry is judged with them (the
+candidate's and production's alike); the decision says which weights each used.
+
 On one machine the lock is a file lock beside the pointer. A registry on
 shared storage needs a lock every writer honours: a lock that works on that
 filesystem (NFSv4 byte-range locks, not flock over NFSv3), or the pointer in
@@ -45,6 +48,11 @@ def gate_config(**overrides) -> GateConfig:
     return GateConfig(**cfg)
 
 
+def _tuned(tag: str | None) -> dict[str, float] | None:
+    """A model's tuned fusion weights (``mtlrec fusion tune``), or None: the gate judges what would serve."""
+    return (registry.fusion_of(tag) or {}).get("weights") if tag else None
+
+
 def promote(tag: str, table: pd.DataFrame, config: GateConfig | None = None,
             report_dir: Path | str | None = None) -> Decision:
     tag = registry.resolve(tag)
@@ -55,7 +63,7 @@ def promote(tag: str, table: pd.DataFrame, config: GateConfig | None = None,
         current = registry.production()
         production = registry.production_artifact()
         decision = decide(registry.artifact_path(tag), table, production=production, production_tag=current,
-                          config=config)
+                          config=config, weights=_tuned(tag), production_weights=_tuned(current))
         pause = get_settings().gate_pause_s  # fault injection: tests widen the race between judging and committing
         if pause:
             time.sleep(pause)

@@ -11,7 +11,8 @@ tasks:
   - {name: click, type: binary}
   - {name: purchase, type: binary, parent: click}   # implies click; trained ESMM-style
   - {name: dwell, type: regression, parent: click, transform: log1p}
-  - {name: like, type: binary, gain: 2}             # gain: weight in graded relevance (default 1)
+  - {name: like, type: binary, gain: 2, reward: 3}  # gain: weight in graded relevance (default 1);
+                                                    # reward: business value of one (default: the gain)
 primary: click                                      # popularity baseline (default: the first binary task)
 context: [network]                                  # extra request-time columns of the log used as features
 attributes: {users: [region], items: [author]}      # extra user/item columns used as features
@@ -52,7 +53,7 @@ class TaskDecl:
     label: str | None = None
     parent: str | None = None
     gain: float = 1.0  # weight of this label in graded relevance (binary tasks)
-    reward: float | None = None  # business value of one positive (reward-weighted metrics)
+    reward: float | None = None  # business value of one positive; None: the gain for binary tasks, 0 for the others
     fusion_weight: float | None = None  # serving default; None: the gain for binary tasks, 0 for the others
     transform: str | None = None  # regression target transform
     num_classes: int | None = None  # multiclass: labels are 0 .. num_classes-1
@@ -73,6 +74,14 @@ class TaskDecl:
     def default_fusion_weight(self) -> float:
         if self.fusion_weight is not None:
             return float(self.fusion_weight)
+        return float(self.gain) if self.binary else 0.0
+
+    @property
+    def default_reward(self) -> float:
+        # The gain already says what an event is worth relative to the others; a dataset that declares no
+        # rewards should be judged on exactly the relevance it was judged on before rewards existed.
+        if self.reward is not None:
+            return float(self.reward)
         return float(self.gain) if self.binary else 0.0
 
 
@@ -259,6 +268,9 @@ def _task(i: int, item: Any) -> TaskDecl:
         raise DeclarationError(f"task {name}: its label column {t.column!r} is a key or time column")
     if t.gain < 0 or (t.fusion_weight is not None and t.fusion_weight < 0) or t.loss_weight < 0:
         raise DeclarationError(f"task {name}: gain, fusion_weight and loss_weight must be >= 0")
+    if t.reward is not None and t.reward < 0:
+        raise DeclarationError(f"task {name}: reward must be >= 0 (the business value of one {name}), "
+                               f"not {t.reward:g}")
     if not 0.0 <= t.max_null_rate < 1.0:
         raise DeclarationError(f"task {name}: max_null_rate must be in [0, 1)")
     if t.transform not in TRANSFORMS:

@@ -21,20 +21,30 @@ from models.fusion import fuse
 from models.tasks import TaskSet
 
 MINIMISED = ("loss", "logloss", "rmse")
-ALIASES = {"ndcg@": "fused/", "recall@": "fused/"}  # bare ranking metrics mean the fused ranking's
+ALIASES = {"ndcg@": "fused/", "recall@": "fused/", "reward@": "fused/"}  # bare ranking metrics mean the fused ranking's
 
 
 def fusion_weights(tasks: TaskSet) -> dict[str, float]:
     return {t.name: t.fusion_weight for t in tasks if t.ranks and t.fusion_weight > 0}
 
 
-def relevance(tasks: TaskSet, labels: np.ndarray) -> np.ndarray:
-    """Graded relevance per row: sum of binary labels x declared gain (``labels`` is [N, T] in task order)."""
-    rel = np.zeros(len(labels), dtype=np.float64)
+def _weighted_labels(tasks: TaskSet, labels: np.ndarray, weight) -> np.ndarray:
+    """Per row, the sum over ranking tasks of ``weight(task)`` x its binary label (``labels``: [N, T])."""
+    out = np.zeros(len(labels), dtype=np.float64)
     for j, t in enumerate(tasks):
-        if t.ranks and t.gain:
-            rel += t.gain * (np.asarray(labels[:, j], dtype=np.float64) > 0)
-    return rel
+        if t.ranks and weight(t):
+            out += weight(t) * (np.asarray(labels[:, j], dtype=np.float64) > 0)
+    return out
+
+
+def relevance(tasks: TaskSet, labels: np.ndarray) -> np.ndarray:
+    """Graded relevance per row: the binary labels weighted by their declared gains."""
+    return _weighted_labels(tasks, labels, lambda t: t.gain)
+
+
+def rewards(tasks: TaskSet, labels: np.ndarray) -> np.ndarray:
+    """Reward per row: the binary labels weighted by their declared rewards."""
+    return _weighted_labels(tasks, labels, lambda t: t.reward_value)
 
 
 def monitor_key(monitor: str, metrics: dict | None = None) -> str:
@@ -80,4 +90,6 @@ def evaluate_predictions(tasks: TaskSet, probs: dict[str, np.ndarray], labels: n
         fused = fuse(probs, weights or fusion_weights(tasks), method=method)
         out.update({f"fused/{k}": v for k, v in metrics.ranking_metrics(users, fused, relevance(tasks, labels),
                                                                         ks).items()})
+        out.update({f"fused/{k}": v for k, v in metrics.reward_metrics(users, fused, rewards(tasks, labels),
+                                                                       ks).items()})
     return out

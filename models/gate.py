@@ -7,6 +7,10 @@ confidence interval. The candidate passes when the mean difference is at
 least ``margin`` (and, with ``require_significant``, the interval's lower
 end is above zero), and no binary task's AUC fell by more than
 ``auc_tolerance``. With no production model the reference is popularity.
+
+Each model is judged by the ranking it would serve: with its tuned fusion
+weights when it has them (``models/fusion_tuning.py``), else its declared
+ones; the decision records which (``fusion``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     judged_against: str | None = None  # the production tag the candidate was compared with (None: popularity)
+    fusion: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> {"weights", "source"} it was fused with
     attempts: int = 1  # how often it was gated: more than once when production moved while it was judged
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +62,11 @@ class Decision:
                  f"| {self.reference} | {self.reference_ndcg:.4f} |",
                  f"| difference (paired, {self.users:,} users) | {self.delta:+.4f} "
                  f"[{self.ci[0]:+.4f}, {self.ci[1]:+.4f}] |", ""]
+        for who, f in self.fusion.items():
+            weights = ", ".join(f"{t} {w:g}" for t, w in f["weights"].items())
+            lines.append(f"- {who} fused with its {f['source']} weights: {weights}")
+        if self.fusion:
+            lines.append("")
         if self.auc:
             lines += ["| task | candidate AUC | reference AUC | change |", "|---|---|---|---|"]
             lines += [f"| {t} | {v['candidate']:.4f} | {v['reference']:.4f} | {v['candidate'] - v['reference']:+.4f} |"
@@ -78,20 +88,38 @@ def paired_bootstrap(diff: np.ndarray, n: int, confidence: float, seed: int) -> 
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
+def fusion_used(scorer, weights: dict[str, float] | None) -> dict[str, Any]:
+    """The weights a model is judged with and where they came from; tuned weights must name its objectives."""
+    from models.evaluation import fusion_weights
+
+    if not weights:
+        return {"weights": fusion_weights(scorer.tasks), "source": "declared"}
+    names = [t.name for t in scorer.tasks.binary]
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"tuned fusion weights name {unknown}, which are not this model's ranking objectives "
+                         f"{names}: tune them again for this model")
+    return {"weights": {k: float(v) for k, v in weights.items()}, "source": "tuned"}
+
+
 def decide(candidate: Path | str, table: pd.DataFrame, production: Path | str | None = None,
-           production_tag: str | None = None, config: GateConfig | None = None) -> Decision:
+           production_tag: str | None = None, config: GateConfig | None = None,
+           weights: dict[str, float] | None = None, production_weights: dict[str, float] | None = None) -> Decision:
+    """``weights`` / ``production_weights``: tuned fusion weights of either model (None: its declared ones)."""
     from models.artifact import Scorer
 
     cfg = config or GateConfig()
     cand = Scorer.load(candidate)
     h = Holdout.for_model(table, cand.meta)
-    c_fused, c_probs, _ = h.model_scores(cand)
+    fusion = {"candidate": fusion_used(cand, weights)}
+    c_fused, c_probs, _ = h.model_scores(cand, fusion["candidate"]["weights"])
     c_users = h.per_user(c_fused, cfg.k)
     auc: dict[str, dict[str, float]] = {}
     reasons: list[str] = []
     if production is not None:
         prod = Scorer.load(production)
-        r_fused, r_probs, _ = h.model_scores(prod)
+        fusion["reference"] = fusion_used(prod, production_weights)
+        r_fused, r_probs, _ = h.model_scores(prod, fusion["reference"]["weights"])
         reference = f"production:{production_tag or production}"
         c_tasks, r_tasks = h.tasks(c_probs, cand), h.tasks(r_probs, prod)
         for t in sorted(set(c_tasks) & set(r_tasks)):
@@ -119,5 +147,5 @@ def decide(candidate: Path | str, table: pd.DataFrame, production: Path | str | 
             reasons.append(f"{t} AUC fell by {drop:.4f}, more than the tolerance {cfg.auc_tolerance:.4f}")
     return Decision(promote=promote, reference=reference, candidate_ndcg=float(c_users[both].mean()),
                     reference_ndcg=float(r_users[both].mean()), delta=delta, ci=ci, users=int(len(both)),
-                    auc=auc, reasons=reasons, config=asdict(cfg),
+                    auc=auc, reasons=reasons, config=asdict(cfg), fusion=fusion,
                     judged_against=(production_tag or str(production)) if production is not None else None)

@@ -5,7 +5,9 @@ never trained on them (``models.data.time_split``, the same cut training
 used). Every user's held-out impressions are ranked by each ranker, and the
 ranking is judged against the model's graded relevance (each declared binary
 label times its gain) for the fused score, and against each binary label for
-that objective. Baselines run on the same rows in the same call: popularity
+that objective. Beside NDCG and recall every ranker reports ``reward@K``, the
+expected business value of its list: DCG@K with each row's declared rewards
+(``reward`` per task, default its gain) as the gain. Baselines run on the same rows in the same call: popularity
 (training-split positives of the primary task per item), random (seeded),
 and optionally one single-task model per binary task.
 """
@@ -49,6 +51,7 @@ class Holdout:
             if t.name in self.labels:
                 rel += t.gain * self.labels[t.name]
         self.relevance = rel
+        self.rewards = reward_of(self.task_set, self.labels)
 
     @classmethod
     def for_model(cls, table: pd.DataFrame, meta: dict) -> "Holdout":
@@ -71,7 +74,8 @@ class Holdout:
                 "test_from": str(ts.min()), "test_to": str(ts.max()), "test_rows": int(len(self.test)),
                 "train_rows": int(len(self.train)), "users": int(len(np.unique(self.users))),
                 "name": "rerank", "candidates": "each user's own held-out impressions",
-                "relevance": self.task_set.relevance(), "popularity": f"training-split {self.primary} per item",
+                "relevance": self.task_set.relevance(), "reward": self.task_set.reward_relevance(),
+                "popularity": f"training-split {self.primary} per item",
                 "seed": seed}
 
     # ---- rankers ------------------------------------------------------------------------
@@ -87,16 +91,19 @@ class Holdout:
     def popularity(self) -> np.ndarray:
         return self.test["item_id"].map(self.popularity_counts()).fillna(0).to_numpy(dtype=np.float64)
 
-    def model_scores(self, artifact: Path | str | Scorer) -> tuple[np.ndarray, dict[str, np.ndarray], Scorer]:
+    def model_scores(self, artifact: Path | str | Scorer, weights: dict[str, float] | None = None
+                     ) -> tuple[np.ndarray, dict[str, np.ndarray], Scorer]:
+        """Fused with ``weights`` when given (tuned ones), else the model's declared fusion weights."""
         scorer = artifact if isinstance(artifact, Scorer) else Scorer.load(artifact)
         probs = scorer.predict(self.test)
-        return scorer.fuse(probs), probs, scorer
+        return scorer.fuse(probs, weights), probs, scorer
 
     # ---- judgement ----------------------------------------------------------------------
     def ranking(self, fused: np.ndarray, per_objective: dict[str, np.ndarray] | None = None,
                 ks=(10, 20, 50)) -> dict[str, float]:
         """Fused-score metrics as ``ndcg@10``..., each objective's as ``click/ndcg@10``..."""
         out = {k: v for k, v in metrics.ranking_metrics(self.users, fused, self.relevance, ks).items()}
+        out.update(metrics.reward_metrics(self.users, fused, self.rewards, ks))
         for name, label in self.labels.items():
             score = (per_objective or {}).get(name, fused)
             out.update({f"{name}/{k}": v for k, v in metrics.ranking_metrics(self.users, score, label, ks).items()
@@ -116,6 +123,16 @@ class Holdout:
             out[t.name] = {"auc": metrics.auc(p, y), "gauc": metrics.gauc(self.users, p, y),
                            "logloss": metrics.logloss(p, y)}
         return out
+
+
+def reward_of(tasks: TaskSet, labels: dict[str, np.ndarray]) -> np.ndarray:
+    """Each row's reward: its binary labels (0/1 arrays by task name) times their tasks' declared rewards."""
+    n = len(next(iter(labels.values()))) if labels else 0
+    out = np.zeros(n, dtype=np.float64)
+    for name, value in tasks.rewards().items():
+        if name in labels:
+            out += value * np.asarray(labels[name], dtype=np.float64)
+    return out
 
 
 Oracle = Callable[[pd.DataFrame], dict[str, np.ndarray]]  # rows -> the true probability of each task
@@ -202,10 +219,13 @@ def _unshown(h: Holdout, rankers: Rankers, n: int | str, ks, seed: int, max_posi
     for t in h.task_set.binary:
         if t.column in positives:
             pos_rel += t.gain * (positives[t.column].to_numpy(np.float64) > 0)
+    pos_reward = reward_of(h.task_set, {t.name: positives[t.column].to_numpy(np.float64) > 0
+                                        for t in h.task_set.binary if t.column in positives})
     target = cands.is_positive.astype(np.float64)
+    reward = target * pos_reward[cands.group]  # the positive earns its own reward, the unshown items nothing
     out = {}
     for ranker, (fused, per) in scored.items():
-        m = _grouped(cands.group, fused, target, pos_rel > 0, ks)
+        m = _grouped(cands.group, fused, target, pos_rel > 0, ks, reward)
         for name in h.labels:
             hit = positives[h.task_set.get(name).column].to_numpy(np.float64) > 0
             m.update({f"{name}/{k}": v for k, v in _grouped(cands.group, per.get(name, fused), target, hit,
@@ -218,16 +238,22 @@ def _unshown(h: Holdout, rankers: Rankers, n: int | str, ks, seed: int, max_posi
                 "positives": int(len(positives)), "candidates_per_positive": float(cands.sizes.mean()),
                 "rows_scored": int(len(cands.frame)), "max_positives_per_objective": max_positives,
                 "request_crosses": "recomputed" if recompute is not None else "the positive's (no transform given)",
-                "relevance": "the held-out positive (graded relevance > 0 for the fused ranking)", "seed": seed}
+                "relevance": "the held-out positive (graded relevance > 0 for the fused ranking)",
+                "reward": f"the held-out positive's ({h.task_set.reward_relevance()})", "seed": seed}
     return {"rankers": out, "protocol": protocol}
 
 
-def _grouped(group: np.ndarray, score: np.ndarray, target: np.ndarray, keep: np.ndarray, ks) -> dict[str, float]:
-    """Ranking metrics over the candidate groups whose positive passes ``keep``."""
+def _grouped(group: np.ndarray, score: np.ndarray, target: np.ndarray, keep: np.ndarray, ks,
+             reward: np.ndarray | None = None) -> dict[str, float]:
+    """Ranking metrics over the candidate groups whose positive passes ``keep`` (and reward@K given rewards)."""
     rows = keep[group]
+    names = ("ndcg", "recall", "reward") if reward is not None else ("ndcg", "recall")
     if not rows.any():
-        return {**{f"{m}@{k}": float("nan") for m in ("ndcg", "recall") for k in ks}, "users": 0}
-    return metrics.ranking_metrics(group[rows], np.asarray(score)[rows], target[rows], ks)
+        return {**{f"{m}@{k}": float("nan") for m in names for k in ks}, "users": 0}
+    out = metrics.ranking_metrics(group[rows], np.asarray(score)[rows], target[rows], ks)
+    if reward is not None:
+        out.update(metrics.reward_metrics(group[rows], np.asarray(score)[rows], reward[rows], ks))
+    return out
 
 
 def evaluate(artifact: Path | str, table: pd.DataFrame, *, ks=(10, 20, 50), seed: int = 0,

@@ -18,6 +18,7 @@ uniformly random order inside the block:
   contributes that mean gain times the discounts of its positions inside K.
 * Recall@K: a block straddling K contributes
   (its positions inside K / its size) x (its positives).
+* reward@K: DCG@K with each row's reward as its gain, tied blocks as in NDCG.
 
 All arithmetic is float64 whatever the input dtype (bf16, fp16 and fp32
 outputs, numpy arrays or torch tensors, are upcast first).
@@ -126,6 +127,33 @@ def per_user(groups, scores, labels, ks=(10, 20, 50)) -> dict[str, np.ndarray]:
             out[f"ndcg@{k}"] = dcg[valid] / idcg[valid]
         out[f"recall@{k}"] = hits[valid] / positives[valid]
     return out
+
+
+def reward_per_user(groups, scores, rewards, ks=(10, 20, 50)) -> dict[str, np.ndarray]:
+    """Per-user reward-weighted DCG@K (key ``reward@K``) for every user, those who earned nothing included.
+
+    Unlike NDCG it is not normalised: a list's expected business value is what the ranking is for, and a
+    user with nothing worth showing is a list that earns 0, not an undefined one.
+    """
+    groups = _array(groups)
+    if len(groups) == 0:
+        return {"users": groups[:0], **{f"reward@{k}": np.zeros(0) for k in ks}}
+    codes, ids = _codes(groups)
+    lab, _, _, rank, n, (run_group, run_first, run_rank, run_len) = _grouped(codes, scores, rewards)
+    run_gain = np.add.reduceat(lab, run_first) / run_len
+    cum_disc = np.concatenate(([0.0], np.cumsum(1.0 / np.log2(np.arange(int(rank.max()) + 1) + 2.0))))
+    run_end = run_rank + run_len
+    out: dict[str, np.ndarray] = {"users": ids}
+    for k in ks:
+        lo, hi = np.minimum(run_rank, k), np.minimum(run_end, k)
+        out[f"reward@{k}"] = np.bincount(run_group, weights=run_gain * (cum_disc[hi] - cum_disc[lo]), minlength=n)
+    return out
+
+
+def reward_metrics(groups, scores, rewards, ks=(10, 20, 50)) -> dict[str, float]:
+    """reward@K: the expected reward of a list (reward-weighted DCG@K), averaged over every user."""
+    rows = reward_per_user(groups, scores, rewards, ks)
+    return {k: (float(np.mean(v)) if len(v) else float("nan")) for k, v in rows.items() if k != "users"}
 
 
 def ranking_metrics(groups, scores, labels, ks=(10, 20, 50)) -> dict[str, float]:

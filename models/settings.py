@@ -113,6 +113,20 @@ class Settings(BaseSettings):
         20000, ge=1, description="Impression rows waiting to be written; beyond this they are dropped and counted "
                                  "(mtlrec_event_drops_total on /metrics), never a ranking request slowed or failed.")
 
+    explore: Literal["off", "epsilon"] = Field(
+        "off", description="The service's exploration policy for /rank requests that send no weights: off ranks with "
+                           "the model's fusion weights; epsilon picks one of a few nearby weight vectors at random "
+                           "and logs each placement's propensity, so `mtlrec fusion evaluate` can estimate another "
+                           "weighting's reward from the log. A caller's explicit weights are never explored.")
+    explore_epsilon: float = Field(
+        0.1, ge=0, le=1, description="With MTLREC_EXPLORE=epsilon, the share of requests ranked with a vector drawn "
+                                     "uniformly from all of them (the default's included): each other vector is "
+                                     "used with probability epsilon/|vectors|.")
+    explore_spread: float = Field(
+        0.5, gt=0, lt=1, description="How far the explored weight vectors lie from the default: each multiplies one "
+                                     "objective's weight by 1+spread or 1-spread (2 per objective, plus the "
+                                     "default).")
+
     # ---- the command line -------------------------------------------------------------------------------------
     debug: bool = Field(
         False, description="mtlrec prints the full traceback of a failure instead of one line.")
@@ -128,7 +142,7 @@ class Settings(BaseSettings):
         False, description="Tests: turn off the check that a pytest session leaves the checkout as it found it "
                            "(for runs while you edit).")
 
-    @field_validator("online_store", mode="before")
+    @field_validator("online_store", "explore", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

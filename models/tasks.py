@@ -40,6 +40,7 @@ class TaskSpec:
     fusion_weight: float = 1.0  # exponent (product) or weight (sum) at serving
     transform: str | None = None  # regression target transform: "log1p" or None
     gain: float = 1.0  # weight of the label in graded relevance (binary tasks)
+    reward: float | None = None  # business value of one positive; None: the gain (binary), 0 (the others)
     # Regression: training-split mean and std of the (transformed) target, so the head learns a standardised
     # value whose squared error starts near 1, the scale of the binary tasks' losses, whatever the unit.
     target_mean: float = 0.0
@@ -48,6 +49,9 @@ class TaskSpec:
     def __post_init__(self):
         if self.type not in TYPES:
             raise ValueError(f"task {self.name}: type must be one of {TYPES}, not {self.type!r}")
+        if self.reward is not None and (not isinstance(self.reward, (int, float)) or isinstance(self.reward, bool)
+                                        or not self.reward >= 0 or self.reward == float("inf")):
+            raise ValueError(f"task {self.name}: reward must be a number >= 0, not {self.reward!r}")
 
     @property
     def column(self) -> str:
@@ -62,6 +66,14 @@ class TaskSpec:
         return None if self.sample_space in ("all", None) else self.sample_space
 
     @property
+    def reward_value(self) -> float:
+        """The declared reward, else what the declaration defaults it to (kept unresolved so a config's gain
+        override moves the default with it)."""
+        if self.reward is not None:
+            return float(self.reward)
+        return float(self.gain) if self.type == "binary" else 0.0
+
+    @property
     def ranks(self) -> bool:
         """Binary tasks give a probability that ranking can fuse; the others are auxiliary."""
         return self.type == "binary"
@@ -74,7 +86,8 @@ def spec_of(decl: TaskDecl) -> TaskSpec:
     """The model's view of one declared task."""
     return TaskSpec(name=decl.name, type=decl.type, label=decl.label, sample_space=decl.parent or "all",
                     num_classes=decl.num_classes or 2, loss_weight=decl.loss_weight,
-                    fusion_weight=decl.default_fusion_weight, transform=decl.transform, gain=decl.gain)
+                    fusion_weight=decl.default_fusion_weight, transform=decl.transform, gain=decl.gain,
+                    reward=decl.reward)
 
 
 @dataclass
@@ -155,6 +168,14 @@ class TaskSet:
 
     def gains(self) -> dict[str, float]:
         return {t.name: t.gain for t in self.tasks if t.ranks and t.gain}
+
+    def rewards(self) -> dict[str, float]:
+        """Each ranking objective's business value, for reward-weighted metrics (zero rewards left out)."""
+        return {t.name: t.reward_value for t in self.tasks if t.ranks and t.reward_value}
+
+    def reward_relevance(self) -> str:
+        """Human form of the reward a ranking earns, for protocols and reports."""
+        return " + ".join(f"{v:g}×{k}" for k, v in self.rewards().items())
 
     def __iter__(self):
         return iter(self.tasks)

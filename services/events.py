@@ -6,7 +6,10 @@ nobody liked from one nobody saw. Each returned item is one row: the request
 id, time, user, item, position, model version, every objective's score, the
 weights and diversity used, and the probability that the serving policy put
 that item there (its propensity, 1 for a deterministic policy), which is what
-off-policy evaluation of another weighting divides by.
+off-policy evaluation of another weighting divides by. ``policy`` records
+the request-level draw when the service explores (``MTLREC_EXPLORE``): the
+weight vectors it chose among, their probabilities and the index it drew,
+``{}`` when the request was not explored.
 
 Writes never slow or fail a ranking request: rows go onto a bounded queue,
 and one writer thread inserts them in batches, one transaction each. A full
@@ -39,13 +42,16 @@ from typing import Any, Callable, Iterable
 log = logging.getLogger("mtlrec.events")
 
 IMPRESSION_COLUMNS = ("request_id", "item_id", "user_id", "ts", "position", "model_version", "score", "scores",
-                      "weights", "diversity", "propensity", "context")
+                      "weights", "diversity", "propensity", "context", "policy")
+# ``policy`` came later than the rest: a database created before it keeps its table (IF NOT EXISTS) without
+# the column, and the writer's inserts into it fail (rows dropped and counted). There is no migration: point
+# MTLREC_EVENTS_URL at a new database, or ``ALTER TABLE impressions ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'``.
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS impressions (
         request_id TEXT NOT NULL, item_id TEXT NOT NULL, user_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,
         position INTEGER NOT NULL, model_version TEXT NOT NULL, score DOUBLE PRECISION NOT NULL,
         scores TEXT NOT NULL, weights TEXT NOT NULL, diversity DOUBLE PRECISION NOT NULL,
-        propensity DOUBLE PRECISION NOT NULL, context TEXT NOT NULL,
+        propensity DOUBLE PRECISION NOT NULL, context TEXT NOT NULL, policy TEXT NOT NULL,
         PRIMARY KEY (request_id, item_id))""",
     "CREATE INDEX IF NOT EXISTS impressions_ts ON impressions (ts)",
     """CREATE TABLE IF NOT EXISTS feedback (
@@ -180,22 +186,24 @@ class EventStore:
                                   "impressions i ON i.request_id = f.request_id AND i.item_id = f.item_id "
                                   "WHERE i.ts >= ?"), (since,))
             feedback = pd.DataFrame(cur.fetchall(), columns=["request_id", "item_id", "event", "value", "ts"])
-        for column in ("scores", "weights", "context"):
+        for column in ("scores", "weights", "context", "policy"):
             impressions[column] = impressions[column].map(json.loads)
         return impressions, feedback
 
 
 def impression_rows(request_id: str, ts: float, answer: dict[str, Any], propensities: Iterable[float],
-                    context: dict[str, Any] | None = None) -> list[tuple]:
+                    context: dict[str, Any] | None = None, policy: dict[str, Any] | None = None) -> list[tuple]:
     """One row per returned item, in ``IMPRESSION_COLUMNS`` order, from a ``ranking.rank`` answer.
 
-    ``position`` is the 1-based slot, as the contract's ``position`` column counts it.
+    ``position`` is the 1-based slot, as the contract's ``position`` column counts it; ``policy`` is the
+    request's exploration draw (``ranking.rank``'s), repeated on each of its rows.
     """
     weights = json.dumps(answer["weights"], sort_keys=True)
     ctx = json.dumps(context or {}, sort_keys=True, default=str)
+    pol = json.dumps(policy or {}, sort_keys=True)
     return [(request_id, it["item_id"], answer["user_id"], float(ts), position, answer["model_version"],
              float(it["score"]), json.dumps(it["scores"], sort_keys=True), weights, float(answer["diversity"]),
-             float(p), ctx)
+             float(p), ctx, pol)
             for position, (it, p) in enumerate(zip(answer["items"], propensities), start=1)]
 
 

@@ -5,6 +5,13 @@ was trained on (``device``; ``position`` is 0 at serving: the slot is not known 
 objective in one batched forward pass, fuse with ``models.fusion.fuse`` (the function training and
 evaluation judge the model by), then re-rank for diversity with maximal marginal relevance over item
 category.
+
+Exploration (``MTLREC_EXPLORE=epsilon``, off by default): a request that sends no weights is ranked with one
+of a few weight vectors around the model's own, drawn epsilon-greedily, and every placement carries its
+propensity. Without it the log only ever shows what the default weights rank, and no other weighting can be
+judged from it; with it, ``models.offpolicy`` estimates another weighting's reward from the same traffic.
+The policy itself is plain functions here (``weight_vectors``, ``policy_probabilities``, ``choose``,
+``propensities``) so a simulator drives exactly what the service runs.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from models.evaluation import fusion_weights
 from models.fusion import fuse
 
 __all__ = ["Model", "RequestError", "StoreUnavailable", "NonFiniteScores", "rank", "score_items", "mmr",
-           "check_events"]
+           "check_events", "Exploration", "weight_vectors", "policy_probabilities", "choose", "order",
+           "propensities"]
 
 
 class RequestError(ValueError):
@@ -46,8 +54,9 @@ class Model:
     weights: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, tag: str, scorer) -> "Model":
-        return cls(tag=tag, scorer=scorer, weights=fusion_weights(scorer.tasks))
+    def of(cls, tag: str, scorer, weights: dict[str, float] | None = None) -> "Model":
+        """``weights``: the model's tuned fusion weights (``mtlrec fusion tune``); else its declared ones."""
+        return cls(tag=tag, scorer=scorer, weights=dict(weights) if weights else fusion_weights(scorer.tasks))
 
     @property
     def objectives(self) -> list[str]:
@@ -138,28 +147,130 @@ def mmr(relevance: np.ndarray, categories: np.ndarray, k: int, diversity: float)
     return order[np.asarray(picked, dtype=np.int64)]
 
 
+@dataclass(frozen=True)
+class Exploration:
+    """The exploration policy of the service (``MTLREC_EXPLORE*``); the default explores nothing."""
+
+    policy: str = "off"  # "off" | "epsilon"
+    epsilon: float = 0.1
+    spread: float = 0.5
+
+    @property
+    def on(self) -> bool:
+        return self.policy == "epsilon"
+
+    @classmethod
+    def from_settings(cls, settings) -> "Exploration":
+        return cls(settings.explore, settings.explore_epsilon, settings.explore_spread)
+
+
+def _normalised(weights: dict[str, float]) -> tuple:
+    total = sum(weights.values())
+    return tuple(sorted((k, round(v / total, 9)) for k, v in weights.items() if v))
+
+
+def weight_vectors(base: dict[str, float], spread: float) -> list[dict[str, float]]:
+    """The base vector, then each positive-weight objective (by name) times ``1 + spread`` and ``1 - spread``.
+
+    Deterministic, so every worker and every evaluation sees the same support; a vector that normalises to one
+    already listed (one objective alone: scaling cannot change its order) is left out, so no two vectors are
+    the same weighting under two names.
+    """
+    if not 0 < spread < 1:
+        raise ValueError(f"spread must lie in (0, 1), got {spread}")
+    base = {k: float(base[k]) for k in sorted(base)}
+    vectors, seen = [base], {_normalised(base)}
+    for name in [k for k, v in base.items() if v > 0]:
+        for factor in (1.0 + spread, 1.0 - spread):
+            v = {**base, name: round(base[name] * factor, 12)}  # 1 - 0.8 shown as 0.2, not 0.19999999999999996
+            key = _normalised(v)
+            if key not in seen:
+                seen.add(key)
+                vectors.append(v)
+    return vectors
+
+
+def policy_probabilities(n: int, epsilon: float) -> list[float]:
+    """Epsilon-greedy over ``n`` vectors, the first being the greedy one: ``1 - eps + eps/n``, else ``eps/n``."""
+    if n < 1 or not 0 <= epsilon <= 1:
+        raise ValueError(f"need n >= 1 and epsilon in [0, 1], got n={n}, epsilon={epsilon}")
+    share = epsilon / n
+    return [1.0 - epsilon + share] + [share] * (n - 1)
+
+
+def choose(probabilities: list[float], rng) -> int:
+    """The index drawn with ``probabilities``; ``rng`` is anything with ``.random()`` (numpy or ``random``)."""
+    u = float(rng.random())
+    cumulative = np.cumsum(probabilities)
+    return int(min(np.searchsorted(cumulative, u * cumulative[-1], side="right"), len(probabilities) - 1))
+
+
+def order(probs: dict[str, np.ndarray], weights: dict[str, float], fusion: str, categories: np.ndarray, k: int,
+          diversity: float) -> tuple[np.ndarray, np.ndarray]:
+    """The fused scores and the shown candidates' indices, slot by slot: what one weighting would show."""
+    fused = fuse(probs, weights, method=fusion)
+    return fused, mmr(fused, categories, k, diversity)
+
+
+def propensities(orders: list[np.ndarray], probabilities: list[float], chosen: int) -> np.ndarray:
+    """Per slot of the chosen list: the probability the policy puts that item in that slot.
+
+    That is the sum of the probabilities of every vector whose list has the same item there, so an item
+    every vector places alike has propensity 1 however much the policy explores.
+    """
+    shown = np.asarray(orders[chosen])
+    missed = np.zeros(len(shown), dtype=np.float64)  # the probability of the vectors that place another item
+    for o, p in zip(orders, probabilities):
+        o = np.asarray(o)
+        same = np.zeros(len(shown), dtype=bool)
+        n = min(len(o), len(shown))
+        same[:n] = o[:n] == shown[:n]
+        missed += p * ~same
+    # 1 - missed rather than the sum of the matches: a slot all vectors agree on is exactly 1, not 1 - ulp
+    return np.clip(1.0 - missed, 0.0, 1.0)
+
+
 def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | None = None,
          weights: dict[str, float] | None = None, diversity: float = 0.0, fusion: str | None = None,
-         request_ts: float | None = None, context: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ranked top ``k`` with fused and per-objective scores; plain data, ready for JSON."""
+         request_ts: float | None = None, context: dict[str, Any] | None = None,
+         explore: Exploration | None = None, rng=None) -> dict[str, Any]:
+    """The ranked top ``k`` with fused and per-objective scores; plain data, ready for JSON.
+
+    Besides the answer, two keys for the impression log (the service removes them from the response):
+    ``propensities``, one per returned item, and ``policy``, ``{"vectors", "probabilities", "chosen"}`` when
+    this request was explored, else ``{}``. ``weights`` in the answer is the vector that ranked it.
+    """
     if k is not None and not 1 <= k <= len(candidates):
         raise RequestError("k", f"must be between 1 and the number of candidates ({len(candidates)}), got {k}")
     w = resolve_weights(model, weights)
     fusion = fusion or model.scorer.fusion_method
     s = score(model, reader, user_id, candidates, request_ts=request_ts, context=context)
-    fused = fuse(s.probs, w, method=fusion)
+    cats = np.asarray(s.frame["category"], dtype=object) if "category" in s.frame else np.full(len(candidates), None)
+    shown = k or len(candidates)
+    policy: dict[str, Any] = {}
+    if explore is not None and explore.on and weights is None:  # a caller's explicit weights are never explored
+        vectors = weight_vectors(w, explore.spread)
+        probabilities = policy_probabilities(len(vectors), explore.epsilon)
+        chosen = choose(probabilities, rng if rng is not None else np.random.default_rng())
+        ranked = [order(s.probs, v, fusion, cats, shown, diversity) for v in vectors]  # scores computed once
+        w = vectors[chosen]
+        fused, top = ranked[chosen]
+        prop = propensities([r[1] for r in ranked], probabilities, chosen)
+        policy = {"vectors": vectors, "probabilities": probabilities, "chosen": chosen}
+    else:
+        fused, top = order(s.probs, w, fusion, cats, shown, diversity)
+        prop = np.ones(len(top))
     if not np.isfinite(fused).all():
         raise NonFiniteScores("non-finite fused scores")
     before = np.empty(len(fused), dtype=np.int64)
     before[np.argsort(-fused, kind="stable")] = np.arange(1, len(fused) + 1)
-    cats = np.asarray(s.frame["category"], dtype=object) if "category" in s.frame else np.full(len(fused), None)
-    top = mmr(fused, cats, k or len(candidates), diversity)
     objectives = model.objectives
     items = [{"item_id": candidates[i], "score": _num(fused[i]),
               "scores": {o: _num(s.probs[o][i]) for o in objectives if o in s.probs},
               "rank_before_rerank": int(before[i]), "cold_start": bool(s.item_cold[i])} for i in top]
     return {"model_version": model.tag, "user_id": user_id, "user_cold_start": s.user_cold, "weights": w,
-            "fusion": fusion, "diversity": float(diversity), "items": items}
+            "fusion": fusion, "diversity": float(diversity), "items": items,
+            "propensities": [float(p) for p in prop], "policy": policy}
 
 
 def score_items(model: Model, reader, user_id: str, items: list[str], *, request_ts: float | None = None,

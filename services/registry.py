@@ -9,6 +9,8 @@ production model", so that lives beside it in ``$BENTOML_HOME/mtlrec/``:
   sees the old pointer or the new one, never a torn mix;
 - ``evaluations/<name>/<version>.json``: the evaluation of each model; the
   gate promotes nothing without one;
+- ``fusion/<name>/<version>.json``: the model's tuned fusion weights
+  (``mtlrec fusion tune``), which the gate then judges it with;
 - ``audit.jsonl``: one line per promotion, rollback and evaluation, append-only.
 
 Two things about BentoML's store shape this module. It resolves
@@ -223,14 +225,49 @@ def record_evaluation(tag: str, evaluation: dict[str, Any]) -> str:
     return full
 
 
-def evaluation_of(tag: str) -> dict[str, Any] | None:
-    """The recorded evaluation of ``tag``, or None when it was never evaluated (or is not in the store)."""
+def _record_of(tag: str, path_of, key: str) -> dict[str, Any] | None:
+    """One of a model's side records (evaluation, fusion), or None when it has none or is not in the store."""
     try:
         full = resolve(tag)
     except ModelNotFound:
         return None
-    path = _evaluation_path(full)
-    return json.loads(path.read_text())["evaluation"] if path.is_file() else None
+    path = path_of(full)
+    return json.loads(path.read_text())[key] if path.is_file() else None
+
+
+def evaluation_of(tag: str) -> dict[str, Any] | None:
+    """The recorded evaluation of ``tag``, or None when it was never evaluated (or is not in the store)."""
+    return _record_of(tag, _evaluation_path, "evaluation")
+
+
+def _fusion_path(tag: str) -> Path:
+    name, version = tag.split(":", 1)
+    return registry_dir() / "fusion" / name / f"{version}.json"
+
+
+def record_fusion(tag: str, report: dict[str, Any]) -> str:
+    """Keep a model's tuned fusion weights beside it (the report of ``models.fusion_tuning.tune``).
+
+    Kept outside BentoML's model: its files and metadata are the registered weights' provenance and stay as
+    registered, while tuning may be rerun on newer data. A rerun replaces the record whole.
+    """
+    weights = report.get("weights")
+    if not isinstance(weights, dict) or not weights or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            for v in weights.values()) or not any(weights.values()):
+        raise RegistryError(f"fusion weights for {tag} must map objectives to finite numbers >= 0, not all 0; "
+                            f"got {weights!r}")
+    full = resolve(tag)
+    path = _fusion_path(full)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(path, {"tag": full, "recorded": _now(), "fusion": _json_safe(report)})
+    audit({"event": "fusion tuned", "tag": full, "weights": weights})
+    return full
+
+
+def fusion_of(tag: str) -> dict[str, Any] | None:
+    """The recorded fusion tuning of ``tag`` (``{"weights": ..., ...}``), or None when it has none."""
+    return _record_of(tag, _fusion_path, "fusion")
 
 
 def _json_safe(x: Any) -> Any:
@@ -487,6 +524,7 @@ def describe(tag: str) -> dict[str, Any]:
     full = str(m.tag)
     return {"tag": full, "path": str(m.path), "created": m.creation_time.isoformat(timespec="seconds"),
             "labels": dict(m.info.labels), "metadata": m.info.metadata, "evaluation": evaluation_of(full),
+            "fusion": fusion_of(full),
             "production": full == production()}
 
 

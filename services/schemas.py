@@ -64,7 +64,8 @@ class RankResponse(BaseModel):
     model_version: str
     user_id: str
     user_cold_start: bool
-    weights: dict[str, float]
+    weights: dict[str, float] = Field(description="the weights this answer was fused with: the request's, else the "
+                                                  "model's, or the vector exploration drew (MTLREC_EXPLORE)")
     fusion: str
     diversity: float
     items: list[RankedItem]

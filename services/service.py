@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -145,6 +146,10 @@ class RankingService:
             except Exception as e:  # noqa: BLE001 - a down database must not stop the ranking; the writer retries
                 log.warning("impression log unavailable at start (rows will be dropped until it answers): %s", e)
             self.events = ImpressionLog(store, capacity=env.events_queue_rows, on_drop=_event_drops.inc)
+        # MTLREC_EXPLORE: requests without weights may be ranked with a nearby weighting (services/ranking.py).
+        # random.Random.random() is one C call, safe across the request threads without a lock.
+        self.explore = ranking.Exploration.from_settings(env)
+        self._rng = random.Random()
         self._recent = RecentRequests()  # feedback on a request whose rows are still queued finds them here
         try:
             self._load()
@@ -165,7 +170,8 @@ class RankingService:
                 raise LookupError(f"no production model in the registry at {registry.home()}")
             previous = self.model.tag if self.model else None
             if previous != tag:
-                self.model = ranking.Model.of(tag, Scorer.load(registry.artifact_path(tag)))  # one reference swap
+                tuned = (registry.fusion_of(tag) or {}).get("weights")  # what the gate judged it with
+                self.model = ranking.Model.of(tag, Scorer.load(registry.artifact_path(tag)), weights=tuned)
                 log.info("serving %s (was %s)", tag, previous)
             return previous, tag
 
@@ -203,28 +209,31 @@ class RankingService:
         """Rank candidate items for a user: fused score, each objective's score, rank before re-ranking.
 
         ``weights`` are keyed by the model's objectives (its declared binary tasks); ``fusion`` defaults to the
-        model's own method.
+        model's own method. Without ``weights`` the model's fusion weights rank, or, with ``MTLREC_EXPLORE=epsilon``,
+        a nearby weighting drawn at random; the answer's ``weights`` are the ones used.
         """
         ts, extra = _context(context)
         request_id = uuid.uuid4().hex
 
         def answer(model):
             out = ranking.rank(model, self.reader, user_id, list(candidates), k=k, weights=weights,
-                               diversity=diversity, fusion=fusion, request_ts=ts, context=extra)
+                               diversity=diversity, fusion=fusion, request_ts=ts, context=extra,
+                               explore=self.explore, rng=self._rng)
+            propensities, policy = out.pop("propensities"), out.pop("policy")  # the log's, not the response's
             out["request_id"] = request_id
-            self._log(request_id, ts, out, extra)
+            self._log(request_id, ts, out, extra, propensities, policy)
             return out
 
         return self._answer("rank", RankResponse, answer)
 
-    def _log(self, request_id: str, ts: Optional[float], answer: dict, context: dict) -> None:
-        """Queue the answer's rows (never blocks, never raises); a deterministic policy shows each with p = 1."""
+    def _log(self, request_id: str, ts: Optional[float], answer: dict, context: dict, propensities: list,
+             policy: dict) -> None:
+        """Queue the answer's rows (never blocks, never raises), each with its placement's propensity."""
         if self.events is None:
             return
         from services.events import impression_rows
 
-        rows = impression_rows(request_id, time.time() if ts is None else ts, answer,
-                               [1.0] * len(answer["items"]), context)
+        rows = impression_rows(request_id, time.time() if ts is None else ts, answer, propensities, context, policy)
         self._recent.add(request_id, {r[1] for r in rows})
         self.events.log(rows)
 

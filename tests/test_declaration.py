@@ -89,6 +89,11 @@ BAD = {
     "negative loss weight": (_tasks({"name": "click", "loss_weight": -1}), ["task click", "loss_weight"]),
     "gain not a number": (_tasks({"name": "click", "gain": "high"}), ["task click", "gain must be a number", "'high'"]),
     "gain not finite": (_tasks({"name": "click", "gain": float("inf")}), ["task click", "gain must be a finite"]),
+    "negative reward": (_tasks(CLICK, {"name": "purchase", "parent": "click", "reward": -5}),
+                        ["task purchase", "reward must be >= 0"]),
+    "reward not a number": (_tasks({"name": "click", "reward": "lots"}),
+                            ["task click", "reward must be a number", "'lots'"]),
+    "reward not finite": (_tasks({"name": "click", "reward": float("nan")}), ["task click", "reward must be a finite"]),
     "max not finite": (_tasks(CLICK, {"name": "dwell", "type": "regression", "max": float("nan")}),
                        ["task dwell", "max must be a finite"]),
     "null rate of one": (_tasks({"name": "click", "max_null_rate": 1}),
@@ -134,6 +139,16 @@ def test_fusion_weight_follows_gain_unless_given():
     d = Declaration.from_dict(_tasks({"name": "click", "gain": 3}, {"name": "like", "gain": 2, "fusion_weight": 0.5},
                                      {"name": "dwell", "type": "regression", "fusion_weight": 0.25}))
     assert [t.default_fusion_weight for t in d.tasks] == [3.0, 0.5, 0.25]
+
+
+def test_reward_defaults_to_the_gain_for_binary_tasks_and_zero_otherwise():
+    d = Declaration.from_dict(_tasks({"name": "click", "gain": 2}, {"name": "purchase", "parent": "click",
+                                                                     "reward": "5"},
+                                     {"name": "dwell", "type": "regression", "parent": "click"}))
+    assert [t.reward for t in d.tasks] == [None, 5.0, None]  # as declared: the default stays implicit
+    assert [t.default_reward for t in d.tasks] == [2.0, 5.0, 0.0]
+    assert Declaration.from_dict(d.to_dict()) == d
+    assert d.to_dict()["tasks"][1]["reward"] == 5.0 and "reward" not in d.to_dict()["tasks"][0]
 
 
 def test_custom_label_and_explicit_primary():

@@ -234,3 +234,31 @@ def test_served_rankings_and_feedback_become_the_next_training_set(world, backen
 
     evaluation = registry.evaluation_of(summary["tag"])  # a new model, judged on the logged data's holdout
     assert evaluation is not None and 0 <= evaluation["rankers"]["model"]["ndcg@10"] <= 1
+
+
+@pytest.mark.slow
+def test_served_exploration_logs_the_policy_and_each_placements_propensity(world, tmp_path):
+    """MTLREC_EXPLORE=epsilon: requests without weights are ranked by a drawn vector, and the log says which."""
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    env = {"BENTOML_HOME": str(world["home"]), "MTLREC_ONLINE_STORE": "sqlite", "MTLREC_EVENTS_URL": url,
+           "MTLREC_EXPLORE": "epsilon", "MTLREC_EXPLORE_EPSILON": "0.5"}
+    with launcher.serving(env, data=world["data"], timeout=120, log=tmp_path / "serve.log") as served:
+        with httpx.Client(base_url=served.url, timeout=30) as client:
+            _simulate(client, world["data"], requests=60, seed=1)
+            explicit = client.post("/rank", json={"user_id": "u1", "candidates": ["i1", "i2", "i3"],
+                                                  "weights": {"click": 1}})
+            assert explicit.status_code == 200 and explicit.json()["weights"] == {"click": 1.0}
+            assert set(explicit.json()) == {"request_id", "model_version", "user_id", "user_cold_start", "weights",
+                                            "fusion", "diversity", "items"}  # no log-only keys in the response
+    impressions, _ = EventStore(url).read()
+    requests = impressions.drop_duplicates("request_id").set_index("request_id")
+    assert requests.loc[explicit.json()["request_id"], "policy"] == {}
+    assert (impressions[impressions.request_id == explicit.json()["request_id"]].propensity == 1.0).all()
+    explored = requests[requests.policy.map(bool)]
+    assert len(explored) == 60
+    vectors = explored.policy.iloc[0]["vectors"]
+    assert len(vectors) == 5 and all(p["vectors"] == vectors for p in explored.policy)
+    assert all(w == p["vectors"][p["chosen"]] for w, p in zip(explored.weights, explored.policy))
+    assert (explored.policy.map(lambda p: p["chosen"]) != 0).sum() >= 5  # some requests used another weighting
+    props = impressions.propensity
+    assert ((props > 0) & (props <= 1)).all() and (props < 1).any()

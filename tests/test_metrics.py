@@ -214,3 +214,36 @@ def test_empty_input():
     assert len(rows["users"]) == 0 and len(rows["ndcg@10"]) == 0
     assert metrics.ranking_metrics([], [], [], (10,))["users"] == 0
     assert math.isnan(metrics.gauc([], [], [])) and math.isnan(metrics.auc([], []))
+
+
+# ---- reward@K ---------------------------------------------------------------------------------
+def brute_reward(scores: np.ndarray, reward: np.ndarray, k: int) -> float:
+    """Reward-weighted DCG@k of one group, averaged over all orders of its tied blocks."""
+    return float(np.mean([_dcg(reward[o].tolist(), k) for o in _orders(scores)]))
+
+
+def test_reward_known_answer():
+    # A purchase (reward 1 + 5) second, a click (reward 1) first: 1/log2(2) + 6/log2(3).
+    m = metrics.reward_metrics(["u", "u", "u"], [0.9, 0.5, 0.1], [1.0, 6.0, 0.0], ks=(1, 2))
+    assert m["reward@1"] == pytest.approx(1.0) and m["reward@2"] == pytest.approx(1 + 6 / np.log2(3))
+    # A user who earned nothing is a list worth 0, and counts in the average.
+    m = metrics.reward_metrics(["a", "a", "b"], [0.2, 0.1, 0.5], [3.0, 0.0, 0.0], ks=(10,))
+    assert m["reward@10"] == pytest.approx(1.5)
+
+
+def test_reward_matches_brute_force_over_tied_orders():
+    users, scores, labels = random_groups(seed=11, n_groups=40, max_size=6, graded=True)
+    reward = labels * np.random.default_rng(3).choice([0.5, 1.0, 5.0], size=len(labels))
+    rows = metrics.reward_per_user(users, scores, reward, KS)
+    assert list(rows["users"]) == sorted(set(users.tolist()))  # every user, positives or not
+    for i, (u, s, r) in enumerate(_by_user(users, scores, reward)):
+        for k in KS:
+            assert rows[f"reward@{k}"][i] == pytest.approx(brute_reward(s, r, k), abs=1e-12), (u, k)
+    means = metrics.reward_metrics(users, scores, reward, KS)
+    for k in KS:
+        assert means[f"reward@{k}"] == pytest.approx(float(np.mean(rows[f"reward@{k}"])))
+
+
+def test_reward_of_an_empty_input():
+    assert metrics.reward_per_user([], [], [], (10,))["reward@10"].shape == (0,)
+    assert math.isnan(metrics.reward_metrics([], [], [], (10,))["reward@10"])

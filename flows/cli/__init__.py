@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from flows.cli import data, events, features, registry, serving, workflow
+from flows.cli import data, events, features, fusion, fusion_evaluate, registry, serving, workflow
 
 app = typer.Typer(help="mtlrec: multi-task recommendation, from raw events to a ranking API.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -17,6 +17,9 @@ app.add_typer(data.app, name="data")
 app.add_typer(features.app, name="features")
 app.add_typer(registry.app, name="models", help="The model registry: list, show, rollback.")
 app.add_typer(events.app, name="events")
+# `mtlrec fusion tune` (offline, fusion.py) and `mtlrec fusion evaluate` (off-policy, fusion_evaluate.py): one group
+fusion.app.registered_commands.extend(fusion_evaluate.app.registered_commands)
+app.add_typer(fusion.app, name="fusion")
 for group in (workflow.app, serving.app, registry.commands):
     app.registered_commands.extend(group.registered_commands)
 

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.stages.common import HOUR, MINUTE
 
 
-KS = ("ndcg@10", "ndcg@20", "ndcg@50", "recall@10", "recall@20", "recall@50")
+KS = ("ndcg@10", "ndcg@20", "ndcg@50", "recall@10", "recall@20", "recall@50", "reward@10", "reward@20", "reward@50")
 
 
 def metric_table(result: dict) -> str:
@@ -29,7 +29,10 @@ def protocol_tables(result: dict) -> str:
     parts = []
     for name, r in (result.get("protocols") or {"rerank": result}).items():
         p = r["protocol"]
-        parts += [f"## {name}: {p['candidates']}", "", metric_table(r), ""]
+        parts += [f"## {name}: {p['candidates']}", ""]
+        if p.get("reward"):  # reward@K is in the dataset's own units: say which
+            parts += [f"reward@K: expected reward of the top K, reward = {p['reward']}", ""]
+        parts += [metric_table(r), ""]
     parts += ["| task | AUC | GAUC | logloss |", "|---|---|---|---|"]
     parts += [f"| {t} | {v.get('auc', float('nan')):.4f} | {v.get('gauc', float('nan')):.4f} | "
               f"{v.get('logloss', float('nan')):.4f} |" for t, v in result["tasks"].items()]
