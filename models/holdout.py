@@ -191,9 +191,17 @@ class Rankers:
         return out
 
 
+def _beyond(h: Holdout, frame: pd.DataFrame, groups: np.ndarray, fused: np.ndarray, k: int) -> dict[str, float]:
+    """Coverage, novelty and (where items have a category) intra-list diversity of the top ``k`` lists."""
+    cats = frame["category"].to_numpy(dtype=object) if "category" in frame else None
+    return metrics.beyond_accuracy(groups, fused, frame["item_id"].to_numpy(), k, h.popularity_counts(),
+                                   int(h.log["item_id"].nunique()), cats)
+
+
 def _rerank(h: Holdout, rankers: Rankers, ks) -> dict[str, Any]:
     scored = rankers.scores(h.test)
-    out = {name: h.ranking(fused, per, ks) for name, (fused, per) in scored.items()}
+    out = {name: {**h.ranking(fused, per, ks), **_beyond(h, h.test, h.users, fused, ks[0])}
+           for name, (fused, per) in scored.items()}
     tasks = h.tasks(scored["model"][1], rankers.model)
     for name, st in rankers.singles.items():
         tasks[f"{name} (single-task)"] = h.tasks(scored[f"single-task {name}"][1], st).get(name, {})
@@ -226,6 +234,7 @@ def _unshown(h: Holdout, rankers: Rankers, n: int | str, ks, seed: int, max_posi
     out = {}
     for ranker, (fused, per) in scored.items():
         m = _grouped(cands.group, fused, target, pos_rel > 0, ks, reward)
+        m.update(_beyond(h, cands.frame, cands.group, fused, ks[0]))
         for name in h.labels:
             hit = positives[h.task_set.get(name).column].to_numpy(np.float64) > 0
             m.update({f"{name}/{k}": v for k, v in _grouped(cands.group, per.get(name, fused), target, hit,

@@ -205,3 +205,35 @@ def logloss(probs, labels, eps: float = 1e-7) -> float:
 
 def rmse(pred, target) -> float:
     return float(np.sqrt(np.mean((_f64(pred) - _f64(target)) ** 2)))
+
+
+def beyond_accuracy(groups, scores, items, k: int, popularity: dict | pd.Series, catalogue: int,
+                    categories=None) -> dict[str, float]:
+    """What accuracy does not see, over each group's top ``k`` by score.
+
+    ``coverage@k``: the share of the catalogue that appears in anyone's top k (a ranker that shows everyone
+    the same hits covers little). ``novelty@k``: the mean self-information ``-log2 p(item)`` of the shown
+    items, ``p`` an item's share of the training positives (add-one smoothed over the catalogue), so long-tail
+    items count more. ``ild@k``: intra-list diversity, the share of pairs in a top k whose categories differ
+    (only with ``categories``). Top k by score, ties broken by row order.
+    """
+    frame = pd.DataFrame({"g": np.asarray(groups), "s": np.asarray(scores, dtype=np.float64),
+                          "i": np.asarray(items).astype(str)})
+    if categories is not None:
+        frame["c"] = pd.Series(np.asarray(categories, dtype=object)).fillna("").astype(str).to_numpy()
+    top = frame.sort_values(["g", "s"], ascending=[True, False], kind="stable").groupby("g", sort=False).head(k)
+    if top.empty:
+        return {f"coverage@{k}": float("nan"), f"novelty@{k}": float("nan"), f"ild@{k}": float("nan")}
+    counts = pd.Series(popularity, dtype=np.float64)
+    counts.index = counts.index.astype(str)
+    total = float(counts.sum()) + max(catalogue, 1)
+    share = (top["i"].map(counts).fillna(0.0) + 1.0) / total
+    out = {f"coverage@{k}": top["i"].nunique() / max(catalogue, 1),
+           f"novelty@{k}": float((-np.log2(share)).groupby(top["g"].to_numpy()).mean().mean())}
+    if categories is not None:
+        sizes = top.groupby("g").size()
+        same = top.groupby(["g", "c"]).size().pow(2).groupby(level=0).sum() - sizes  # ordered same-category pairs
+        pairs = sizes * (sizes - 1)
+        ok = pairs > 0
+        out[f"ild@{k}"] = float((1.0 - same[ok] / pairs[ok]).mean()) if ok.any() else float("nan")
+    return out

@@ -180,6 +180,12 @@ def test_every_protocol_is_reported_with_the_oracle_and_separates_the_model_from
     assert p["candidates_per_positive"] > 60 and p["request_crosses"] == "recomputed"
     # The oracle is the generator's own click probability: on re-ranking, no trained model is far above it.
     assert rr["oracle"]["click/ndcg@10"] > rr["model"]["click/ndcg@10"] - 0.05
+    # Beyond accuracy, for every ranker and protocol: among unshown items popularity shows everyone the same
+    # hits, random shows the long tail.
+    for r in result["protocols"].values():
+        assert all({"coverage@10", "novelty@10", "ild@10"} <= set(m) for m in r["rankers"].values())
+    assert un["popularity"]["coverage@10"] < un["random"]["coverage@10"]
+    assert un["popularity"]["novelty@10"] < un["random"]["novelty@10"]
 
 
 def test_scoring_in_chunks_gives_the_same_scores(models):

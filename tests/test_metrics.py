@@ -247,3 +247,19 @@ def test_reward_matches_brute_force_over_tied_orders():
 def test_reward_of_an_empty_input():
     assert metrics.reward_per_user([], [], [], (10,))["reward@10"].shape == (0,)
     assert math.isnan(metrics.reward_metrics([], [], [], (10,))["reward@10"])
+
+
+def test_beyond_accuracy_known_answer():
+    # two users, top 2 of three items each; catalogue of 4; training positives i1: 3, i2: 1 (i3, i4: none)
+    groups = ["a", "a", "a", "b", "b", "b"]
+    scores = [0.9, 0.5, 0.1, 0.2, 0.8, 0.7]
+    items = ["i1", "i2", "i3", "i1", "i3", "i4"]
+    cats = ["x", "x", "y", "x", "y", None]
+    out = metrics.beyond_accuracy(groups, scores, items, 2, {"i1": 3, "i2": 1}, 4, cats)
+    assert out["coverage@2"] == pytest.approx(4 / 4)  # a: i1, i2; b: i3, i4
+    share = {"i1": 4 / 8, "i2": 2 / 8, "i3": 1 / 8, "i4": 1 / 8}  # (count + 1) / (positives + catalogue)
+    a = (-np.log2(share["i1"]) - np.log2(share["i2"])) / 2
+    b = (-np.log2(share["i3"]) - np.log2(share["i4"])) / 2
+    assert out["novelty@2"] == pytest.approx((a + b) / 2)
+    assert out["ild@2"] == pytest.approx((0.0 + 1.0) / 2)  # a: both x; b: y and unknown differ
+    assert "ild@2" not in metrics.beyond_accuracy(groups, scores, items, 2, {}, 4)

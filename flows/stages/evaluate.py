@@ -11,7 +11,8 @@ from prefect.artifacts import create_markdown_artifact
 from flows.stages.common import HOUR, MINUTE
 
 
-KS = ("ndcg@10", "ndcg@20", "ndcg@50", "recall@10", "recall@20", "recall@50", "reward@10", "reward@20", "reward@50")
+KS = ("ndcg@10", "ndcg@20", "ndcg@50", "recall@10", "recall@20", "recall@50", "reward@10", "reward@20", "reward@50",
+      "coverage@10", "novelty@10", "ild@10")
 
 
 def metric_table(result: dict) -> str:
