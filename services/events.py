@@ -42,17 +42,18 @@ from typing import Any, Callable, Iterable
 log = logging.getLogger("mtlrec.events")
 
 IMPRESSION_COLUMNS = ("request_id", "item_id", "user_id", "ts", "position", "model_version", "score", "scores",
-                      "weights", "diversity", "propensity", "context", "policy")
-# ``policy`` came later than the rest: a database created before it keeps its table (IF NOT EXISTS) without
-# the column, and the writer's inserts into it fail (rows dropped and counted). There is no migration: point
-# MTLREC_EVENTS_URL at a new database, or ``ALTER TABLE impressions ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'``.
+                      "weights", "diversity", "propensity", "context", "policy", "novelty")
+# ``policy`` and ``novelty`` came later than the rest: a database created before them keeps its table (IF NOT
+# EXISTS) without them, and the writer's inserts into it fail (rows dropped and counted). There is no
+# migration: point MTLREC_EVENTS_URL at a new database, or ``ALTER TABLE impressions ADD COLUMN policy TEXT NOT
+# NULL DEFAULT '{}'`` and ``ALTER TABLE impressions ADD COLUMN novelty DOUBLE PRECISION NOT NULL DEFAULT 0``.
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS impressions (
         request_id TEXT NOT NULL, item_id TEXT NOT NULL, user_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,
         position INTEGER NOT NULL, model_version TEXT NOT NULL, score DOUBLE PRECISION NOT NULL,
         scores TEXT NOT NULL, weights TEXT NOT NULL, diversity DOUBLE PRECISION NOT NULL,
         propensity DOUBLE PRECISION NOT NULL, context TEXT NOT NULL, policy TEXT NOT NULL,
-        PRIMARY KEY (request_id, item_id))""",
+        novelty DOUBLE PRECISION NOT NULL DEFAULT 0, PRIMARY KEY (request_id, item_id))""",
     "CREATE INDEX IF NOT EXISTS impressions_ts ON impressions (ts)",
     """CREATE TABLE IF NOT EXISTS feedback (
         request_id TEXT NOT NULL, item_id TEXT NOT NULL, event TEXT NOT NULL, value DOUBLE PRECISION NOT NULL,
@@ -155,6 +156,17 @@ class EventStore:
             return {r[0]: {"user_id": r[1], "position": r[2], "model_version": r[3]} for r in cur.fetchall()}
 
     @_database_errors
+    def interacted(self, user_id: str, limit: int = 1000) -> set[str]:
+        """Items this user gave positive feedback on (any event above 0), most recent first, at most ``limit``."""
+        with closing(self.connect()) as conn:
+            cur = conn.cursor()
+            cur.execute(self._sql("SELECT f.item_id, MAX(f.ts) AS last FROM feedback f JOIN impressions i ON "
+                                  "i.request_id = f.request_id AND i.item_id = f.item_id WHERE i.user_id = ? "
+                                  "AND f.value > 0 GROUP BY f.item_id ORDER BY last DESC LIMIT ?"),
+                        (user_id, int(limit)))
+            return {r[0] for r in cur.fetchall()}
+
+    @_database_errors
     def record_feedback(self, request_id: str, item_id: str, events: dict[str, float],
                         ts: float | None = None) -> list[str]:
         """Insert each event once; a repeat of (request, item, event) is ignored. Returns the events that were new."""
@@ -203,7 +215,7 @@ def impression_rows(request_id: str, ts: float, answer: dict[str, Any], propensi
     pol = json.dumps(policy or {}, sort_keys=True)
     return [(request_id, it["item_id"], answer["user_id"], float(ts), position, answer["model_version"],
              float(it["score"]), json.dumps(it["scores"], sort_keys=True), weights, float(answer["diversity"]),
-             float(p), ctx, pol)
+             float(p), ctx, pol, float(answer.get("novelty", 0.0)))
             for position, (it, p) in enumerate(zip(answer["items"], propensities), start=1)]
 
 

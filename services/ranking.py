@@ -206,10 +206,42 @@ def choose(probabilities: list[float], rng) -> int:
 
 
 def order(probs: dict[str, np.ndarray], weights: dict[str, float], fusion: str, categories: np.ndarray, k: int,
-          diversity: float) -> tuple[np.ndarray, np.ndarray]:
-    """The fused scores and the shown candidates' indices, slot by slot: what one weighting would show."""
+          diversity: float, novelty: float = 0.0, tail: np.ndarray | None = None,
+          seen: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The fused scores and the shown candidates' indices, slot by slot: what one weighting would show.
+
+    ``novelty`` (0-1) blends the fused score (min-max scaled) with the candidates' long-tail score ``tail``
+    and scales down the items the user already interacted with (``seen``) by ``1 - novelty``; diversity
+    re-ranks what comes out. At 0 the order is the fused score's.
+    """
     fused = fuse(probs, weights, method=fusion)
-    return fused, mmr(fused, categories, k, diversity)
+    key = fused
+    if novelty > 0:
+        key = _unit(fused)
+        if tail is not None:
+            key = (1.0 - novelty) * key + novelty * _unit(tail)
+        if seen is not None:
+            key = np.where(seen, key * (1.0 - novelty), key)
+    return fused, mmr(key, categories, k, diversity)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    span = x.max() - x.min() if len(x) else 0.0
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
+def tail_scores(frame: dict[str, np.ndarray], primary: str | None) -> np.ndarray | None:
+    """How far in the long tail each candidate is: ``-log(1 + n)``, ``n`` the item's count of the primary
+    task over the longest window the feature store keeps (its popularity feature); None when it has none."""
+    from feature_repo.schema import WINDOWS, count_column
+
+    for window in sorted(WINDOWS, reverse=True):
+        column = count_column("item", primary or "", window)
+        if column in frame:
+            counts = np.nan_to_num(np.asarray(frame[column], dtype=np.float64), nan=0.0)
+            return -np.log1p(np.clip(counts, 0.0, None))
+    return None
 
 
 def propensities(orders: list[np.ndarray], probabilities: list[float], chosen: int) -> np.ndarray:
@@ -233,8 +265,12 @@ def propensities(orders: list[np.ndarray], probabilities: list[float], chosen: i
 def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | None = None,
          weights: dict[str, float] | None = None, diversity: float = 0.0, fusion: str | None = None,
          request_ts: float | None = None, context: dict[str, Any] | None = None,
-         explore: Exploration | None = None, rng=None) -> dict[str, Any]:
+         explore: Exploration | None = None, rng=None, novelty: float = 0.0,
+         seen_items: set[str] | None = None) -> dict[str, Any]:
     """The ranked top ``k`` with fused and per-objective scores; plain data, ready for JSON.
+
+    ``novelty`` favours the long tail and demotes ``seen_items`` (what the user already interacted with);
+    see ``order``.
 
     Besides the answer, two keys for the impression log (the service removes them from the response):
     ``propensities``, one per returned item, and ``policy``, ``{"vectors", "probabilities", "chosen"}`` when
@@ -247,18 +283,24 @@ def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | 
     s = score(model, reader, user_id, candidates, request_ts=request_ts, context=context)
     cats = np.asarray(s.frame["category"], dtype=object) if "category" in s.frame else np.full(len(candidates), None)
     shown = k or len(candidates)
+    extra: dict[str, Any] = {}
+    if novelty > 0:
+        primary = getattr(model.scorer.tasks, "primary", None) or next(
+            (t.name for t in model.scorer.tasks if t.type == "binary"), None)
+        extra = {"novelty": float(novelty), "tail": tail_scores(s.frame, primary),
+                 "seen": np.array([c in seen_items for c in candidates]) if seen_items else None}
     policy: dict[str, Any] = {}
     if explore is not None and explore.on and weights is None:  # a caller's explicit weights are never explored
         vectors = weight_vectors(w, explore.spread)
         probabilities = policy_probabilities(len(vectors), explore.epsilon)
         chosen = choose(probabilities, rng if rng is not None else np.random.default_rng())
-        ranked = [order(s.probs, v, fusion, cats, shown, diversity) for v in vectors]  # scores computed once
+        ranked = [order(s.probs, v, fusion, cats, shown, diversity, **extra) for v in vectors]  # scored once
         w = vectors[chosen]
         fused, top = ranked[chosen]
         prop = propensities([r[1] for r in ranked], probabilities, chosen)
         policy = {"vectors": vectors, "probabilities": probabilities, "chosen": chosen}
     else:
-        fused, top = order(s.probs, w, fusion, cats, shown, diversity)
+        fused, top = order(s.probs, w, fusion, cats, shown, diversity, **extra)
         prop = np.ones(len(top))
     if not np.isfinite(fused).all():
         raise NonFiniteScores("non-finite fused scores")
@@ -269,7 +311,7 @@ def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | 
               "scores": {o: _num(s.probs[o][i]) for o in objectives if o in s.probs},
               "rank_before_rerank": int(before[i]), "cold_start": bool(s.item_cold[i])} for i in top]
     return {"model_version": model.tag, "user_id": user_id, "user_cold_start": s.user_cold, "weights": w,
-            "fusion": fusion, "diversity": float(diversity), "items": items,
+            "fusion": fusion, "diversity": float(diversity), "novelty": float(novelty), "items": items,
             "propensities": [float(p) for p in prop], "policy": policy}
 
 

@@ -68,6 +68,7 @@ class RankResponse(BaseModel):
                                                   "model's, or the vector exploration drew (MTLREC_EXPLORE)")
     fusion: str
     diversity: float
+    novelty: float
     items: list[RankedItem]
 
 

@@ -205,7 +205,8 @@ class RankingService:
     # ---- API --------------------------------------------------------------------------------
     @bentoml.api(route="/rank")
     def rank(self, user_id: Id, candidates: Candidates, context: Optional[Context] = None, k: K = None,
-             weights: Weights = None, diversity: Diversity = 0.0, fusion: Optional[Fusion] = None) -> RankResponse:
+             weights: Weights = None, diversity: Diversity = 0.0, fusion: Optional[Fusion] = None,
+             novelty: Diversity = 0.0) -> RankResponse:
         """Rank candidate items for a user: fused score, each objective's score, rank before re-ranking.
 
         ``weights`` are keyed by the model's objectives (its declared binary tasks); ``fusion`` defaults to the
@@ -218,13 +219,26 @@ class RankingService:
         def answer(model):
             out = ranking.rank(model, self.reader, user_id, list(candidates), k=k, weights=weights,
                                diversity=diversity, fusion=fusion, request_ts=ts, context=extra,
-                               explore=self.explore, rng=self._rng)
+                               explore=self.explore, rng=self._rng, novelty=novelty,
+                               seen_items=self._interacted(user_id) if novelty > 0 else None)
             propensities, policy = out.pop("propensities"), out.pop("policy")  # the log's, not the response's
             out["request_id"] = request_id
             self._log(request_id, ts, out, extra, propensities, policy)
             return out
 
         return self._answer("rank", RankResponse, answer)
+
+    def _interacted(self, user_id: str) -> Optional[set[str]]:
+        """What the user gave positive feedback on, for ``novelty``; nothing when the log is off or down."""
+        if self.events is None:
+            return None
+        from services.events import EventStoreError
+
+        try:
+            return self.events.store.interacted(user_id)
+        except EventStoreError as e:
+            log.warning("novelty without the user's history: %s", e)
+            return None
 
     def _log(self, request_id: str, ts: Optional[float], answer: dict, context: dict, propensities: list,
              policy: dict) -> None:

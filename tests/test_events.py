@@ -62,6 +62,8 @@ def test_store_round_trip_and_idempotent_feedback(store):
     assert sorted(zip(feedback.item_id, feedback.event, feedback.value)) == [
         ("i1", "click", 1.0), ("i1", "purchase", 0.0), ("i2", "click", 0.0)]
     assert store.read(since=1_700_000_001.0)[0].empty
+    assert store.interacted("u1") == {"i1"}  # a positive event; i2's click was 0
+    assert store.interacted("u2") == set()
 
 
 def test_the_log_writes_in_batches_and_flushes(tmp_path):
@@ -206,6 +208,10 @@ def test_served_rankings_and_feedback_become_the_next_training_set(world, backen
             again = client.post("/feedback", json={"request_id": rid, "item_id": "i1", "events": {"click": 1}})
             assert first.json()["recorded"] == ["click"] and again.json()["duplicates"] == ["click"]
             assert "mtlrec_requests" in client.get("/metrics").text
+            # novelty reads the user's history from the log: "i1" got a click above, so it is demoted
+            novel = client.post("/rank", json={"user_id": "u1", "candidates": ["i2", "i1"], "novelty": 1.0})
+            assert novel.status_code == 200 and novel.json()["novelty"] == 1.0, novel.text
+            assert [it["item_id"] for it in novel.json()["items"]][-1] == "i1"
     assert sent["clicks"] > 50, sent  # the simulated users did something worth learning from
 
     out = tmp_path / "logged"
@@ -213,7 +219,7 @@ def test_served_rankings_and_feedback_become_the_next_training_set(world, backen
                           "--out", str(out), "--url", url], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     log = contract.read_table(out, "interactions")
-    assert len(log) == 200 * 10 + 2 and log.click.sum() == sent["clicks"] + 1
+    assert len(log) == 200 * 10 + 2 + 2 and log.click.sum() == sent["clicks"] + 1
     assert log.purchase.sum() == sent["purchases"]
 
     server = prefect_server.start(tmp_path / "prefect", scheduler=False)
