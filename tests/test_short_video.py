@@ -126,3 +126,20 @@ def test_cli_short_video_scenario(tmp_path):
     manifest = contract.Manifest.load(out)
     assert manifest.source == "flows.data.short_video" and manifest.rows["interactions"] == 3000
     assert "category" not in contract.read_table(out, "items")
+
+
+def test_the_oracle_is_the_generators_own_probabilities(tmp_path):
+    """Redrawn from the manifest alone, it reproduces the ground truth the generator reported."""
+    from flows.data.short_video import GAINS, oracle
+    from models.metrics import auc, ranking_metrics
+
+    m = generate(tmp_path, ShortVideoConfig(n_users=300, n_items=100, n_interactions=20_000, days=6, seed=3))
+    log = pd.read_parquet(tmp_path / "interactions.parquet")
+    probs = oracle(tmp_path)(log)
+    last = (log["event_timestamp"] >= pd.Timestamp(m.params["log_start"]) + pd.Timedelta(days=5)).to_numpy()
+    expected = sum(GAINS[t] * probs[t] for t in probs)
+    graded = sum(GAINS[t] * log[t].to_numpy(np.float64) for t in probs)
+    ndcg = ranking_metrics(log["user_id"].to_numpy()[last], expected[last], graded[last], ks=(10,))["ndcg@10"]
+    assert ndcg == pytest.approx(m.params["ground_truth"]["oracle"], abs=1e-12)
+    for t in ("click", "long_view", "like", "follow"):
+        assert abs(probs[t].mean() - log[t].mean()) < 0.01 and auc(probs[t], log[t]) > 0.7, t

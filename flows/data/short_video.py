@@ -165,6 +165,51 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("nd,nd->n", a, b) / np.sqrt(a.shape[1])
 
 
+WATCH_SCALE = 0.8  # of the logistic noise on the watched share
+
+
+def _probabilities(cfg: ShortVideoConfig, w: _World, u: np.ndarray, i: np.ndarray, hour: np.ndarray,
+                   device: np.ndarray, position: np.ndarray) -> dict:
+    """Each behaviour's true marginal probability for these impressions, and what drawing them needs.
+
+    Closed forms: the watched share is ``sigmoid(mu0 + 1.2 click + logistic noise)``, so
+    P(long_view | click) is ``sigmoid((mu0 + 1.2 click - logit(LONG_VIEW_SHARE)) / scale)``; like and follow
+    logits shift with the realised click and long view, so their marginals sum over the four cells.
+    """
+    ul, il = w.user_latent[u], w.item_latent[i]
+    a = w.item_author[i]
+    half = cfg.dim // 2
+    aff_click = _dot(ul, il)
+    aff_watch = _dot(ul[:, half:], il[:, half:])
+    aff_like = _dot(ul[:, :half], il[:, :half])
+    aff_author = _dot(ul, w.author_latent[a])
+    duration = w.item_duration[i]
+    p_click = sigmoid(-2.7 + 1.4 * aff_click + w.item_appeal[i] + HOUR_CLICK[hour] + DEVICE_CLICK[device]
+                       - 0.03 * (position - 1))
+    mu0 = (-0.7 + 1.5 * aff_watch + w.patience[u] - 0.6 * np.log(duration / 30.0) + DEVICE_WATCH[device])
+    cut = np.log(LONG_VIEW_SHARE / (1.0 - LONG_VIEW_SHARE))
+    p_lv = {c: sigmoid((mu0 + 1.2 * c - cut) / WATCH_SCALE) for c in (0, 1)}
+    like_base = -5.5 + 1.3 * aff_like + 0.8 * w.author_quality[a] + w.like_bias[u]
+    follow_base = -7.0 + 1.6 * aff_author + 0.9 * w.author_quality[a]
+
+    def like_logit(c, lv):
+        return like_base + 1.6 * c + 1.0 * lv
+
+    def follow_logit(c, lv):
+        return follow_base + 1.3 * c + 1.0 * lv
+
+    p_like = np.zeros(len(u))
+    p_follow = np.zeros(len(u))
+    for c in (0, 1):
+        pc = p_click if c else 1 - p_click
+        for lv in (0, 1):
+            cell = pc * (p_lv[c] if lv else 1 - p_lv[c])
+            p_like += cell * sigmoid(like_logit(c, lv))
+            p_follow += cell * sigmoid(follow_logit(c, lv))
+    return {"click": p_click, "long_view": p_click * p_lv[1] + (1 - p_click) * p_lv[0], "like": p_like,
+            "follow": p_follow, "mu0": mu0, "like_logit": like_logit, "follow_logit": follow_logit}
+
+
 def _impressions(cfg: ShortVideoConfig, w: _World, rng: np.random.Generator, n: int,
                  start_us: int, span_us: int) -> dict[str, np.ndarray]:
     """Draw ``n`` impressions with their labels and each behaviour's true (marginal) probability."""
@@ -182,51 +227,16 @@ def _impressions(cfg: ShortVideoConfig, w: _World, rng: np.random.Generator, n: 
     device = (rng.random(n)[:, None] > cum[:, :-1]).sum(axis=1)
     position = np.minimum(rng.geometric(0.1, size=n), 100)
 
-    ul, il = w.user_latent[u], w.item_latent[i]
-    a = w.item_author[i]
-    half = cfg.dim // 2
-    aff_click = _dot(ul, il)
-    aff_watch = _dot(ul[:, half:], il[:, half:])
-    aff_like = _dot(ul[:, :half], il[:, :half])
-    aff_author = _dot(ul, w.author_latent[a])
-    duration = w.item_duration[i]
-
-    # click
-    p_click = sigmoid(-2.7 + 1.4 * aff_click + w.item_appeal[i] + HOUR_CLICK[hour] + DEVICE_CLICK[device]
-                       - 0.03 * (position - 1))
+    pr = _probabilities(cfg, w, u, i, hour, device, position)
+    p_click = pr["click"]
     click = rng.random(n) < p_click
-    # watch share = sigmoid(mu + logistic noise); long_view iff share >= LONG_VIEW_SHARE, so
-    # P(long_view | click) = sigmoid((mu - logit(LONG_VIEW_SHARE)) / scale) in closed form.
-    scale = 0.8
-    mu0 = (-0.7 + 1.5 * aff_watch + w.patience[u] - 0.6 * np.log(duration / 30.0) + DEVICE_WATCH[device])
-    cut = np.log(LONG_VIEW_SHARE / (1.0 - LONG_VIEW_SHARE))
-    p_lv = {c: sigmoid((mu0 + 1.2 * c - cut) / scale) for c in (0, 1)}
-    share = sigmoid(mu0 + 1.2 * click + rng.logistic(0.0, scale, size=n))
+    share = sigmoid(pr["mu0"] + 1.2 * click + rng.logistic(0.0, WATCH_SCALE, size=n))
+    duration = w.item_duration[i]
     watch_time = np.round(share * duration, 2)
     long_view = watch_time >= LONG_VIEW_SHARE * duration  # the stored columns' own rule
-
-    # like and follow: their logits shift with the realised click and long view.
-    like_base = -5.5 + 1.3 * aff_like + 0.8 * w.author_quality[a] + w.like_bias[u]
-    follow_base = -7.0 + 1.6 * aff_author + 0.9 * w.author_quality[a]
-
-    def like_logit(c, lv):
-        return like_base + 1.6 * c + 1.0 * lv
-
-    def follow_logit(c, lv):
-        return follow_base + 1.3 * c + 1.0 * lv
-
-    like = rng.random(n) < sigmoid(like_logit(click, long_view))
-    follow = rng.random(n) < sigmoid(follow_logit(click, long_view))
-    # Marginal probabilities over the four (click, long_view) cells.
-    p_long_view = p_click * p_lv[1] + (1 - p_click) * p_lv[0]
-    p_like = np.zeros(n)
-    p_follow = np.zeros(n)
-    for c in (0, 1):
-        pc = p_click if c else 1 - p_click
-        for lv in (0, 1):
-            cell = pc * (p_lv[c] if lv else 1 - p_lv[c])
-            p_like += cell * sigmoid(like_logit(c, lv))
-            p_follow += cell * sigmoid(follow_logit(c, lv))
+    like = rng.random(n) < sigmoid(pr["like_logit"](click, long_view))
+    follow = rng.random(n) < sigmoid(pr["follow_logit"](click, long_view))
+    p_long_view, p_like, p_follow = pr["long_view"], pr["like"], pr["follow"]
     return {"u": u, "i": i, "ts": ts, "device": device, "position": position,
             "click": click, "long_view": long_view, "like": like, "follow": follow, "watch_time": watch_time,
             "p_click": p_click, "p_long_view": p_long_view, "p_like": p_like, "p_follow": p_follow}
@@ -268,6 +278,43 @@ def ground_truth_quality(d: dict[str, np.ndarray], start_us: int, span_us: int, 
     }
 
 
+def _world(cfg: ShortVideoConfig, rng: np.random.Generator, start_us: int, span_us: int):
+    """Users, items and the hidden world behind them: the generator's first draws, so a seed repeats them."""
+    users, u_lat, patience, like_bias, device_probs, activity = _users(cfg, rng, start_us)
+    items, a_lat, a_quality, i_lat, author, appeal, duration, launch, exposure = _items(cfg, rng, start_us, span_us)
+    world = _World(u_lat, patience, like_bias, device_probs, activity, a_lat, a_quality, i_lat, author, appeal,
+                   duration, launch, exposure)
+    return users, items, world
+
+
+def oracle(data: Path | str):
+    """The generator's own probabilities for any rows of this dataset, or None if it is not a short-video log.
+
+    As ``flows.data.synth.oracle``: the world is drawn again from the manifest's seed and sizes. Rows need
+    ``user_id``, ``item_id``, ``event_timestamp``, ``device`` and ``position``; returned: each binary
+    behaviour's marginal probability, ``{"click", "long_view", "like", "follow"}``.
+    """
+    manifest = contract.Manifest.load(data)
+    if manifest is None or manifest.source != "flows.data.short_video":
+        return None
+    fields = ShortVideoConfig.__dataclass_fields__
+    cfg = ShortVideoConfig(**{k: v for k, v in manifest.params.items() if k in fields})
+    start_us, span_us, _ = time_span(cfg.end, cfg.days)
+    _, _, world = _world(cfg, np.random.default_rng(cfg.seed), start_us, span_us)
+    device_code = {d: k for k, d in enumerate(DEVICES)}
+
+    def probabilities(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+        u = rows["user_id"].astype(str).str[1:].astype(np.int64).to_numpy()
+        i = rows["item_id"].astype(str).str[1:].astype(np.int64).to_numpy()
+        hour = pd.to_datetime(rows[contract.TIMESTAMP], utc=True).dt.hour.to_numpy()
+        device = rows["device"].astype(str).map(device_code).fillna(0).astype(np.int64).to_numpy()
+        position = pd.to_numeric(rows["position"], errors="coerce").fillna(1).to_numpy(np.float64)
+        pr = _probabilities(cfg, world, u, i, hour, device, position)
+        return {name: pr[name] for name in BINARY}
+
+    return probabilities
+
+
 def generate(out: Path | str, cfg: ShortVideoConfig = ShortVideoConfig()) -> contract.Manifest:
     """Write users, items, interactions and the manifest into ``out``; return the manifest."""
     out = Path(out)
@@ -275,10 +322,7 @@ def generate(out: Path | str, cfg: ShortVideoConfig = ShortVideoConfig()) -> con
     rng = np.random.default_rng(cfg.seed)
     start_us, span_us, end_us = time_span(cfg.end, cfg.days)
 
-    users, u_lat, patience, like_bias, device_probs, activity = _users(cfg, rng, start_us)
-    items, a_lat, a_quality, i_lat, author, appeal, duration, launch, exposure = _items(cfg, rng, start_us, span_us)
-    world = _World(u_lat, patience, like_bias, device_probs, activity, a_lat, a_quality, i_lat, author, appeal,
-                   duration, launch, exposure)
+    users, items, world = _world(cfg, rng, start_us, span_us)
     contract.write_table(users, out, "users")
     contract.write_table(items, out, "items")
 
