@@ -212,6 +212,10 @@ def test_served_rankings_and_feedback_become_the_next_training_set(world, backen
             novel = client.post("/rank", json={"user_id": "u1", "candidates": ["i2", "i1"], "novelty": 1.0})
             assert novel.status_code == 200 and novel.json()["novelty"] == 1.0, novel.text
             assert [it["item_id"] for it in novel.json()["items"]][-1] == "i1"
+            # the log is written asynchronously: wait for the writer before the server stops
+            store, deadline = EventStore(url), time.monotonic() + 60
+            while len(store.read()[0]) < 200 * 10 + 2 + 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
     assert sent["clicks"] > 50, sent  # the simulated users did something worth learning from
 
     out = tmp_path / "logged"

@@ -420,3 +420,19 @@ def test_prefect_task_fails_the_flow_on_bad_data(dataset_copy, clean_dataset):
         _edit(dataset_copy, "interactions", _set_rows("click", np.int64(3)))
         with pytest.raises(ValidationFailed, match="interactions.click: domain"):
             just_validate(str(dataset_copy))
+
+
+def test_a_log_ending_exactly_at_its_declared_end_passes(dataset_copy, tmp_path):
+    """The declared range is judged in float seconds; an impression stamped at the declared end itself (as an
+    exported service log is: its manifest ends at its last row) must not fail it by rounding."""
+    last = pd.Timestamp("2026-11-30T15:03:14.701346", tz="UTC")  # a value whose two float forms differ
+    inter = contract.read_table(dataset_copy, "interactions")
+    stamps = inter["event_timestamp"].astype("datetime64[us, UTC]")
+    stamps.iloc[-1] = last
+    inter["event_timestamp"] = stamps
+    contract.write_table(inter, dataset_copy, "interactions")
+    manifest = contract.Manifest.load(dataset_copy)
+    manifest.end = last.isoformat()
+    manifest.save(dataset_copy)
+    report = validate_dataset(dataset_copy, docs_dir=tmp_path / "docs")
+    assert report.success, report.format()

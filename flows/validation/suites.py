@@ -21,6 +21,7 @@ from models import contract
 from models.declaration import Declaration, Limits
 
 TS_SECONDS = "__event_timestamp_seconds"
+ROUNDING_S = 5e-7  # float seconds near 2e9 differ by up to ~2.4e-7 between two computations of one instant
 TS_UNPARSEABLE = "__event_timestamp_unparseable"
 # Stored timestamps may be datetimes (naive ones are read as UTC) or ISO-8601 text.
 TIMESTAMP_TYPES = ["datetime64[ns]", "datetime64[us]", "datetime64[ms]", "datetime64[s]", "object", "str"]
@@ -108,8 +109,11 @@ def expectations_for(table: contract.Table, df: pd.DataFrame, manifest: contract
         out.append(E.ExpectColumnValuesToBeBetween(column=TS_SECONDS, max_value=now.timestamp(),
                                                    meta=_meta("timestamp not in future", contract.TIMESTAMP)))
         if manifest is not None:
+            # Both sides are float seconds computed two ways, which can differ in the last bit: a row stamped
+            # exactly at the declared end could fail by rounding. Half the contract's resolution (1 µs) of slack.
             out.append(E.ExpectColumnValuesToBeBetween(
-                column=TS_SECONDS, min_value=manifest.start_ts.timestamp(), max_value=manifest.end_ts.timestamp(),
+                column=TS_SECONDS, min_value=manifest.start_ts.timestamp() - ROUNDING_S,
+                max_value=manifest.end_ts.timestamp() + ROUNDING_S,
                 meta=_meta("timestamp in declared range", contract.TIMESTAMP)))
     return out
 
