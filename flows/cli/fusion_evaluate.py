@@ -28,7 +28,7 @@ def _json_weights(value: str | None, option: str) -> dict[str, float] | None:
         raise typer.BadParameter(f"not JSON: {e}", param_hint=option) from None
     if not isinstance(parsed, dict) or not parsed or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in parsed.values()):
-        raise typer.BadParameter('a JSON object of numbers, e.g. \'{"click": 1, "purchase": 3}\'', param_hint=option)
+        raise typer.BadParameter('a JSON object of numbers keyed by task: \'{"<task>": 1, ...}\'', param_hint=option)
     return {str(k): float(v) for k, v in parsed.items()}
 
 
@@ -80,11 +80,11 @@ def logged_requests(impressions, feedback, rewards: dict[str, float]):
 
 @app.command("evaluate")
 def evaluate(
-    weights: str = typer.Option(..., help='the weighting to judge, JSON: \'{"click": 1, "purchase": 3}\' '
+    weights: str = typer.Option(..., help='the weighting to judge, JSON by task: \'{"<task>": 1, "<other>": 3}\' '
                                           "(one the service explored; normalised to sum 1)"),
     data: Path = typer.Option(Path("data/synth"), help="the dataset the service served from: its task declaration "
                                                        "gives the default rewards"),
-    rewards: str = typer.Option(None, help='reward per event, JSON: \'{"click": 1, "purchase": 5}\' (default: each '
+    rewards: str = typer.Option(None, help='reward per event, JSON by task: \'{"<task>": 1, ...}\' (default: each '
                                            "task's declared reward, else its gain, else 1 for a binary task)"),
     since: str = typer.Option(None, help="only requests at or after this time (ISO-8601 or epoch seconds)"),
     url: str = typer.Option(None, help="event database (default $MTLREC_EVENTS_URL, else <data>/_events)"),

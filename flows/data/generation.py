@@ -65,3 +65,27 @@ def declared_range(start_us: int, end_us: int, users: pd.DataFrame, items: pd.Da
     first = min(start_us, int(users[contract.TIMESTAMP].min().value // 1000),
                 int(items[contract.TIMESTAMP].min().value // 1000))
     return (pd.Timestamp(first, unit="us", tz="UTC").isoformat(), pd.Timestamp(end_us, unit="us", tz="UTC").isoformat())
+
+
+def redrawn(data: Path | str, source: str, config_type, world):
+    """``(cfg, hidden world)`` of a dataset this generator wrote, drawn again from its manifest's seed and
+    sizes (users and items are the first draws, so they repeat exactly); None if ``source`` did not write it."""
+    manifest = contract.Manifest.load(data)
+    if manifest is None or manifest.source != source:
+        return None
+    fields = config_type.__dataclass_fields__
+    cfg = config_type(**{k: v for k, v in manifest.params.items() if k in fields})
+    start_us, span_us, _ = time_span(cfg.end, cfg.days)
+    return cfg, world(cfg, np.random.default_rng(cfg.seed), start_us, span_us)[2]
+
+
+def impression_inputs(rows: pd.DataFrame, devices, unknown_device: int) -> tuple[np.ndarray, ...]:
+    """What the generators' probabilities read from log rows: user and item indices (ids are ``u<n>``,
+    ``i<n>``), hour, device code (``unknown_device`` for others) and position (1 when missing)."""
+    code = {d: k for k, d in enumerate(devices)}
+    u = rows["user_id"].astype(str).str[1:].astype(np.int64).to_numpy()
+    i = rows["item_id"].astype(str).str[1:].astype(np.int64).to_numpy()
+    hour = pd.to_datetime(rows[contract.TIMESTAMP], utc=True).dt.hour.to_numpy()
+    device = rows["device"].astype(str).map(code).fillna(unknown_device).astype(np.int64).to_numpy()
+    position = pd.to_numeric(rows["position"], errors="coerce").fillna(1).to_numpy(np.float64)
+    return u, i, hour, device, position

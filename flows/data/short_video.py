@@ -45,7 +45,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from flows.data.generation import US_PER_DAY, declared_range, sigmoid, time_span, write_impressions
+from flows.data.generation import (US_PER_DAY, declared_range, impression_inputs, redrawn, sigmoid, time_span,
+                                   write_impressions)
 from models import contract
 from models.declaration import Declaration
 from models.metrics import ranking_metrics
@@ -294,21 +295,13 @@ def oracle(data: Path | str):
     ``user_id``, ``item_id``, ``event_timestamp``, ``device`` and ``position``; returned: each binary
     behaviour's marginal probability, ``{"click", "long_view", "like", "follow"}``.
     """
-    manifest = contract.Manifest.load(data)
-    if manifest is None or manifest.source != "flows.data.short_video":
+    found = redrawn(data, "flows.data.short_video", ShortVideoConfig, _world)
+    if found is None:
         return None
-    fields = ShortVideoConfig.__dataclass_fields__
-    cfg = ShortVideoConfig(**{k: v for k, v in manifest.params.items() if k in fields})
-    start_us, span_us, _ = time_span(cfg.end, cfg.days)
-    _, _, world = _world(cfg, np.random.default_rng(cfg.seed), start_us, span_us)
-    device_code = {d: k for k, d in enumerate(DEVICES)}
+    cfg, world = found
 
     def probabilities(rows: pd.DataFrame) -> dict[str, np.ndarray]:
-        u = rows["user_id"].astype(str).str[1:].astype(np.int64).to_numpy()
-        i = rows["item_id"].astype(str).str[1:].astype(np.int64).to_numpy()
-        hour = pd.to_datetime(rows[contract.TIMESTAMP], utc=True).dt.hour.to_numpy()
-        device = rows["device"].astype(str).map(device_code).fillna(0).astype(np.int64).to_numpy()
-        position = pd.to_numeric(rows["position"], errors="coerce").fillna(1).to_numpy(np.float64)
+        u, i, hour, device, position = impression_inputs(rows, DEVICES, 0)
         pr = _probabilities(cfg, world, u, i, hour, device, position)
         return {name: pr[name] for name in BINARY}
 

@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from flows.data.generation import US_PER_DAY, declared_range, sigmoid, time_span, write_impressions
+from flows.data.generation import (US_PER_DAY, declared_range, impression_inputs, redrawn, sigmoid, time_span,
+                                   write_impressions)
 from models import contract
 from models.declaration import Declaration
 from models.metrics import ranking_metrics
@@ -216,21 +217,13 @@ def oracle(data: Path | str):
     ``position``; returned: ``{"click": P(click), "purchase": P(click and purchase)}``. No model can expect
     to beat it on this data, so a model's share of the oracle's gain over random says how much is left.
     """
-    manifest = contract.Manifest.load(data)
-    if manifest is None or manifest.source != "flows.data.synth":
+    found = redrawn(data, "flows.data.synth", SynthConfig, _world)
+    if found is None:
         return None
-    fields = SynthConfig.__dataclass_fields__
-    cfg = SynthConfig(**{k: v for k, v in manifest.params.items() if k in fields})
-    start_us, span_us, _ = time_span(cfg.end, cfg.days)
-    _, _, world = _world(cfg, np.random.default_rng(cfg.seed), start_us, span_us)
-    device_code = {d: k for k, d in enumerate(DEVICES)}
+    cfg, world = found
 
     def probabilities(rows: pd.DataFrame) -> dict[str, np.ndarray]:
-        u = rows["user_id"].astype(str).str[1:].astype(np.int64).to_numpy()
-        i = rows["item_id"].astype(str).str[1:].astype(np.int64).to_numpy()
-        hour = pd.to_datetime(rows[contract.TIMESTAMP], utc=True).dt.hour.to_numpy()
-        device = rows["device"].astype(str).map(device_code).fillna(len(DEVICES) - 1).astype(np.int64).to_numpy()
-        position = pd.to_numeric(rows["position"], errors="coerce").fillna(1).to_numpy(np.float64)
+        u, i, hour, device, position = impression_inputs(rows, DEVICES, len(DEVICES) - 1)
         p_click, p_buy, _ = _probabilities(cfg, world, u, i, hour, device, position)
         return {"click": p_click, "purchase": p_click * p_buy}
 
