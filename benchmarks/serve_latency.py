@@ -5,6 +5,9 @@ random users and random candidate sets for at most ``--duration`` seconds or ``-
 whichever comes first, and prints p50/p99 latency, requests/s and errors. The server is either one
 already running (``--url``) or started here, one per online store, from ``--data`` and the production
 model in ``$BENTOML_HOME`` (``--quick`` makes a small dataset and model in a temporary directory first).
+With ``--events off,on`` one server per impression-log setting is up at once, and each cell runs on each
+in turn ``--repeats`` times, the order alternating; the medians are printed last, then how many
+impressions the log wrote and dropped.
 
     .venv/bin/python benchmarks/serve_latency.py --quick
     .venv/bin/python benchmarks/serve_latency.py --data data/synth --stores sqlite,redis --duration 60
@@ -117,6 +120,22 @@ async def drive(url: str, users: list[str], items: list[str], n_candidates: int,
             "rps": len(latencies) / elapsed if elapsed > 0 else 0.0, "errors": errors, "seconds": elapsed}
 
 
+def _event_drops(url: str) -> float:
+    """``mtlrec_event_drops_total`` summed over the server's workers, from ``/metrics``."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mtlrec_event_drops_total"))
+
+
+def _logged(events_url: str) -> int:
+    """Impressions in the event database (one per shown item), read back the way the export reads them."""
+    from services.events import EventStore
+
+    return len(EventStore(events_url).read()[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server (its online store is whatever it was started with)")
@@ -128,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per cell, at most")
     p.add_argument("--requests", type=int, default=5000, help="requests per cell, at most")
+    p.add_argument("--repeats", type=int, default=4,
+                   help="with more than one --events setting: runs of each cell on each server, interleaved")
     p.add_argument("--workers", type=int, default=int(os.environ.get("MTLREC_WORKERS", "1")),
                    help="server worker processes (started servers only)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -162,6 +183,44 @@ def main(argv: list[str] | None = None) -> int:
                           f"p99={r['p99_ms']:7.1f} ms  {r['rps']:7.1f} req/s  n={r['requests']:6d}  "
                           f"errors={sum(r['errors'].values())} {r['errors'] or ''}", flush=True)
 
+    def interleaved(store: str, urls: dict[str, str]) -> dict[str, float]:
+        """One server per impression-log setting, all up at once; each cell runs on each in turn, ``--repeats``
+        times, the order alternating, so a drift of the machine hits every setting alike. Prints each run, then
+        the medians."""
+        from contextlib import ExitStack
+        from statistics import median
+
+        print(f"# {store}: {a.workers} worker(s) per server, access log {'on' if a.access_log else 'off'}, "
+              f"impression log {' / '.join(urls.values())}, interleaved x{a.repeats}, {os.cpu_count()} CPU(s)",
+              flush=True)
+        with ExitStack() as stack:
+            served = {e: stack.enter_context(serve(a.data, store, a.redis, max(sizes + [1000]), a.workers,
+                                                   a.access_log, url)) for e, url in urls.items()}
+            runs: dict[tuple, list[dict]] = {}
+            for n in sizes:
+                for c in conc:
+                    for rep in range(a.repeats):
+                        order = list(served.items())  # alternate who goes first: the second run of a pair
+                        for e, server in (order if rep % 2 == 0 else order[::-1]):  # was seen 3-6% slower
+                            r = {"store": store, "events": "off" if e == "off" else "on", "repeat": rep,
+                                 **asyncio.run(drive(server.url, users, items, n, c, a.duration, a.requests,
+                                                     seed=rep))}
+                            rows.append(r)
+                            runs.setdefault((n, c, r["events"]), []).append(r)
+                            if not a.json:
+                                print(f"{store:7s} events={r['events']:3s} candidates={n:5d} concurrency={c:3d}  "
+                                      f"p50={r['p50_ms']:7.1f} ms  p99={r['p99_ms']:7.1f} ms  {r['rps']:7.1f} req/s  "
+                                      f"errors={sum(r['errors'].values())}", flush=True)
+            drops = {e: _event_drops(server.url) for e, server in served.items()}
+        if not a.json:
+            print(f"# medians over {a.repeats} interleaved run(s)")
+            for (n, c, e), rs in runs.items():
+                print(f"{store:7s} events={e:3s} candidates={n:5d} concurrency={c:3d}  "
+                      f"p50={median(r['p50_ms'] for r in rs):7.1f} ms  p99={median(r['p99_ms'] for r in rs):7.1f} ms  "
+                      f"{median(r['rps'] for r in rs):7.1f} req/s  errors={sum(sum(r['errors'].values()) for r in rs)}",
+                      flush=True)
+        return drops
+
     try:
         if a.url:
             run_all(a.url, "server")
@@ -177,14 +236,23 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as e:  # noqa: BLE001
                         print(f"redis: skipped ({type(e).__name__}: {e})", file=sys.stderr)
                         continue
-                for events in a.events.split(","):
-                    url = (f"sqlite:///{tempfile.mkdtemp(prefix='serve-bench-events-')}/events.db"
-                           if events == "on" else events)
+                settings = a.events.split(",")
+                urls = {e: (f"sqlite:///{tempfile.mkdtemp(prefix='serve-bench-events-')}/events.db"
+                            if e == "on" else e) for e in settings}
+                if len(settings) == 1:
+                    e = settings[0]
                     print(f"# {store}: {a.workers} worker(s), access log {'on' if a.access_log else 'off'}, "
-                          f"impression log {url}, {os.cpu_count()} CPU(s)", flush=True)
+                          f"impression log {urls[e]}, {os.cpu_count()} CPU(s)", flush=True)
                     with serve(a.data, store, a.redis, max(sizes + [1000]), a.workers, a.access_log,
-                               url) as served:
-                        run_all(served.url, store, "off" if events == "off" else "on")
+                               urls[e]) as served:
+                        run_all(served.url, store, "off" if e == "off" else "on")
+                        drops = {e: _event_drops(served.url)}
+                else:
+                    drops = interleaved(store, urls)
+                for e, dropped in drops.items():
+                    if e != "off":  # the servers have stopped, so their writers have flushed
+                        print(f"# impression log: {_logged(urls[e])} impressions written, {dropped:.0f} dropped",
+                              flush=True)
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -245,11 +245,10 @@ class RankingService:
         """Queue the answer's rows (never blocks, never raises), each with its placement's propensity."""
         if self.events is None:
             return
-        from services.events import impression_rows
+        from services.events import Ranked
 
-        rows = impression_rows(request_id, time.time() if ts is None else ts, answer, propensities, context, policy)
-        self._recent.add(request_id, {r[1] for r in rows})
-        self.events.log(rows)
+        self._recent.add(request_id, {it["item_id"] for it in answer["items"]})
+        self.events.log(Ranked(request_id, time.time() if ts is None else ts, answer, propensities, context, policy))
 
     @bentoml.api(route="/feedback")
     def feedback(self, request_id: Id, item_id: Id, events: Events) -> FeedbackResponse:

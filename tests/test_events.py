@@ -26,7 +26,7 @@ from flows.data.logged import export
 from flows.data.synth import SynthConfig, oracle
 from flows.dev import launcher, prefect_server
 from models import contract
-from services.events import EventStore, ImpressionLog, impression_rows
+from services.events import EventStore, ImpressionLog, Ranked
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = "model.params={n_experts: 2, expert: [32], tower: [8]}"
@@ -48,8 +48,7 @@ def store(request, tmp_path):
 
 
 def test_store_round_trip_and_idempotent_feedback(store):
-    store.write_impressions(impression_rows("r1", 1_700_000_000.0, _answer("u1", ["i1", "i2"]), [1.0, 0.5],
-                                            {"device": "mobile"}))
+    store.write([Ranked("r1", 1_700_000_000.0, _answer("u1", ["i1", "i2"]), [1.0, 0.5], {"device": "mobile"})])
     assert store.shown("r1") == {"i1": {"user_id": "u1", "position": 1, "model_version": "m:1"},
                                  "i2": {"user_id": "u1", "position": 2, "model_version": "m:1"}}
     assert store.shown("nope") == {}
@@ -59,6 +58,8 @@ def test_store_round_trip_and_idempotent_feedback(store):
     impressions, feedback = store.read()
     assert list(impressions.item_id) == ["i1", "i2"] and list(impressions.propensity) == [1.0, 0.5]
     assert impressions.context[0] == {"device": "mobile"} and impressions.weights[0]["purchase"] == 1.0
+    assert list(impressions.position) == [1, 2] and list(impressions.score) == [1.0, 0.5]
+    assert impressions.scores[1] == {"click": 0.5, "purchase": 0.1} and set(impressions.user_id) == {"u1"}
     assert sorted(zip(feedback.item_id, feedback.event, feedback.value)) == [
         ("i1", "click", 1.0), ("i1", "purchase", 0.0), ("i2", "click", 0.0)]
     assert store.read(since=1_700_000_001.0)[0].empty
@@ -70,8 +71,8 @@ def test_the_log_writes_in_batches_and_flushes(tmp_path):
     store = EventStore(f"sqlite:///{tmp_path / 'events.db'}")
     log = ImpressionLog(store, flush_s=0.05)
     for r in range(50):
-        assert log.log(impression_rows(f"r{r}", 1_700_000_000.0 + r, _answer("u1", [f"i{j}" for j in range(10)]),
-                                       [1.0] * 10))
+        assert log.log(Ranked(f"r{r}", 1_700_000_000.0 + r, _answer("u1", [f"i{j}" for j in range(10)]),
+                              [1.0] * 10))
     assert log.flush(10)
     log.close()
     assert log.written == 500 and log.dropped == 0
@@ -83,7 +84,7 @@ def test_a_down_database_drops_and_counts_and_never_raises():
     log = ImpressionLog(EventStore("postgresql://postgres@127.0.0.1:1/none", connect_timeout_s=1),
                         flush_s=0.05, retry_s=0.05, on_drop=drops.append)
     for r in range(5):
-        assert log.log(impression_rows(f"r{r}", 0.0, _answer("u1", ["i1", "i2", "i3"]), [1.0] * 3))
+        assert log.log(Ranked(f"r{r}", 0.0, _answer("u1", ["i1", "i2", "i3"]), [1.0] * 3))
     assert log.flush(20)
     log.close()
     assert log.dropped == 15 and sum(drops) == 15 and log.written == 0
@@ -93,14 +94,34 @@ def test_a_full_queue_drops_at_once_instead_of_waiting(tmp_path):
     release = threading.Event()
 
     class Stuck(EventStore):  # a database that does not answer: the writer hangs in its first write
-        def write_impressions(self, rows, conn=None):
+        def write(self, requests, conn=None):
             release.wait(30)
 
     log = ImpressionLog(Stuck(f"sqlite:///{tmp_path / 'e.db'}"), capacity=2, flush_s=0.01)
     t = time.perf_counter()
-    results = [log.log(impression_rows(f"r{r}", 0.0, _answer("u1", ["i1"]), [1.0])) for r in range(20)]
+    results = [log.log(Ranked(f"r{r}", 0.0, _answer("u1", ["i1"]), [1.0])) for r in range(20)]
     assert time.perf_counter() - t < 1.0  # never blocked
     assert results.count(False) >= 17 and log.dropped == results.count(False)
+    release.set()
+    log.close()
+
+
+def test_the_queue_bound_counts_rows(tmp_path):
+    """``capacity`` is in shown items (MTLREC_EVENTS_QUEUE_ROWS), not requests: a 10-item answer takes 10."""
+    release = threading.Event()
+
+    class Stuck(EventStore):
+        def write(self, requests, conn=None):
+            release.wait(30)
+
+    log = ImpressionLog(Stuck(f"sqlite:///{tmp_path / 'e.db'}"), capacity=25, flush_s=0.01)
+    assert log.log(Ranked("r0", 0.0, _answer("u1", [f"i{j}" for j in range(10)]), [1.0] * 10))
+    deadline = time.monotonic() + 5
+    while log._queued and time.monotonic() < deadline:  # the writer has taken r0 and hangs writing it
+        time.sleep(0.01)
+    results = [log.log(Ranked(f"r{r}", 0.0, _answer("u1", [f"i{j}" for j in range(10)]), [1.0] * 10))
+               for r in range(1, 5)]
+    assert results == [True, True, False, False] and log.dropped == 20
     release.set()
     log.close()
 
@@ -112,8 +133,7 @@ def test_export_labels_from_feedback(clean_dataset, tmp_path):
     items = contract.read_table(clean_dataset, "items")["item_id"].tolist()
     t0 = contract.Manifest.load(clean_dataset).end_ts.timestamp() + 3600  # after the log, not in the future
     for r in range(12):  # 120 impressions: the contract wants 100 at least
-        store.write_impressions(impression_rows(f"r{r}", t0 + 3600 * r, _answer(users[r], items[:10]), [1.0] * 10,
-                                                {"device": "desktop"}))
+        store.write([Ranked(f"r{r}", t0 + 3600 * r, _answer(users[r], items[:10]), [1.0] * 10, {"device": "desktop"})])
     store.record_feedback("r0", items[0], {"purchase": 1})
     store.record_feedback("r0", items[1], {"click": 1, "dwell": 12.5})
     store.record_feedback("r3", items[4], {"click": 1})

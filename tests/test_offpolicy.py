@@ -230,7 +230,7 @@ def test_the_command_reads_the_same_estimates_from_the_event_log(simulated, tmp_
     from typer.testing import CliRunner
 
     from flows.cli.fusion_evaluate import app
-    from services.events import EventStore, impression_rows
+    from services.events import EventStore, Ranked
 
     n = 300
     store = EventStore(f"sqlite:///{tmp_path / 'events.db'}").create()
@@ -241,12 +241,12 @@ def test_the_command_reads_the_same_estimates_from_the_event_log(simulated, tmp_
                   "diversity": DIVERSITY,
                   "items": [{"item_id": i, "score": 0.0, "scores": {}} for i in log["shown"][r]]}
         policy = {"vectors": vectors, "probabilities": probs, "chosen": int(log["chosen"][r])}
-        rows += impression_rows(f"r{r}", simulated["ts"][r], answer, log["propensities"][r],
-                                {"device": simulated["device"][r]}, policy)
-    store.write_impressions(rows)
-    store.write_impressions(impression_rows("explicit", simulated["ts"][0], {  # a caller's own weights: left out
+        rows.append(Ranked(f"r{r}", simulated["ts"][r], answer, log["propensities"][r],
+                           {"device": simulated["device"][r]}, policy))
+    store.write(rows)
+    store.write([Ranked("explicit", simulated["ts"][0], {  # a caller's own weights: left out
         "user_id": "u1", "model_version": "m:1", "weights": {"click": 1.0}, "diversity": 0.0,
-        "items": [{"item_id": "i1", "score": 0.0, "scores": {}}]}, [1.0]))
+        "items": [{"item_id": "i1", "score": 0.0, "scores": {}}]}, [1.0])])
     for r in range(n):
         for item, events in zip(log["shown"][r], log["events"][r]):
             if events:
