@@ -1,8 +1,10 @@
 """Feature store figures: offline computation and point-in-time joins, online read latency.
 
 Offline, per size (each step in a fresh process, so peak memory is its own):
-feature-table computation and ``get_historical_features`` over every
-impression. Online, on the smallest size: p50/p99 of reading 1 user + N
+feature-table computation and the training set's point-in-time join over
+every impression, both ways in the same run: the default DuckDB ASOF join
+(``feature_repo/asof.py``) and Feast's ``get_historical_features``.
+Online, on the smallest size: p50/p99 of reading 1 user + N
 candidate items, Feast SDK (``get_online_features`` on the feature service)
 versus the served path (``FeatureReader.features``: cached bulk reads + the
 same context transform), on SQLite and on the Redis at 127.0.0.1:6379
@@ -12,6 +14,7 @@ the item cache is warmed first, as it is in a server that has been running.
 
     .venv/bin/python benchmarks/feature_store.py                    # 1M and 10M, online on 1M
     .venv/bin/python benchmarks/feature_store.py --sizes 1000000 --requests 300
+    .venv/bin/python benchmarks/feature_store.py --sizes 1000000 10000000 --no-online --feast-up-to 1000000
 """
 
 from __future__ import annotations
@@ -49,13 +52,14 @@ def _compute(out: str):
     return {"rows": rows, "materialize_s": time.perf_counter() - t}
 
 
-def _historical(out: str):
+def _historical(out: str, join: str):
     from feature_repo.store import StoreSettings, open_store, training_metadata, write_training_set
     from models import contract
 
     s = StoreSettings.for_dataset(out)
+    path = s.training_file.with_name(f"training-{join}.parquet")
     return {"training_rows": write_training_set(open_store(s), contract.load_dataset(out)["interactions"],
-                                                s.training_file, metadata=training_metadata(s))}
+                                                path, metadata=training_metadata(s), join=join)}
 
 
 def _latency(fn, users, items, sizes, requests, rng) -> dict:
@@ -115,6 +119,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     ap.add_argument("--items", type=int, nargs="+", default=[100, 500, 1000])
     ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--no-online", dest="online", action="store_false", help="offline figures only")
+    ap.add_argument("--feast-up-to", type=int, default=10_000_000,
+                    help="run Feast's own join only up to this many impressions (319 s at 10M)")
     args = ap.parse_args()
     offline, lat = [], []
     with tempfile.TemporaryDirectory(prefix="mtlrec-fs-") as tmp:
@@ -122,20 +129,32 @@ def main() -> None:
             out = str(Path(tmp) / f"d{n}")
             in_child(_generate, out, n)
             c = in_child(_compute, out)
-            h = in_child(_historical, out)
-            offline.append({"impressions": n, "compute_s": c["rows"]["seconds"], "materialize_s": c["materialize_s"],
-                            "historical_s": h["seconds"], "historical_rows_per_s": n / h["seconds"],
-                            "historical_peak_mb": h["peak_mb"], "training_rows": h["training_rows"]})
+            row = {"impressions": n, "compute_s": c["rows"]["seconds"], "materialize_s": c["materialize_s"]}
+            for join in ("asof", "feast"):
+                if join == "feast" and n > args.feast_up_to:
+                    continue
+                h = in_child(_historical, out, join)
+                row.update({f"{join}_s": h["seconds"], f"{join}_rows_per_s": n / h["seconds"],
+                            f"{join}_peak_mb": h["peak_mb"], "training_rows": h["training_rows"]})
+            if "feast_s" in row:
+                import pandas as pd
+
+                d = Path(out) / "_features"
+                row["identical"] = bool(pd.read_parquet(d / "training-asof.parquet").equals(
+                    pd.read_parquet(d / "training-feast.parquet")))
+            offline.append(row)
             print(json.dumps(offline[-1]), flush=True)
-            if i == 0:
+            if i == 0 and args.online:
                 lat = online(out, args.items, args.requests)
                 for r in lat:
                     print(json.dumps(r), flush=True)
-    print(f"\n{'impressions':>12} {'compute s':>10} {'materialize s':>14} {'historical s':>13} "
-          f"{'rows/s':>10} {'peak MB':>9}")
+    print(f"\n{'impressions':>12} {'compute s':>10} {'materialize s':>14} {'asof s':>8} {'peak MB':>8} "
+          f"{'feast s':>8} {'peak MB':>8} {'feast/asof':>10} identical")
     for r in offline:
-        print(f"{r['impressions']:>12,} {r['compute_s']:>10.1f} {r['materialize_s']:>14.1f} "
-              f"{r['historical_s']:>13.1f} {r['historical_rows_per_s']:>10,.0f} {r['historical_peak_mb']:>9,.0f}")
+        feast = (f"{r['feast_s']:>8.1f} {r['feast_peak_mb']:>8,.0f} {r['feast_s'] / r['asof_s']:>10.1f} "
+                 f"{r['identical']}") if "feast_s" in r else f"{'-':>8} {'-':>8} {'-':>10} -"
+        print(f"{r['impressions']:>12,} {r['compute_s']:>10.1f} {r['materialize_s']:>14.1f} {r['asof_s']:>8.1f} "
+              f"{r['asof_peak_mb']:>8,.0f} {feast}")
     print(f"\n{'store':<7} {'path':<10} {'items':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for r in lat:
         print(f"{r['store']:<7} {r['path']:<10} {r['items']:>6} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")

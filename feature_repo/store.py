@@ -345,8 +345,24 @@ def entity_frame(interactions: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def iter_training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_000):
+def iter_training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_000, join: str | None = None):
     """Point-in-time join of every impression with the feature service, in globally ordered chunks.
+
+    ``join``: ``asof`` (``feature_repo/asof.py``) or ``feast``; default ``MTLREC_TRAINING_JOIN``. Both read
+    the same Feast definitions and give the same rows.
+    """
+    join = join or get_settings().training_join
+    if join == "asof":
+        from feature_repo.asof import iter_asof_training_set
+
+        return iter_asof_training_set(store, interactions, chunk_rows)
+    if join != "feast":
+        raise ValueError(f"training join must be 'asof' or 'feast', not {join!r}")
+    return _feast_training_set(store, interactions, chunk_rows)
+
+
+def _feast_training_set(store, interactions: pd.DataFrame, chunk_rows: int):
+    """Feast's own retrieval, a chunk at a time.
 
     Chunked because Feast's retrieval holds several copies of its input
     (about 4 GB per million impressions here), so one call on a 10M-row log
@@ -367,9 +383,9 @@ def iter_training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_0
         yield part.sort_values(order, kind="stable", ignore_index=True)
 
 
-def training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_000) -> pd.DataFrame:
+def training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_000, join: str | None = None) -> pd.DataFrame:
     """The whole point-in-time training set in memory (small logs, tests)."""
-    parts = list(iter_training_set(store, interactions, chunk_rows))
+    parts = list(iter_training_set(store, interactions, chunk_rows, join))
     return pd.concat(parts, ignore_index=True) if parts else entity_frame(interactions).iloc[:0]
 
 
@@ -386,7 +402,7 @@ def training_metadata(settings: StoreSettings) -> dict:
 
 
 def write_training_set(store, interactions: pd.DataFrame, path: Path | str, chunk_rows: int = 250_000,
-                       metadata: dict | None = None) -> int:
+                       metadata: dict | None = None, join: str | None = None) -> int:
     """Stream the training set to one parquet file, a chunk at a time; returns its row count."""
     import json
 
@@ -399,7 +415,7 @@ def write_training_set(store, interactions: pd.DataFrame, path: Path | str, chun
     tmp = path.with_suffix(".parquet.tmp")
     writer, rows = None, 0
     try:
-        for part in iter_training_set(store, interactions, chunk_rows):
+        for part in iter_training_set(store, interactions, chunk_rows, join):
             if writer is None:
                 schema = pa.Schema.from_pandas(part, preserve_index=False)
                 # A column that is all missing in the first chunk must still take later chunks' strings.

@@ -1,0 +1,109 @@
+"""The training set's point-in-time join run as DuckDB ``ASOF JOIN`` s, from the Feast definitions.
+
+Why: Feast's DuckDB offline store does this join at about 40k rows/s here
+(1M impressions in 24 s, 10M in 319 s at 6.1 GB peak), while the engine
+underneath answers the same question, "the latest feature row at or before
+this impression", with one native as-of join per view several times faster.
+So the execution changes and nothing else: the feature service, its views,
+their parquet sources, join keys, fields and TTLs, and the on-demand view's
+transformation are all read from the store's registry, as Feast's own
+retrieval reads them. ``tests/test_features.py`` checks that both give the
+same table, row for row, and the leak test runs on both.
+
+Semantics kept from Feast: a feature row joins an impression when its keys
+match and its timestamp is at or before the impression's; an impression with
+no such row gets nulls; no impression is dropped. Views with a TTL are
+refused (this project's views have none; Feast's join handles them). On-demand views run on each chunk through
+Feast's ``transform_arrow``, as ``RetrievalJob.to_arrow`` runs them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pandas as pd
+
+from feature_repo.schema import FEATURE_SERVICE
+from models import contract
+
+ROW = "__mtlrec_row"  # the impression's place in the sorted log, so the output keeps Feast's order exactly
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _views(store, service):
+    """``(batch views, on-demand views)`` of the feature service: (view, its projection) pairs, in order."""
+    on_demand = {v.name: v for v in store.list_on_demand_feature_views()}
+    batch, odfvs = [], []
+    for projection in service.feature_view_projections:
+        if projection.name in on_demand:
+            odfvs.append(on_demand[projection.name].with_projection(projection))
+        else:
+            batch.append((store.get_feature_view(projection.name), projection))
+    return batch, odfvs
+
+
+def _view_sql(i: int, view, projection, entity_ts: str) -> tuple[str, list[str]]:
+    """The ``ASOF LEFT JOIN`` clause of one view and its select list."""
+    source = view.batch_source
+    path = getattr(source, "path", None)
+    if not path:
+        raise ValueError(f"feature view {view.name!r}: the as-of join reads file sources only, not "
+                         f"{type(source).__name__}; set MTLREC_TRAINING_JOIN=feast for this store")
+    keys = [c.name for c in view.entity_columns]
+    features = [f.name for f in projection.features]
+    alias, ts = f"v{i}", _quote(source.timestamp_field)
+    inner = ", ".join([*(_quote(k) for k in keys), f"{ts} AS __ts", *(_quote(f) for f in features)])
+    on = " AND ".join([*(f"e.{_quote(k)} = {alias}.{_quote(k)}" for k in keys), f"e.{entity_ts} >= {alias}.__ts"])
+    if view.ttl and view.ttl.total_seconds() > 0:
+        raise ValueError(f"feature view {view.name!r} has a TTL ({view.ttl}); the as-of join implements "
+                         "unbounded views only: set MTLREC_TRAINING_JOIN=feast for this store")
+    clause = f"ASOF LEFT JOIN (SELECT {inner} FROM read_parquet('{path}')) {alias} ON {on}"
+    cols = [f"{alias}.{_quote(f)}" for f in features]
+    return clause, cols
+
+
+def iter_asof_training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_000,
+                           memory_limit: str | None = None) -> Iterator[pd.DataFrame]:
+    """The same chunks as ``store.iter_training_set``, computed by DuckDB.
+
+    ``memory_limit`` (DuckDB's, e.g. ``"4GB"``) bounds the join; beyond it DuckDB spills to a temporary
+    directory instead of failing.
+    """
+    import duckdb
+    import pyarrow as pa
+
+    from feature_repo.store import entity_frame
+
+    service = store.get_feature_service(FEATURE_SERVICE)
+    batch, odfvs = _views(store, service)
+    order = [contract.TIMESTAMP, "user_id", "item_id"]
+    entities = entity_frame(interactions).sort_values(order, kind="stable", ignore_index=True)
+    entities[ROW] = range(len(entities))
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        if memory_limit:
+            con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.register("entities", entities)
+        joins, selected = [], []
+        for i, (view, projection) in enumerate(batch):
+            clause, cols = _view_sql(i, view, projection, _quote(contract.TIMESTAMP))
+            joins.append(clause)
+            selected += cols
+        query = f"SELECT e.*, {', '.join(selected)} FROM entities e {' '.join(joins)} ORDER BY e.{ROW}"
+        reader = con.execute(query).fetch_record_batch(chunk_rows)
+        for record_batch in reader:
+            table = pa.Table.from_batches([record_batch]).drop_columns([ROW])
+            for odfv in odfvs:
+                out = odfv.transform_arrow(table, False)
+                for col in out.column_names:
+                    if not col.startswith("__index") and col not in table.column_names:
+                        table = table.append_column(col, out[col])
+            part = table.to_pandas()
+            part[contract.TIMESTAMP] = pd.to_datetime(part[contract.TIMESTAMP], utc=True)
+            yield part
+    finally:
+        con.close()
