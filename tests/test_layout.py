@@ -157,3 +157,12 @@ def test_import_reader(tmp_path, source, expected, monkeypatch):
         assert imports(path, project_modules()) >= expected
     finally:
         path.unlink()
+
+
+def test_feast_apply_imports_only_the_definitions():
+    """`feast apply` imports every .py under feature_repo/ not in .feastignore; only definitions.py is Feast's."""
+    ignored = {line.strip() for line in (ROOT / "feature_repo" / ".feastignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    modules = {p.name for p in (ROOT / "feature_repo").glob("*.py")}
+    assert modules - ignored == {"definitions.py"}, f"list these in feature_repo/.feastignore: " \
+                                                   f"{sorted(modules - ignored - {'definitions.py'})}"
