@@ -65,9 +65,12 @@ def _view_sql(i: int, view, projection, entity_ts: str) -> tuple[str, list[str]]
     return clause, cols
 
 
-def iter_asof_training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_000,
+def iter_asof_training_set(store, entities: pd.DataFrame, chunk_rows: int = 250_000,
                            memory_limit: str | None = None) -> Iterator[pd.DataFrame]:
-    """The same chunks as ``store.iter_training_set``, computed by DuckDB.
+    """The same chunks as Feast's retrieval in ``store.iter_training_set``, computed by DuckDB.
+
+    ``entities``: the impression log as Feast's entity frame (``store.entity_frame``), sorted as the
+    training set is to be; the output keeps that order exactly.
 
     ``memory_limit`` (DuckDB's, e.g. ``"4GB"``) bounds the join; beyond it DuckDB spills to a temporary
     directory instead of failing.
@@ -75,13 +78,9 @@ def iter_asof_training_set(store, interactions: pd.DataFrame, chunk_rows: int = 
     import duckdb
     import pyarrow as pa
 
-    from feature_repo.store import entity_frame
-
     service = store.get_feature_service(FEATURE_SERVICE)
     batch, odfvs = _views(store, service)
-    order = [contract.TIMESTAMP, "user_id", "item_id"]
-    entities = entity_frame(interactions).sort_values(order, kind="stable", ignore_index=True)
-    entities[ROW] = range(len(entities))
+    entities = entities.assign(**{ROW: range(len(entities))})
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")

@@ -352,17 +352,19 @@ def iter_training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_0
     the same Feast definitions and give the same rows.
     """
     join = join or get_settings().training_join
+    if join not in ("asof", "feast"):
+        raise ValueError(f"training join must be 'asof' or 'feast', not {join!r}")
+    order = [contract.TIMESTAMP, "user_id", "item_id"]
+    entities = entity_frame(interactions).sort_values(order, kind="stable", ignore_index=True)
     if join == "asof":
         from feature_repo.asof import iter_asof_training_set
 
-        return iter_asof_training_set(store, interactions, chunk_rows)
-    if join != "feast":
-        raise ValueError(f"training join must be 'asof' or 'feast', not {join!r}")
-    return _feast_training_set(store, interactions, chunk_rows)
+        return iter_asof_training_set(store, entities, chunk_rows)
+    return _feast_training_set(store, entities, chunk_rows)
 
 
-def _feast_training_set(store, interactions: pd.DataFrame, chunk_rows: int):
-    """Feast's own retrieval, a chunk at a time.
+def _feast_training_set(store, entities: pd.DataFrame, chunk_rows: int):
+    """Feast's own retrieval, a chunk at a time, of the sorted entity frame.
 
     Chunked because Feast's retrieval holds several copies of its input
     (about 4 GB per million impressions here), so one call on a 10M-row log
@@ -373,7 +375,6 @@ def _feast_training_set(store, interactions: pd.DataFrame, chunk_rows: int):
     """
     fs = store.get_feature_service(FEATURE_SERVICE)
     order = [contract.TIMESTAMP, "user_id", "item_id"]
-    entities = entity_frame(interactions).sort_values(order, kind="stable", ignore_index=True)
     for start in range(0, len(entities), chunk_rows):
         chunk = entities.iloc[start:start + chunk_rows]
         part = store.get_historical_features(entity_df=chunk, features=fs).to_df()
