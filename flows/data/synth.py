@@ -59,6 +59,10 @@ class SynthConfig:
     n_segments: int = 8
     dim: int = 8
     zipf_exponent: float = 1.0
+    # How strongly a price-sensitive user's purchase falls with the item's price (the click ignores price). Larger
+    # values make click and purchase disagree more about which items are worth showing, which is what a
+    # simulator of learned fusion weights needs (tests/test_fusion_tuning.py).
+    price_effect: float = 0.9
     end: str = "2026-10-01T00:00:00+00:00"  # fixed, so the same seed gives the same tables
     chunk_rows: int = 2_000_000
 
@@ -138,7 +142,7 @@ def _probabilities(cfg: SynthConfig, world: _World, u, i, hour, device, position
     p_click = sigmoid(-2.4 + 1.5 * affinity + world.item_quality[i] + HOUR_EFFECT[hour]
                       + DEVICE_CLICK[device] - 0.06 * (position - 1))
     price_z = world.item_log_price[i] - np.log(40.0)
-    p_buy = sigmoid(-2.4 + 1.2 * affinity_buy - 0.9 * world.price_sensitivity[u] * price_z + DEVICE_BUY[device])
+    p_buy = sigmoid(-2.4 + 1.2 * affinity_buy - cfg.price_effect * world.price_sensitivity[u] * price_z + DEVICE_BUY[device])
     return p_click, p_buy, affinity
 
 
