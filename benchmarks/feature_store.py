@@ -62,6 +62,33 @@ def _historical(out: str, join: str):
                                                 path, metadata=training_metadata(s), join=join)}
 
 
+def _native(out: str):
+    """The floor: the same ASOF JOINs straight from the log's parquet to a parquet file, in DuckDB alone (no
+    entity frame in pandas, no on-demand features, no Feast), so the training-set build has a yardstick."""
+    import duckdb
+
+    from feature_repo.asof import _quote, _view_sql, _views
+    from feature_repo.schema import FEATURE_SERVICE
+    from feature_repo.store import StoreSettings, open_store
+    from models import contract
+
+    s = StoreSettings.for_dataset(out)
+    store = open_store(s)
+    batch, _ = _views(store, store.get_feature_service(FEATURE_SERVICE))
+    joins, cols = [], []
+    for i, (view, projection) in enumerate(batch):
+        clause, selected = _view_sql(i, view, projection, _quote(contract.TIMESTAMP))
+        joins.append(clause)
+        cols += selected
+    log = Path(out) / contract.INTERACTIONS.file
+    dst = s.training_file.with_name("training-native.parquet")
+    con = duckdb.connect()
+    con.execute(f"COPY (SELECT e.*, {', '.join(cols)} FROM (SELECT * REPLACE (user_id::VARCHAR AS user_id, "
+                f"item_id::VARCHAR AS item_id) FROM read_parquet('{log}')) e {' '.join(joins)} "
+                f"ORDER BY e.{_quote(contract.TIMESTAMP)}, e.user_id, e.item_id) TO '{dst}' (FORMAT parquet)")
+    return {"rows": con.execute(f"SELECT count(*) FROM read_parquet('{dst}')").fetchone()[0]}
+
+
 def _latency(fn, users, items, sizes, requests, rng) -> dict:
     out = {}
     for n in sizes:
@@ -130,6 +157,8 @@ def main() -> None:
             in_child(_generate, out, n)
             c = in_child(_compute, out)
             row = {"impressions": n, "compute_s": c["rows"]["seconds"], "materialize_s": c["materialize_s"]}
+            native = in_child(_native, out, imports=("duckdb",))
+            row.update({"native_s": native["seconds"], "native_peak_mb": native["peak_mb"]})
             for join in ("asof", "feast"):
                 if join == "feast" and n > args.feast_up_to:
                     continue
@@ -148,12 +177,13 @@ def main() -> None:
                 lat = online(out, args.items, args.requests)
                 for r in lat:
                     print(json.dumps(r), flush=True)
-    print(f"\n{'impressions':>12} {'compute s':>10} {'materialize s':>14} {'asof s':>8} {'peak MB':>8} "
+    print(f"\n{'impressions':>12} {'compute s':>10} {'materialize s':>14} {'native s':>8} {'asof s':>8} {'peak MB':>8} "
           f"{'feast s':>8} {'peak MB':>8} {'feast/asof':>10} identical")
     for r in offline:
         feast = (f"{r['feast_s']:>8.1f} {r['feast_peak_mb']:>8,.0f} {r['feast_s'] / r['asof_s']:>10.1f} "
                  f"{r['identical']}") if "feast_s" in r else f"{'-':>8} {'-':>8} {'-':>10} -"
-        print(f"{r['impressions']:>12,} {r['compute_s']:>10.1f} {r['materialize_s']:>14.1f} {r['asof_s']:>8.1f} "
+        print(f"{r['impressions']:>12,} {r['compute_s']:>10.1f} {r['materialize_s']:>14.1f} {r['native_s']:>8.1f} "
+              f"{r['asof_s']:>8.1f} "
               f"{r['asof_peak_mb']:>8,.0f} {feast}")
     print(f"\n{'store':<7} {'path':<10} {'items':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for r in lat:
