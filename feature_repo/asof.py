@@ -19,6 +19,7 @@ Feast's ``transform_arrow``, as ``RetrievalJob.to_arrow`` runs them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
@@ -72,11 +73,15 @@ def iter_asof_training_set(store, entities: pd.DataFrame, chunk_rows: int = 250_
     ``entities``: the impression log as Feast's entity frame (``store.entity_frame``), sorted as the
     training set is to be; the output keeps that order exactly.
 
-    ``memory_limit`` (DuckDB's, e.g. ``"4GB"``) bounds the join; beyond it DuckDB spills to a temporary
-    directory instead of failing.
+    ``memory_limit`` (DuckDB's, e.g. ``"4GB"``; default ``MTLREC_DUCKDB_MEMORY_LIMIT``) bounds the join;
+    beyond it DuckDB spills to ``duckdb_tmp`` in the store's directory instead of failing.
     """
     import duckdb
     import pyarrow as pa
+
+    from models.settings import get_settings
+
+    memory_limit = memory_limit or get_settings().duckdb_memory_limit
 
     service = store.get_feature_service(FEATURE_SERVICE)
     batch, odfvs = _views(store, service)
@@ -86,6 +91,7 @@ def iter_asof_training_set(store, entities: pd.DataFrame, chunk_rows: int = 250_
         con.execute("SET TimeZone = 'UTC'")
         if memory_limit:
             con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute(f"SET temp_directory = '{Path(store.repo_path) / 'duckdb_tmp'}'")
         con.register("entities", entities)
         joins, selected = [], []
         for i, (view, projection) in enumerate(batch):

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         "asof", description="How the training set's point-in-time join runs: asof (DuckDB ASOF JOINs over the "
                             "Feast views' sources, feature_repo/asof.py: the same rows, about 4x faster) or "
                             "feast (Feast's get_historical_features).")
+    duckdb_memory_limit: str = Field(
+        "", description="DuckDB's memory limit for the feature stage's queries (e.g. 4GB); beyond it they spill "
+                        "to <dataset>/_features/duckdb_tmp. Empty: DuckDB's own default, 80% of the RAM.")
     feature_tables: Path = Field(
         ROOT / "data" / "synth" / "_features" / "tables",
         description="Where `feast apply` run inside feature_repo/ finds the feature tables and their schema.json; "
