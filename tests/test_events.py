@@ -292,3 +292,28 @@ def test_served_exploration_logs_the_policy_and_each_placements_propensity(world
     assert (explored.policy.map(lambda p: p["chosen"]) != 0).sum() >= 5  # some requests used another weighting
     props = impressions.propensity
     assert ((props > 0) & (props <= 1)).all() and (props < 1).any()
+
+
+@pytest.mark.slow
+def test_a_down_event_database_costs_no_ranking(world, tmp_path):
+    """The log's PostgreSQL unreachable from the start: every /rank answers 200, the lost rows are counted on
+    /metrics, and feedback (written at once, the caller told) answers 503 naming the database."""
+    env = {"BENTOML_HOME": str(world["home"]), "MTLREC_ONLINE_STORE": "sqlite",
+           "MTLREC_EVENTS_URL": "postgresql://postgres@127.0.0.1:1/nowhere"}
+    with launcher.serving(env, data=world["data"], timeout=120, log=tmp_path / "serve.log") as served:
+        with httpx.Client(base_url=served.url, timeout=30) as client:
+            answers = [client.post("/rank", json={"user_id": "u1", "candidates": [f"i{j}" for j in range(1, 11)],
+                                                  "k": 5}) for _ in range(20)]
+            assert [a.status_code for a in answers] == [200] * 20
+            deadline, dropped = time.monotonic() + 30, 0.0
+            while time.monotonic() < deadline:
+                dropped = sum(float(line.rsplit(" ", 1)[1]) for line in client.get("/metrics").text.splitlines()
+                              if line.startswith("mtlrec_event_drops_total"))
+                if dropped >= 100:
+                    break
+                time.sleep(0.5)
+            assert dropped == 100  # 20 answers x 5 items, each lost row counted once
+            fb = client.post("/feedback", json={"request_id": answers[0].json()["request_id"],
+                                                "item_id": answers[0].json()["items"][0]["item_id"],
+                                                "events": {"click": 1}})
+            assert fb.status_code == 503 and "127.0.0.1:1" in fb.text, fb.text
