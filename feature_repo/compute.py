@@ -25,6 +25,7 @@ from feature_repo.schema import (TOP_CATEGORY, WINDOWS, count_column, derive, im
 from models import contract
 from models.contract import coerce_timestamps
 from models.declaration import Declaration
+from models.settings import get_settings
 
 DAY = pd.Timedelta(days=1)
 
@@ -110,8 +111,31 @@ def _positive(labels: pd.Series) -> np.ndarray:
     return pd.to_numeric(labels, errors="coerce").fillna(0).to_numpy(np.int64)
 
 
-def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str) -> dict[str, int]:
-    """Write the four source tables the feature views read, and their schema; returns their row counts."""
+def _activity_duckdb(inter: pd.DataFrame, items: pd.DataFrame | None, day0: pd.Timestamp, n_days: int,
+                     declaration: Declaration, spill: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both activity tables by ``feature_repo/compute_sql.py``: the same rows, with no entities x days array."""
+    from feature_repo.compute_sql import activity_sql, connect
+
+    con = connect(memory_limit=get_settings().duckdb_memory_limit or None, temp_directory=spill)
+    try:
+        con.register("interactions", inter)
+        if items is not None:
+            con.register("items", items)
+        user = activity_sql(con, "interactions", "user_id", "user", day0, n_days, declaration,
+                            categories="items" if items is not None else None)
+        item = activity_sql(con, "interactions", "item_id", "item", day0, n_days, declaration)
+    finally:
+        con.close()
+    return user, item
+
+
+def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str, engine: str | None = None
+                           ) -> dict[str, int]:
+    """Write the four source tables the feature views read, and their schema; returns their row counts.
+
+    ``engine``: ``numpy`` (dense arrays, fastest while they fit) or ``duckdb`` (SQL, bounded memory, spills);
+    default ``MTLREC_FEATURE_ENGINE``. Both write the same tables.
+    """
     t0 = time.perf_counter()
     declaration = contract.Manifest.require(dataset_dir).declaration
     t = contract.load_dataset(dataset_dir)
@@ -119,17 +143,23 @@ def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str) -> d
     schema = derive(declaration, users, items, inter)
     day0 = inter[contract.TIMESTAMP].min().floor("D")
     n_days = int((inter[contract.TIMESTAMP].max() - day0) // DAY) + 1
-    categories = None
-    if schema.has_category:
-        cat_of_item = items.set_index(items["item_id"].astype(str))["category"]
-        categories = inter["item_id"].astype(str).map(cat_of_item)
+    tables_dir = Path(tables_dir)
+    if (engine or get_settings().feature_engine) == "duckdb":
+        user_activity, item_popularity = _activity_duckdb(inter, items if schema.has_category else None, day0,
+                                                          n_days, declaration, tables_dir.parent / "duckdb_tmp")
+    else:
+        categories = None
+        if schema.has_category:
+            cat_of_item = items.set_index(items["item_id"].astype(str))["category"]
+            categories = inter["item_id"].astype(str).map(cat_of_item)
+        user_activity = _activity(inter, "user_id", "user", day0, n_days, declaration, categories=categories)
+        item_popularity = _activity(inter, "item_id", "item", day0, n_days, declaration)
     tables = {
         "user_profile": _profile(users, "user_id", schema.views["user_profile"], "user_since_ts"),
-        "user_activity": _activity(inter, "user_id", "user", day0, n_days, declaration, categories=categories),
+        "user_activity": user_activity,
         "item_profile": _profile(items, "item_id", schema.views["item_profile"], "item_since_ts"),
-        "item_popularity": _activity(inter, "item_id", "item", day0, n_days, declaration),
+        "item_popularity": item_popularity,
     }
-    tables_dir = Path(tables_dir)
     tables_dir.mkdir(parents=True, exist_ok=True)
     for stale in tables_dir.glob("*.parquet"):  # a view this schema no longer has must not linger
         if stale.stem not in tables:

@@ -1,0 +1,143 @@
+"""The DuckDB aggregates must be the numpy ones exactly: the feature tables cannot depend on which one built them."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from feature_repo import compute, compute_sql
+from flows.data.short_video import ShortVideoConfig, generate as generate_video
+from flows.data.synth import SynthConfig, generate
+from models import contract
+from models.declaration import Declaration
+
+
+def assert_same(inter: pd.DataFrame, items: pd.DataFrame, declaration: Declaration, source=None, catalog=None,
+                tmp_path=None, ordered: bool = True) -> dict[str, pd.DataFrame]:
+    """Both tables by both paths, as compute_feature_tables calls them; returns the SQL ones."""
+    day0 = inter[contract.TIMESTAMP].min().floor("D")
+    n_days = int((inter[contract.TIMESTAMP].max() - day0) // compute.DAY) + 1
+    categories = None
+    if "category" in items:
+        categories = inter["item_id"].astype(str).map(items.set_index(items["item_id"].astype(str))["category"])
+    con = compute_sql.connect(memory_limit="256MB", temp_directory=tmp_path, threads=2)
+    con.execute(f"SET preserve_insertion_order = {ordered}")
+    con.register("inter", inter)
+    con.register("items", items)
+    out = {}
+    for key, prefix, cats in (("user_id", "user", categories), ("item_id", "item", None)):
+        want = compute._activity(inter, key, prefix, day0, n_days, declaration, categories=cats)
+        got = compute_sql.activity_sql(con, source or "inter", key, prefix, day0, n_days, declaration,
+                                       categories=(catalog or "items") if cats is not None else None)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+        out[key] = got
+    assert con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()[0] == ordered
+    return out
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shop")
+    generate(d, SynthConfig(n_users=150, n_items=60, n_interactions=6000, days=8, seed=3))
+    return d
+
+
+def load(d):
+    return contract.load_dataset(d), contract.Manifest.require(d).declaration
+
+
+def test_shop_log_from_parquet(shop, tmp_path):
+    """Also on a connection that does not preserve row order: the running sums need it, and get it back."""
+    t, declaration = load(shop)
+    out = assert_same(t["interactions"], t["items"], declaration, source=shop / "interactions.parquet",
+                      catalog=shop / "items.parquet", tmp_path=tmp_path, ordered=False)
+    assert (out["user_id"]["user_top_category_30d"] != "").any()  # the comparison covered real categories
+
+
+def test_log_longer_than_the_longest_window(tmp_path):
+    """Days leaving the 30-day window (and the top category falling back) only happen past day 30."""
+    generate(tmp_path / "d", SynthConfig(n_users=60, n_items=25, n_interactions=3000, days=45, seed=7))
+    t, declaration = load(tmp_path / "d")
+    assert_same(t["interactions"], t["items"], declaration, tmp_path=tmp_path)
+
+
+def test_short_video_declaration(tmp_path):
+    generate_video(tmp_path / "v", ShortVideoConfig(n_users=120, n_items=60, n_interactions=6000, days=8, seed=2))
+    t, declaration = load(tmp_path / "v")
+    assert "category" not in t["items"]
+    out = assert_same(t["interactions"], t["items"], declaration, tmp_path=tmp_path)
+    assert "user_follow_rate_30d" in out["user_id"] and "user_top_category_30d" not in out["user_id"]
+
+
+@pytest.mark.parametrize("via", ["frame", "parquet"])  # a frame's NaN reaches DuckDB as NULL, parquet's as NaN
+def test_missing_labels_count_zero(shop, tmp_path, via):
+    t, declaration = load(shop)
+    inter = t["interactions"].copy()
+    rng = np.random.default_rng(0)
+    inter["click"] = inter["click"].astype("float64").mask(rng.random(len(inter)) < 0.2)  # NaN
+    inter["purchase"] = inter["purchase"].astype("Int8").mask(rng.random(len(inter)) < 0.2)  # pd.NA
+    assert inter["click"].isna().any() and inter["purchase"].isna().any()
+    source = None
+    if via == "parquet":
+        source = tmp_path / "inter.parquet"
+        table = pa.Table.from_pandas(inter)  # NaN -> null; put the NaN back, as a float writer may leave it
+        table = table.set_column(table.schema.get_field_index("click"), "click", pa.array(inter["click"].to_numpy()))
+        pq.write_table(table, source)
+        assert duckdb.sql(f"SELECT count(*) FROM '{source}' WHERE isnan(click)").fetchone()[0] > 0
+    assert_same(inter, t["items"], declaration, source=source, tmp_path=tmp_path)
+
+
+def test_single_day_log(shop, tmp_path):
+    t, declaration = load(shop)
+    inter = t["interactions"]
+    last = inter[contract.TIMESTAMP].max().floor("D")
+    out = assert_same(inter[inter[contract.TIMESTAMP] >= last].reset_index(drop=True), t["items"], declaration,
+                      tmp_path=tmp_path)
+    assert out["user_id"]["event_timestamp"].nunique() == 2  # snapshot 0 and the day after
+
+
+def test_top_category_ties_go_to_the_smallest_name(tmp_path):
+    declaration = Declaration.from_dict({"tasks": [{"name": "click"}, {"name": "buy", "parent": "click"}]})
+    day = pd.Timestamp("2026-01-01", tz="UTC")
+    rows = [("u1", "i1", 0, 1, 0), ("u1", "i2", 0, 1, 1), ("u1", "i3", 1, 1, 0), ("u1", "i2", 1, 0, 0),
+            ("u2", "i3", 0, 0, 0), ("u2", "i1", 2, 1, 1), ("u3", "i9", 0, 1, 0), ("u3", "i4", 1, 1, 0)]
+    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "day", "click", "buy"])
+    inter[contract.TIMESTAMP] = day + pd.to_timedelta(inter.pop("day"), unit="D") + pd.Timedelta(hours=5)
+    items = pd.DataFrame({"item_id": ["i1", "i2", "i3", "i4"], "category": ["b", "B", "a", None]})
+    out = assert_same(inter, items, declaration, tmp_path=tmp_path)
+    # u1: b and B tie on day 0, a joins on day 1 ("B" < "a" < "b" by code point); u2 clicks b on day 2; u3 clicks
+    # an item missing from the catalogue ("nan", as pandas' map gives) and one without a category ("None").
+    assert out["user_id"]["user_top_category_30d"].tolist() == ["", "B", "B", "B", "", "", "", "b",
+                                                              "", "nan", "None", "None"]
+
+
+def test_a_top_category_change_alone_writes_a_row(tmp_path):
+    """One click a day for 41 days keeps every count still from day 32 on, while "b" overtakes "a" at day 36."""
+    declaration = Declaration.from_dict({"tasks": [{"name": "click"}]})
+    day = pd.Timestamp("2026-01-01 08:00", tz="UTC")
+    inter = pd.DataFrame({"user_id": "u1", "item_id": ["ia"] * 20 + ["ib"] * 21, "click": 1,
+                          contract.TIMESTAMP: day + pd.to_timedelta(range(41), unit="D")})
+    items = pd.DataFrame({"item_id": ["ia", "ib"], "category": ["a", "b"]})
+    users = assert_same(inter, items, declaration, tmp_path=tmp_path)["user_id"]
+    late = users[users["event_timestamp"] >= day.floor("D") + pd.Timedelta(days=32)]
+    assert late["user_top_category_30d"].tolist() == ["b"] and late["user_impressions_30d"].tolist() == [30]
+
+
+def test_the_duckdb_engine_writes_the_same_feature_tables(shop, tmp_path, monkeypatch):
+    """MTLREC_FEATURE_ENGINE=duckdb through compute_feature_tables: every table file equal to numpy's."""
+    a = compute.compute_feature_tables(shop, tmp_path / "numpy" / "tables", engine="numpy")
+
+    def numpy_path(*args, **kwargs):
+        raise AssertionError("the duckdb engine ran the numpy aggregates")
+
+    monkeypatch.setenv("MTLREC_FEATURE_ENGINE", "duckdb")  # the setting, as a user sets it
+    monkeypatch.setattr(compute, "_activity", numpy_path)
+    b = compute.compute_feature_tables(shop, tmp_path / "duckdb" / "tables")
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    for name in ("user_profile", "user_activity", "item_profile", "item_popularity"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "duckdb" / "tables" / f"{name}.parquet"),
+                                      pd.read_parquet(tmp_path / "numpy" / "tables" / f"{name}.parquet"))
