@@ -79,23 +79,29 @@ WORLD = SynthConfig(n_users=150, n_items=150, n_interactions=40_000, days=12, se
 TRAIN = ["train.max_epochs=2", "train.batch_size=1024", "model.params={n_experts: 3, expert: [64, 32], tower: [16]}"]
 
 
+def _rewarded_world(data, world: SynthConfig, rewards: dict[str, float]):
+    """A synthetic log whose declaration gives these tasks these rewards, with its feature store built."""
+    from feature_repo.store import build_all
+
+    generate(data, world)
+    manifest = contract.Manifest.load(data)
+    declared = manifest.declaration.to_dict()
+    for t in declared["tasks"]:
+        if t["name"] in rewards:
+            t["reward"] = rewards[t["name"]]
+    manifest.declare(Declaration.from_dict(declared)).save(data)
+    build_all(data, materialize_online=False)
+    return data
+
+
 @pytest.fixture(scope="module")
 def rewarded_model(tmp_path_factory):
     """A synthetic log whose declaration gives click reward 1 and purchase 5, and a small MMoE trained on it."""
-    from feature_repo.store import build_all
     from models.config import load_config
     from models.train import train
 
     root = tmp_path_factory.mktemp("fusion")
-    data = root / "data"
-    generate(data, WORLD)
-    manifest = contract.Manifest.load(data)
-    declared = manifest.declaration.to_dict()
-    for t in declared["tasks"]:
-        if t["name"] in REWARDS:
-            t["reward"] = REWARDS[t["name"]]
-    manifest.declare(Declaration.from_dict(declared)).save(data)
-    build_all(data, materialize_online=False)
+    data = _rewarded_world(root / "data", WORLD, REWARDS)
     train(load_config("mmoe", TRAIN), data, root / "artifact", progress=False)
     return {"data": data, "artifact": root / "artifact"}
 
@@ -155,7 +161,6 @@ def test_tuned_weights_earn_more_expected_reward_in_the_simulator(tmp_path):
     20 x P(click and purchase) from ``synth.oracle``: no label noise in the judgement, so the comparison
     says whether the weights the search found rank better, not whether the test split was lucky.
     """
-    from feature_repo.store import build_all
     from models import metrics
     from models.artifact import Scorer
     from models.config import load_config
@@ -166,15 +171,7 @@ def test_tuned_weights_earn_more_expected_reward_in_the_simulator(tmp_path):
     from models.train import train
     from flows.data.synth import oracle
 
-    data = tmp_path / "data"
-    generate(data, SIMULATOR)
-    manifest = contract.Manifest.load(data)
-    declared = manifest.declaration.to_dict()
-    for t in declared["tasks"]:
-        if t["name"] in SIMULATOR_REWARDS:
-            t["reward"] = SIMULATOR_REWARDS[t["name"]]
-    manifest.declare(Declaration.from_dict(declared)).save(data)
-    build_all(data, materialize_online=False)
+    data = _rewarded_world(tmp_path / "data", SIMULATOR, SIMULATOR_REWARDS)
     train(load_config("mmoe"), data, tmp_path / "artifact", progress=False)  # the default recipe
     scorer, table = Scorer.load(tmp_path / "artifact"), load_training_table(data)
     report = tune(scorer, table, k=10, seed=1)
