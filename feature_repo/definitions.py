@@ -20,10 +20,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
-from feast import Entity, FeatureService, FeatureView, Field, FileSource, RequestSource, ValueType
+from feast import Entity, FeatureService, FeatureView, Field, RequestSource, ValueType
 from feast.on_demand_feature_view import on_demand_feature_view
 from feast.types import Float64, Int64, String
 
+from feature_repo.engines import batch_source
 from feature_repo.schema import ENTITY_OF, FEATURE_SERVICE, JOIN_KEY, SCHEMA_FILE, FeatureSchema
 from feature_repo.transforms import REQUEST_FIELDS, context_features
 from models.settings import get_settings
@@ -35,8 +36,11 @@ def _fields(schema: dict[str, str]) -> list[Field]:
     return [Field(name=n, dtype=TYPES[t]) for n, t in schema.items()]
 
 
-def build(tables_dir: str | Path, schema: FeatureSchema | None = None) -> dict[str, object]:
-    """Every Feast object, keyed by name, reading the tables (and their ``schema.json``) under ``tables_dir``."""
+def build(tables_dir: str | Path, schema: FeatureSchema | None = None, engine: str = "duckdb") -> dict[str, object]:
+    """Every Feast object, keyed by name, reading the tables (and their ``schema.json``) under ``tables_dir``.
+
+    ``engine``: the offline engine whose source type the views read through (``feature_repo/engines.py``).
+    """
     tables_dir = Path(tables_dir).resolve()
     schema = schema or FeatureSchema.load(tables_dir)
     entities = {name: Entity(name=name, join_keys=[key], value_type=ValueType.STRING,
@@ -44,8 +48,7 @@ def build(tables_dir: str | Path, schema: FeatureSchema | None = None) -> dict[s
                 for name, key in JOIN_KEY.items()}
     views = {}
     for name, columns in schema.views.items():
-        source = FileSource(name=f"{name}_source", path=str(tables_dir / f"{name}.parquet"),
-                            timestamp_field="event_timestamp")
+        source = batch_source(f"{name}_source", str(tables_dir / f"{name}.parquet"), "event_timestamp", engine)
         views[name] = FeatureView(name=name, entities=[entities[ENTITY_OF[name]]], ttl=timedelta(0),
                                   schema=_fields(columns), source=source, online=True)
     request = RequestSource(name="request_context", schema=_fields(REQUEST_FIELDS))
@@ -64,7 +67,7 @@ def build(tables_dir: str | Path, schema: FeatureSchema | None = None) -> dict[s
 
 _TABLES = get_settings().feature_tables
 if (_TABLES / SCHEMA_FILE).exists():  # `feast apply` in this directory: the objects of that dataset's tables
-    _objects = build(_TABLES)
+    _objects = build(_TABLES, engine=get_settings().offline_engine)
     user, item = _objects["user"], _objects["item"]
     user_profile, user_activity = _objects["user_profile"], _objects["user_activity"]
     item_profile, item_popularity = _objects["item_profile"], _objects["item_popularity"]

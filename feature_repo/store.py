@@ -27,6 +27,7 @@ from models import contract
 from models.settings import get_settings
 
 WORKSPACE = "_features"
+ENGINES = ("duckdb", "spark")
 TRAINING_FILE = "training.parquet"
 
 
@@ -39,19 +40,28 @@ class StoreSettings:
     online: str = "sqlite"  # or "redis"
     redis: str = "127.0.0.1:6379,db=0"
     project: str = "mtlrec"
-    offline: str = "duckdb"  # Feast's file store (dask) is slower and drops unmatched rows
+    # Feast's offline store and compute engine: duckdb (embedded; Feast's file store, dask, is slower and drops
+    # unmatched rows) or spark (feature_repo/engines.py).
+    offline: str = "duckdb"
+    spark_master: str = "local[2]"
+    spark_conf: tuple[tuple[str, str], ...] = ()  # hashable: settings are frozen
 
     @classmethod
     def for_dataset(cls, dataset: Path | str, *, workspace: Path | str | None = None, online: str | None = None,
-                    redis: str | None = None, project: str | None = None) -> "StoreSettings":
+                    redis: str | None = None, project: str | None = None,
+                    offline: str | None = None) -> "StoreSettings":
         """Arguments win; what they leave out comes from the environment as it is now (``models.settings``)."""
         env = get_settings()
         dataset = Path(dataset).resolve()
         online = (online or env.online_store).lower()
         if online not in ("sqlite", "redis"):
             raise ValueError(f"online store must be 'sqlite' or 'redis', not {online!r}")
+        offline = (offline or env.offline_engine).lower()
+        if offline not in ENGINES:
+            raise ValueError(f"offline engine must be one of {ENGINES}, not {offline!r}")
         return cls(dataset=dataset, workspace=Path(workspace).resolve() if workspace else dataset / WORKSPACE,
-                   online=online, redis=redis or env.redis, project=project or env.feast_project)
+                   online=online, redis=redis or env.redis, project=project or env.feast_project,
+                   offline=offline, spark_master=env.spark_master, spark_conf=tuple(sorted(env.spark_conf.items())))
 
     @property
     def tables(self) -> Path:
@@ -83,9 +93,10 @@ class StoreSettings:
     def yaml_config(self, registry: Path | None = None) -> dict:
         online = ({"type": "sqlite", "path": str(self.workspace / "online.db")} if self.online == "sqlite"
                   else {"type": "redis", "connection_string": self.redis})
+        from feature_repo.engines import engine_config
+
         return {"project": self.project, "provider": "local", "registry": str(registry or self.registry_file),
-                "online_store": online, "offline_store": {"type": self.offline},
-                "entity_key_serialization_version": 3}
+                "online_store": online, **engine_config(self), "entity_key_serialization_version": 3}
 
 
 def open_store(settings: StoreSettings, *, serving: bool = False):
@@ -97,6 +108,10 @@ def open_store(settings: StoreSettings, *, serving: bool = False):
     """
     os.environ.setdefault("FEAST_USAGE", "False")
     from feast import FeatureStore
+
+    from feature_repo.engines import check_available
+
+    check_available(settings.offline)
 
     settings.workspace.mkdir(parents=True, exist_ok=True)
     registry = serving_registry(settings) if serving else settings.registry_file
@@ -199,7 +214,7 @@ def apply(store, settings: StoreSettings) -> list[str]:
     """Register entities, views and the feature service for this dataset's tables."""
     from feature_repo.definitions import build
 
-    objects = build(settings.tables)
+    objects = build(settings.tables, engine=settings.offline)
     store.apply(list(objects.values()))
     return sorted(objects)
 
@@ -348,12 +363,17 @@ def entity_frame(interactions: pd.DataFrame) -> pd.DataFrame:
 def iter_training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_000, join: str | None = None):
     """Point-in-time join of every impression with the feature service, in globally ordered chunks.
 
-    ``join``: ``asof`` (``feature_repo/asof.py``) or ``feast``; default ``MTLREC_TRAINING_JOIN``. Both read
+    ``join``: ``asof`` (``feature_repo/asof.py``), ``feast`` (the offline engine's own retrieval: DuckDB or
+    Spark) or ``auto`` (as-of on DuckDB, the engine's on Spark); default ``MTLREC_TRAINING_JOIN``. All read
     the same Feast definitions and give the same rows.
     """
+    from feature_repo.engines import engine_of
+
     join = join or get_settings().training_join
-    if join not in ("asof", "feast"):
-        raise ValueError(f"training join must be 'asof' or 'feast', not {join!r}")
+    if join not in ("auto", "asof", "feast"):
+        raise ValueError(f"training join must be 'auto', 'asof' or 'feast', not {join!r}")
+    if join == "auto":  # DuckDB's as-of join on the embedded engine; a distributed engine does its own
+        join = "asof" if engine_of(store) == "duckdb" else "feast"
     order = [contract.TIMESTAMP, "user_id", "item_id"]
     entities = entity_frame(interactions).sort_values(order, kind="stable", ignore_index=True)
     if join == "asof":
@@ -381,6 +401,9 @@ def _feast_training_set(store, entities: pd.DataFrame, chunk_rows: int):
         if len(part) != len(chunk):  # Feast drops rows it cannot match; a training set must not
             raise RuntimeError(f"point-in-time join returned {len(part)} rows for {len(chunk)} impressions")
         part[contract.TIMESTAMP] = pd.to_datetime(part[contract.TIMESTAMP], utc=True)
+        for column in chunk.columns:  # Spark widens the log's own columns (int8 labels, us timestamps)
+            if column in part and part[column].dtype != chunk[column].dtype:
+                part[column] = part[column].astype(chunk[column].dtype)
         yield part.sort_values(order, kind="stable", ignore_index=True)
 
 

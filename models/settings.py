@@ -54,10 +54,21 @@ class Settings(BaseSettings):
     feast_project: str = Field(
         "mtlrec", description="The Feast project name in each dataset's registry; tests use their own so that "
                               "several stores can share one Redis.")
-    training_join: Literal["asof", "feast"] = Field(
-        "asof", description="How the training set's point-in-time join runs: asof (DuckDB ASOF JOINs over the "
-                            "Feast views' sources, feature_repo/asof.py: the same rows, about 4x faster) or "
-                            "feast (Feast's get_historical_features).")
+    offline_engine: Literal["duckdb", "spark"] = Field(
+        "duckdb", description="Feast's offline store and compute engine: duckdb (embedded, one machine) or spark "
+                              "(Feast's Spark offline store and Spark compute engine: the views' sources become "
+                              "SparkSources and Spark does the historical retrieval and the materialisation).")
+    spark_master: str = Field(
+        "local[2]", description="The Spark master the spark engine uses: local[N] on this machine, or a cluster's "
+                                "URL (spark://host:7077, yarn, k8s://...).")
+    spark_conf: dict[str, str] = Field(
+        {}, description='More Spark properties for the spark engine, as JSON (e.g. '
+                        '{"spark.executor.memory": "8g"}); they win over the defaults.')
+    training_join: Literal["auto", "asof", "feast"] = Field(
+        "auto", description="How the training set's point-in-time join runs: asof (DuckDB ASOF JOINs over the "
+                            "Feast views' sources, feature_repo/asof.py: the same rows, about 4x faster), "
+                            "feast (Feast's get_historical_features on the offline engine), or auto: asof on "
+                            "duckdb, feast on spark.")
     feature_engine: Literal["numpy", "duckdb"] = Field(
         "numpy", description="What computes the windowed aggregate tables: numpy (dense entities x days arrays, "
                              "about 3x faster while they fit) or duckdb (SQL, feature_repo/compute_sql.py: the same "

@@ -70,8 +70,13 @@ def test_training_set_is_point_in_time_correct(built):
     table = pd.read_parquet(summary["training_file"])
     raw = contract.load_dataset(out)["interactions"]
     assert summary["training_rows"] == len(raw) == len(table)  # no impression dropped or duplicated
+    _assert_no_leak(table)
 
+
+def _assert_no_leak(table: pd.DataFrame) -> None:
+    """The planted user's three impressions (``_plant_leak``) see their own history only from the next day."""
     leak = table[table.user_id == "leaky"].sort_values(contract.TIMESTAMP)
+    assert len(leak) == 3
     # The clicked, bought impression must not see its own labels through any feature ...
     first = leak.iloc[0]
     for w in WINDOWS:
@@ -103,6 +108,47 @@ def test_the_asof_join_gives_feasts_training_set_row_for_row(built):
     assert asof["user_click_count_30d"].isna().sum() == feast["user_click_count_30d"].isna().sum()
     with pytest.raises(ValueError, match="'asof' or 'feast'"):
         fstore.training_set(store, raw, join="spark")
+
+
+@pytest.fixture
+def spark_engine():
+    """The spark engine's preconditions, and its session stopped afterwards (it outlives the store otherwise)."""
+    from feature_repo.engines import EngineUnavailable, check_available
+
+    try:
+        check_available("spark")
+    except EngineUnavailable as e:
+        pytest.skip(str(e))
+    yield
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        session.stop()
+
+
+def test_the_spark_engine_builds_the_same_store(built, spark_engine, tmp_path):
+    """MTLREC_OFFLINE_ENGINE=spark on Spark local[2]: the views read SparkSources, Feast's Spark offline store
+    does the point-in-time retrieval and its Spark compute engine the materialisation. Same training set as the
+    default, row for row, with the planted leak held back, and the same online rows."""
+    from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
+
+    out, summary, _ = built
+    s = fstore.StoreSettings.for_dataset(out, workspace=tmp_path / "spark", offline="spark")
+    got = fstore.build_all(out, s)
+    spark, default = fstore.open_store(s), fstore.open_store(fstore.StoreSettings.for_dataset(out))
+    assert spark.config.offline_store.type == "spark" and spark.config.batch_engine.type == "spark.engine"
+    assert all(isinstance(v.batch_source, SparkSource) for v in spark.list_feature_views())
+    table = pd.read_parquet(got["training_file"])
+    pd.testing.assert_frame_equal(table, pd.read_parquet(summary["training_file"]))
+    _assert_no_leak(table)
+    for view in default.list_feature_views():
+        key = view.entity_columns[0].name
+        ids = [*table[key].drop_duplicates().head(40), "leaky" if key == "user_id" else "leaky_item", "nobody"]
+        refs = [f"{view.name}:{f.name}" for f in view.features]
+        rows = [{key: i} for i in ids]
+        pd.testing.assert_frame_equal(spark.get_online_features(features=refs, entity_rows=rows).to_df(),
+                                      default.get_online_features(features=refs, entity_rows=rows).to_df())
 
 
 @pytest.mark.parametrize("task,prefix,key,w", [("click", "user", "user_id", 7), ("purchase", "item", "item_id", 30),
