@@ -19,14 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.measure import in_child
-
-
-def _generate(out: str, n: int) -> None:
-    from flows.data.synth import SynthConfig, generate
-
-    # Users and items scale with the log, as they would in a real catalogue.
-    generate(out, SynthConfig(n_users=max(3000, n // 100), n_items=max(500, n // 500), n_interactions=n, seed=0))
+from benchmarks.measure import generate_log, in_child
 
 
 def _validate(out: str) -> dict:
@@ -45,7 +38,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="mtlrec-bench-") as tmp:
             out = str(Path(tmp) / "data")
             # Modules imported before the clock starts: rows/s is the work's, not loading the library's.
-            gen = in_child(_generate, out, n, imports=["flows.data.synth"])
+            gen = in_child(generate_log, out, n, imports=["flows.data.synth"])
             val = in_child(_validate, out, imports=["flows.validation.run"])
             size_mb = sum(f.stat().st_size for f in Path(out).glob("*.parquet")) / 2**20
             shutil.rmtree(out, ignore_errors=True)

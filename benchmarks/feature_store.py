@@ -30,13 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.measure import in_child, latency_ms
-
-
-def _generate(out: str, n: int):
-    from flows.data.synth import SynthConfig, generate
-
-    generate(out, SynthConfig(n_users=max(3000, n // 100), n_items=max(500, n // 500), n_interactions=n, seed=0))
+from benchmarks.measure import generate_log, in_child, latency_ms
 
 
 def _compute(out: str):
@@ -154,7 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mtlrec-fs-") as tmp:
         for i, n in enumerate(sorted(args.sizes)):
             out = str(Path(tmp) / f"d{n}")
-            in_child(_generate, out, n)
+            in_child(generate_log, out, n)
             c = in_child(_compute, out)
             row = {"impressions": n, "compute_s": c["rows"]["seconds"], "materialize_s": c["materialize_s"]}
             native = in_child(_native, out, imports=("duckdb",))

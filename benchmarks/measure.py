@@ -22,28 +22,59 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def generate_log(out: str, n: int, seed: int = 0) -> None:
+    """The benchmarks' synthetic log of ``n`` impressions: users (n/100) and items (n/500) grow with it, as
+    they would in a real catalogue."""
+    from flows.data.synth import SynthConfig, generate
+
+    generate(out, SynthConfig(n_users=max(3000, n // 100), n_items=max(500, n // 500), n_interactions=n, seed=seed))
+
+
 def in_child(fn, *args, imports: Iterable[str] = ()) -> dict:
-    """``fn(*args)`` (a dict or None) with ``seconds`` and ``peak_mb`` added, run in a fresh spawned process.
+    """``fn(*args)`` (a dict or None) with ``seconds``, ``peak_mb`` and ``tree_peak_mb`` added, run in a fresh
+    spawned process.
 
     A fresh process so that the peak is this step's own, not the high-water
     mark an earlier step left in the parent. ``imports`` are imported before
     the clock starts, for steps whose figure should not include loading a
     heavy library. A child that dies without answering (killed for memory,
     most often) raises instead of leaving the parent waiting for ever.
+    ``tree_peak_mb`` is the largest resident memory of the child and all its
+    descendants together, sampled every 0.2 s: the figure for a step whose
+    work runs in other processes (Spark's JVM and its Python workers).
     """
+    import psutil
+
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_run, args=(fn, args, tuple(imports), q))
     p.start()
+    tree_peak = 0.0
     while True:
+        tree_peak = max(tree_peak, _tree_rss_mb(psutil, p.pid))
         try:
-            out = q.get(timeout=5)
+            out = q.get(timeout=0.2)
             break
         except queue.Empty:
             if not p.is_alive():
                 raise RuntimeError(f"{fn.__name__}{args} died (exit code {p.exitcode}; out of memory?)") from None
     p.join()
-    return out
+    return {**out, "tree_peak_mb": max(tree_peak, out["peak_mb"])}
+
+
+def _tree_rss_mb(psutil, pid: int) -> float:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
 
 
 def _run(fn, args, imports, q) -> None:

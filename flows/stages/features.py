@@ -61,7 +61,7 @@ def training_set(dataset: str, online: str | None = None, key: str = "") -> str:
 def inputs_key(s: StoreSettings) -> str:
     """Everything the feature files are built from: where they go, the dataset's bytes, and the code."""
     where = {"dataset": str(s.dataset), "online": s.online, "redis": s.redis if s.online == "redis" else None,
-             "project": s.project}
+             "project": s.project, "offline": s.offline}  # the registry's sources are the engine's type
     # not feature_repo/online.py: serving reads the store, nothing in it builds the features
     code = code_digest("feature_repo/compute.py", "feature_repo/store.py", "flows/stages/features.py",
                        "feature_repo", "models/contract.py")

@@ -1,0 +1,152 @@
+"""Every stage of the pipeline at growing log sizes: rows/s and peak memory, per offline engine.
+
+Per size, each stage in a fresh process (``benchmarks.measure.in_child``),
+so its peak memory is its own; the peak counts the stage's process and every
+process it started (Spark's JVM and Python workers), sampled every 0.2 s:
+
+- ``generate``: the synthetic log (users n/100, items n/500);
+- ``validate``: Great Expectations over the three tables;
+- ``features``: the windowed aggregate tables (``MTLREC_FEATURE_ENGINE``);
+- ``online``: ``feast apply`` and the first materialisation into SQLite;
+- ``training set``: the point-in-time join of every impression, to parquet;
+- ``epoch``: one training epoch of the default MMoE on that training set
+  (the default recipe's batch size; validation and test scoring included).
+
+``online`` and ``training set`` run once per offline engine (``--engines``:
+``duckdb``, the default, and ``spark`` on ``MTLREC_SPARK_MASTER``, local[2]
+unless set); the spark engine reads the same feature tables. The last
+column says how each stage's time grew against the previous size: 1.0 is
+linear, above 1 is faster than linear.
+
+    .venv/bin/python benchmarks/scale.py --sizes 1000000 10000000 --spark-up-to 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.measure import generate_log, in_child
+
+
+def _validate(out: str) -> dict:
+    from flows.validation.run import validate_dataset
+
+    return {"passed": validate_dataset(out, docs_dir=Path(out) / "gx").success}
+
+
+def _settings(out: str, engine: str):
+    from feature_repo.store import StoreSettings
+
+    return StoreSettings.for_dataset(out, offline=engine,
+                                     workspace=None if engine == "duckdb" else Path(out) / f"_features_{engine}")
+
+
+def _features(out: str) -> dict:
+    from feature_repo.compute import compute_feature_tables
+
+    s = _settings(out, "duckdb")
+    rows = compute_feature_tables(s.dataset, s.tables)
+    return {"rows": sum(v for k, v in rows.items() if k != "seconds")}
+
+
+def _online(out: str, engine: str) -> dict:
+    from feature_repo.store import apply, materialize, open_store
+
+    s = _settings(out, engine)
+    if engine != "duckdb":  # the same tables the default computed
+        shutil.copytree(_settings(out, "duckdb").tables, s.tables, dirs_exist_ok=True)
+    store = open_store(s)
+    apply(store, s)
+    report = materialize(store, s)
+    return {"rows": sum(v.get("rows", 0) for v in report.values())}
+
+
+def _training_set(out: str, engine: str) -> dict:
+    from feature_repo.store import open_store, training_metadata, write_training_set
+    from models import contract
+
+    s = _settings(out, engine)
+    return {"rows": write_training_set(open_store(s), contract.load_dataset(out)["interactions"], s.training_file,
+                                       metadata=training_metadata(s))}
+
+
+def _epoch(out: str) -> dict:
+    from models.artifact import read_meta
+    from models.config import load_config
+    from models.train import train
+
+    model = Path(out) / "_model"
+    train(load_config("mmoe", ["train.max_epochs=1"]), out, model, progress=False)
+    return {"rows": read_meta(model)["data"]["rows"]["train"]}
+
+
+STAGES = ("generate", "validate", "features", "online", "training set", "epoch")
+
+
+def measure(n: int, engines: list[str], spark_up_to: int, work: Path) -> list[dict]:
+    out = str(work / f"data-{n}")
+    rows = []
+
+    def record(stage: str, engine: str, r: dict, count: int) -> None:
+        rows.append({"impressions": n, "stage": stage, "engine": engine, "seconds": round(r["seconds"], 2),
+                     "rows": count, "rows_per_s": round(count / r["seconds"]),
+                     "peak_mb": round(r["tree_peak_mb"]), **({"passed": r["passed"]} if "passed" in r else {})})
+        print(json.dumps(rows[-1]), flush=True)
+
+    record("generate", "-", in_child(generate_log, out, n, imports=["flows.data.synth"]), n)
+    record("validate", "-", in_child(_validate, out, imports=["flows.validation.run"]), n)
+    r = in_child(_features, out, imports=["feature_repo.compute"])
+    record("features", "-", r, n)
+    for engine in engines:
+        if engine != "duckdb" and n > spark_up_to:
+            continue
+        r = in_child(_online, out, engine, imports=["feature_repo.store"])
+        record("online", engine, r, r["rows"])
+        record("training set", engine, in_child(_training_set, out, engine, imports=["feature_repo.store"]), n)
+    r = in_child(_epoch, out, imports=["models.train"])
+    record("epoch", "-", r, r["rows"])
+    shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--engines", nargs="+", default=["duckdb", "spark"], choices=["duckdb", "spark"])
+    ap.add_argument("--spark-up-to", type=int, default=1_000_000, help="the largest size the spark engine runs")
+    ap.add_argument("--work", type=Path, help="where the logs are written (default: a temporary directory)")
+    ap.add_argument("--json", type=Path, help="write every row here")
+    args = ap.parse_args()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="mtlrec-scale-", dir=args.work) as tmp:
+        for n in sorted(args.sizes):
+            rows += measure(n, args.engines, args.spark_up_to, Path(tmp))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print()
+    print("| impressions | stage | engine | seconds | rows/s | peak MB | growth vs previous size |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    previous: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["stage"], r["engine"])
+        before = previous.get(key)
+        growth = ""
+        if before and r["impressions"] > before["impressions"]:
+            # The exponent k in time ~ size^k between the two sizes: 1 is linear.
+            k = math.log(r["seconds"] / before["seconds"]) / math.log(r["impressions"] / before["impressions"])
+            growth = f"{k:.2f}"
+        previous[key] = r
+        print(f"| {r['impressions']:,} | {r['stage']} | {r['engine']} | {r['seconds']:.1f} | {r['rows_per_s']:,} | "
+              f"{r['peak_mb']:,} | {growth} |")
+
+
+if __name__ == "__main__":
+    main()
