@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         description="Where `feast apply` run inside feature_repo/ finds the feature tables and their schema.json; "
                     "the pipeline passes each dataset's tables itself.")
 
+    # ---- data validation ---------------------------------------------------------------------------------------
+    validation_chunk_rows: int = Field(
+        2_000_000, gt=0, description="Data validation (mtlrec validate, the pipeline's validate stage) reads a "
+                                     "table with more rows than this in chunks of this many rows: memory is bounded "
+                                     "by a chunk, not the table, and the rules and the report are the same.")
+
     # ---- the ranking service ----------------------------------------------------------------------------------
     dataset: Path = Field(
         Path("data/synth"), description="The dataset whose _features/ holds the Feast store the service reads "

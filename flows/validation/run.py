@@ -3,7 +3,8 @@
 Validation judges the tables as stored (no coercion first), so a string where
 a number belongs is reported rather than silently fixed. It writes Great
 Expectations Data Docs (HTML) beside the data, under ``<dataset>/_gx`` unless
-told otherwise, and prints their path.
+told otherwise, and prints their path. A table bigger than a chunk is judged chunk by chunk in bounded
+memory, with the same report (``flows/validation/chunks.py``); its Data Docs show its first chunk.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from models import contract
 from models.declaration import DeclarationError
@@ -111,8 +113,85 @@ def _manifest(directory: Path, report: "ValidationReport"):
         return manifest, None
 
 
+class _Judge:
+    """One table's suite, registered with the context; judges a frame with it, writing Data Docs if asked."""
+
+    def __init__(self, ctx, source, name: str, expectations: list):
+        import great_expectations as gx
+
+        from flows.validation.chunks import RESULT_FORMAT
+
+        suite = gx.ExpectationSuite(name=f"{name}_contract")
+        for exp in expectations:
+            suite.add_expectation(exp)
+        self.suite = ctx.suites.add_or_update(suite)
+        asset = next((a for a in source.assets if a.name == name), None) or source.add_dataframe_asset(name=name)
+        self.batch = next((b for b in asset.batch_definitions if b.name == "whole"), None) or \
+            asset.add_batch_definition_whole_dataframe("whole")
+        definition = ctx.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=f"{name}_contract", data=self.batch, suite=self.suite))
+        self.checkpoint = ctx.checkpoints.add_or_update(gx.Checkpoint(
+            name=f"{name}_checkpoint", validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")], result_format=RESULT_FORMAT))
+        self.result_format = RESULT_FORMAT
+
+    def __call__(self, df: pd.DataFrame, docs: bool = True) -> list:
+        if docs:
+            result = self.checkpoint.run(batch_parameters={"dataframe": df})
+            return [r for run in result.run_results.values() for r in run.results]
+        # later chunks: no Data Docs and no stored result per chunk, only the verdicts
+        return self._batch(df).validate(self.suite, result_format=self.result_format).results
+
+    def one(self, expectation, df: pd.DataFrame):
+        return self._batch(df).validate(expectation, result_format=self.result_format)
+
+    def _batch(self, df: pd.DataFrame):
+        return self.batch.get_batch(batch_parameters={"dataframe": df})
+
+
+def _derive(name: str, df: pd.DataFrame, declaration) -> None:
+    from flows.validation.suites import derive_implication_columns, derive_timestamp_columns
+
+    if contract.TIMESTAMP in df:
+        derive_timestamp_columns(df)
+    if name == "interactions":
+        derive_implication_columns(df, declaration)
+
+
+def _failures(name: str, table: contract.Table, results: list) -> list[Failure]:
+    out = []
+    for r in results:
+        if r.success:
+            continue
+        meta = r.expectation_config.meta or {}
+        rule = meta.get("rule", r.expectation_config.type)
+        res = r.result or {}
+        pct = res.get("unexpected_percent")
+        exc = _exception(r.exception_info)
+        detail = ""
+        if rule == "row count":
+            detail = f"{res.get('observed_value')} rows, need at least {table.min_rows}"
+        elif rule == "column exists":
+            detail = "required by the contract"
+        elif rule == "categories":
+            shown = f"{'at least ' if res.get('counting_stopped') else ''}{res.get('observed_value'):,}"
+            detail = (f"{shown} distinct values; raise "
+                      f"limits.columns.{meta.get('column')}.max_categories in dataset.yaml if that is right")
+        elif rule == "string length":
+            detail = ("raise limits.max_string_length (or limits.columns.<column>) in dataset.yaml "
+                      "if that is right")
+        elif exc.get("raised_exception"):
+            detail = str(exc.get("exception_message", ""))[:200]
+        out.append(Failure(name, meta.get("column", "-"), rule, 1.0 if pct is None else pct / 100.0,
+                           _examples(rule, res), detail))
+    return out
+
+
 def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = None,
-                     now: pd.Timestamp | None = None) -> ValidationReport:
+                     now: pd.Timestamp | None = None, chunk_rows: int | None = None) -> ValidationReport:
+    """Validate a dataset directory; a table with more rows than ``chunk_rows`` (None: the setting
+    ``MTLREC_VALIDATION_CHUNK_ROWS``) is read and judged chunk by chunk, so memory is bounded by a chunk, with
+    the same report (``flows/validation/chunks.py`` says how the chunks' results add up)."""
     t0 = time.perf_counter()
     directory = Path(directory)
     if not directory.is_dir():  # nothing to judge, and nothing (not even _gx) is created there
@@ -125,22 +204,28 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
     _quiet()
     import great_expectations as gx
 
-    from flows.validation.suites import derive_implication_columns, derive_timestamp_columns, expectations_for
+    from flows.validation import chunks
+    from flows.validation.suites import expectations_for
+    from models.settings import get_settings
 
+    chunk_rows = get_settings().validation_chunk_rows if chunk_rows is None else chunk_rows
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, not {chunk_rows}")
     directory = Path(directory)
     now = now or pd.Timestamp.now(tz="UTC")
     report = ValidationReport(directory=str(directory))
     manifest, declaration = _manifest(directory, report)
     tables = contract.tables_for(declaration)
 
-    frames: dict[str, pd.DataFrame] = {}
+    frames: dict[str, pd.DataFrame | chunks.Chunked] = {}
     for name, table in tables.items():
         path = directory / table.file
         if not path.exists():
             report.failures.append(Failure(name, "-", "table exists", 1.0, [], f"{path} is missing"))
             continue
+        big = chunks.Chunked.open(path, chunk_rows)  # None: it fits in a chunk
         try:
-            frames[name] = pd.read_parquet(path)
+            frames[name] = big if big is not None else pd.read_parquet(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is a validation failure
             report.failures.append(Failure(name, "-", "table readable", 1.0, [], f"{type(exc).__name__}: {exc}"))
             continue
@@ -163,49 +248,24 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
     source = ctx.data_sources.add_or_update_pandas("mtlrec")
     for name, df in frames.items():
         table = tables[name]
-        if contract.TIMESTAMP in df:
-            derive_timestamp_columns(df)
-        if name == "interactions":
-            derive_implication_columns(df, declaration)
-        suite = gx.ExpectationSuite(name=f"{name}_contract")
-        for exp in expectations_for(table, df, manifest, now, key_sets if name == "interactions" else None,
-                                    declaration=declaration):
-            suite.add_expectation(exp)
-        suite = ctx.suites.add_or_update(suite)
-        asset = next((a for a in source.assets if a.name == name), None) or source.add_dataframe_asset(name=name)
-        batch = next((b for b in asset.batch_definitions if b.name == "whole"), None) or \
-            asset.add_batch_definition_whole_dataframe("whole")
-        definition = ctx.validation_definitions.add_or_update(
-            gx.ValidationDefinition(name=f"{name}_contract", data=batch, suite=suite))
-        checkpoint = ctx.checkpoints.add_or_update(gx.Checkpoint(
-            name=f"{name}_checkpoint", validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
-            result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5}))
-        result = checkpoint.run(batch_parameters={"dataframe": df})
-        for run in result.run_results.values():
-            for r in run.results:
-                if r.success:
-                    continue
-                meta = r.expectation_config.meta or {}
-                rule = meta.get("rule", r.expectation_config.type)
-                res = r.result or {}
-                pct = res.get("unexpected_percent")
-                exc = _exception(r.exception_info)
-                detail = ""
-                if rule == "row count":
-                    detail = f"{res.get('observed_value')} rows, need at least {table.min_rows}"
-                elif rule == "column exists":
-                    detail = "required by the contract"
-                elif rule == "categories":
-                    detail = (f"{res.get('observed_value'):,} distinct values; raise "
-                              f"limits.columns.{meta.get('column')}.max_categories in dataset.yaml if that is right")
-                elif rule == "string length":
-                    detail = ("raise limits.max_string_length (or limits.columns.<column>) in dataset.yaml "
-                              "if that is right")
-                elif exc.get("raised_exception"):
-                    detail = str(exc.get("exception_message", ""))[:200]
-                report.failures.append(Failure(name, meta.get("column", "-"), rule,
-                                               1.0 if pct is None else pct / 100.0, _examples(rule, res), detail))
+
+        def expectations(frame: pd.DataFrame, table=table, name=name) -> list:
+            return expectations_for(table, frame, manifest, now, key_sets if name == "interactions" else None,
+                                    declaration=declaration)
+
+        if not isinstance(df, chunks.Chunked):
+            _derive(name, df, declaration)
+            results = _Judge(ctx, source, name, expectations(df))(df)
+        else:
+            try:
+                results = chunks.validate(df, lambda c, name=name: _derive(name, c, declaration), expectations,
+                                          lambda exps, name=name: _Judge(ctx, source, name, exps))
+            except (OSError, pa.ArrowException) as exc:  # a chunk that cannot be read, as a whole read would say
+                report.failures.append(Failure(name, "-", "table readable", 1.0, [],
+                                               f"{type(exc).__name__}: {exc}"))
+                report.rows.pop(name)
+                continue
+        report.failures += _failures(name, table, results)
     sites = ctx.get_docs_sites_urls()
     if sites:
         report.docs_path = sites[0]["site_url"].removeprefix("file://")
