@@ -416,6 +416,26 @@ def test_esmm_loss_keeps_a_gradient_for_rare_positives():
     assert logits["purchase"].grad.abs().item() > 0.5
 
 
+@pytest.mark.parametrize("parent_gradient", [False, True])
+def test_a_child_task_trains_its_parents_head_only_when_asked(parent_gradient):
+    """ESMM by default: the purchase loss trains the click head too, through p(click) in the product.
+    ``parent_gradient: false`` keeps the product's value but stops that gradient: clicks alone train the click
+    head."""
+    tasks = TaskSet.from_config([{"name": "click"}, {"name": "purchase", "sample_space": "click",
+                                                     "parent_gradient": parent_gradient}])
+    logits = {"click": torch.tensor([[0.3], [-1.0]], requires_grad=True),
+              "purchase": torch.tensor([[-2.0], [0.5]], requires_grad=True)}
+    labels = {"click": torch.tensor([1.0, 0.0]), "purchase": torch.tensor([1.0, 0.0])}
+    losses = tasks.losses(logits, labels)
+    losses[1].backward()
+    assert logits["purchase"].grad.abs().sum().item() > 0.01
+    assert (logits["click"].grad is not None and logits["click"].grad.abs().sum().item() > 0.01) == parent_gradient
+    # The forward value is the same either way: only where the gradient goes changes.
+    again = TaskSet.from_config([{"name": "click"}, {"name": "purchase", "sample_space": "click",
+                                                     "parent_gradient": not parent_gradient}])
+    assert again.losses(logits, labels)[1].item() == pytest.approx(losses[1].item())
+
+
 def test_embedding_widths_follow_the_vocabulary_in_one_lookup():
     from models.encoder import FeatureEncoder, FeatureSpec, embedding_width
 
