@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -104,19 +104,24 @@ def open_store(settings: StoreSettings, *, serving: bool = False):
 
     ``serving``: the service needs the feature definitions, not the bookkeeping of materialisation; an online
     store never materialised into has no registry of its own yet, so it reads the definitions from the
-    dataset's main registry (and then reports itself not ready: it holds no rows).
+    dataset's main registry (and then reports itself not ready: it holds no rows). It reads online rows only,
+    so it runs on the embedded offline engine whatever the pipeline's is: a bento ships without pyspark, and
+    Feast reads the registry's SparkSources without it.
     """
     os.environ.setdefault("FEAST_USAGE", "False")
     from feast import FeatureStore
 
     from feature_repo.engines import check_available
 
+    offline_engine = settings.offline
+    if serving:
+        settings = replace(settings, offline=ENGINES[0])
     check_available(settings.offline)
 
     settings.workspace.mkdir(parents=True, exist_ok=True)
     registry = serving_registry(settings) if serving else settings.registry_file
     name = "feature_store.yaml" if settings.online == "sqlite" else f"feature_store.{settings.store_id}.yaml"
-    if registry != settings.registry_file:
+    if registry != settings.registry_file or settings.offline != offline_engine:
         name = f"feature_store.{settings.store_id}.serving.yaml"
     path = settings.workspace / name
     text = yaml.safe_dump(settings.yaml_config(registry), sort_keys=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from feature_repo.schema import WINDOWS, FeatureSchema, count_column, rate_column
 from flows.data.synth import SynthConfig, generate
@@ -149,6 +150,30 @@ def test_the_spark_engine_builds_the_same_store(built, spark_engine, tmp_path):
         rows = [{key: i} for i in ids]
         pd.testing.assert_frame_equal(spark.get_online_features(features=refs, entity_rows=rows).to_df(),
                                       default.get_online_features(features=refs, entity_rows=rows).to_df())
+    # The service on this store, where pyspark cannot be imported (a bento does not ship it): same online rows.
+    pairs = [[str(u), str(i)] for u, i in table[["user_id", "item_id"]].head(30).itertuples(index=False)]
+    every = [f"{v.name}:{f.name}" for v in default.list_feature_views() for f in v.features]
+    expected = default.get_online_features(features=every,
+                                           entity_rows=[{"user_id": u, "item_id": i} for u, i in pairs]).to_df()
+    probe = f"""
+import sys, importlib.abc
+class NoSpark(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "pyspark" or name.startswith("pyspark."):
+            raise ImportError("no pyspark in a bento")
+sys.meta_path.insert(0, NoSpark())
+from feature_repo import store as fstore
+s = fstore.StoreSettings.for_dataset({str(out)!r}, workspace={str(s.workspace)!r}, offline="spark")
+st = fstore.open_store(s, serving=True)
+assert st.config.offline_store.type == "duckdb", st.config.offline_store
+rows = [{{"user_id": u, "item_id": i}} for u, i in {pairs!r}]
+st.get_online_features(features={every!r}, entity_rows=rows).to_df().to_parquet(sys.argv[1])
+"""
+    got_path = tmp_path / "served.parquet"
+    subprocess.run([sys.executable, "-c", probe, str(got_path)], check=True, cwd=Path(__file__).resolve().parents[1])
+    pd.testing.assert_frame_equal(pd.read_parquet(got_path).sort_index(axis=1), expected.sort_index(axis=1))
+    pipeline = yaml.safe_load((s.workspace / "feature_store.yaml").read_text())  # the pipeline's, untouched
+    assert pipeline["offline_store"]["type"] == "spark"
 
 
 @pytest.mark.parametrize("task,prefix,key,w", [("click", "user", "user_id", 7), ("purchase", "item", "item_id", 30),
