@@ -38,12 +38,17 @@ class Split:
         return Split(self.cat.to(device), self.num.to(device), self.labels.to(device), self.users, self.items)
 
 
+def cut_points(ts: pd.Series, valid_fraction: float, test_fraction: float) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """Where validation and test begin: timestamp quantiles (test empty: after the last impression)."""
+    t_test = ts.quantile(1 - test_fraction) if test_fraction > 0 else ts.max() + pd.Timedelta(seconds=1)
+    return ts.quantile(1 - test_fraction - valid_fraction), t_test
+
+
 def time_split(df: pd.DataFrame, valid_fraction: float,
                test_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Cut at timestamp quantiles: validation and test are strictly later than training."""
     ts = df[contract.TIMESTAMP]
-    t_test = ts.quantile(1 - test_fraction) if test_fraction > 0 else ts.max() + pd.Timedelta(seconds=1)
-    t_valid = ts.quantile(1 - test_fraction - valid_fraction)
+    t_valid, t_test = cut_points(ts, valid_fraction, test_fraction)
     train = df[ts < t_valid]
     valid = df[(ts >= t_valid) & (ts < t_test)]
     test = df[ts >= t_test]
@@ -120,7 +125,32 @@ class IndexBatches:
                 yield self.split.cat[idx], self.split.num[idx], self.split.labels[idx]
 
 
-class MTLDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """What both data paths share: resident validation and test splits, and the batch size set late."""
+
+    _eval_batch_size: int | None
+    valid_split: Split
+    test_split: Split
+
+    def _training_batches(self, batch_size: int):
+        raise NotImplementedError
+
+    def use_batch_size(self, batch_size: int) -> None:
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = self._eval_batch_size or max(self.batch_size, 65_536)
+        self._train_batches = self._training_batches(self.batch_size)
+
+    def train_dataloader(self):
+        return self._train_batches
+
+    def val_dataloader(self):
+        return IndexBatches(self.valid_split, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self):
+        return IndexBatches(self.test_split, self.eval_batch_size, shuffle=False)
+
+
+class MTLDataModule(SplitDataModule):
     def __init__(self, table: pd.DataFrame, tasks: TaskSet, categorical: list[str], numeric: list[str],
                  batch_size: int = 4096, valid_fraction: float = 0.1, test_fraction: float = 0.1,
                  device: str | torch.device = "cpu", seed: int = 0, eval_batch_size: int | None = None,
@@ -152,16 +182,9 @@ class MTLDataModule(L.LightningDataModule):
                             for name, df in (("train", train), ("valid", valid), ("test", test)) if len(df)}
         self.use_batch_size(batch_size)
 
-    def use_batch_size(self, batch_size: int) -> None:
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = self._eval_batch_size or max(self.batch_size, 65_536)
-        self._train_batches = IndexBatches(self.train_split, self.batch_size, shuffle=True, seed=self.seed)
+    @property
+    def train_rows(self) -> int:
+        return len(self.train_split)
 
-    def train_dataloader(self):
-        return self._train_batches
-
-    def val_dataloader(self):
-        return IndexBatches(self.valid_split, self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self):
-        return IndexBatches(self.test_split, self.eval_batch_size, shuffle=False)
+    def _training_batches(self, batch_size: int):
+        return IndexBatches(self.train_split, batch_size, shuffle=True, seed=self.seed)

@@ -93,24 +93,9 @@ class FeatureSpec:
         Values seen fewer than ``min_count`` times are left out of the vocabulary: they take
         ``UNKNOWN``, as unseen ones do. Missing values are never a vocabulary entry (module docstring).
         """
-        vocabs, missing = {}, []
-        for c in categorical:
-            text = df[c].astype(str)
-            absent = df[c].isna().to_numpy() | text.isin(MISSING_STRINGS).to_numpy()
-            if absent.any():
-                missing.append(c)
-            counts = text[~absent].value_counts(sort=False)
-            keep = counts[counts >= min_count].index
-            vocabs[c] = sorted(keep.tolist())
-        counts_ = [c for c in (log1p or []) if c in numeric]
-        stats = {}
-        for c in numeric:
-            x = pd.to_numeric(df[c], errors="coerce").astype("float64")
-            if c in counts_:
-                x = np.log1p(x.clip(lower=0))
-            std = float(x.std()) if x.notna().sum() > 1 else 1.0
-            stats[c] = [float(x.mean()) if x.notna().any() else 0.0, std if std > 1e-12 else 1.0]
-        return cls(list(categorical), list(numeric), vocabs, stats, counts_, missing=missing)
+        fit = SpecFit(categorical, numeric, log1p)
+        fit.add(df)
+        return fit.spec(min_count)
 
     def size_embeddings(self, width: int | str = "auto", overrides: dict[str, int] | None = None) -> "FeatureSpec":
         """Fix each categorical feature's embedding width: a number for all, or ``auto`` (the vocabulary rule)."""
@@ -203,6 +188,55 @@ class FeatureSpec:
     def from_dict(cls, d: dict) -> "FeatureSpec":
         """From ``to_dict``; a spec saved before the MISSING code keeps its one reserved code."""
         return cls(**{"reserved": 1, **d})
+
+
+class SpecFit:
+    """``FeatureSpec.fit`` a chunk at a time, for a training split streamed from disk (``models/stream.py``).
+
+    Vocabularies are exact (counts summed over chunks); numeric statistics combine each chunk's count, mean
+    and squared deviations (Chan et al.), which equals the one-pass figures up to rounding.
+    """
+
+    def __init__(self, categorical: list[str], numeric: list[str], log1p: list[str] | None = None):
+        self.categorical, self.numeric = list(categorical), list(numeric)
+        self.log1p = [c for c in (log1p or []) if c in numeric]
+        self.counts: dict[str, pd.Series] = {}
+        self.missing: set[str] = set()
+        self.moments = {c: (0, 0.0, 0.0) for c in self.numeric}  # n, mean, sum of squared deviations
+
+    def add(self, df: pd.DataFrame) -> None:
+        for c in self.categorical:
+            text = df[c].astype(str)
+            absent = df[c].isna().to_numpy() | text.isin(MISSING_STRINGS).to_numpy()
+            if absent.any():
+                self.missing.add(c)
+            counts = text[~absent].value_counts(sort=False)
+            self.counts[c] = counts if c not in self.counts else self.counts[c].add(counts, fill_value=0)
+        for c in self.numeric:
+            x = pd.to_numeric(df[c], errors="coerce").astype("float64")
+            if c in self.log1p:
+                x = np.log1p(x.clip(lower=0))
+            x = x.dropna().to_numpy()
+            if not len(x):
+                continue
+            n, mean, m2 = self.moments[c]
+            k, m = len(x), float(x.mean())
+            d = m - mean
+            m2 += float(((x - m) ** 2).sum()) + d * d * n * k / (n + k)
+            self.moments[c] = (n + k, mean + d * k / (n + k), m2)
+
+    def spec(self, min_count: int = 1) -> FeatureSpec:
+        vocabs = {}
+        for c in self.categorical:
+            counts = self.counts.get(c, pd.Series(dtype="int64"))
+            vocabs[c] = sorted(counts[counts >= min_count].index.tolist())
+        stats = {}
+        for c in self.numeric:
+            n, mean, m2 = self.moments[c]
+            std = float(np.sqrt(m2 / (n - 1))) if n > 1 else 1.0
+            stats[c] = [float(mean) if n else 0.0, std if std > 1e-12 else 1.0]
+        return FeatureSpec(list(self.categorical), list(self.numeric), vocabs, stats, list(self.log1p),
+                           missing=[c for c in self.categorical if c in self.missing])
 
 
 WIDTH_FACTOR, WIDTH_BOUNDS = 6.0, (4, 64)

@@ -48,6 +48,12 @@ def table_metadata(path: Path | str) -> dict:
     return attrs.get("mtlrec") or {}
 
 
+def table_columns(path: Path | str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(training_file(path)).names)
+
+
 def load_training_table(path: Path | str) -> pd.DataFrame:
     """Rows in time order; ``df.attrs["mtlrec"]`` holds the file's metadata (``table_metadata``)."""
     df = pd.read_parquet(training_file(path))

@@ -27,7 +27,8 @@ from models.balancers import check_world_size
 from models.data import MTLDataModule
 from models.evaluation import mode
 from models.module import MTLModule
-from models.table import load_training_table, training_file
+from models.stream import CHUNK_ROWS, EVAL_ROWS, StreamedDataModule, should_stream
+from models.table import load_training_table, table_columns, table_metadata, training_file
 from models.tasks import TaskSet
 from models.weight_trace import FILENAME as WEIGHT_TRACE, WeightTrace
 
@@ -76,24 +77,33 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     world = int(tc.get("devices", 1)) if str(tc.get("strategy", "auto")).startswith("ddp") else 1
     check_world_size(config["balancer"]["name"], world)  # before any data is loaded; MTLModule.setup checks too
 
-    df = load_training_table(data) if table is None else table
-    info = df.attrs.get("mtlrec") or {}  # the training table's own declaration and feature lists
-    tasks = TaskSet.resolve(config.get("tasks", "auto"), info.get("declaration"), columns=df.columns)
-    feats = resolve_features(config["data"].get("features", "auto"), info.get("features"))
-    split = config["data"]["split"]
-    dm = MTLDataModule(df, tasks, feats["categorical"], feats["numeric"], batch_size=1,
-                       valid_fraction=split["valid_fraction"], test_fraction=split["test_fraction"],
-                       device=device, seed=seed, log1p=feats.get("log1p"),
-                       numeric_bins=config["data"].get("numeric_bins", "auto"), n_bins=config["data"].get("n_bins", 32))
+    dc = config["data"]
+    streamed = table is None and should_stream(training_file(data), dc.get("stream", "auto"))
+    if streamed:  # larger than memory: read a row group at a time (models/stream.py)
+        info, columns = table_metadata(data), table_columns(data)
+    else:
+        df = load_training_table(data) if table is None else table
+        info, columns = df.attrs.get("mtlrec") or {}, df.columns  # the table's own declaration and features
+    tasks = TaskSet.resolve(config.get("tasks", "auto"), info.get("declaration"), columns=columns)
+    feats = resolve_features(dc.get("features", "auto"), info.get("features"))
+    common = dict(batch_size=1, valid_fraction=dc["split"]["valid_fraction"],
+                  test_fraction=dc["split"]["test_fraction"], device=device, seed=seed, log1p=feats.get("log1p"),
+                  numeric_bins=dc.get("numeric_bins", "auto"), n_bins=dc.get("n_bins", 32))
+    if streamed:
+        dm = StreamedDataModule(training_file(data), tasks, feats["categorical"], feats["numeric"], **common,
+                                chunk_rows=int(dc.get("stream_chunk_rows", CHUNK_ROWS)),
+                                eval_rows=int(dc.get("stream_eval_rows", EVAL_ROWS)))
+    else:
+        dm = MTLDataModule(df, tasks, feats["categorical"], feats["numeric"], **common)
     tasks = tasks.standardised(dm.target_stats)
     model_cfg = config["model"]
     dm.spec.size_embeddings(model_cfg.get("embedding_dim", "auto"), model_cfg.get("embedding_dims"))
-    tc = recipe.resolve(tc, len(dm.train_split), accelerator, world_size=world)
+    tc = recipe.resolve(tc, dm.train_rows, accelerator, world_size=world)
     dm.use_batch_size(tc["batch_size"])
     monitor = recipe.monitor(config["eval"].get("monitor", "auto"))
     fusion = config["eval"].get("fusion", "sum")
-    log.info("recipe for %d training rows: %s; monitor %s", len(dm.train_split),
-             recipe.describe(tc, len(dm.train_split)), monitor)
+    log.info("recipe for %d training rows%s: %s; monitor %s", dm.train_rows, " (streamed)" if streamed else "",
+             recipe.describe(tc, dm.train_rows), monitor)
     module = MTLModule(
         spec=dm.spec.to_dict(), tasks=tasks.to_config(), architecture=config["model"]["architecture"],
         arch_params=config["model"].get("params", {}), balancer=config["balancer"]["name"],
@@ -136,11 +146,11 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
         "feature_service": info.get("feature_service") or config.get("feature_service"),
         "metrics": {"valid": valid_metrics, "test": test_metrics},
         "data": {"path": str(data), "fingerprint": fingerprint(training_file(data)) if table is None else None,
-                 "rows": {"train": len(dm.train_split), "valid": len(dm.valid_split), "test": len(dm.test_split)},
+                 "rows": {"train": dm.train_rows, "valid": len(dm.valid_split), "test": len(dm.test_split)},
                  "time_ranges": dm.time_ranges},
         "training": {"epochs": trainer.current_epoch, "best_checkpoint_score": _f(ckpt.best_model_score),
                      "recipe": {k: tc[k] for k in ("batch_size", "max_epochs", "lr", "patience")},
-                     "monitor": monitor,
+                     "monitor": monitor, "streamed": streamed,
                      "seconds": time.perf_counter() - t0, "accelerator": accelerator, "precision": precision,
                      "torch": torch.__version__, "lightning": L.__version__},
         "code_version": code_version(),

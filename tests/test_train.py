@@ -25,6 +25,7 @@ from feature_repo.store import build_all
 from models.table import load_training_table
 from models.tasks import TaskSet
 from models.train import train
+from models.weight_trace import FILENAME as WEIGHT_TRACE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -322,11 +323,15 @@ def test_ddp_shards_training_batches_equally(monkeypatch):
     assert torch.cat([c[:, 0] for c, _, _ in unsharded]).tolist() == list(range(n))
 
 
-def test_ddp_on_two_cpu_processes_writes_one_artifact(small_table, tmp_path):
-    """Lightning DDP (gloo, two processes): training runs on both ranks; rank 0 alone evaluates and saves."""
+@pytest.mark.parametrize("row_groups", [0, 1, 5])
+def test_ddp_on_two_cpu_processes_writes_one_artifact(small_table, tmp_path, row_groups):
+    """Lightning DDP (gloo, two processes): training runs on both ranks; rank 0 alone evaluates and saves.
+    ``row_groups``: 0 trains from memory; otherwise the table streams from a file of that many row groups
+    (one group: both ranks share it row by row; five: each rank reads its own groups)."""
     table = tmp_path / "training.parquet"
-    small_table.to_parquet(table)
+    small_table.to_parquet(table, row_group_size=-(-len(small_table) // max(row_groups, 1)))
     res = subprocess.run([sys.executable, "-m", "models.train", "--config", "mmoe", "--data", str(table),
+                          "--set", f"data.stream={'true' if row_groups else 'false'}",
                           "--out", str(tmp_path / "a"), "--quiet", "--set", "train.max_epochs=1",
                           "--set", "train.accelerator=cpu", "--set", "train.devices=2", "--set", "train.strategy=ddp",
                           "--set", "model.params={n_experts: 2, expert: [16], tower: [8]}"],
@@ -335,6 +340,9 @@ def test_ddp_on_two_cpu_processes_writes_one_artifact(small_table, tmp_path):
     assert res.stdout.count('"artifact"') == 1, res.stdout  # one summary: rank 1 neither evaluates nor writes
     meta = read_meta(tmp_path / "a")
     assert meta["metrics"]["valid"]["fused/ndcg@10"] > 0
+    assert meta["training"]["streamed"] is bool(row_groups)
+    steps = len(pd.read_csv(tmp_path / "a" / "logs" / WEIGHT_TRACE))  # rank 0's optimiser steps
+    assert steps >= meta["data"]["rows"]["train"] // 2 // meta["training"]["recipe"]["batch_size"]
 
 
 def test_the_default_recipe_follows_the_data_size():
