@@ -19,8 +19,10 @@ Feast's ``transform_arrow``, as ``RetrievalJob.to_arrow`` runs them.
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 
@@ -66,12 +68,14 @@ def _view_sql(i: int, view, projection, entity_ts: str) -> tuple[str, list[str]]
     return clause, cols
 
 
-def iter_asof_training_set(store, entities: pd.DataFrame, chunk_rows: int = 250_000,
-                           memory_limit: str | None = None) -> Iterator[pd.DataFrame]:
+def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame], chunk_rows: int = 250_000,
+                           memory_limit: str | None = None, order: list[str] | None = None) -> Iterator[pd.DataFrame]:
     """The same chunks as Feast's retrieval in ``store.iter_training_set``, computed by DuckDB.
 
     ``entities``: the impression log as Feast's entity frame (``store.entity_frame``), sorted as the
-    training set is to be; the output keeps that order exactly.
+    training set is to be; the output keeps that order exactly. Or, for a log larger than memory, an
+    iterable of such frames in the log's order: they go into an on-disk DuckDB table one at a time, and
+    DuckDB sorts them by ``order`` (ties in log order, as pandas' stable sort keeps them), spilling.
 
     ``memory_limit`` (DuckDB's, e.g. ``"4GB"``; default ``MTLREC_DUCKDB_MEMORY_LIMIT``) bounds the join;
     beyond it DuckDB spills to ``duckdb_tmp`` in the store's directory instead of failing.
@@ -85,14 +89,21 @@ def iter_asof_training_set(store, entities: pd.DataFrame, chunk_rows: int = 250_
 
     service = store.get_feature_service(FEATURE_SERVICE)
     batch, odfvs = _views(store, service)
-    entities = entities.assign(**{ROW: range(len(entities))})
-    con = duckdb.connect()
+    scratch = Path(store.repo_path) / "duckdb_tmp"
+    on_disk = not isinstance(entities, pd.DataFrame)
+    database = scratch / f"entities-{os.getpid()}-{uuid.uuid4().hex[:8]}.duckdb"
+    if on_disk:
+        scratch.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(database) if on_disk else ":memory:")
     try:
         con.execute("SET TimeZone = 'UTC'")
         if memory_limit:
             con.execute(f"SET memory_limit = '{memory_limit}'")
-        con.execute(f"SET temp_directory = '{Path(store.repo_path) / 'duckdb_tmp'}'")
-        con.register("entities", entities)
+        con.execute(f"SET temp_directory = '{scratch}'")
+        if on_disk:
+            _load_sorted(con, entities, order or [contract.TIMESTAMP])
+        else:
+            con.register("entities", entities.assign(**{ROW: range(len(entities))}))
         joins, selected = [], []
         for i, (view, projection) in enumerate(batch):
             clause, cols = _view_sql(i, view, projection, _quote(contract.TIMESTAMP))
@@ -112,3 +123,26 @@ def iter_asof_training_set(store, entities: pd.DataFrame, chunk_rows: int = 250_
             yield part
     finally:
         con.close()
+        if on_disk:
+            for leftover in (database, database.with_name(database.name + ".wal")):
+                leftover.unlink(missing_ok=True)
+
+
+def _load_sorted(con, chunks: Iterable[pd.DataFrame], order: list[str]) -> None:
+    """Table ``entities``: the chunks in log order, numbered in the sort order (``ROW``)."""
+    seq = "__mtlrec_seq"
+    start = 0
+    for chunk in chunks:
+        con.register("chunk", chunk.assign(**{seq: range(start, start + len(chunk))}))
+        if start == 0:
+            con.execute("CREATE TABLE log AS SELECT * FROM chunk")
+        else:
+            con.execute("INSERT INTO log SELECT * FROM chunk")
+        con.unregister("chunk")
+        start += len(chunk)
+    if start == 0:
+        raise ValueError("the impression log is empty")
+    keys = ", ".join(_quote(c) for c in [*order, seq])
+    con.execute(f"CREATE TABLE entities AS SELECT * EXCLUDE ({seq}), "
+                f"row_number() OVER (ORDER BY {keys}) - 1 AS {ROW} FROM log")
+    con.execute("DROP TABLE log")

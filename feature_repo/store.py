@@ -365,12 +365,15 @@ def entity_frame(interactions: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def iter_training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_000, join: str | None = None):
+def iter_training_set(store, interactions: pd.DataFrame | Path, chunk_rows: int = 250_000, join: str | None = None):
     """Point-in-time join of every impression with the feature service, in globally ordered chunks.
 
     ``join``: ``asof`` (``feature_repo/asof.py``), ``feast`` (the offline engine's own retrieval: DuckDB or
     Spark) or ``auto`` (as-of on DuckDB, the engine's on Spark); default ``MTLREC_TRAINING_JOIN``. All read
     the same Feast definitions and give the same rows.
+
+    ``interactions``: the log as a frame, or a dataset directory to read it from. From a directory the
+    as-of join never holds the log in pandas: it passes to DuckDB a row group at a time (``log_chunks``).
     """
     from feature_repo.engines import engine_of
 
@@ -380,12 +383,28 @@ def iter_training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_0
     if join == "auto":  # DuckDB's as-of join on the embedded engine; a distributed engine does its own
         join = "asof" if engine_of(store) == "duckdb" else "feast"
     order = [contract.TIMESTAMP, "user_id", "item_id"]
+    if not isinstance(interactions, pd.DataFrame):
+        if join == "asof":
+            from feature_repo.asof import iter_asof_training_set
+
+            chunks = (entity_frame(part) for part in log_chunks(interactions, chunk_rows))
+            return iter_asof_training_set(store, chunks, chunk_rows, order=order)
+        interactions = contract.load_dataset(interactions)["interactions"]  # Feast's retrieval takes frames
     entities = entity_frame(interactions).sort_values(order, kind="stable", ignore_index=True)
     if join == "asof":
         from feature_repo.asof import iter_asof_training_set
 
         return iter_asof_training_set(store, entities, chunk_rows)
     return _feast_training_set(store, entities, chunk_rows)
+
+
+def log_chunks(dataset: Path | str, chunk_rows: int):
+    """The impression log of a dataset directory, a batch at a time, coerced as ``contract.load_dataset`` does."""
+    import pyarrow.parquet as pq
+
+    path = Path(dataset) / contract.INTERACTIONS.file
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+        yield contract.coerce_timestamps(batch.to_pandas())
 
 
 def _feast_training_set(store, entities: pd.DataFrame, chunk_rows: int):
@@ -412,10 +431,15 @@ def _feast_training_set(store, entities: pd.DataFrame, chunk_rows: int):
         yield part.sort_values(order, kind="stable", ignore_index=True)
 
 
-def training_set(store, interactions: pd.DataFrame, chunk_rows: int = 250_000, join: str | None = None) -> pd.DataFrame:
+def training_set(store, interactions: pd.DataFrame | Path, chunk_rows: int = 250_000,
+                 join: str | None = None) -> pd.DataFrame:
     """The whole point-in-time training set in memory (small logs, tests)."""
     parts = list(iter_training_set(store, interactions, chunk_rows, join))
-    return pd.concat(parts, ignore_index=True) if parts else entity_frame(interactions).iloc[:0]
+    if parts:
+        return pd.concat(parts, ignore_index=True)
+    if not isinstance(interactions, pd.DataFrame):
+        interactions = contract.load_dataset(interactions)["interactions"]
+    return entity_frame(interactions).iloc[:0]
 
 
 def training_metadata(settings: StoreSettings) -> dict:
@@ -430,7 +454,7 @@ def training_metadata(settings: StoreSettings) -> dict:
             "feature_service": FEATURE_SERVICE}
 
 
-def write_training_set(store, interactions: pd.DataFrame, path: Path | str, chunk_rows: int = 250_000,
+def write_training_set(store, interactions: pd.DataFrame | Path, path: Path | str, chunk_rows: int = 250_000,
                        metadata: dict | None = None, join: str | None = None) -> int:
     """Stream the training set to one parquet file, a chunk at a time; returns its row count."""
     import json
@@ -480,8 +504,7 @@ def build_all(dataset: Path | str, settings: StoreSettings | None = None, *, mat
         materialize(store, settings)
         timings["materialize_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    n = write_training_set(store, contract.load_dataset(settings.dataset)["interactions"], settings.training_file,
-                           metadata=training_metadata(settings))
+    n = write_training_set(store, settings.dataset, settings.training_file, metadata=training_metadata(settings))
     timings["historical_s"] = time.perf_counter() - t
     return {"tables": rows, "training_rows": n, "training_file": str(settings.training_file),
             "feature_service": FEATURE_SERVICE, "online_store": settings.online,

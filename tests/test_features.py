@@ -74,6 +74,26 @@ def test_training_set_is_point_in_time_correct(built):
     _assert_no_leak(table)
 
 
+def test_the_log_read_a_batch_at_a_time_gives_the_same_training_set(built):
+    """build_all reads the log from its directory in batches, sorted on disk by DuckDB; the frame in memory,
+    sorted by pandas, gives the same rows in the same order."""
+    out, summary, _ = built
+    store = fstore.open_store(fstore.StoreSettings.for_dataset(out))
+    from_frame = fstore.training_set(store, contract.load_dataset(out)["interactions"], join="asof")
+    pd.testing.assert_frame_equal(from_frame, pd.read_parquet(summary["training_file"]))
+    pd.testing.assert_frame_equal(fstore.training_set(store, out, chunk_rows=700, join="asof"), from_frame)
+    assert not list((Path(store.repo_path) / "duckdb_tmp").glob("entities-*"))  # its scratch database removed
+    # Ties: impressions sharing a timestamp (other users), and repeats of the same keys with other labels.
+    raw = contract.load_dataset(out)["interactions"]
+    same_time = raw.sample(300, random_state=4).assign(user_id=lambda d: d["user_id"].sample(frac=1, random_state=5)
+                                                       .to_numpy())
+    repeats = raw.sample(300, random_state=6).assign(click=lambda d: 1 - d["click"], purchase=0)
+    tied = pd.concat([repeats, raw, same_time], ignore_index=True)
+    contract.write_table(tied, out.parent / "tied", "interactions")
+    pd.testing.assert_frame_equal(fstore.training_set(store, out.parent / "tied", chunk_rows=700, join="asof"),
+                                  fstore.training_set(store, tied, join="asof"))
+
+
 def _assert_no_leak(table: pd.DataFrame) -> None:
     """The planted user's three impressions (``_plant_leak``) see their own history only from the next day."""
     leak = table[table.user_id == "leaky"].sort_values(contract.TIMESTAMP)

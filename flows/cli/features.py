@@ -83,9 +83,8 @@ def features_status(
 def features_training_set(directory: Path = typer.Argument(...)) -> None:
     """Point-in-time training set of every impression (Feast get_historical_features)."""
     from feature_repo import store as fstore
-    from models import contract
 
     s = store_settings(directory, None)
-    n = fstore.write_training_set(fstore.open_store(s), contract.load_dataset(s.dataset)["interactions"],
-                                  s.training_file, metadata=fstore.training_metadata(s))
+    n = fstore.write_training_set(fstore.open_store(s), s.dataset, s.training_file,
+                                  metadata=fstore.training_metadata(s))
     typer.echo(f"wrote {s.training_file}: {n:,} rows")

@@ -50,11 +50,10 @@ def materialize_features(dataset: str, online: str | None = None, key: str = "",
 
 @task(name="training-set", retries=1, retry_delay_seconds=5)
 def training_set(dataset: str, online: str | None = None, key: str = "") -> str:
-    from models import contract
 
     fstore, s = _store(dataset, online)
-    fstore.write_training_set(fstore.open_store(s), contract.load_dataset(s.dataset)["interactions"], s.training_file,
-                              metadata=fstore.training_metadata(s))
+    # The log's directory, not a frame: the as-of join reads it a row group at a time (larger than memory).
+    fstore.write_training_set(fstore.open_store(s), s.dataset, s.training_file, metadata=fstore.training_metadata(s))
     return str(Path(s.training_file))
 
 
