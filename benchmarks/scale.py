@@ -10,7 +10,9 @@ process it started (Spark's JVM and Python workers), sampled every 0.2 s:
 - ``online``: ``feast apply`` and the first materialisation into SQLite;
 - ``training set``: the point-in-time join of every impression, to parquet;
 - ``epoch``: one training epoch of the default MMoE on that training set
-  (the default recipe's batch size; validation and test scoring included).
+  (the default recipe's batch size; validation and test scoring included),
+  from the table in memory (``resident``) and streamed from its row groups
+  (``streamed``, ``models/stream.py``), as ``--epoch`` says.
 
 ``online`` and ``training set`` run once per offline engine (``--engines``:
 ``duckdb``, the default, and ``spark`` on ``MTLREC_SPARK_MASTER``, local[2]
@@ -71,27 +73,27 @@ def _online(out: str, engine: str) -> dict:
 
 def _training_set(out: str, engine: str) -> dict:
     from feature_repo.store import open_store, training_metadata, write_training_set
-    from models import contract
 
     s = _settings(out, engine)
-    return {"rows": write_training_set(open_store(s), contract.load_dataset(out)["interactions"], s.training_file,
-                                       metadata=training_metadata(s))}
+    return {"rows": write_training_set(open_store(s), s.dataset, s.training_file, metadata=training_metadata(s))}
 
 
-def _epoch(out: str) -> dict:
+def _epoch(out: str, how: str) -> dict:
     from models.artifact import read_meta
     from models.config import load_config
     from models.train import train
 
     model = Path(out) / "_model"
-    train(load_config("mmoe", ["train.max_epochs=1"]), out, model, progress=False)
+    stream = {"resident": "false", "streamed": "true"}[how]
+    train(load_config("mmoe", ["train.max_epochs=1", f"data.stream={stream}"]), out, model, progress=False)
     return {"rows": read_meta(model)["data"]["rows"]["train"]}
 
 
 STAGES = ("generate", "validate", "features", "online", "training set", "epoch")
 
 
-def measure(n: int, engines: list[str], spark_up_to: int, work: Path) -> list[dict]:
+def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], work: Path,
+            stages: tuple[str, ...] = STAGES) -> list[dict]:
     out = str(work / f"data-{n}")
     rows = []
 
@@ -102,17 +104,20 @@ def measure(n: int, engines: list[str], spark_up_to: int, work: Path) -> list[di
         print(json.dumps(rows[-1]), flush=True)
 
     record("generate", "-", in_child(generate_log, out, n, imports=["flows.data.synth"]), n)
-    record("validate", "-", in_child(_validate, out, imports=["flows.validation.run"]), n)
+    if "validate" in stages:
+        record("validate", "-", in_child(_validate, out, imports=["flows.validation.run"]), n)
     r = in_child(_features, out, imports=["feature_repo.compute"])
     record("features", "-", r, n)
     for engine in engines:
         if engine != "duckdb" and n > spark_up_to:
             continue
-        r = in_child(_online, out, engine, imports=["feature_repo.store"])
-        record("online", engine, r, r["rows"])
+        if "online" in stages:
+            r = in_child(_online, out, engine, imports=["feature_repo.store"])
+            record("online", engine, r, r["rows"])
         record("training set", engine, in_child(_training_set, out, engine, imports=["feature_repo.store"]), n)
-    r = in_child(_epoch, out, imports=["models.train"])
-    record("epoch", "-", r, r["rows"])
+    for how in epochs if "epoch" in stages else ():
+        r = in_child(_epoch, out, how, imports=["models.train"])
+        record("epoch", how, r, r["rows"])
     shutil.rmtree(out, ignore_errors=True)
     return rows
 
@@ -122,13 +127,17 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     ap.add_argument("--engines", nargs="+", default=["duckdb", "spark"], choices=["duckdb", "spark"])
     ap.add_argument("--spark-up-to", type=int, default=1_000_000, help="the largest size the spark engine runs")
+    ap.add_argument("--epoch", nargs="+", default=["resident", "streamed"], choices=["resident", "streamed"],
+                    help="the epoch from the table in memory, streamed from its row groups, or both")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                    help="stages to measure (generate, features and the training set always run: the rest need them)")
     ap.add_argument("--work", type=Path, help="where the logs are written (default: a temporary directory)")
     ap.add_argument("--json", type=Path, help="write every row here")
     args = ap.parse_args()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="mtlrec-scale-", dir=args.work) as tmp:
         for n in sorted(args.sizes):
-            rows += measure(n, args.engines, args.spark_up_to, Path(tmp))
+            rows += measure(n, args.engines, args.spark_up_to, args.epoch, Path(tmp), tuple(args.stages))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print()
