@@ -383,18 +383,17 @@ def iter_training_set(store, interactions: pd.DataFrame | Path, chunk_rows: int 
     if join == "auto":  # DuckDB's as-of join on the embedded engine; a distributed engine does its own
         join = "asof" if engine_of(store) == "duckdb" else "feast"
     order = [contract.TIMESTAMP, "user_id", "item_id"]
-    if not isinstance(interactions, pd.DataFrame):
-        if join == "asof":
-            from feature_repo.asof import iter_asof_training_set
-
-            chunks = (entity_frame(part) for part in log_chunks(interactions, chunk_rows))
-            return iter_asof_training_set(store, chunks, chunk_rows, order=order)
-        interactions = contract.load_dataset(interactions)["interactions"]  # Feast's retrieval takes frames
-    entities = entity_frame(interactions).sort_values(order, kind="stable", ignore_index=True)
+    from_disk = not isinstance(interactions, pd.DataFrame)
+    if from_disk and join == "feast":  # Feast's retrieval takes frames
+        interactions, from_disk = contract.load_dataset(interactions)["interactions"], False
+    if from_disk:  # the as-of join sorts the batches itself, on disk
+        entities = (entity_frame(part) for part in log_chunks(interactions, chunk_rows))
+    else:
+        entities = entity_frame(interactions).sort_values(order, kind="stable", ignore_index=True)
     if join == "asof":
         from feature_repo.asof import iter_asof_training_set
 
-        return iter_asof_training_set(store, entities, chunk_rows)
+        return iter_asof_training_set(store, entities, chunk_rows, order=order)
     return _feast_training_set(store, entities, chunk_rows)
 
 
