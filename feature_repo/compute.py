@@ -14,8 +14,10 @@ its current value. Everything is dense numpy over
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -28,6 +30,7 @@ from models.declaration import Declaration
 from models.settings import get_settings
 
 DAY = pd.Timedelta(days=1)
+log = logging.getLogger(__name__)
 
 
 def _attribute(series: pd.Series, kind: str):
@@ -129,31 +132,68 @@ def _activity_duckdb(inter: pd.DataFrame, items: pd.DataFrame | None, day0: pd.T
     return user, item
 
 
-def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str, engine: str | None = None
-                           ) -> dict[str, int]:
+def dense_bytes(inter: pd.DataFrame, declaration: Declaration, n_days: int, categories: int = 0) -> int:
+    """What ``_activity``'s dense arrays take at their largest: counts and their stack, and the per-category
+    windows of the user table."""
+    measures = (1 + len(declaration.binary)) * len(WINDOWS)
+    users, items = inter["user_id"].nunique(), inter["item_id"].nunique()
+    return 8 * (n_days + 1) * (2 * measures * max(users, items) + (len(WINDOWS) + 1) * users * categories)
+
+
+def choose_engine(engine: str | None, offline: str | None, dense: Callable[[], int]) -> str:
+    """``MTLREC_FEATURE_ENGINE``: auto runs Spark when the store's offline engine is Spark, numpy while its
+    dense arrays take at most a quarter of this machine's memory, and DuckDB (bounded memory, spilling) beyond."""
+    settings = get_settings()
+    engine = (engine or settings.feature_engine).lower()
+    if engine != "auto":
+        return engine
+    if (offline or settings.offline_engine) == "spark":
+        return "spark"
+    from models.stream import MEMORY_SHARE, memory_bytes
+
+    return "numpy" if dense() <= MEMORY_SHARE * memory_bytes() else "duckdb"
+
+
+def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str, engine: str | None = None,
+                           store=None) -> dict[str, int]:
     """Write the four source tables the feature views read, and their schema; returns their row counts.
 
-    ``engine``: ``numpy`` (dense arrays, fastest while they fit) or ``duckdb`` (SQL, bounded memory, spills);
-    default ``MTLREC_FEATURE_ENGINE``. Both write the same tables.
+    ``engine``: ``numpy`` (dense arrays, fastest while they fit), ``duckdb`` (SQL, bounded memory, spills),
+    ``spark`` (the same SQL on Spark: ``feature_repo/compute_spark.py``) or ``auto`` (``choose_engine``);
+    default ``MTLREC_FEATURE_ENGINE``. All write the same tables. ``store``: the dataset's
+    ``store.StoreSettings``, whose offline engine ``auto`` follows and whose Spark master and conf Spark uses.
     """
     t0 = time.perf_counter()
+    dataset_dir, tables_dir = Path(dataset_dir), Path(tables_dir)
     declaration = contract.Manifest.require(dataset_dir).declaration
     t = contract.load_dataset(dataset_dir)
     inter, users, items = t["interactions"], t["users"], t["items"]
     schema = derive(declaration, users, items, inter)
     day0 = inter[contract.TIMESTAMP].min().floor("D")
     n_days = int((inter[contract.TIMESTAMP].max() - day0) // DAY) + 1
-    tables_dir = Path(tables_dir)
-    if (engine or get_settings().feature_engine) == "duckdb":
+    n_categories = int(items["category"].nunique()) + 1 if schema.has_category else 0
+    engine = choose_engine(engine, getattr(store, "offline", None),
+                           lambda: dense_bytes(inter, declaration, n_days, n_categories))
+    log.info("feature tables by %s", engine)
+    if engine == "spark":
+        from feature_repo.compute_spark import activity_spark, session
+
+        user_activity, item_popularity = activity_spark(
+            session(tables_dir.parent, store), dataset_dir / contract.TABLES["interactions"].file,
+            dataset_dir / contract.TABLES["items"].file if schema.has_category else None, day0, n_days,
+            declaration, tables_dir.parent / "spark_parts")
+    elif engine == "duckdb":
         user_activity, item_popularity = _activity_duckdb(inter, items if schema.has_category else None, day0,
                                                           n_days, declaration, tables_dir.parent / "duckdb_tmp")
-    else:
+    elif engine == "numpy":
         categories = None
         if schema.has_category:
             cat_of_item = items.set_index(items["item_id"].astype(str))["category"]
             categories = inter["item_id"].astype(str).map(cat_of_item)
         user_activity = _activity(inter, "user_id", "user", day0, n_days, declaration, categories=categories)
         item_popularity = _activity(inter, "item_id", "item", day0, n_days, declaration)
+    else:
+        raise ValueError(f"the feature engine must be auto, numpy, duckdb or spark, not {engine!r}")
     tables = {
         "user_profile": _profile(users, "user_id", schema.views["user_profile"], "user_since_ts"),
         "user_activity": user_activity,

@@ -41,45 +41,130 @@ def connect(database: str = ":memory:", *, memory_limit: str | None = None, temp
     return con
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+class Dialect:
+    """The few places DuckDB's SQL and Spark SQL differ; the query is otherwise the same text.
+
+    DuckDB runs the running sum with no PARTITION BY over rows kept in (entity, snapshot) order, which it
+    streams and spills; Spark partitions it by entity, which is what spreads it over executors.
+    """
+
+    name = "duckdb"
+    string = "VARCHAR"
+
+    def ident(self, name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    def literal(self, text: str) -> str:
+        return "'" + text.replace("'", "''") + "'"
+
+    def epoch_us(self, expr: str) -> str:
+        return f"epoch_us({expr})"
+
+    def div(self, a: str, b: str) -> str:
+        return f"({a}) // {b}"
+
+    def truncated(self, expr: str) -> str:  # toward zero, as numpy's astype(int64); DuckDB's CAST rounds
+        return f"CAST(trunc({expr}) AS BIGINT)"
+
+    def struct(self, **fields: str) -> str:
+        return "struct_pack(" + ", ".join(f"{k} := {v}" for k, v in fields.items()) + ")"
+
+    def pick(self, names: list[str], code: str) -> str:  # names[code], 0-based
+        return f"[{', '.join(self.literal(n) for n in names)}][{code} + 1]"
+
+    def source_cte(self) -> str:
+        return "src AS NOT MATERIALIZED"
+
+    def running(self, column: str) -> str:
+        return f"sum({column}) OVER (ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)"
+
+    def ordered(self, relation: str) -> str:
+        return f"(SELECT * FROM {relation} ORDER BY k, s)"
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+class SparkDialect(Dialect):
+    name = "spark"
+    string = "STRING"
+
+    def ident(self, name: str) -> str:
+        return "`" + name.replace("`", "``") + "`"
+
+    def literal(self, text: str) -> str:
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    def epoch_us(self, expr: str) -> str:
+        return f"unix_micros({expr})"
+
+    def div(self, a: str, b: str) -> str:
+        return f"({a}) div {b}"
+
+    def truncated(self, expr: str) -> str:  # Spark's CAST truncates
+        return f"CAST({expr} AS BIGINT)"
+
+    def struct(self, **fields: str) -> str:
+        return "named_struct(" + ", ".join(f"'{k}', {v}" for k, v in fields.items()) + ")"
+
+    def pick(self, names: list[str], code: str) -> str:
+        return f"element_at(array({', '.join(self.literal(n) for n in names)}), CAST({code} + 1 AS INT))"
+
+    def source_cte(self) -> str:
+        return "src AS"
+
+    def running(self, column: str) -> str:
+        return f"sum({column}) OVER (PARTITION BY k ORDER BY s ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)"
+
+    def ordered(self, relation: str) -> str:
+        return relation
 
 
-def _relation(source: str | Path) -> str:
+DUCKDB, SPARK = Dialect(), SparkDialect()
+_ident, _literal = DUCKDB.ident, DUCKDB.literal
+
+
+def _relation(source: str | Path, sql: Dialect = DUCKDB) -> str:
     """A path is read as parquet (a file, a glob or a directory); anything else names a table or view."""
     text = str(source)
-    if isinstance(source, Path) or text.endswith(".parquet") or "/" in text:
+    if sql is DUCKDB and (isinstance(source, Path) or text.endswith(".parquet") or "/" in text):
         path = Path(text)
         return f"read_parquet({_literal(str(path / '*.parquet') if path.is_dir() else text)})"
-    return _ident(text)
+    return sql.ident(text)
 
 
-def _positive(column: str) -> str:
+def _positive(column: str, sql: Dialect = DUCKDB) -> str:
     # As compute._positive: non-numbers and missing (NULL or NaN) count 0, the rest truncated to an integer.
-    v = f"TRY_CAST(src.{_ident(column)} AS DOUBLE)"
-    return f"CASE WHEN {v} IS NULL OR isnan({v}) THEN 0 ELSE CAST(trunc({v}) AS BIGINT) END"
+    v = f"TRY_CAST(src.{sql.ident(column)} AS DOUBLE)"
+    return f"CASE WHEN {v} IS NULL OR isnan({v}) THEN 0 ELSE {sql.truncated(v)} END"
+
+
+def category_names_query(categories: str | Path, sql: Dialect = DUCKDB) -> str:
+    return f"SELECT DISTINCT coalesce(CAST(category AS {sql.string}), 'None') FROM {_relation(categories, sql)}"
 
 
 def _names(con: duckdb.DuckDBPyConnection, categories: str | Path) -> list[str]:
     """Category names in code point order, as ``pd.factorize(sort=True)`` codes them; "nan" for unknown items."""
-    rows = con.execute(f"SELECT DISTINCT coalesce(CAST(category AS VARCHAR), 'None') FROM {_relation(categories)}")
-    return sorted({r[0] for r in rows.fetchall()} | {"nan"})
+    return category_names(r[0] for r in con.execute(category_names_query(categories)).fetchall())
 
 
-def activity_query(con: duckdb.DuckDBPyConnection, source: str | Path, key: str, prefix: str, day0: pd.Timestamp,
-                   n_days: int, declaration: Declaration, categories: str | Path | None = None) -> str:
-    """The SQL behind ``activity_sql``, with the snapshot index instead of its timestamp (for ``COPY ... TO``)."""
+def category_names(found) -> list[str]:
+    return sorted(set(found) | {"nan"})
+
+
+def activity_query(con: duckdb.DuckDBPyConnection | None, source: str | Path, key: str, prefix: str,
+                   day0: pd.Timestamp, n_days: int, declaration: Declaration, categories: str | Path | None = None,
+                   *, sql: Dialect = DUCKDB, names: list[str] | None = None) -> str:
+    """The SQL behind ``activity_sql``, with the snapshot index instead of its timestamp (for ``COPY ... TO``).
+
+    ``sql``: the dialect (``SPARK`` for Spark SQL, where ``source`` and ``categories`` name views and the
+    category ``names`` are given, as ``category_names`` lists them).
+    """
+    q, lit = sql.ident, sql.literal
     tasks = declaration.binary
     primary = [t.name for t in tasks].index(declaration.primary) + 1
     m = range(len(tasks) + 1)  # measure 0: impressions; j: the j-th binary task's positives
     d0 = pd.Timestamp(day0).value // 1000
-    cols = [f"CAST(src.{_ident(key)} AS VARCHAR) AS k",
-            f"(epoch_us(src.{_ident(contract.TIMESTAMP)}) - {d0}) // {US_PER_DAY} AS d",
-            *(f"{_positive(t.column)} AS m{j}" for j, t in enumerate(tasks, 1))]
+    day = sql.div(sql.epoch_us("src." + q(contract.TIMESTAMP)) + f" - {d0}", str(US_PER_DAY))
+    cols = [f"CAST(src.{q(key)} AS {sql.string}) AS k", f"{day} AS d",
+            *(f"{_positive(t.column, sql)} AS m{j}" for j, t in enumerate(tasks, 1))]
     x = [f"{w}_{j}" for w in WINDOWS for j in m]  # one column per window and measure
     # Each active day emits a zero row at snapshot 0 (o = -1: every entity gets one), its counts where it enters
     # every window (o = 0) and their negation where it leaves window w (o = w).
@@ -91,13 +176,14 @@ def activity_query(con: duckdb.DuckDBPyConnection, source: str | Path, key: str,
         # The top category is carried as its code (0: none), the code's deltas summed like the counts. It moves
         # only where a day with positives enters or leaves the longest window; there a range join finds the
         # category with most positives (ties to the smallest code, as argmax does) at s and at s - 1.
-        names = ["", *_names(con, categories)]
-        codes = ", ".join(f"({_literal(n)}, {i})" for i, n in enumerate(names) if i)
+        names = ["", *(names if names is not None else _names(con, categories))]
+        codes = ", ".join(f"({lit(n)}, {i})" for i, n in enumerate(names) if i)
         cols.append(f"coalesce(cat.code, {names.index('nan')}) AS cat")
-        join = (f"LEFT JOIN (SELECT CAST(item_id AS VARCHAR) AS k, code FROM {_relation(categories)} LEFT JOIN "
-                f"(VALUES {codes}) AS codes(name, code) ON name = coalesce(CAST(category AS VARCHAR), 'None')) cat "
-                "ON cat.k = CAST(src.item_id AS VARCHAR)")
-        best = "coalesce(min(struct_pack(n := -{0}, cat := cat)) FILTER (WHERE {0} > 0).cat, 0)"
+        join = (f"LEFT JOIN (SELECT CAST(item_id AS {sql.string}) AS k, code FROM {_relation(categories, sql)} "
+                f"LEFT JOIN (VALUES {codes}) AS codes(name, code) "
+                f"ON name = coalesce(CAST(category AS {sql.string}), 'None')) cat "
+                f"ON cat.k = CAST(src.item_id AS {sql.string})")
+        best = f"coalesce((min({sql.struct(n='-{0}', cat='cat')}) FILTER (WHERE {{0}} > 0)).cat, 0)"
         ctes = [
             f"pos AS (SELECT k, cat, d, count(*) AS n FROM src WHERE m{primary} > 0 GROUP BY k, cat, d)",
             f"tsnap AS (SELECT DISTINCT k, d + 1 + o AS s FROM pos, (VALUES (0), ({TOP_WINDOW})) AS offsets(o))",
@@ -110,15 +196,14 @@ def activity_query(con: duckdb.DuckDBPyConnection, source: str | Path, key: str,
         events = (events.format(", ".join([*deltas, "0"]))
                   + f" UNION ALL SELECT k, s, {', '.join('0' for _ in x)}, dt FROM tops WHERE dt <> 0")
         x.append("t")
-        top = f", [{', '.join(_literal(n) for n in names)}][ct + 1] AS {_ident(TOP_CATEGORY)}"
+        top = f", {sql.pick(names, 'ct')} AS {q(TOP_CATEGORY)}"
     else:
         events = events.format(", ".join(deltas))
     # Leaving events past the log are kept, so an entity's deltas sum to zero and a running sum over all rows in
     # (entity, snapshot) order restarts at every entity: no PARTITION BY, so DuckDB streams it (its partitioned
     # window does not spill reliably). Rows stay in that order to the end.
-    running = "OVER (ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)"
     ctes = [
-        f"src AS NOT MATERIALIZED (SELECT {', '.join(cols)} FROM {_relation(source)} src {join})",
+        f"{sql.source_cte()} (SELECT {', '.join(cols)} FROM {_relation(source, sql)} src {join})",
         "daily AS (SELECT k, d, count(*) AS m0, "
         + ", ".join(f"CAST(sum(m{j}) AS BIGINT) AS m{j}" for j in m[1:]) + " FROM src GROUP BY k, d)",
         *ctes,
@@ -126,17 +211,17 @@ def activity_query(con: duckdb.DuckDBPyConnection, source: str | Path, key: str,
         + f" FROM ({events}) AS e(k, s, {', '.join(f'x{c}' for c in x)}) "
         "GROUP BY k, s)",
         "vals AS (SELECT k, s, s = 0 OR " + " OR ".join(f"x{c} <> 0" for c in x) + " AS moved, "
-        + ", ".join(f"CAST(sum(x{c}) {running} AS BIGINT) AS c{c}" for c in x)
-        + " FROM (SELECT * FROM snap ORDER BY k, s))",
+        + ", ".join(f"CAST({sql.running(f'x{c}')} AS BIGINT) AS c{c}" for c in x)
+        + f" FROM {sql.ordered('snap')})",
     ]
     out = []
     for w in WINDOWS:
-        out.append(f"c{w}_0 AS {_ident(impressions_column(prefix, w))}")
+        out.append(f"c{w}_0 AS {q(impressions_column(prefix, w))}")
         for j, t in enumerate(tasks, 1):
             base = f"c{w}_{[u.name for u in tasks].index(t.parent) + 1}" if t.parent else f"c{w}_0"
-            out += [f"c{w}_{j} AS {_ident(count_column(prefix, t.name, w))}",
-                    f"CAST(c{w}_{j} AS DOUBLE) / greatest({base}, 1) AS {_ident(rate_column(prefix, t.name, w))}"]
-    return (f"WITH {', '.join(ctes)} SELECT k AS {_ident(key)}, s AS snapshot, {', '.join(out)}{top} "
+            out += [f"c{w}_{j} AS {q(count_column(prefix, t.name, w))}",
+                    f"CAST(c{w}_{j} AS DOUBLE) / greatest({base}, 1) AS {q(rate_column(prefix, t.name, w))}"]
+    return (f"WITH {', '.join(ctes)} SELECT k AS {q(key)}, s AS snapshot, {', '.join(out)}{top} "
             f"FROM vals WHERE moved AND s <= {int(n_days)}")
 
 

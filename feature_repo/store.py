@@ -492,7 +492,7 @@ def build_all(dataset: Path | str, settings: StoreSettings | None = None, *, mat
     settings = settings or StoreSettings.for_dataset(dataset)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    rows = compute_feature_tables(settings.dataset, settings.tables)
+    rows = compute_feature_tables(settings.dataset, settings.tables, store=settings)
     timings["compute_s"] = time.perf_counter() - t
     store = open_store(settings)
     t = time.perf_counter()

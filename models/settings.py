@@ -69,10 +69,12 @@ class Settings(BaseSettings):
                             "Feast views' sources, feature_repo/asof.py: the same rows, about 4x faster), "
                             "feast (Feast's get_historical_features on the offline engine), or auto: asof on "
                             "duckdb, feast on spark.")
-    feature_engine: Literal["numpy", "duckdb"] = Field(
-        "numpy", description="What computes the windowed aggregate tables: numpy (dense entities x days arrays, "
-                             "about 3x faster while they fit) or duckdb (SQL, feature_repo/compute_sql.py: the same "
-                             "tables in bounded memory, spilling to disk).")
+    feature_engine: Literal["auto", "numpy", "duckdb", "spark"] = Field(
+        "auto", description="What computes the windowed aggregate tables: numpy (dense entities x days arrays, "
+                            "about 3x faster while they fit), duckdb (SQL, feature_repo/compute_sql.py: the same "
+                            "tables in bounded memory, spilling to disk), spark (the same SQL on "
+                            "MTLREC_SPARK_MASTER), or auto: spark when MTLREC_OFFLINE_ENGINE is spark, numpy "
+                            "while its arrays take at most a quarter of the memory, duckdb beyond.")
     duckdb_memory_limit: str = Field(
         "", description="DuckDB's memory limit for the feature stage's queries (e.g. 4GB); beyond it they spill "
                         "to <dataset>/_features/duckdb_tmp. Empty: DuckDB's own default, 80% of the RAM.")

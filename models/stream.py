@@ -54,10 +54,10 @@ def should_stream(path: Path | str, setting) -> bool:
     import pyarrow.parquet as pq
 
     meta = pq.ParquetFile(path).metadata
-    return meta.num_rows * meta.num_columns * BYTES_PER_CELL > MEMORY_SHARE * _memory_bytes()
+    return meta.num_rows * meta.num_columns * BYTES_PER_CELL > MEMORY_SHARE * memory_bytes()
 
 
-def _memory_bytes() -> int:
+def memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: assume the table fits

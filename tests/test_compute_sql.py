@@ -100,7 +100,12 @@ def test_single_day_log(shop, tmp_path):
     assert out["user_id"]["event_timestamp"].nunique() == 2  # snapshot 0 and the day after
 
 
-def test_top_category_ties_go_to_the_smallest_name(tmp_path):
+def category_ties() -> tuple[pd.DataFrame, pd.DataFrame, Declaration, list[str]]:
+    """A log, its items and declaration, and the user top categories they must give.
+
+    u1: b and B tie on day 0, a joins on day 1 ("B" < "a" < "b" by code point); u2 clicks b on day 2; u3 clicks
+    an item missing from the catalogue ("nan", as pandas' map gives) and one without a category ("None").
+    """
     declaration = Declaration.from_dict({"tasks": [{"name": "click"}, {"name": "buy", "parent": "click"}]})
     day = pd.Timestamp("2026-01-01", tz="UTC")
     rows = [("u1", "i1", 0, 1, 0), ("u1", "i2", 0, 1, 1), ("u1", "i3", 1, 1, 0), ("u1", "i2", 1, 0, 0),
@@ -108,11 +113,13 @@ def test_top_category_ties_go_to_the_smallest_name(tmp_path):
     inter = pd.DataFrame(rows, columns=["user_id", "item_id", "day", "click", "buy"])
     inter[contract.TIMESTAMP] = day + pd.to_timedelta(inter.pop("day"), unit="D") + pd.Timedelta(hours=5)
     items = pd.DataFrame({"item_id": ["i1", "i2", "i3", "i4"], "category": ["b", "B", "a", None]})
+    return inter, items, declaration, ["", "B", "B", "B", "", "", "", "b", "", "nan", "None", "None"]
+
+
+def test_top_category_ties_go_to_the_smallest_name(tmp_path):
+    inter, items, declaration, tops = category_ties()
     out = assert_same(inter, items, declaration, tmp_path=tmp_path)
-    # u1: b and B tie on day 0, a joins on day 1 ("B" < "a" < "b" by code point); u2 clicks b on day 2; u3 clicks
-    # an item missing from the catalogue ("nan", as pandas' map gives) and one without a category ("None").
-    assert out["user_id"]["user_top_category_30d"].tolist() == ["", "B", "B", "B", "", "", "", "b",
-                                                              "", "nan", "None", "None"]
+    assert out["user_id"]["user_top_category_30d"].tolist() == tops
 
 
 def test_a_top_category_change_alone_writes_a_row(tmp_path):
@@ -141,3 +148,95 @@ def test_the_duckdb_engine_writes_the_same_feature_tables(shop, tmp_path, monkey
     for name in ("user_profile", "user_activity", "item_profile", "item_popularity"):
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "duckdb" / "tables" / f"{name}.parquet"),
                                       pd.read_parquet(tmp_path / "numpy" / "tables" / f"{name}.parquet"))
+
+
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory):
+    """A Spark local[2] session as the spark engine makes it (skipped, naming what is missing, without Java)."""
+    from feature_repo.compute_spark import session
+    from feature_repo.engines import EngineUnavailable
+
+    try:
+        s = session(tmp_path_factory.mktemp("spark"))
+    except EngineUnavailable as e:
+        pytest.skip(str(e))
+    yield s
+    s.stop()
+
+
+def assert_same_spark(spark, inter: pd.DataFrame, items: pd.DataFrame, declaration: Declaration, tmp_path,
+                      with_categories: bool = True) -> dict[str, pd.DataFrame]:
+    """Both tables by Spark SQL from parquet files pandas wrote (nanosecond timestamps), equal to numpy's."""
+    from feature_repo.compute_spark import activity_spark
+
+    ns = inter.assign(**{contract.TIMESTAMP: inter[contract.TIMESTAMP].astype("datetime64[ns, UTC]")})
+    ns.to_parquet(tmp_path / "inter.parquet")
+    items.to_parquet(tmp_path / "items.parquet")
+    assert str(pq.read_schema(tmp_path / "inter.parquet").field(contract.TIMESTAMP).type.unit) == "ns"
+    day0 = inter[contract.TIMESTAMP].min().floor("D")
+    n_days = int((inter[contract.TIMESTAMP].max() - day0) // compute.DAY) + 1
+    user, item = activity_spark(spark, tmp_path / "inter.parquet",
+                                tmp_path / "items.parquet" if with_categories else None, day0, n_days, declaration,
+                                tmp_path / "parts")
+    categories = None
+    if with_categories:
+        categories = inter["item_id"].astype(str).map(items.set_index(items["item_id"].astype(str))["category"])
+    for got, key, prefix, cats in ((user, "user_id", "user", categories), (item, "item_id", "item", None)):
+        want = compute._activity(inter, key, prefix, day0, n_days, declaration, categories=cats)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+    return {"user_id": user, "item_id": item}
+
+
+def test_spark_sql_gives_the_numpy_tables(spark, shop, tmp_path):
+    """The same query in Spark SQL, on the cases the DuckDB tests plant: missing labels, a log past the longest
+    window, category ties and unknown items, and a declaration without categories."""
+    t, declaration = load(shop)
+    inter = t["interactions"].copy()
+    rng = np.random.default_rng(0)
+    inter["click"] = inter["click"].astype("float64").mask(rng.random(len(inter)) < 0.2)
+    inter["purchase"] = inter["purchase"].astype("Int8").mask(rng.random(len(inter)) < 0.2)
+    (tmp_path / "shop").mkdir()
+    out = assert_same_spark(spark, inter, t["items"], declaration, tmp_path / "shop")
+    assert (out["user_id"]["user_top_category_30d"] != "").any()
+
+    generate(tmp_path / "long", SynthConfig(n_users=60, n_items=25, n_interactions=3000, days=45, seed=7))
+    t, declaration = load(tmp_path / "long")
+    assert_same_spark(spark, t["interactions"], t["items"], declaration, tmp_path / "long")
+
+    ties, items, declaration, tops = category_ties()
+    (tmp_path / "ties").mkdir()
+    users = assert_same_spark(spark, ties, items, declaration, tmp_path / "ties")["user_id"]
+    assert users["user_top_category_30d"].tolist() == tops
+
+    generate_video(tmp_path / "v", ShortVideoConfig(n_users=120, n_items=60, n_interactions=6000, days=8, seed=2))
+    t, declaration = load(tmp_path / "v")
+    out = assert_same_spark(spark, t["interactions"], t["items"], declaration, tmp_path / "v", with_categories=False)
+    assert "user_follow_rate_30d" in out["user_id"] and "user_top_category_30d" not in out["user_id"]
+
+
+def test_auto_follows_the_offline_engine_and_the_memory(spark, shop, tmp_path, monkeypatch):
+    """MTLREC_FEATURE_ENGINE=auto (the default): Spark when the store's offline engine is Spark, DuckDB when the
+    dense arrays would not fit a quarter of memory, numpy otherwise; every table file the same."""
+    from feature_repo.store import StoreSettings
+    from models import stream
+
+    monkeypatch.delenv("MTLREC_FEATURE_ENGINE", raising=False)
+    ran = []
+    for name in ("_activity", "_activity_duckdb"):
+        real = getattr(compute, name)
+        monkeypatch.setattr(compute, name, lambda *a, _real=real, _name=name, **k: ran.append(_name) or _real(*a, **k))
+    paths = {}
+    for label, offline, memory in (("numpy", "duckdb", 1 << 40), ("duckdb", "duckdb", 1 << 10),
+                                   ("spark", "spark", 1 << 40)):
+        monkeypatch.setattr(stream, "memory_bytes", lambda m=memory: m)
+        ran.clear()
+        store = StoreSettings.for_dataset(shop, workspace=tmp_path / label, offline=offline)
+        compute.compute_feature_tables(shop, store.tables, store=store)
+        assert ran == {"numpy": ["_activity", "_activity"], "duckdb": ["_activity_duckdb"], "spark": []}[label]
+        paths[label] = store.tables
+    for name in ("user_profile", "user_activity", "item_profile", "item_popularity"):
+        want = pd.read_parquet(paths["numpy"] / f"{name}.parquet")
+        for label in ("duckdb", "spark"):
+            pd.testing.assert_frame_equal(pd.read_parquet(paths[label] / f"{name}.parquet"), want)
+    with pytest.raises(ValueError, match="auto, numpy, duckdb or spark"):
+        compute.compute_feature_tables(shop, tmp_path / "x" / "tables", engine="polars")

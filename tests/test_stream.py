@@ -119,7 +119,7 @@ def test_capped_holdouts_keep_whole_users(grouped):
 def test_auto_streams_what_would_not_fit(grouped, monkeypatch):
     assert stream.should_stream(grouped, "auto") is False
     assert stream.should_stream(grouped, True) is True
-    monkeypatch.setattr(stream, "_memory_bytes", lambda: 1 << 20)  # a machine with 1 MiB
+    monkeypatch.setattr(stream, "memory_bytes", lambda: 1 << 20)  # a machine with 1 MiB
     assert stream.should_stream(grouped, "auto") is True
     with pytest.raises(ValueError, match="data.stream must be auto, true or false"):
         stream.should_stream(grouped, "sometimes")

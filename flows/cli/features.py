@@ -31,7 +31,7 @@ def features_apply(directory: Path = typer.Argument(...), online: str = typer.Op
     from feature_repo.compute import compute_feature_tables
 
     s = store_settings(directory, online)
-    typer.echo(compute_feature_tables(s.dataset, s.tables))
+    typer.echo(compute_feature_tables(s.dataset, s.tables, store=s))
     typer.echo("applied: " + ", ".join(fstore.apply(fstore.open_store(s), s)))
 
 

@@ -33,7 +33,7 @@ def compute_features(dataset: str, online: str | None = None, key: str = "") -> 
     from feature_repo.compute import compute_feature_tables
 
     _, s = _store(dataset, online)
-    return compute_feature_tables(s.dataset, s.tables)
+    return compute_feature_tables(s.dataset, s.tables, store=s)
 
 
 @task(name="apply-features", retries=2, retry_delay_seconds=[2, 10])
