@@ -6,7 +6,9 @@ process it started (Spark's JVM and Python workers), sampled every 0.2 s:
 
 - ``generate``: the synthetic log (users n/100, items n/500);
 - ``validate``: Great Expectations over the three tables;
-- ``features``: the windowed aggregate tables (``MTLREC_FEATURE_ENGINE``);
+- ``features``: the windowed aggregate tables, once per ``--feature-engines``
+  (``auto``, the default: numpy while it fits, else DuckDB; ``numpy``,
+  ``duckdb``, ``spark``); the first one's tables feed the later stages;
 - ``online``: ``feast apply`` and the first materialisation into SQLite;
 - ``training set``: the point-in-time join of every impression, to parquet;
 - ``epoch``: one training epoch of the default MMoE on that training set
@@ -51,11 +53,15 @@ def _settings(out: str, engine: str):
                                      workspace=None if engine == "duckdb" else Path(out) / f"_features_{engine}")
 
 
-def _features(out: str) -> dict:
+def _features(out: str, engine: str, first: bool) -> dict:
+    """The first engine's tables are the store's; the others' are written aside, to be timed, and removed."""
     from feature_repo.compute import compute_feature_tables
 
-    s = _settings(out, "duckdb")
-    rows = compute_feature_tables(s.dataset, s.tables)
+    s = _settings(out, "spark" if engine == "spark" else "duckdb")
+    tables = _settings(out, "duckdb").tables if first else Path(out) / f"_tables_{engine}"
+    rows = compute_feature_tables(s.dataset, tables, engine=engine, store=s)
+    if not first:
+        shutil.rmtree(tables, ignore_errors=True)
     return {"rows": sum(v for k, v in rows.items() if k != "seconds")}
 
 
@@ -93,7 +99,7 @@ STAGES = ("generate", "validate", "features", "online", "training set", "epoch")
 
 
 def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], work: Path,
-            stages: tuple[str, ...] = STAGES) -> list[dict]:
+            stages: tuple[str, ...] = STAGES, feature_engines: tuple[str, ...] = ("auto",)) -> list[dict]:
     out = str(work / f"data-{n}")
     rows = []
 
@@ -106,8 +112,9 @@ def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], wor
     record("generate", "-", in_child(generate_log, out, n, imports=["flows.data.synth"]), n)
     if "validate" in stages:
         record("validate", "-", in_child(_validate, out, imports=["flows.validation.run"]), n)
-    r = in_child(_features, out, imports=["feature_repo.compute"])
-    record("features", "-", r, n)
+    for i, engine in enumerate(feature_engines):
+        if engine != "spark" or n <= spark_up_to or i == 0:
+            record("features", engine, in_child(_features, out, engine, i == 0, imports=["feature_repo.compute"]), n)
     for engine in engines:
         if engine != "duckdb" and n > spark_up_to:
             continue
@@ -130,13 +137,16 @@ def main() -> None:
                     help="the epoch from the table in memory, streamed from its row groups, or both")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
                     help="stages to measure (generate, features, online and training set always run)")
+    ap.add_argument("--feature-engines", nargs="+", default=["auto"], choices=["auto", "numpy", "duckdb", "spark"],
+                    help="what computes the aggregates; the first one's tables feed the later stages")
     ap.add_argument("--work", type=Path, help="where the logs are written (default: a temporary directory)")
     ap.add_argument("--json", type=Path, help="write every row here")
     args = ap.parse_args()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="mtlrec-scale-", dir=args.work) as tmp:
         for n in sorted(args.sizes):
-            rows += measure(n, args.engines, args.spark_up_to, args.epoch, Path(tmp), tuple(args.stages))
+            rows += measure(n, args.engines, args.spark_up_to, args.epoch, Path(tmp), tuple(args.stages),
+                            tuple(args.feature_engines))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print()
