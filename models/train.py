@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from models.artifact import code_version, fingerprint, save_artifact
@@ -120,6 +120,8 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     # Every step's task weights; Lightning's weight/<task> logs (TensorBoard) keep only every 10th step.
     callbacks = [ckpt, EarlyStopping(monitor=f"val/{monitor}", mode=direction, patience=int(tc["patience"])),
                  WeightTrace(out / "logs" / WEIGHT_TRACE), _StopOnNonFinite(), *(callbacks or [])]
+    if tc["ema"]:  # validation, the checkpoint and so the artifact hold the averaged weights
+        callbacks.append(EMAWeightAveraging(decay=tc["ema"]))
     if progress and sys.stderr.isatty():
         from lightning.pytorch.callbacks import RichProgressBar
 
@@ -149,7 +151,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
                  "rows": {"train": dm.train_rows, "valid": len(dm.valid_split), "test": len(dm.test_split)},
                  "time_ranges": dm.time_ranges},
         "training": {"epochs": trainer.current_epoch, "best_checkpoint_score": _f(ckpt.best_model_score),
-                     "recipe": {k: tc[k] for k in ("batch_size", "max_epochs", "lr", "patience")},
+                     "recipe": {k: tc[k] for k in ("batch_size", "max_epochs", "lr", "patience", "ema")},
                      "monitor": monitor, "streamed": streamed,
                      "seconds": time.perf_counter() - t0, "accelerator": accelerator, "precision": precision,
                      "torch": torch.__version__, "lightning": L.__version__},

@@ -461,3 +461,54 @@ def test_embedding_widths_follow_the_vocabulary_in_one_lookup():
     torch.testing.assert_close(out[:, 44:48], table[cat[:, 1] + 3002, :4])  # hour: its first 4 columns
     old = FeatureSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "widths"})
     assert old.embedding_widths(16) == [16, 16]  # an artifact from before per-feature widths
+
+
+class _OwnAverage(L.Callback):
+    """The exponential moving average of every parameter after each optimiser step, kept independently."""
+
+    def __init__(self, decay: float):
+        self.decay, self.avg = decay, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = {k: p.detach().clone() for k, p in pl_module.named_parameters()}
+        if self.avg is None:
+            self.avg = now
+        else:
+            for k, p in now.items():
+                self.avg[k].mul_(self.decay).add_(p, alpha=1 - self.decay)
+
+
+def test_the_artifact_holds_the_averaged_weights(small_table, tmp_path):
+    """train.ema: validation, the checkpoint and the artifact use the moving average, not the last step's weights."""
+    from safetensors.torch import load_file
+
+    from models.artifact import WEIGHTS
+
+    own = _OwnAverage(0.9)
+    cfg = load_config("shared_bottom", ["train.max_epochs=1", "train.ema=0.9", "train.batch_size=256",
+                                        "model.params={bottom: [32, 16], tower: [8]}"])
+    meta = train(cfg, "<table>", tmp_path / "avg", progress=False, table=small_table, callbacks=[own])
+    assert meta["training"]["recipe"]["ema"] == 0.9
+    saved = load_file(str(tmp_path / "avg" / WEIGHTS))
+    names = [k for k in own.avg if k in saved and not k.startswith("balancer.")]
+    assert len(names) >= 6
+    for k in names:
+        torch.testing.assert_close(saved[k], own.avg[k], rtol=1e-4, atol=1e-5)
+    plain = train(load_config("shared_bottom", ["train.max_epochs=1", "train.ema=false", "train.batch_size=256",
+                                                "model.params={bottom: [32, 16], tower: [8]}"]),
+                  "<table>", tmp_path / "plain", progress=False, table=small_table)
+    assert plain["training"]["recipe"]["ema"] == 0.0
+    last = load_file(str(tmp_path / "plain" / WEIGHTS))
+    assert any(not torch.allclose(last[k], saved[k]) for k in names)  # the same run without it ends elsewhere
+
+
+def test_the_average_spans_a_sixth_of_the_run_up_to_500_steps():
+    from models import recipe
+
+    auto = {"batch_size": 256, "max_epochs": 3, "lr": 1e-3, "patience": 3, "ema": "auto"}
+    assert recipe.resolve(auto, 256 * 100, "cpu")["ema"] == pytest.approx(1 - 1 / 50)  # 300 steps
+    assert recipe.resolve({**auto, "max_epochs": 30}, 256 * 1000, "cpu")["ema"] == pytest.approx(1 - 1 / 500)
+    assert recipe.resolve({**auto, "max_epochs": 1}, 256 * 5, "cpu")["ema"] == 0.0  # too short to average
+    assert recipe.resolve({**auto, "ema": 0.99}, 10**6, "cpu")["ema"] == 0.99
+    with pytest.raises(ValueError, match="train.ema"):
+        recipe.resolve({**auto, "ema": 1.5}, 10**6, "cpu")
