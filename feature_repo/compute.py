@@ -134,10 +134,11 @@ def _activity_duckdb(inter: pd.DataFrame, items: pd.DataFrame | None, day0: pd.T
 
 def dense_bytes(inter: pd.DataFrame, declaration: Declaration, n_days: int, categories: int = 0) -> int:
     """What ``_activity``'s dense arrays take at their largest: counts and their stack, and the per-category
-    windows of the user table."""
+    windows of the user table with their temporaries (measured: 716 MB for 20k users, 13 categories and 40
+    days, estimated 786 MB)."""
     measures = (1 + len(declaration.binary)) * len(WINDOWS)
     users, items = inter["user_id"].nunique(), inter["item_id"].nunique()
-    return 8 * (n_days + 1) * (2 * measures * max(users, items) + (len(WINDOWS) + 1) * users * categories)
+    return 8 * (n_days + 1) * (2 * measures * max(users, items) + 2 * (len(WINDOWS) + 1) * users * categories)
 
 
 def choose_engine(engine: str | None, offline: str | None, dense: Callable[[], int]) -> str:
