@@ -76,6 +76,8 @@ class Holdout:
                 "name": "rerank", "candidates": "each user's own held-out impressions",
                 "relevance": self.task_set.relevance(), "reward": self.task_set.reward_relevance(),
                 "popularity": f"training-split {self.primary} per item",
+                # Below 1: the table did not fit in memory and a hashed share of users was evaluated.
+                "user_share": float(self.log.attrs.get("user_share", 1.0)),
                 "seed": seed}
 
     # ---- rankers ------------------------------------------------------------------------

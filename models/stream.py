@@ -36,6 +36,7 @@ from models import binning, contract
 from models.data import SplitDataModule, encode, target_stats
 from models.data import cut_points as data_cut_points
 from models.encoder import FeatureSpec, SpecFit
+from models.table import load_training_table, table_metadata, training_file
 from models.tasks import TaskSet
 
 CHUNK_ROWS = 1 << 20  # rows encoded and shuffled together: one slice to the device
@@ -99,6 +100,34 @@ def cut_points(path: Path | str, valid_fraction: float, test_fraction: float) ->
 def _read(pf, group: int, columns: list[str]) -> pd.DataFrame:
     df = pf.read_row_group(group, columns=columns).to_pandas()
     df[contract.TIMESTAMP] = pd.to_datetime(df[contract.TIMESTAMP], utc=True)
+    return df
+
+
+def evaluation_table(path: Path | str, stream="auto") -> pd.DataFrame:
+    """The table a model is evaluated and gated on: the whole training table while it fits (``should_stream``),
+    else every row of a hashed share of the users, as many as fit in a quarter of the memory.
+
+    Why whole users: the holdout's ranking metrics are per user, and the unshown protocol needs each user's
+    whole history (what they were shown). Popularity and the items' as-of rows then come from the same users:
+    at the sizes where this applies (tens of millions of rows), a share still counts every item thoroughly.
+    The share is in ``df.attrs["user_share"]`` (1.0: everyone) and in the evaluation's protocol.
+    """
+    import pyarrow.parquet as pq
+
+    path = training_file(path)
+    if not should_stream(path, stream):
+        df = load_training_table(path)
+        df.attrs["user_share"] = 1.0
+        return df
+    pf = pq.ParquetFile(path)
+    meta = pf.metadata
+    share = min(1.0, MEMORY_SHARE * memory_bytes() / max(meta.num_rows * meta.num_columns * BYTES_PER_CELL, 1))
+    parts = [part[_user_share(part["user_id"], share)] for part in
+             (_read(pf, g, pf.schema_arrow.names) for g in range(pf.num_row_groups))]
+    df = pd.concat(parts, ignore_index=True)
+    df = df.sort_values(contract.TIMESTAMP, kind="stable").reset_index(drop=True)
+    df.attrs["mtlrec"] = table_metadata(path)
+    df.attrs["user_share"] = share
     return df
 
 

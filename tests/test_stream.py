@@ -130,3 +130,27 @@ def test_cut_points_without_duckdb_are_the_same(grouped, monkeypatch):
     with_duckdb = stream.cut_points(grouped, 0.1, 0.1), stream.cut_points(grouped, 0.2, 0.0)
     monkeypatch.setitem(sys.modules, "duckdb", None)  # import duckdb now raises ImportError
     assert (stream.cut_points(grouped, 0.1, 0.1), stream.cut_points(grouped, 0.2, 0.0)) == with_duckdb
+
+
+def test_a_table_past_memory_is_evaluated_on_a_share_of_whole_users(grouped, monkeypatch):
+    """The gate and evaluation read every row of a hashed share of users when the table would not fit; the
+    holdout's protocol says so."""
+    import pyarrow.parquet as pq
+
+    from models.holdout import Holdout
+
+    full = load_training_table(grouped)
+    whole = stream.evaluation_table(grouped)
+    assert whole.attrs["user_share"] == 1.0 and len(whole) == len(full)
+    meta = pq.ParquetFile(grouped).metadata
+    table_bytes = meta.num_rows * meta.num_columns * stream.BYTES_PER_CELL
+    monkeypatch.setattr(stream, "memory_bytes", lambda: int(table_bytes / stream.MEMORY_SHARE * 0.3))
+    part = stream.evaluation_table(grouped)
+    assert part.attrs["user_share"] == pytest.approx(0.3, abs=1e-3)
+    assert 0.15 * len(full) < len(part) < 0.45 * len(full)
+    counts, everyone = part["user_id"].value_counts(), full["user_id"].value_counts()
+    assert (counts == everyone[counts.index]).all()  # whole users: every row of each one kept
+    assert part["event_timestamp"].is_monotonic_increasing and part.attrs["mtlrec"] == full.attrs["mtlrec"]
+    tasks = TaskSet.resolve("auto", full.attrs["mtlrec"]["declaration"], columns=full.columns)
+    assert Holdout(part, tasks).protocol(0)["user_share"] == part.attrs["user_share"]
+    assert Holdout(full, tasks).protocol(0)["user_share"] == 1.0

@@ -35,7 +35,8 @@ def ensure_training_set(data: Path, materialize_online: bool = False) -> None:
 
 
 def training_table(data: Path):
-    from models.table import load_training_table
+    """The table to evaluate on: whole while it fits, else a share of users (``models.stream.evaluation_table``)."""
+    from models.stream import evaluation_table
 
     ensure_training_set(data)
-    return load_training_table(data)
+    return evaluation_table(data)

@@ -31,6 +31,8 @@ def protocol_tables(result: dict) -> str:
     for name, r in (result.get("protocols") or {"rerank": result}).items():
         p = r["protocol"]
         parts += [f"## {name}: {p['candidates']}", ""]
+        if p.get("user_share", 1.0) < 1.0:
+            parts += [f"users: a hashed {p['user_share']:.1%} share (the table does not fit in memory)", ""]
         if p.get("reward"):  # reward@K is in the dataset's own units: say which
             parts += [f"reward@K: expected reward of the top K, reward = {p['reward']}", ""]
         parts += [metric_table(r), ""]
@@ -51,10 +53,10 @@ def register_task(artifact: str) -> str:
 def evaluate_task(tag: str, data: str) -> dict:
     from flows.evaluation_inputs import holdout_inputs
     from models.holdout import evaluate
-    from models.table import load_training_table
+    from models.stream import evaluation_table
     from services import registry
 
-    result = evaluate(registry.artifact_path(tag), load_training_table(data), **holdout_inputs(data))
+    result = evaluate(registry.artifact_path(tag), evaluation_table(data), **holdout_inputs(data))
     registry.record_evaluation(tag, result)
     create_markdown_artifact(key="evaluation", markdown=f"# Evaluation of `{tag}`\n\n" + protocol_tables(result),
                              description="holdout ranking metrics of the model and its baselines")

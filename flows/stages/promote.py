@@ -16,9 +16,9 @@ from flows.stages.common import HOUR
 @task(name="promote-model", retries=0, timeout_seconds=3600)
 def promote_task(tag: str, data: str, report_dir: str | None = None, **gate) -> dict:
     from flows.promote import gate_config, promote
-    from models.table import load_training_table
+    from models.stream import evaluation_table
 
-    decision = promote(tag, load_training_table(data), gate_config(**gate),
+    decision = promote(tag, evaluation_table(data), gate_config(**gate),
                        report_dir=Path(report_dir) if report_dir else None)
     create_markdown_artifact(key="gate-decision", markdown=decision.markdown(),
                              description="NDCG@K promotion gate: decision and the numbers behind it")
