@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -114,31 +115,72 @@ def _positive(labels: pd.Series) -> np.ndarray:
     return pd.to_numeric(labels, errors="coerce").fillna(0).to_numpy(np.int64)
 
 
-def _activity_duckdb(inter: pd.DataFrame, items: pd.DataFrame | None, day0: pd.Timestamp, n_days: int,
+def _activity_duckdb(inter: pd.DataFrame | Path, items: pd.DataFrame | None, day0: pd.Timestamp, n_days: int,
                      declaration: Declaration, spill: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Both activity tables by ``feature_repo/compute_sql.py``: the same rows, with no entities x days array."""
+    """Both activity tables by ``feature_repo/compute_sql.py``: the same rows, with no entities x days array.
+
+    ``inter``: the log's parquet file (DuckDB reads it in bounded memory), or a frame.
+    """
     from feature_repo.compute_sql import activity_sql, connect
 
     con = connect(memory_limit=get_settings().duckdb_memory_limit or None, temp_directory=spill)
     try:
-        con.register("interactions", inter)
+        source = inter
+        if isinstance(inter, pd.DataFrame):
+            con.register("interactions", inter)
+            source = "interactions"
         if items is not None:
             con.register("items", items)
-        user = activity_sql(con, "interactions", "user_id", "user", day0, n_days, declaration,
+        user = activity_sql(con, source, "user_id", "user", day0, n_days, declaration,
                             categories="items" if items is not None else None)
-        item = activity_sql(con, "interactions", "item_id", "item", day0, n_days, declaration)
+        item = activity_sql(con, source, "item_id", "item", day0, n_days, declaration)
     finally:
         con.close()
     return user, item
 
 
-def dense_bytes(inter: pd.DataFrame, declaration: Declaration, n_days: int, categories: int = 0) -> int:
+def dense_bytes(users: int, items: int, declaration: Declaration, n_days: int, categories: int = 0) -> int:
     """What ``_activity``'s dense arrays take at their largest: counts and their stack, and the per-category
     windows of the user table with their temporaries (measured: 716 MB for 20k users, 13 categories and 40
     days, estimated 786 MB)."""
     measures = (1 + len(declaration.binary)) * len(WINDOWS)
-    users, items = inter["user_id"].nunique(), inter["item_id"].nunique()
     return 8 * (n_days + 1) * (2 * measures * max(users, items) + 2 * (len(WINDOWS) + 1) * users * categories)
+
+
+@dataclass(frozen=True)
+class LogStats:
+    """What the engine choice and the snapshots need from the log, found without loading it."""
+
+    day0: pd.Timestamp
+    n_days: int
+    users: int
+    items: int
+
+    @classmethod
+    def of_frame(cls, inter: pd.DataFrame) -> "LogStats":
+        day0 = inter[contract.TIMESTAMP].min().floor("D")
+        return cls(day0, int((inter[contract.TIMESTAMP].max() - day0) // DAY) + 1, int(inter["user_id"].nunique()),
+                   int(inter["item_id"].nunique()))
+
+    @classmethod
+    def of_file(cls, path: Path) -> "LogStats":
+        import duckdb
+
+        ts = '"' + contract.TIMESTAMP + '"'
+        lo, hi, users, items = duckdb.sql(
+            f"SELECT min({ts}), max({ts}), count(DISTINCT user_id), count(DISTINCT item_id) "
+            f"FROM read_parquet('{str(path).replace(chr(39), chr(39) * 2)}')").fetchone()
+        day0 = contract.utc(lo).floor("D")
+        return cls(day0, int((contract.utc(hi) - day0) // DAY) + 1, int(users), int(items))
+
+
+def _timestamped(path: Path) -> bool:
+    """The log's parquet stores real timestamps, so SQL engines can read it as it is (else pandas coerces)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    return contract.TIMESTAMP in schema.names and pa.types.is_timestamp(schema.field(contract.TIMESTAMP).type)
 
 
 def choose_engine(engine: str | None, offline: str | None, dense: Callable[[], int]) -> str:
@@ -167,26 +209,35 @@ def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str, engi
     t0 = time.perf_counter()
     dataset_dir, tables_dir = Path(dataset_dir), Path(tables_dir)
     declaration = contract.Manifest.require(dataset_dir).declaration
-    t = contract.load_dataset(dataset_dir)
-    inter, users, items = t["interactions"], t["users"], t["items"]
-    schema = derive(declaration, users, items, inter)
-    day0 = inter[contract.TIMESTAMP].min().floor("D")
-    n_days = int((inter[contract.TIMESTAMP].max() - day0) // DAY) + 1
+    users, items = (coerce_timestamps(contract.read_table(dataset_dir, t)) for t in ("users", "items"))
+    log_path = dataset_dir / contract.TABLES["interactions"].file
+    # The SQL engines read the log's file themselves: it is loaded here only for numpy, or when its timestamps
+    # need pandas' coercion (strings).
+    inter = None if _timestamped(log_path) else coerce_timestamps(contract.read_table(dataset_dir, "interactions"))
+    import pyarrow.parquet as pq
+
+    schema = derive(declaration, users, items,
+                    pq.read_schema(log_path).empty_table().to_pandas() if inter is None else inter)
+    stats = LogStats.of_file(log_path) if inter is None else LogStats.of_frame(inter)
+    day0, n_days = stats.day0, stats.n_days
     n_categories = int(items["category"].nunique()) + 1 if schema.has_category else 0
     engine = choose_engine(engine, getattr(store, "offline", None),
-                           lambda: dense_bytes(inter, declaration, n_days, n_categories))
+                           lambda: dense_bytes(stats.users, stats.items, declaration, n_days, n_categories))
     log.info("feature tables by %s", engine)
     if engine == "spark":
         from feature_repo.compute_spark import activity_spark, session
 
         user_activity, item_popularity = activity_spark(
-            session(tables_dir.parent, store), dataset_dir / contract.TABLES["interactions"].file,
+            session(tables_dir.parent, store), log_path,
             dataset_dir / contract.TABLES["items"].file if schema.has_category else None, day0, n_days,
             declaration, tables_dir.parent / "spark_parts")
     elif engine == "duckdb":
-        user_activity, item_popularity = _activity_duckdb(inter, items if schema.has_category else None, day0,
+        user_activity, item_popularity = _activity_duckdb(log_path if inter is None else inter,
+                                                          items if schema.has_category else None, day0,
                                                           n_days, declaration, tables_dir.parent / "duckdb_tmp")
     elif engine == "numpy":
+        if inter is None:
+            inter = coerce_timestamps(contract.read_table(dataset_dir, "interactions"))
         categories = None
         if schema.has_category:
             cat_of_item = items.set_index(items["item_id"].astype(str))["category"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import duckdb
 import numpy as np
 import pandas as pd
@@ -143,11 +145,25 @@ def test_the_duckdb_engine_writes_the_same_feature_tables(shop, tmp_path, monkey
 
     monkeypatch.setenv("MTLREC_FEATURE_ENGINE", "duckdb")  # the setting, as a user sets it
     monkeypatch.setattr(compute, "_activity", numpy_path)
+    read = []
+    real_read = contract.read_table
+    monkeypatch.setattr(contract, "read_table", lambda d, t, *a, **k: read.append(t) or real_read(d, t, *a, **k))
     b = compute.compute_feature_tables(shop, tmp_path / "duckdb" / "tables")
+    assert "interactions" not in read  # DuckDB reads the log's file: it is never a frame here
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    # A log whose timestamps are ISO strings goes through pandas' coercion, and gives the same tables.
+    strings = tmp_path / "strings"
+    shutil.copytree(shop, strings, ignore=shutil.ignore_patterns("_*"))
+    log = pd.read_parquet(strings / "interactions.parquet")
+    log[contract.TIMESTAMP] = log[contract.TIMESTAMP].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    log.to_parquet(strings / "interactions.parquet", index=False)
+    read.clear()
+    compute.compute_feature_tables(strings, tmp_path / "strings-tables")
+    assert read.count("interactions") == 1
     for name in ("user_profile", "user_activity", "item_profile", "item_popularity"):
-        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "duckdb" / "tables" / f"{name}.parquet"),
-                                      pd.read_parquet(tmp_path / "numpy" / "tables" / f"{name}.parquet"))
+        want = pd.read_parquet(tmp_path / "numpy" / "tables" / f"{name}.parquet")
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "duckdb" / "tables" / f"{name}.parquet"), want)
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "strings-tables" / f"{name}.parquet"), want)
 
 
 @pytest.fixture(scope="module")
