@@ -121,7 +121,9 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     callbacks = [ckpt, EarlyStopping(monitor=f"val/{monitor}", mode=direction, patience=int(tc["patience"])),
                  WeightTrace(out / "logs" / WEIGHT_TRACE), _StopOnNonFinite(), *(callbacks or [])]
     if tc["ema"]:  # validation, the checkpoint and so the artifact hold the averaged weights
-        callbacks.append(EMAWeightAveraging(decay=tc["ema"]))
+        # Parameters only: averaging the buffers would round the encoder's integer offsets and columns (a float
+        # average copied back into int64), and the balancer's state is not the model's.
+        callbacks.append(EMAWeightAveraging(decay=tc["ema"], use_buffers=False))
     if progress and sys.stderr.isatty():
         from lightning.pytorch.callbacks import RichProgressBar
 
