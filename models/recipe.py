@@ -20,7 +20,9 @@ batch size. The rule:
 - ``ema``: the decay of an exponential moving average of the weights, which
   is what validation, checkpoints and the artifact use. It averages over
   about a sixth of the run's steps, at most ``EMA_HORIZON`` (500): decay
-  ``1 - 1/horizon``. Averaging the last few hundred steps smooths the noise
+  ``1 - 1/horizon``; none for a run of under ``EMA_MIN_STEPS`` (1,000), which
+  is still climbing, so that the average would lag it (a 62-step run's
+  average fell below popularity where its last weights beat it). Averaging the last few hundred steps smooths the noise
   of small batches on a rare task; on MovieLens it moved test AUC from
   .834/.853 to .841/.857 (click/like) and NDCG@10 from .687 to .720.
 
@@ -40,6 +42,7 @@ EPOCH_BOUNDS = (2, 30)
 LR_AT_512, LR_MAX = 1e-3, 8e-3
 MIN_PATIENCE = 3
 EMA_HORIZON, EMA_SHARE = 500, 6  # at most 500 steps, else a sixth of the run's steps
+EMA_MIN_STEPS = 1000  # shorter runs keep their last weights
 AUTO = "auto"
 
 
@@ -66,9 +69,10 @@ def patience(max_epochs: int) -> int:
 
 
 def ema_decay(steps: int) -> float:
-    """The averaging decay for a run of ``steps`` optimiser steps at most: 0 (no averaging) below 2 steps."""
-    horizon = min(EMA_HORIZON, steps // EMA_SHARE)
-    return 0.0 if horizon < 2 else 1.0 - 1.0 / horizon
+    """The averaging decay for a run of ``steps`` optimiser steps at most: 0 (no averaging) for a short run."""
+    if steps < EMA_MIN_STEPS:
+        return 0.0
+    return 1.0 - 1.0 / min(EMA_HORIZON, steps // EMA_SHARE)
 
 
 def resolve(train: dict[str, Any], rows: int, accelerator: str, world_size: int = 1) -> dict[str, Any]:
