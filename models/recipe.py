@@ -22,9 +22,10 @@ batch size. The rule:
   about a sixth of the run's steps, at most ``EMA_HORIZON`` (500): decay
   ``1 - 1/horizon``; none for a run of under ``EMA_MIN_STEPS`` (1,000), which
   is still climbing, so that the average would lag it (a 62-step run's
-  average fell below popularity where its last weights beat it). Averaging the last few hundred steps smooths the noise
-  of small batches on a rare task; on MovieLens it moved test AUC from
-  .834/.853 to .841/.857 (click/like) and NDCG@10 from .687 to .720.
+  average fell below popularity where its last weights beat it). Averaging
+  the last few hundred steps smooths the noise of small batches, which a
+  rare task feels most; its effect on each dataset is measured in
+  ``benchmarks/README.md`` (the default recipe's table).
 
 Any of them set to a number in the config is used as given. The resolved
 recipe is recorded in the artifact (``model.json``: ``training.recipe``).
