@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from feature_repo.schema import (TOP_CATEGORY, WINDOWS, count_column, derive, impressions_column,
                                  rate_column)
@@ -174,12 +176,8 @@ class LogStats:
         return cls(day0, int((contract.utc(hi) - day0) // DAY) + 1, int(users), int(items))
 
 
-def _timestamped(path: Path) -> bool:
+def _timestamped(schema: pa.Schema) -> bool:
     """The log's parquet stores real timestamps, so SQL engines can read it as it is (else pandas coerces)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pq.read_schema(path)
     return contract.TIMESTAMP in schema.names and pa.types.is_timestamp(schema.field(contract.TIMESTAMP).type)
 
 
@@ -213,11 +211,9 @@ def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str, engi
     log_path = dataset_dir / contract.TABLES["interactions"].file
     # The SQL engines read the log's file themselves: it is loaded here only for numpy, or when its timestamps
     # need pandas' coercion (strings).
-    inter = None if _timestamped(log_path) else coerce_timestamps(contract.read_table(dataset_dir, "interactions"))
-    import pyarrow.parquet as pq
-
-    schema = derive(declaration, users, items,
-                    pq.read_schema(log_path).empty_table().to_pandas() if inter is None else inter)
+    log_schema = pq.read_schema(log_path)
+    inter = None if _timestamped(log_schema) else coerce_timestamps(contract.read_table(dataset_dir, "interactions"))
+    schema = derive(declaration, users, items, log_schema.empty_table().to_pandas() if inter is None else inter)
     stats = LogStats.of_file(log_path) if inter is None else LogStats.of_frame(inter)
     day0, n_days = stats.day0, stats.n_days
     n_categories = int(items["category"].nunique()) + 1 if schema.has_category else 0
