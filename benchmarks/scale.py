@@ -77,29 +77,40 @@ def _online(out: str, engine: str) -> dict:
     return {"rows": sum(v.get("rows", 0) for v in report.values())}
 
 
-def _training_set(out: str, engine: str) -> dict:
-    from feature_repo.store import open_store, training_metadata, write_training_set
+def _training_set(out: str, engine: str, apply_first: bool) -> dict:
+    """``apply_first``: register the definitions here when the ``online`` stage (which does it) is skipped."""
+    from feature_repo.store import apply, open_store, training_metadata, write_training_set
 
     s = _settings(out, engine)
-    return {"rows": write_training_set(open_store(s), s.dataset, s.training_file, metadata=training_metadata(s))}
+    if engine != "duckdb" and apply_first:
+        shutil.copytree(_settings(out, "duckdb").tables, s.tables, dirs_exist_ok=True)
+    store = open_store(s)
+    if apply_first:
+        apply(store, s)
+    return {"rows": write_training_set(store, s.dataset, s.training_file, metadata=training_metadata(s))}
 
 
-def _epoch(out: str, how: str) -> dict:
+def _epoch(out: str, how: str, batches: int | None) -> dict:
+    """One epoch, or its first ``batches`` batches (validation and test scoring still run): rows trained on."""
     from models.artifact import read_meta
     from models.config import load_config
     from models.train import train
 
     model = Path(out) / "_model"
     stream = {"resident": "false", "streamed": "true"}[how]
-    train(load_config("mmoe", ["train.max_epochs=1", f"data.stream={stream}"]), out, model, progress=False)
-    return {"rows": read_meta(model)["data"]["rows"]["train"]}
+    limit = [f"train.limit_train_batches={batches}"] if batches else []
+    train(load_config("mmoe", ["train.max_epochs=1", f"data.stream={stream}", *limit]), out, model, progress=False)
+    meta = read_meta(model)
+    rows = meta["data"]["rows"]["train"]
+    return {"rows": min(rows, batches * meta["training"]["recipe"]["batch_size"]) if batches else rows}
 
 
 STAGES = ("generate", "validate", "features", "online", "training set", "epoch")
 
 
 def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], work: Path,
-            stages: tuple[str, ...] = STAGES, feature_engines: tuple[str, ...] = ("auto",)) -> list[dict]:
+            stages: tuple[str, ...] = STAGES, feature_engines: tuple[str, ...] = ("auto",),
+            epoch_batches: int | None = None) -> list[dict]:
     out = str(work / f"data-{n}")
     rows = []
 
@@ -118,11 +129,14 @@ def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], wor
     for engine in engines:
         if engine != "duckdb" and n > spark_up_to:
             continue
-        r = in_child(_online, out, engine, imports=["feature_repo.store"])  # the training set needs its apply
-        record("online", engine, r, r["rows"])
-        record("training set", engine, in_child(_training_set, out, engine, imports=["feature_repo.store"]), n)
+        online = "online" in stages
+        if online:  # the training set needs its apply
+            r = in_child(_online, out, engine, imports=["feature_repo.store"])
+            record("online", engine, r, r["rows"])
+        record("training set", engine,
+               in_child(_training_set, out, engine, not online, imports=["feature_repo.store"]), n)
     for how in epochs if "epoch" in stages else ():
-        r = in_child(_epoch, out, how, imports=["models.train"])
+        r = in_child(_epoch, out, how, epoch_batches, imports=["models.train"])
         record("epoch", how, r, r["rows"])
     shutil.rmtree(out, ignore_errors=True)
     return rows
@@ -136,7 +150,10 @@ def main() -> None:
     ap.add_argument("--epoch", nargs="+", default=["resident", "streamed"], choices=["resident", "streamed"],
                     help="the epoch from the table in memory, streamed from its row groups, or both")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
-                    help="stages to measure (generate, features, online and training set always run)")
+                    help="stages to measure (generate, features and training set always run; without online, "
+                         "the training set's process registers the definitions itself)")
+    ap.add_argument("--epoch-batches", type=int, help="train the epoch on its first N batches only (a log too "
+                    "large for a whole epoch here); the split, the validation and the test scoring still run")
     ap.add_argument("--feature-engines", nargs="+", default=["auto"], choices=["auto", "numpy", "duckdb", "spark"],
                     help="what computes the aggregates; the first one's tables feed the later stages")
     ap.add_argument("--work", type=Path, help="where the logs are written (default: a temporary directory)")
@@ -146,7 +163,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mtlrec-scale-", dir=args.work) as tmp:
         for n in sorted(args.sizes):
             rows += measure(n, args.engines, args.spark_up_to, args.epoch, Path(tmp), tuple(args.stages),
-                            tuple(args.feature_engines))
+                            tuple(args.feature_engines), args.epoch_batches)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print()

@@ -131,6 +131,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     trainer = L.Trainer(
         accelerator=accelerator, devices=tc.get("devices", 1), strategy=tc.get("strategy", "auto"), precision=precision,
         max_epochs=int(tc["max_epochs"]),
+        limit_train_batches=tc.get("limit_train_batches") or None,  # None: the whole epoch
         callbacks=callbacks, logger=[TensorBoardLogger(out / "logs", name="tb"), CSVLogger(out / "logs", name="csv")],
         gradient_clip_val=float(tc.get("grad_clip") or 0) if module.automatic_optimization else None,
         deterministic=bool(tc.get("deterministic", True)), num_sanity_val_steps=0,

@@ -512,3 +512,17 @@ def test_the_average_spans_a_sixth_of_a_long_run_up_to_500_steps():
     assert recipe.resolve({**auto, "ema": 0.99}, 10**6, "cpu")["ema"] == 0.99
     with pytest.raises(ValueError, match="train.ema"):
         recipe.resolve({**auto, "ema": 1.5}, 10**6, "cpu")
+
+
+def test_a_limited_epoch_trains_that_many_batches_and_still_validates(small_table, tmp_path):
+    """train.limit_train_batches (benchmarks at scale, smoke runs): N optimiser steps, then the usual
+    validation, checkpoint and artifact."""
+    from models.weight_trace import FILENAME
+
+    cfg = load_config("shared_bottom", ["train.max_epochs=1", "train.limit_train_batches=3", "train.batch_size=256",
+                                        "train.ema=false", "model.params={bottom: [16], tower: [8]}"])
+    meta = train(cfg, "<table>", tmp_path / "m", progress=False, table=small_table)
+    steps = (tmp_path / "m" / "logs" / FILENAME).read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in steps] == [1, 2, 3]
+    assert meta["data"]["rows"]["train"] > 3 * 256  # the table had more: the limit stopped it
+    assert 0.0 < meta["metrics"]["valid"]["mean_auc"] < 1.0
