@@ -92,8 +92,7 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
     scratch = Path(store.repo_path) / "duckdb_tmp"
     on_disk = not isinstance(entities, pd.DataFrame)
     database = scratch / f"entities-{os.getpid()}-{uuid.uuid4().hex[:8]}.duckdb"
-    if on_disk:
-        scratch.mkdir(parents=True, exist_ok=True)
+    scratch.mkdir(parents=True, exist_ok=True)  # the on-disk entities, and a spill past memory_limit
     con = duckdb.connect(str(database) if on_disk else ":memory:")
     try:
         con.execute("SET TimeZone = 'UTC'")

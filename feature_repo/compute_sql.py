@@ -34,7 +34,8 @@ def connect(database: str = ":memory:", *, memory_limit: str | None = None, temp
     con = duckdb.connect(database)
     if memory_limit is not None:
         con.execute(f"SET memory_limit = {_literal(memory_limit)}")
-    if temp_directory is not None:
+    if temp_directory is not None:  # DuckDB creates only the last level, and only once it spills
+        Path(temp_directory).mkdir(parents=True, exist_ok=True)
         con.execute(f"SET temp_directory = {_literal(str(temp_directory))}")
     if threads is not None:
         con.execute(f"SET threads = {int(threads)}")

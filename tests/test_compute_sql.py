@@ -256,3 +256,15 @@ def test_auto_follows_the_offline_engine_and_the_memory(spark, shop, tmp_path, m
             pd.testing.assert_frame_equal(pd.read_parquet(paths[label] / f"{name}.parquet"), want)
     with pytest.raises(ValueError, match="auto, numpy, duckdb or spark"):
         compute.compute_feature_tables(shop, tmp_path / "x" / "tables", engine="polars")
+
+
+def test_a_query_past_the_memory_limit_spills_into_a_directory_not_made_yet(tmp_path):
+    """A fresh dataset has no ``_features/`` yet: the first query large enough to spill must not fail on it
+    (DuckDB makes only the last level of its temp directory; 100M impressions hit this)."""
+    scratch = tmp_path / "_features" / "duckdb_tmp"
+    con = compute_sql.connect(memory_limit="64MB", temp_directory=scratch, threads=1)
+    con.execute("SET preserve_insertion_order = false")
+    n = con.execute("SELECT count(*) FROM (SELECT i, hash(i) AS h FROM range(20000000) t(i) ORDER BY h)").fetchone()[0]
+    assert n == 20_000_000
+    assert scratch.is_dir()
+    con.close()
