@@ -118,12 +118,13 @@ def _positive(labels: pd.Series) -> np.ndarray:
 
 
 def _activity_duckdb(inter: pd.DataFrame | Path, items: pd.DataFrame | None, day0: pd.Timestamp, n_days: int,
-                     declaration: Declaration, spill: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Both activity tables by ``feature_repo/compute_sql.py``: the same rows, with no entities x days array.
+                     declaration: Declaration, spill: Path, out: dict[str, Path]) -> dict[str, int]:
+    """Both activity tables by ``feature_repo/compute_sql.py``, written to ``out`` (table name -> file) a batch
+    at a time: the same rows as numpy's, with no entities x days array and no table in memory; returns rows.
 
     ``inter``: the log's parquet file (DuckDB reads it in bounded memory), or a frame.
     """
-    from feature_repo.compute_sql import activity_sql, connect
+    from feature_repo.compute_sql import activity_to_parquet, connect
 
     con = connect(memory_limit=get_settings().duckdb_memory_limit or None, temp_directory=spill)
     try:
@@ -133,12 +134,15 @@ def _activity_duckdb(inter: pd.DataFrame | Path, items: pd.DataFrame | None, day
             source = "interactions"
         if items is not None:
             con.register("items", items)
-        user = activity_sql(con, source, "user_id", "user", day0, n_days, declaration,
-                            categories="items" if items is not None else None)
-        item = activity_sql(con, source, "item_id", "item", day0, n_days, declaration)
+        return {
+            "user_activity": activity_to_parquet(con, source, "user_id", "user", day0, n_days, declaration,
+                                                 out["user_activity"],
+                                                 categories="items" if items is not None else None),
+            "item_popularity": activity_to_parquet(con, source, "item_id", "item", day0, n_days, declaration,
+                                                   out["item_popularity"]),
+        }
     finally:
         con.close()
-    return user, item
 
 
 def dense_bytes(users: int, items: int, declaration: Declaration, n_days: int, categories: int = 0) -> int:
@@ -220,6 +224,8 @@ def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str, engi
     engine = choose_engine(engine, getattr(store, "offline", None),
                            lambda: dense_bytes(stats.users, stats.items, declaration, n_days, n_categories))
     log.info("feature tables by %s", engine)
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, int] = {}  # tables an engine wrote to their files itself
     if engine == "spark":
         from feature_repo.compute_spark import activity_spark, session
 
@@ -228,9 +234,11 @@ def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str, engi
             dataset_dir / contract.TABLES["items"].file if schema.has_category else None, day0, n_days,
             declaration, tables_dir.parent / "spark_parts")
     elif engine == "duckdb":
-        user_activity, item_popularity = _activity_duckdb(log_path if inter is None else inter,
-                                                          items if schema.has_category else None, day0,
-                                                          n_days, declaration, tables_dir.parent / "duckdb_tmp")
+        written = _activity_duckdb(log_path if inter is None else inter, items if schema.has_category else None,
+                                   day0, n_days, declaration, tables_dir.parent / "duckdb_tmp",
+                                   {name: tables_dir / f"{name}.parquet" for name in ("user_activity",
+                                                                                       "item_popularity")})
+        user_activity = item_popularity = None
     elif engine == "numpy":
         if inter is None:
             inter = coerce_timestamps(contract.read_table(dataset_dir, "interactions"))
@@ -248,12 +256,16 @@ def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str, engi
         "item_profile": _profile(items, "item_id", schema.views["item_profile"], "item_since_ts"),
         "item_popularity": item_popularity,
     }
-    tables_dir.mkdir(parents=True, exist_ok=True)
     for stale in tables_dir.glob("*.parquet"):  # a view this schema no longer has must not linger
         if stale.stem not in tables:
             stale.unlink()
     rows = {}
     for name, df in tables.items():
+        if name in written:
+            missing = set(schema.views[name]) - set(pq.read_schema(tables_dir / f"{name}.parquet").names)
+            assert not missing, f"{name} lacks {missing}"
+            rows[name] = written[name]
+            continue
         missing = set(schema.views[name]) - set(df.columns)
         assert not missing, f"{name} lacks {missing}"  # the schema and this module must agree
         # Microseconds: DuckDB casts TIMESTAMPTZ (us) but not its nanosecond form.

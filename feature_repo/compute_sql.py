@@ -7,7 +7,10 @@ a day with activity enters it (snapshot ``d + 1``) or leaves it
 running sum gives every window's value; a snapshot whose deltas are all zero
 changed nothing and is not written, as in the numpy version. Everything is
 GROUP BY, hash joins, one sort and a streaming window, which DuckDB runs
-within ``memory_limit`` by spilling; only the output table is materialised.
+within ``memory_limit`` by spilling. The output goes to a frame (tests, small
+logs) or, batch by batch, straight to a parquet file (``activity_to_parquet``):
+at 100M impressions the user table alone is tens of millions of rows, and
+holding it in memory, rather than the query, is what ran out of it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from feature_repo.schema import TOP_CATEGORY, TOP_WINDOW, WINDOWS, count_column, impressions_column, rate_column
 from models import contract
@@ -226,6 +232,28 @@ def activity_query(con: duckdb.DuckDBPyConnection | None, source: str | Path, ke
             f"FROM vals WHERE moved AND s <= {int(n_days)}")
 
 
+def _ordered_result(con: duckdb.DuckDBPyConnection, query: str, batch_rows: int = 1 << 20) -> pa.RecordBatchReader:
+    """The query's rows in the order it wrote them, a batch at a time (not materialised: a materialised result
+    would be held inside DuckDB's memory limit as well as by the caller)."""
+    # Row order rests on DuckDB preserving it through the running sum; a connection may have turned that off.
+    con.execute("SET preserve_insertion_order = true")
+    return con.sql(query).fetch_arrow_reader(batch_rows)
+
+
+def _keep_order_setting(con: duckdb.DuckDBPyConnection):
+    (keep,) = con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()
+    return lambda: con.execute(f"SET preserve_insertion_order = {bool(keep)}")
+
+
+def _timestamped_batch(batch: pa.RecordBatch, day0: pd.Timestamp) -> pa.Table:
+    """``snapshot`` (days after ``day0``) replaced by ``event_timestamp`` (microseconds, UTC), second column."""
+    t = pa.Table.from_batches([batch])
+    day0_us = int(day0.value // 1000)
+    us = pc.add(pc.multiply(t.column("snapshot").cast(pa.int64()), US_PER_DAY), day0_us)
+    t = t.drop_columns(["snapshot"])
+    return t.add_column(1, "event_timestamp", us.cast(pa.timestamp("us", tz="UTC")))
+
+
 def activity_sql(con: duckdb.DuckDBPyConnection, source: str | Path, key: str, prefix: str, day0: pd.Timestamp,
                  n_days: int, declaration: Declaration, categories: str | Path | None = None) -> pd.DataFrame:
     """``compute._activity`` on a relation of ``con`` (or a parquet path), row for row and dtype for dtype.
@@ -234,14 +262,44 @@ def activity_sql(con: duckdb.DuckDBPyConnection, source: str | Path, key: str, p
     top category is computed, as ``compute._activity`` does when passed ``categories``.
     """
     query = activity_query(con, source, key, prefix, day0, n_days, declaration, categories)
-    # Row order rests on DuckDB preserving it through the running sum; a connection may have turned that off.
-    (keep,) = con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()
-    con.execute("SET preserve_insertion_order = true")
+    restore = _keep_order_setting(con)
     try:
-        # Streamed: a materialised result would be held inside DuckDB's memory limit as well as in the frame.
-        df = con.sql(query).fetch_arrow_reader().read_all().to_pandas(self_destruct=True)
+        df = _ordered_result(con, query).read_all().to_pandas(self_destruct=True)
     finally:
-        con.execute(f"SET preserve_insertion_order = {bool(keep)}")
+        restore()
     snap = df.pop("snapshot").to_numpy()
     df.insert(1, "event_timestamp", day0 + pd.to_timedelta(snap, unit="D"))
     return df
+
+
+def activity_to_parquet(con: duckdb.DuckDBPyConnection, source: str | Path, key: str, prefix: str,
+                        day0: pd.Timestamp, n_days: int, declaration: Declaration, path: Path,
+                        categories: str | Path | None = None, batch_rows: int = 1 << 20) -> int:
+    """``activity_sql``'s table written to ``path`` a batch at a time (memory flat in its rows); returns its
+    row count. The file holds what ``activity_sql``'s frame written by pandas would: the same columns, types
+    and rows in the same order. Written beside ``path`` and moved into place, so a reader never sees half."""
+    query = activity_query(con, source, key, prefix, day0, n_days, declaration, categories)
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    restore = _keep_order_setting(con)
+    rows = 0
+    try:
+        reader = _ordered_result(con, query, batch_rows)
+        writer = None
+        try:
+            for batch in reader:
+                table = _timestamped_batch(batch, day0)
+                if writer is None:
+                    writer = pq.ParquetWriter(partial, table.schema)
+                writer.write_table(table)
+                rows += table.num_rows
+            if writer is None:  # no rows: the file still carries the columns
+                empty = pa.RecordBatch.from_pylist([], schema=reader.schema)
+                writer = pq.ParquetWriter(partial, _timestamped_batch(empty, day0).schema)
+        finally:
+            if writer is not None:
+                writer.close()
+    finally:
+        restore()
+    partial.replace(path)
+    return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -36,6 +37,17 @@ def assert_same(inter: pd.DataFrame, items: pd.DataFrame, declaration: Declarati
         got = compute_sql.activity_sql(con, source or "inter", key, prefix, day0, n_days, declaration,
                                        categories=(catalog or "items") if cats is not None else None)
         pd.testing.assert_frame_equal(got, want, check_exact=True)
+        # What the pipeline writes: the same table streamed to parquet in small batches, equal to the frame
+        # as pandas would have written it (microsecond timestamps), in the same row order.
+        path = Path(tmp_path) / f"streamed_{prefix}.parquet"
+        rows = compute_sql.activity_to_parquet(con, source or "inter", key, prefix, day0, n_days, declaration,
+                                               path, categories=(catalog or "items") if cats is not None else None,
+                                               batch_rows=100)
+        assert rows == len(want)
+        if rows > 100:
+            assert pq.ParquetFile(path).metadata.num_row_groups > 1  # written batch by batch
+        written = want.assign(event_timestamp=want["event_timestamp"].astype("datetime64[us, UTC]"))
+        pd.testing.assert_frame_equal(pd.read_parquet(path), written, check_exact=True)
         out[key] = got
     assert con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()[0] == ordered
     return out
