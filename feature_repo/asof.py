@@ -77,15 +77,15 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
     iterable of such frames in the log's order: they go into an on-disk DuckDB table one at a time, and
     DuckDB sorts them by ``order`` (ties in log order, as pandas' stable sort keeps them), spilling.
 
-    ``memory_limit`` (DuckDB's, e.g. ``"4GB"``; default ``MTLREC_DUCKDB_MEMORY_LIMIT``) bounds the join;
+    ``memory_limit`` (DuckDB's, e.g. ``"4GB"``; default ``compute_sql.memory_limit()``) bounds the join;
     beyond it DuckDB spills to ``duckdb_tmp`` in the store's directory instead of failing.
     """
     import duckdb
     import pyarrow as pa
 
-    from models.settings import get_settings
+    from feature_repo.compute_sql import memory_limit as default_memory_limit
 
-    memory_limit = memory_limit or get_settings().duckdb_memory_limit
+    memory_limit = memory_limit or default_memory_limit()
 
     service = store.get_feature_service(FEATURE_SERVICE)
     batch, odfvs = _views(store, service)

@@ -124,9 +124,9 @@ def _activity_duckdb(inter: pd.DataFrame | Path, items: pd.DataFrame | None, day
 
     ``inter``: the log's parquet file (DuckDB reads it in bounded memory), or a frame.
     """
-    from feature_repo.compute_sql import activity_to_parquet, connect
+    from feature_repo.compute_sql import activity_to_parquet, connect, memory_limit
 
-    con = connect(memory_limit=get_settings().duckdb_memory_limit or None, temp_directory=spill)
+    con = connect(memory_limit=memory_limit(), temp_directory=spill)
     try:
         source = inter
         if isinstance(inter, pd.DataFrame):

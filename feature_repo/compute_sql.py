@@ -30,6 +30,23 @@ from models.declaration import Declaration
 US_PER_DAY = 86_400_000_000
 
 
+MEMORY_SHARE = 0.5  # of this machine's memory: DuckDB's limit when MTLREC_DUCKDB_MEMORY_LIMIT is empty
+
+
+def memory_limit() -> str:
+    """``MTLREC_DUCKDB_MEMORY_LIMIT``, else half of this machine's memory.
+
+    Why not DuckDB's own default (80%): its limit bounds its buffers, not the process, and a query that needs
+    more than the machine (the aggregates of 100M impressions) grows to it; at 80% the process plus its
+    neighbours passed the machine's memory and the kernel killed it (19.3 GB of 23). Past the limit DuckDB
+    spills to disk instead.
+    """
+    from models.settings import get_settings
+    from models.stream import memory_bytes
+
+    return get_settings().duckdb_memory_limit or f"{int(MEMORY_SHARE * memory_bytes()) >> 20}MiB"
+
+
 def connect(database: str = ":memory:", *, memory_limit: str | None = None, temp_directory: str | Path | None = None,
             threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """A connection whose memory is bounded: past ``memory_limit`` DuckDB spills to ``temp_directory``.

@@ -77,7 +77,8 @@ class Settings(BaseSettings):
                             "while its arrays take at most a quarter of the memory, duckdb beyond.")
     duckdb_memory_limit: str = Field(
         "", description="DuckDB's memory limit for the feature stage's queries (e.g. 4GB); beyond it they spill "
-                        "to <dataset>/_features/duckdb_tmp. Empty: DuckDB's own default, 80% of the RAM.")
+                        "to <dataset>/_features/duckdb_tmp. Empty: half of this machine's memory (DuckDB's own "
+                        "80% left too little for the rest of the process at 100M impressions).")
     feature_tables: Path = Field(
         ROOT / "data" / "synth" / "_features" / "tables",
         description="Where `feast apply` run inside feature_repo/ finds the feature tables and their schema.json; "

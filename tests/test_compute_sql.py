@@ -289,3 +289,18 @@ def test_a_query_past_the_memory_limit_spills_into_a_directory_not_made_yet(tmp_
     assert n == 20_000_000
     assert scratch.is_dir()
     con.close()
+
+
+def test_duckdb_gets_half_the_machine_unless_told(monkeypatch, tmp_path):
+    """DuckDB's own default (80% of memory) let the 100M-impression aggregates grow until the kernel killed the
+    process; the default is half, and MTLREC_DUCKDB_MEMORY_LIMIT still decides when set."""
+    from models import stream
+
+    monkeypatch.delenv("MTLREC_DUCKDB_MEMORY_LIMIT", raising=False)
+    monkeypatch.setattr(stream, "memory_bytes", lambda: 8 << 30)
+    assert compute_sql.memory_limit() == "4096MiB"
+    con = compute_sql.connect(memory_limit=compute_sql.memory_limit(), temp_directory=tmp_path)
+    assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == "4.0 GiB"
+    con.close()
+    monkeypatch.setenv("MTLREC_DUCKDB_MEMORY_LIMIT", "3GB")
+    assert compute_sql.memory_limit() == "3GB"
