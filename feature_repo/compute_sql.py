@@ -262,7 +262,7 @@ def _keep_order_setting(con: duckdb.DuckDBPyConnection):
     return lambda: con.execute(f"SET preserve_insertion_order = {bool(keep)}")
 
 
-def timestamped_batch(batch: pa.RecordBatch, day0: pd.Timestamp) -> pa.Table:
+def _timestamped_batch(batch: pa.RecordBatch, day0: pd.Timestamp) -> pa.Table:
     """``snapshot`` (days after ``day0``) replaced by ``event_timestamp`` (microseconds, UTC), second column."""
     t = pa.Table.from_batches([batch])
     day0_us = int(day0.value // 1000)
@@ -305,14 +305,14 @@ def activity_to_parquet(con: duckdb.DuckDBPyConnection, source: str | Path, key:
         writer = None
         try:
             for batch in reader:
-                table = timestamped_batch(batch, day0)
+                table = _timestamped_batch(batch, day0)
                 if writer is None:
                     writer = pq.ParquetWriter(partial, table.schema)
                 writer.write_table(table)
                 rows += table.num_rows
             if writer is None:  # no rows: the file still carries the columns
                 empty = pa.RecordBatch.from_pylist([], schema=reader.schema)
-                writer = pq.ParquetWriter(partial, timestamped_batch(empty, day0).schema)
+                writer = pq.ParquetWriter(partial, _timestamped_batch(empty, day0).schema)
         finally:
             if writer is not None:
                 writer.close()
