@@ -31,6 +31,7 @@ US_PER_DAY = 86_400_000_000
 
 
 MEMORY_SHARE = 0.5  # of this machine's memory: DuckDB's limit when MTLREC_DUCKDB_MEMORY_LIMIT is empty
+MIN_MIB = 256  # and never less: at 0 DuckDB cannot allocate a block
 
 
 def memory_limit() -> str:
@@ -44,7 +45,7 @@ def memory_limit() -> str:
     from models.settings import get_settings
     from models.stream import memory_bytes
 
-    return get_settings().duckdb_memory_limit or f"{int(MEMORY_SHARE * memory_bytes()) >> 20}MiB"
+    return get_settings().duckdb_memory_limit or f"{max(int(MEMORY_SHARE * memory_bytes()) >> 20, MIN_MIB)}MiB"
 
 
 def connect(database: str = ":memory:", *, memory_limit: str | None = None, temp_directory: str | Path | None = None,

@@ -293,5 +293,7 @@ def test_duckdb_gets_half_the_machine_unless_told(monkeypatch, tmp_path):
     con = compute_sql.connect(memory_limit=compute_sql.memory_limit(), temp_directory=tmp_path)
     assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == "4.0 GiB"
     con.close()
+    monkeypatch.setattr(stream, "memory_bytes", lambda: 1 << 10)  # a machine too small to halve: a floor
+    assert compute_sql.memory_limit() == "256MiB"
     monkeypatch.setenv("MTLREC_DUCKDB_MEMORY_LIMIT", "3GB")
     assert compute_sql.memory_limit() == "3GB"
