@@ -126,15 +126,16 @@ def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], wor
     for i, engine in enumerate(feature_engines):
         if engine != "spark" or n <= spark_up_to or i == 0:
             record("features", engine, in_child(_features, out, engine, i == 0, imports=["feature_repo.compute"]), n)
-    for engine in engines:
+    for engine in engines if {"online", "training set"} & set(stages) else ():
         if engine != "duckdb" and n > spark_up_to:
             continue
         online = "online" in stages
         if online:  # the training set needs its apply
             r = in_child(_online, out, engine, imports=["feature_repo.store"])
             record("online", engine, r, r["rows"])
-        record("training set", engine,
-               in_child(_training_set, out, engine, not online, imports=["feature_repo.store"]), n)
+        if "training set" in stages:
+            record("training set", engine,
+                   in_child(_training_set, out, engine, not online, imports=["feature_repo.store"]), n)
     for how in epochs if "epoch" in stages else ():
         r = in_child(_epoch, out, how, epoch_batches, imports=["models.train"])
         record("epoch", how, r, r["rows"])
@@ -159,7 +160,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="where the logs are written (default: a temporary directory)")
     ap.add_argument("--json", type=Path, help="write every row here")
     args = ap.parse_args()
+    if "epoch" in args.stages and "training set" not in args.stages:
+        ap.error("the epoch trains on the training set: add 'training set' to --stages")
     rows: list[dict] = []
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mtlrec-scale-", dir=args.work) as tmp:
         for n in sorted(args.sizes):
             rows += measure(n, args.engines, args.spark_up_to, args.epoch, Path(tmp), tuple(args.stages),
