@@ -226,18 +226,17 @@ def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str, engi
     log.info("feature tables by %s", engine)
     tables_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, int] = {}  # tables an engine wrote to their files itself
+    activity_files = {name: tables_dir / f"{name}.parquet" for name in ("user_activity", "item_popularity")}
     if engine == "spark":
         from feature_repo.compute_spark import activity_spark, session
 
-        user_activity, item_popularity = activity_spark(
-            session(tables_dir.parent, store), log_path,
-            dataset_dir / contract.TABLES["items"].file if schema.has_category else None, day0, n_days,
-            declaration, tables_dir.parent / "spark_parts")
+        written = activity_spark(session(tables_dir.parent, store), log_path,
+                                 dataset_dir / contract.TABLES["items"].file if schema.has_category else None, day0,
+                                 n_days, declaration, tables_dir.parent / "spark_parts", activity_files)
+        user_activity = item_popularity = None
     elif engine == "duckdb":
         written = _activity_duckdb(log_path if inter is None else inter, items if schema.has_category else None,
-                                   day0, n_days, declaration, tables_dir.parent / "duckdb_tmp",
-                                   {name: tables_dir / f"{name}.parquet" for name in ("user_activity",
-                                                                                       "item_popularity")})
+                                   day0, n_days, declaration, tables_dir.parent / "duckdb_tmp", activity_files)
         user_activity = item_popularity = None
     elif engine == "numpy":
         if inter is None:

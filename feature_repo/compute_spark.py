@@ -7,7 +7,7 @@ construction; the tests compare the outputs row for row. Spark reads the
 log's parquet itself (every executor must see the dataset's path, as with
 the Spark offline store), partitions the running sums by entity, and writes
 the result as parquet parts; only the (much smaller) aggregate table comes
-back to this process.
+back to this process, a row group at a time, into the table's file.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from feature_repo.compute_sql import SPARK, activity_query, category_names, category_names_query
+from feature_repo.compute_sql import SPARK, timestamped_batch, activity_query, category_names, category_names_query
 from models import contract
 from models.declaration import Declaration
 
@@ -42,8 +43,9 @@ def session(workspace: Path, settings=None):
 
 
 def activity_spark(spark, interactions: Path, items: Path | None, day0: pd.Timestamp, n_days: int,
-                   declaration: Declaration, scratch: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Both activity tables, as ``compute._activity`` writes them, computed by ``spark`` from the parquet files.
+                   declaration: Declaration, scratch: Path, out: dict[str, Path]) -> dict[str, int]:
+    """Both activity tables, as ``compute._activity`` writes them, computed by ``spark`` from the parquet files
+    and written to ``out`` (``user_activity``, ``item_popularity``: file); returns their row counts.
 
     ``items`` given: the user table carries the top category. ``scratch``: where Spark writes its parts (a
     path every executor can write; removed afterwards).
@@ -61,27 +63,41 @@ def activity_spark(spark, interactions: Path, items: Path | None, day0: pd.Times
     if items is not None:
         spark.read.parquet(str(items)).select("item_id", "category").createOrReplaceTempView("mtlrec_items")
         names = category_names(r[0] for r in spark.sql(category_names_query("mtlrec_items", SPARK)).collect())
-    out = []
-    for key, prefix, cats in (("user_id", "user", "mtlrec_items" if items is not None else None),
-                              ("item_id", "item", None)):
+    rows = {}
+    for name, key, prefix, cats in (("user_activity", "user_id", "user",
+                                     "mtlrec_items" if items is not None else None),
+                                    ("item_popularity", "item_id", "item", None)):
         query = activity_query(None, "mtlrec_interactions", key, prefix, day0, n_days, declaration, cats,
                                sql=SPARK, names=names)
-        out.append(_collect(spark.sql(query).orderBy(key, "snapshot"), Path(scratch) / prefix, day0))
-    return out[0], out[1]
+        rows[name] = _collect(spark.sql(query).orderBy(key, "snapshot"), Path(scratch) / prefix, day0, out[name])
+    return rows
 
 
-def _collect(frame, where: Path, day0: pd.Timestamp) -> pd.DataFrame:
-    """The sorted result through parquet parts (read back in part order, which is the sort's order)."""
+def _collect(frame, where: Path, day0: pd.Timestamp, path: Path) -> int:
+    """The sorted result through parquet parts, copied into one file a row group at a time in part order (the
+    sort's order): the driver never holds the table. Returns its rows."""
     shutil.rmtree(where, ignore_errors=True)
     frame.write.mode("overwrite").parquet(str(where))
-    parts = sorted(where.glob("part-*.parquet"))
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    rows, writer = 0, None
     try:
-        if parts:
-            df = pq.ParquetDataset([str(p) for p in parts]).read().to_pandas(self_destruct=True)
-        else:  # an empty result writes no part with rows; its schema comes from the frame
-            df = frame.limit(0).toPandas()
+        for part in sorted(where.glob("part-*.parquet")):
+            pf = pq.ParquetFile(part)
+            for group in range(pf.num_row_groups):
+                for batch in pf.read_row_group(group).to_batches():
+                    table = timestamped_batch(batch, day0)
+                    if writer is None:
+                        writer = pq.ParquetWriter(partial, table.schema)
+                    writer.write_table(table)
+                    rows += table.num_rows
+        if writer is None:  # an empty result writes no part with rows; its schema comes from the frame
+            empty = pa.Schema.from_pandas(frame.limit(0).toPandas(), preserve_index=False)
+            writer = pq.ParquetWriter(partial, timestamped_batch(pa.RecordBatch.from_pylist([], schema=empty),
+                                                                  day0).schema)
     finally:
+        if writer is not None:
+            writer.close()
         shutil.rmtree(where, ignore_errors=True)
-    snap = df.pop("snapshot").to_numpy()
-    df.insert(1, "event_timestamp", day0 + pd.to_timedelta(snap, unit="D"))
-    return df
+    partial.replace(path)
+    return rows

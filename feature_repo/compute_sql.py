@@ -263,9 +263,13 @@ def _keep_order_setting(con: duckdb.DuckDBPyConnection):
     return lambda: con.execute(f"SET preserve_insertion_order = {bool(keep)}")
 
 
-def _timestamped_batch(batch: pa.RecordBatch, day0: pd.Timestamp) -> pa.Table:
-    """``snapshot`` (days after ``day0``) replaced by ``event_timestamp`` (microseconds, UTC), second column."""
-    t = pa.Table.from_batches([batch])
+def timestamped_batch(batch: pa.RecordBatch, day0: pd.Timestamp) -> pa.Table:
+    """``snapshot`` (days after ``day0``) replaced by ``event_timestamp`` (microseconds, UTC), second column.
+
+    The source's schema metadata is dropped: a batch read from Spark's parts carries Spark's own schema in
+    it (``org.apache.spark.sql.parquet.row.metadata``), and Spark trusts that over the file's columns, so it
+    would read the written table back with ``snapshot`` in it."""
+    t = pa.Table.from_batches([batch]).replace_schema_metadata(None)
     day0_us = int(day0.value // 1000)
     us = pc.add(pc.multiply(t.column("snapshot").cast(pa.int64()), US_PER_DAY), day0_us)
     t = t.drop_columns(["snapshot"])
@@ -306,14 +310,14 @@ def activity_to_parquet(con: duckdb.DuckDBPyConnection, source: str | Path, key:
         writer = None
         try:
             for batch in reader:
-                table = _timestamped_batch(batch, day0)
+                table = timestamped_batch(batch, day0)
                 if writer is None:
                     writer = pq.ParquetWriter(partial, table.schema)
                 writer.write_table(table)
                 rows += table.num_rows
             if writer is None:  # no rows: the file still carries the columns
                 empty = pa.RecordBatch.from_pylist([], schema=reader.schema)
-                writer = pq.ParquetWriter(partial, _timestamped_batch(empty, day0).schema)
+                writer = pq.ParquetWriter(partial, timestamped_batch(empty, day0).schema)
         finally:
             if writer is not None:
                 writer.close()

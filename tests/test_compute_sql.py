@@ -203,14 +203,25 @@ def assert_same_spark(spark, inter: pd.DataFrame, items: pd.DataFrame, declarati
     assert str(pq.read_schema(tmp_path / "inter.parquet").field(contract.TIMESTAMP).type.unit) == "ns"
     day0 = inter[contract.TIMESTAMP].min().floor("D")
     n_days = int((inter[contract.TIMESTAMP].max() - day0) // compute.DAY) + 1
-    user, item = activity_spark(spark, tmp_path / "inter.parquet",
-                                tmp_path / "items.parquet" if with_categories else None, day0, n_days, declaration,
-                                tmp_path / "parts")
+    files = {"user_activity": tmp_path / "user.parquet", "item_popularity": tmp_path / "item.parquet"}
+    # Several sorted parts, as on a cluster (small data is otherwise coalesced into one): their order is the rows'.
+    spark.conf.set("spark.sql.adaptive.coalescePartitions.enabled", "false")
+    try:
+        rows = activity_spark(spark, tmp_path / "inter.parquet",
+                              tmp_path / "items.parquet" if with_categories else None, day0, n_days, declaration,
+                              tmp_path / "parts", files)
+    finally:
+        spark.conf.unset("spark.sql.adaptive.coalescePartitions.enabled")
+    user, item = (pd.read_parquet(files[name]) for name in ("user_activity", "item_popularity"))
+    assert rows == {"user_activity": len(user), "item_popularity": len(item)}
+    for path in files.values():  # Spark (Feast's Spark store) reads the table as written, not as its parts were
+        assert spark.read.parquet(str(path)).columns == pq.read_schema(path).names
     categories = None
     if with_categories:
         categories = inter["item_id"].astype(str).map(items.set_index(items["item_id"].astype(str))["category"])
     for got, key, prefix, cats in ((user, "user_id", "user", categories), (item, "item_id", "item", None)):
         want = compute._activity(inter, key, prefix, day0, n_days, declaration, categories=cats)
+        want = want.assign(event_timestamp=want["event_timestamp"].astype("datetime64[us, UTC]"))  # as written
         pd.testing.assert_frame_equal(got, want, check_exact=True)
     return {"user_id": user, "item_id": item}
 
