@@ -28,6 +28,7 @@ linear, above 1 is faster than linear.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -110,8 +111,12 @@ STAGES = ("generate", "validate", "features", "online", "training set", "epoch")
 
 def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], work: Path,
             stages: tuple[str, ...] = STAGES, feature_engines: tuple[str, ...] = ("auto",),
-            epoch_batches: int | None = None) -> list[dict]:
+            epoch_batches: int | None = None, keep: bool = False) -> list[dict]:
+    """``keep``: the dataset stays in ``work`` after the run, and a stage left out of ``stages`` reuses what an
+    earlier run there left (a failed late stage is rerun without the hour of generation and features)."""
     out = str(work / f"data-{n}")
+    if keep and "generate" not in stages and not Path(out).is_dir():
+        raise SystemExit(f"{out} does not exist: run the generate stage first")
     rows = []
 
     def record(stage: str, engine: str, r: dict, count: int) -> None:
@@ -120,10 +125,11 @@ def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], wor
                      "peak_mb": round(r["tree_peak_mb"]), **({"passed": r["passed"]} if "passed" in r else {})})
         print(json.dumps(rows[-1]), flush=True)
 
-    record("generate", "-", in_child(generate_log, out, n, imports=["flows.data.synth"]), n)
+    if "generate" in stages:
+        record("generate", "-", in_child(generate_log, out, n, imports=["flows.data.synth"]), n)
     if "validate" in stages:
         record("validate", "-", in_child(_validate, out, imports=["flows.validation.run"]), n)
-    for i, engine in enumerate(feature_engines):
+    for i, engine in enumerate(feature_engines if "features" in stages else ()):
         if engine != "spark" or n <= spark_up_to or i == 0:
             record("features", engine, in_child(_features, out, engine, i == 0, imports=["feature_repo.compute"]), n)
     for engine in engines if {"online", "training set"} & set(stages) else ():
@@ -139,7 +145,8 @@ def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], wor
     for how in epochs if "epoch" in stages else ():
         r = in_child(_epoch, out, how, epoch_batches, imports=["models.train"])
         record("epoch", how, r, r["rows"])
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     return rows
 
 
@@ -151,24 +158,31 @@ def main() -> None:
     ap.add_argument("--epoch", nargs="+", default=["resident", "streamed"], choices=["resident", "streamed"],
                     help="the epoch from the table in memory, streamed from its row groups, or both")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
-                    help="stages to measure (generate, features and training set always run; without online, "
-                         "the training set's process registers the definitions itself)")
+                    help="stages to run and measure (each needs the ones before it, or a --keep run's data; "
+                         "without online, the training set's process registers the definitions itself)")
     ap.add_argument("--epoch-batches", type=int, help="train the epoch on its first N batches only (a log too "
                     "large for a whole epoch here); the split, the validation and the test scoring still run")
     ap.add_argument("--feature-engines", nargs="+", default=["auto"], choices=["auto", "numpy", "duckdb", "spark"],
                     help="what computes the aggregates; the first one's tables feed the later stages")
     ap.add_argument("--work", type=Path, help="where the logs are written (default: a temporary directory)")
     ap.add_argument("--json", type=Path, help="write every row here")
+    ap.add_argument("--keep", action="store_true", help="keep each size's dataset in --work (data-N), and let "
+                    "--stages leave out stages an earlier --keep run there has done")
     args = ap.parse_args()
-    if "epoch" in args.stages and "training set" not in args.stages:
-        ap.error("the epoch trains on the training set: add 'training set' to --stages")
+    if args.keep and not args.work:
+        ap.error("--keep needs --work")
+    if not args.keep:
+        for stage, before in (("features", "generate"), ("training set", "features"), ("epoch", "training set")):
+            if stage in args.stages and before not in args.stages:
+                ap.error(f"{stage} needs {before} in --stages (or the data of an earlier --keep run)")
     rows: list[dict] = []
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="mtlrec-scale-", dir=args.work) as tmp:
+    with (contextlib.nullcontext(str(args.work)) if args.keep
+          else tempfile.TemporaryDirectory(prefix="mtlrec-scale-", dir=args.work)) as tmp:
         for n in sorted(args.sizes):
             rows += measure(n, args.engines, args.spark_up_to, args.epoch, Path(tmp), tuple(args.stages),
-                            tuple(args.feature_engines), args.epoch_batches)
+                            tuple(args.feature_engines), args.epoch_batches, args.keep)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print()

@@ -142,6 +142,10 @@ def _load_sorted(con, chunks: Iterable[pd.DataFrame], order: list[str]) -> None:
     if start == 0:
         raise ValueError("the impression log is empty")
     keys = ", ".join(_quote(c) for c in [*order, seq])
-    con.execute(f"CREATE TABLE entities AS SELECT * EXCLUDE ({seq}), "
-                f"row_number() OVER (ORDER BY {keys}) - 1 AS {ROW} FROM log")
+    # A sorted copy numbered by its rowid, not row_number() OVER (ORDER BY ...): that window is one partition
+    # of the whole log, which DuckDB holds in memory (out of memory at 100M rows under a 4 GB limit), where
+    # ORDER BY sorts out of core; a table created in order keeps it (insertion order is preserved).
+    con.execute("SET preserve_insertion_order = true")
+    con.execute(f"CREATE TABLE sorted_log AS SELECT * EXCLUDE ({seq}) FROM log ORDER BY {keys}")
     con.execute("DROP TABLE log")
+    con.execute(f"CREATE VIEW entities AS SELECT *, rowid AS {ROW} FROM sorted_log")
