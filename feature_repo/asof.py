@@ -29,6 +29,7 @@ import pandas as pd
 from feature_repo.schema import FEATURE_SERVICE
 from models import contract
 
+RANGE_ROWS = 10_000_000  # impressions joined per query: bounds the output sort's memory and spill
 ROW = "__mtlrec_row"  # the impression's place in the sorted log, so the output keeps Feast's order exactly
 
 
@@ -69,7 +70,8 @@ def _view_sql(i: int, view, projection, entity_ts: str) -> tuple[str, list[str]]
 
 
 def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame], chunk_rows: int = 250_000,
-                           memory_limit: str | None = None, order: list[str] | None = None) -> Iterator[pd.DataFrame]:
+                           memory_limit: str | None = None, order: list[str] | None = None,
+                           range_rows: int = RANGE_ROWS) -> Iterator[pd.DataFrame]:
     """The same chunks as Feast's retrieval in ``store.iter_training_set``, computed by DuckDB.
 
     ``entities``: the impression log as Feast's entity frame (``store.entity_frame``), sorted as the
@@ -77,11 +79,13 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
     iterable of such frames in the log's order: they go into an on-disk DuckDB table one at a time, and
     DuckDB sorts them by ``order`` (ties in log order, as pandas' stable sort keeps them), spilling.
 
+    ``range_rows``: impressions joined per query (at least ``chunk_rows``); each query re-reads the feature
+    tables, and its output sort holds (or spills) only that range.
+
     ``memory_limit`` (DuckDB's, e.g. ``"4GB"``; default ``compute_sql.memory_limit()``) bounds the join;
     beyond it DuckDB spills to ``duckdb_tmp`` in the store's directory instead of failing.
     """
     import duckdb
-    import pyarrow as pa
 
     from feature_repo.compute_sql import memory_limit as default_memory_limit
 
@@ -108,23 +112,35 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
             clause, cols = _view_sql(i, view, projection, _quote(contract.TIMESTAMP))
             joins.append(clause)
             selected += cols
-        query = f"SELECT e.*, {', '.join(selected)} FROM entities e {' '.join(joins)} ORDER BY e.{ROW}"
-        reader = con.execute(query).fetch_record_batch(chunk_rows)
-        for record_batch in reader:
-            table = pa.Table.from_batches([record_batch]).drop_columns([ROW])
-            for odfv in odfvs:
-                out = odfv.transform_arrow(table, False)
-                for col in out.column_names:
-                    if not col.startswith("__index") and col not in table.column_names:
-                        table = table.append_column(col, out[col])
-            part = table.to_pandas()
-            part[contract.TIMESTAMP] = pd.to_datetime(part[contract.TIMESTAMP], utc=True)
-            yield part
+        (total,) = con.execute("SELECT count(*) FROM entities").fetchone()
+        for lo in range(0, total, max(range_rows, chunk_rows)):
+            # A range of impressions at a time: the sort that restores the log's order then holds (and spills)
+            # one range's joined rows, not the whole training set's (tens of GB at 100M impressions).
+            hi = lo + max(range_rows, chunk_rows)
+            query = (f"SELECT e.*, {', '.join(selected)} FROM (SELECT * FROM entities WHERE {ROW} >= {lo} "
+                     f"AND {ROW} < {hi}) e {' '.join(joins)} ORDER BY e.{ROW}")
+            yield from _chunks(con.execute(query).fetch_record_batch(chunk_rows), odfvs)
     finally:
         con.close()
         if on_disk:
             for leftover in (database, database.with_name(database.name + ".wal")):
                 leftover.unlink(missing_ok=True)
+
+
+def _chunks(reader, odfvs) -> Iterator[pd.DataFrame]:
+    """The joined record batches as the training set's frames, with the on-demand views' columns added."""
+    import pyarrow as pa
+
+    for record_batch in reader:
+        table = pa.Table.from_batches([record_batch]).drop_columns([ROW])
+        for odfv in odfvs:
+            out = odfv.transform_arrow(table, False)
+            for col in out.column_names:
+                if not col.startswith("__index") and col not in table.column_names:
+                    table = table.append_column(col, out[col])
+        part = table.to_pandas()
+        part[contract.TIMESTAMP] = pd.to_datetime(part[contract.TIMESTAMP], utc=True)
+        yield part
 
 
 def _load_sorted(con, chunks: Iterable[pd.DataFrame], order: list[str]) -> None:

@@ -83,6 +83,15 @@ def test_the_log_read_a_batch_at_a_time_gives_the_same_training_set(built):
     pd.testing.assert_frame_equal(from_frame, pd.read_parquet(summary["training_file"]))
     pd.testing.assert_frame_equal(fstore.training_set(store, out, chunk_rows=700, join="asof"), from_frame)
     assert not list((Path(store.repo_path) / "duckdb_tmp").glob("entities-*"))  # its scratch database removed
+    # Joined a range of impressions per query (as at 100M, where one query's output sort filled the disk):
+    # ranges of 1,000 of the sorted log, read back in chunks of 700 that straddle them, the same rows in order.
+    from feature_repo.asof import iter_asof_training_set
+    from feature_repo.store import entity_frame, log_chunks
+
+    ranged = pd.concat(iter_asof_training_set(store, (entity_frame(c) for c in log_chunks(out, 700)), chunk_rows=700,
+                                              order=[contract.TIMESTAMP, "user_id", "item_id"], range_rows=1000),
+                       ignore_index=True)
+    pd.testing.assert_frame_equal(ranged, from_frame)
     # Ties: impressions sharing a timestamp (other users), and repeats of the same keys with other labels.
     raw = contract.load_dataset(out)["interactions"]
     same_time = raw.sample(300, random_state=4).assign(user_id=lambda d: d["user_id"].sample(frac=1, random_state=5)
