@@ -113,12 +113,12 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
             joins.append(clause)
             selected += cols
         (total,) = con.execute("SELECT count(*) FROM entities").fetchone()
-        for lo in range(0, total, max(range_rows, chunk_rows)):
+        step = max(range_rows, chunk_rows)
+        for lo in range(0, total, step):
             # A range of impressions at a time: the sort that restores the log's order then holds (and spills)
             # one range's joined rows, not the whole training set's (tens of GB at 100M impressions).
-            hi = lo + max(range_rows, chunk_rows)
             query = (f"SELECT e.*, {', '.join(selected)} FROM (SELECT * FROM entities WHERE {ROW} >= {lo} "
-                     f"AND {ROW} < {hi}) e {' '.join(joins)} ORDER BY e.{ROW}")
+                     f"AND {ROW} < {lo + step}) e {' '.join(joins)} ORDER BY e.{ROW}")
             yield from _chunks(con.execute(query).fetch_record_batch(chunk_rows), odfvs)
     finally:
         con.close()
