@@ -208,7 +208,10 @@ def activity_query(con: duckdb.DuckDBPyConnection | None, source: str | Path, ke
                 f"LEFT JOIN (VALUES {codes}) AS codes(name, code) "
                 f"ON name = coalesce(CAST(category AS {sql.string}), 'None')) cat "
                 f"ON cat.k = CAST(src.item_id AS {sql.string})")
-        best = f"coalesce((min({sql.struct(n='-{0}', cat='cat')}) FILTER (WHERE {{0}} > 0)).cat, 0)"
+        # The most positives, ties to the smallest code, as one integer: -n * S + code has its minimum there.
+        # A fixed-size aggregate, which DuckDB spills; a struct's min held its states outside the memory limit.
+        S = len(names)
+        best = (f"coalesce(((min(-{{0}} * {S} + cat) FILTER (WHERE {{0}} > 0)) % {S} + {S}) % {S}, 0)")
         ctes = [
             f"pos AS (SELECT k, cat, d, count(*) AS n FROM src WHERE m{primary} > 0 GROUP BY k, cat, d)",
             f"tsnap AS (SELECT DISTINCT k, d + 1 + o AS s FROM pos, (VALUES (0), ({TOP_WINDOW})) AS offsets(o))",
