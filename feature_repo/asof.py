@@ -119,7 +119,9 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
             # one range's joined rows, not the whole training set's (tens of GB at 100M impressions).
             query = (f"SELECT e.*, {', '.join(selected)} FROM (SELECT * FROM entities WHERE {ROW} >= {lo} "
                      f"AND {ROW} < {lo + step}) e {' '.join(joins)} ORDER BY e.{ROW}")
-            yield from _chunks(con.execute(query).fetch_record_batch(chunk_rows), odfvs)
+            # Streamed (``sql``), not materialised (``execute``): a materialised result stays pinned in DuckDB's
+            # memory whole, out of memory at 10M rows under a 1 GB limit, where the sort behind it spills.
+            yield from _chunks(con.sql(query).fetch_arrow_reader(chunk_rows), odfvs)
     finally:
         con.close()
         if on_disk:
