@@ -120,7 +120,7 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
             query = (f"SELECT e.*, {', '.join(selected)} FROM (SELECT * FROM entities WHERE {ROW} >= {lo} "
                      f"AND {ROW} < {lo + step}) e {' '.join(joins)} ORDER BY e.{ROW}")
             # Streamed (``sql``), not materialised (``execute``): a materialised result stays pinned in DuckDB's
-            # memory whole, out of memory at 10M rows under a 1 GB limit, where the sort behind it spills.
+            # memory whole, out of memory at 10M rows under a 2 GB limit, where the sort behind it spills.
             yield from _chunks(con.sql(query).fetch_arrow_reader(chunk_rows), odfvs)
     finally:
         con.close()

@@ -91,9 +91,6 @@ class Dialect:
     def truncated(self, expr: str) -> str:  # toward zero, as numpy's astype(int64); DuckDB's CAST rounds
         return f"CAST(trunc({expr}) AS BIGINT)"
 
-    def struct(self, **fields: str) -> str:
-        return "struct_pack(" + ", ".join(f"{k} := {v}" for k, v in fields.items()) + ")"
-
     def pick(self, names: list[str], code: str) -> str:  # names[code], 0-based
         return f"[{', '.join(self.literal(n) for n in names)}][{code} + 1]"
 
@@ -125,9 +122,6 @@ class SparkDialect(Dialect):
 
     def truncated(self, expr: str) -> str:  # Spark's CAST truncates
         return f"CAST({expr} AS BIGINT)"
-
-    def struct(self, **fields: str) -> str:
-        return "named_struct(" + ", ".join(f"'{k}', {v}" for k, v in fields.items()) + ")"
 
     def pick(self, names: list[str], code: str) -> str:
         return f"element_at(array({', '.join(self.literal(n) for n in names)}), CAST({code} + 1 AS INT))"
