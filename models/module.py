@@ -85,8 +85,11 @@ class MTLModule(L.LightningModule):
             loss = (self.balancer.weights() * losses).sum().detach() + extra.detach()
         self._epoch_losses.append(losses.detach())
         weights = self.balancer.weights()
+        # A balancer may leave a non-finite task loss out of its sum (FAMO does), which would hide a diverged
+        # model from the non-finite check on train/loss: logged, any task's NaN or inf shows. No host sync.
+        logged = torch.where(torch.isfinite(losses).all(), loss.detach(), losses.detach().sum())
         # No prog_bar on a step value: Lightning would call .item() on it every step (a device sync on a GPU).
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True)
+        self.log("train/loss", logged, on_step=True, on_epoch=True)
         self.log_dict({f"train/loss_{t.name}": losses[j].detach() for j, t in enumerate(self.tasks)}, on_step=True)
         self.log_dict({f"weight/{t.name}": weights[j] for j, t in enumerate(self.tasks)}, on_step=True)
         return loss if self.automatic_optimization else None

@@ -27,8 +27,8 @@ def test_benchmark_writes_table_and_plots(tmp_path):
     assert set(sections) == {"rerank", "unshown-99", "catalogue"} == set(report["summaries"])
     for name, text in sections.items():
         header = next(line for line in text.splitlines() if line.startswith("| metric"))
-        assert "popularity" in header and "oracle" in header and "mmoe+uncertainty" in header, name
-        assert "shared_bottom+uncertainty" in header and "| oracle_gap_share |" in text, name
+        assert "popularity" in header and "oracle" in header and "mmoe+famo" in header, name
+        assert "shared_bottom+famo" in header and "| oracle_gap_share |" in text, name
         rows = [line for line in text.splitlines() if line.startswith(("| ndcg@10", "| recall@50"))]
         assert len(rows) == 2 and all("**" in r and "±" in r for r in rows), name
         # The bold cell is the largest mean in its row, the oracle (a bound, not a contender) aside.

@@ -12,8 +12,9 @@ MMoE's tuned weights there earned the same as the declared ones within noise (se
 1.68129, 3.04154 vs 3.04154), a coin flip, not an effect. The simulator test below uses a world where
 the two disagree (``price_effect=3``: purchases fall steeply with price for price-sensitive users, clicks
 ignore it) and a purchase worth 20 clicks: the truth gains 6.9% there (9.7512 -> 10.4226), and the default
-recipe's MMoE, tuned, earned 8.1160 -> 8.4668 (+4.3%, seed 7), 10.0644 -> 10.1165 (+0.5%, seed 8) and
-7.1342 -> 7.3434 (+2.9%, seed 9) (2026-12-02, ``parent_gradient`` off; on, seed 7 gave 8.2749 -> 8.5759, +3.6%).
+recipe's MMoE, tuned, earned 8.2709 -> 8.6257 (+4.3%, seed 7, the FAMO balancer, the default since 2026-12-02).
+With uncertainty weighting, the earlier default: 8.1160 -> 8.4668 (+4.3%, seed 7), 10.0644 -> 10.1165 (+0.5%,
+seed 8) and 7.1342 -> 7.3434 (+2.9%, seed 9) (``parent_gradient`` off; on, seed 7 gave 8.2749 -> 8.5759, +3.6%).
 With 2 or 4 epochs of a small MMoE instead, tuning was as often worse as better: the purchase head must be
 trained to be worth weighting.
 """
