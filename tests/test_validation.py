@@ -281,6 +281,24 @@ def test_failure_line_gives_fraction_and_examples(dataset_copy):
     assert "1.00% of rows" in failure.line() and "'ghost'" in failure.line()
 
 
+def test_the_suite_does_not_grow_with_the_catalogue(clean_dataset):
+    """GX copies and serialises each expectation's configuration many times per chunk: a suite that held every
+    user id made a 100M log's validation (1M users, 50 chunks) grow with the square of the log."""
+    from flows.validation.suites import expectations_for
+
+    manifest = contract.Manifest.load(clean_dataset)
+    table = contract.tables_for(manifest.declaration)["interactions"]
+    df = contract.read_table(clean_dataset, "interactions")
+    sizes = []
+    for n in (10, 200_000):
+        keys = {"users": pd.Index(np.arange(n)), "items": pd.Index(np.arange(n))}
+        suite = expectations_for(table, df, manifest, pd.Timestamp.now(tz="UTC"), keys,
+                                 declaration=manifest.declaration)
+        assert any(e.meta["rule"] == "referential integrity" for e in suite)
+        sizes.append(len(str([e.configuration.to_json_dict() for e in suite])))
+    assert sizes[0] == sizes[1]
+
+
 def test_declared_nulls_within_max_null_rate_pass(dataset_copy):
     _declare(dataset_copy, change={"dwell": {"max_null_rate": 0.1}, "click": {"max_null_rate": 0.1}})
 

@@ -149,13 +149,15 @@ class _Judge:
         return self.batch.get_batch(batch_parameters={"dataframe": df})
 
 
-def _derive(name: str, df: pd.DataFrame, declaration) -> None:
-    from flows.validation.suites import derive_implication_columns, derive_timestamp_columns
+def _derive(name: str, df: pd.DataFrame, declaration, key_sets: dict[str, pd.Index]) -> None:
+    from flows.validation.suites import (derive_implication_columns, derive_timestamp_columns,
+                                         derive_unknown_key_columns)
 
     if contract.TIMESTAMP in df:
         derive_timestamp_columns(df)
     if name == "interactions":
         derive_implication_columns(df, declaration)
+        derive_unknown_key_columns(df, key_sets)
 
 
 def _failures(name: str, table: contract.Table, results: list) -> list[Failure]:
@@ -231,7 +233,7 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
             continue
         report.rows[name] = len(frames[name])
 
-    key_sets = {ref: frames[ref][tables[ref].key].dropna().unique().tolist()
+    key_sets = {ref: pd.Index(frames[ref][tables[ref].key].dropna().unique())
                 for ref in ("users", "items") if ref in frames and tables[ref].key in frames[ref]}
     for name, df in frames.items():
         undeclared = sorted(set(df.columns) - {c.name for c in tables[name].columns})
@@ -254,12 +256,12 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
                                     declaration=declaration)
 
         if not isinstance(df, chunks.Chunked):
-            _derive(name, df, declaration)
+            _derive(name, df, declaration, key_sets)
             results = _Judge(ctx, source, name, expectations(df))(df)
         else:
             try:
-                results = chunks.validate(df, lambda c, name=name: _derive(name, c, declaration), expectations,
-                                          lambda exps, name=name: _Judge(ctx, source, name, exps))
+                results = chunks.validate(df, lambda c, name=name: _derive(name, c, declaration, key_sets),
+                                          expectations, lambda exps, name=name: _Judge(ctx, source, name, exps))
             except (OSError, pa.ArrowException) as exc:  # a chunk that cannot be read, as a whole read would say
                 report.failures.append(Failure(name, "-", "table readable", 1.0, [],
                                                f"{type(exc).__name__}: {exc}"))

@@ -50,6 +50,28 @@ def derive_timestamp_columns(df: pd.DataFrame, column: str = contract.TIMESTAMP)
     df[TS_UNPARSEABLE] = raw.where(raw.notna() & parsed.isna()).astype(object) if parsed.isna().any() else None
 
 
+REFERENCES = (("users", "user_id"), ("items", "item_id"))  # (the table a key must be in, the key)
+
+
+def unknown_key_column(key: str, ref: str) -> str:
+    return f"__{key}_not_in_{ref}"
+
+
+def derive_unknown_key_columns(df: pd.DataFrame, key_sets: dict[str, pd.Index]) -> None:
+    """For each key: the values not found in its table (null elsewhere; must be all null).
+
+    Not GX's value-set rule: GX copies and serialises an expectation's configuration many times per
+    validation, so a value set of a million user ids made every chunk cost time in proportion to the
+    users, and a log's validation grow with its square (10M: 253 s; 100M: over 2 hours, unfinished).
+    A hashed ``isin`` here is linear, and the report's examples are the unknown ids, as before.
+    """
+    for ref, key in REFERENCES:
+        if key in df and key_sets.get(ref) is not None:
+            values = df[key]
+            bad = values.notna() & ~values.isin(key_sets[ref])
+            df[unknown_key_column(key, ref)] = values.astype(object).where(bad, None)
+
+
 def implication_column(child: str, parent: str) -> str:
     return f"__{child}_where_{parent}_is_0"
 
@@ -74,7 +96,7 @@ def derive_implication_columns(df: pd.DataFrame, declaration: Declaration | None
 
 
 def expectations_for(table: contract.Table, df: pd.DataFrame, manifest: contract.Manifest | None,
-                     now: pd.Timestamp, key_sets: dict[str, list] | None = None,
+                     now: pd.Timestamp, key_sets: dict[str, pd.Index] | None = None,
                      declaration: Declaration | None = None) -> list:
     """The expectations for one table as it was found (rules for absent optional columns are skipped)."""
     out = [E.ExpectTableRowCountToBeBetween(min_value=table.min_rows, meta=_meta("row count", None))]
@@ -101,10 +123,10 @@ def expectations_for(table: contract.Table, df: pd.DataFrame, manifest: contract
             else:
                 out.append(E.ExpectColumnValuesToBeNull(column=implication_column(t.column, parent.column),
                                                         meta=_meta(f"{rule} (0 where {parent.name} is 0)", t.column)))
-        for ref, key in (("users", "user_id"), ("items", "item_id")):
+        for ref, key in REFERENCES:
             if key in present and key_sets and key_sets.get(ref) is not None:
-                out.append(E.ExpectColumnValuesToBeInSet(column=key, value_set=key_sets[ref],
-                                                         meta=_meta("referential integrity", key)))
+                out.append(E.ExpectColumnValuesToBeNull(column=unknown_key_column(key, ref),
+                                                        meta=_meta("referential integrity", key)))
     if contract.TIMESTAMP in present:
         out.append(E.ExpectColumnValuesToBeBetween(column=TS_SECONDS, max_value=now.timestamp(),
                                                    meta=_meta("timestamp not in future", contract.TIMESTAMP)))
