@@ -69,7 +69,8 @@ def derive_unknown_key_columns(df: pd.DataFrame, key_sets: dict[str, pd.Index]) 
         if key in df and key_sets.get(ref) is not None:
             values = df[key]
             bad = values.notna() & ~values.isin(key_sets[ref])
-            df[unknown_key_column(key, ref)] = values.astype(object).where(bad, None)
+            # nothing unknown (the usual case): a column of None, not an object copy of every id
+            df[unknown_key_column(key, ref)] = values.astype(object).where(bad, None) if bad.any() else None
 
 
 def implication_column(child: str, parent: str) -> str:
