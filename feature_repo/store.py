@@ -399,10 +399,8 @@ def iter_training_set(store, interactions: pd.DataFrame | Path, chunk_rows: int 
 
 def log_chunks(dataset: Path | str, chunk_rows: int):
     """The impression log of a dataset directory, a batch at a time, coerced as ``contract.load_dataset`` does."""
-    import pyarrow.parquet as pq
-
     path = Path(dataset) / contract.INTERACTIONS.file
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+    for batch in contract.parquet_batches(path, chunk_rows):
         yield contract.coerce_timestamps(batch.to_pandas())
 
 

@@ -293,6 +293,18 @@ def read_table(directory: Path | str, table: str, columns: list[str] | None = No
     return pd.read_parquet(path, columns=columns)
 
 
+def parquet_batches(path: Path | str, rows: int, columns: list[str] | None = None):
+    """A parquet file's record batches of ``rows`` rows, in file order, in memory bounded by one batch.
+
+    Not pre-buffered: with Arrow's default pre-buffering, ``iter_batches`` keeps what it read ahead of every
+    row group it has passed, so its allocations grew with the file (10M rows in 1M batches: 137 -> 229 MB
+    of Arrow memory; a 100M log's validation and feature stage grew by gigabytes). Reading is as fast.
+    """
+    import pyarrow.parquet as pq
+
+    yield from pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows, columns=columns)
+
+
 def coerce_timestamps(df: pd.DataFrame, column: str = TIMESTAMP) -> pd.DataFrame:
     """Timestamps may arrive as ISO strings, naive or nanosecond datetimes; downstream wants UTC microseconds.
 

@@ -158,3 +158,26 @@ def test_a_big_table_is_never_read_whole(planted, tmp_path, monkeypatch):
     batches.clear()
     assert validate_dataset(clean, chunk_rows=2000, docs_dir=tmp_path / "docs2").success
     assert sum(n for _, n in batches) == 2850 and len(whole_reads) == 2  # users and items fit: read whole
+
+
+def test_reading_in_batches_holds_one_batch_not_the_file(tmp_path):
+    """Arrow's default pre-buffering keeps every row group's bytes it has read ahead until the file is done:
+    a 100M log's chunked validation and feature stage grew by gigabytes. Reading a batch at a time must hold
+    about one batch, whatever the file's size."""
+    import pyarrow as pa
+
+    n = 400_000
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"user_id": np.arange(n).astype(str), "dwell": rng.random(n),
+                       "click": rng.integers(0, 2, n).astype("int8")})
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, row_group_size=20_000)
+    del df
+    before = pa.total_allocated_bytes()
+    held, rows = [], 0
+    for batch in contract.parquet_batches(path, 15_000):  # batches straddle the row groups
+        held.append(pa.total_allocated_bytes() - before)
+        rows += batch.num_rows
+        del batch
+    assert rows == n
+    assert max(held) < path.stat().st_size / 2, (max(held), path.stat().st_size)

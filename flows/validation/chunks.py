@@ -34,6 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from great_expectations.core import ExpectationValidationResult
 
+from models import contract
+
 E = gx.expectations
 RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 5}
 TABLE_LEVEL = (E.ExpectTableRowCountToBeBetween, E.ExpectColumnUniqueValueCountToBeBetween,
@@ -69,7 +71,7 @@ class Chunked:
         return pd.read_parquet(self.path, columns=[column])[column]
 
     def chunks(self) -> Iterator[pd.DataFrame]:
-        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=self.chunk_rows):
+        for batch in contract.parquet_batches(self.path, self.chunk_rows):
             yield pa.Table.from_batches([batch]).to_pandas()
 
 
