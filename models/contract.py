@@ -298,7 +298,7 @@ def parquet_batches(path: Path | str, rows: int, columns: list[str] | None = Non
 
     Not pre-buffered: with Arrow's default pre-buffering, ``iter_batches`` keeps what it read ahead of every
     row group it has passed, so its allocations grew with the file (10M rows in 1M batches: 137 -> 229 MB
-    of Arrow memory; a 100M log's validation and feature stage grew by gigabytes). Reading is as fast.
+    of Arrow memory; a 100M log's validation and training set grew by gigabytes). Reading is as fast.
     """
     import pyarrow.parquet as pq
 

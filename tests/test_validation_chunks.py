@@ -162,7 +162,7 @@ def test_a_big_table_is_never_read_whole(planted, tmp_path, monkeypatch):
 
 def test_reading_in_batches_holds_one_batch_not_the_file(tmp_path):
     """Arrow's default pre-buffering keeps every row group's bytes it has read ahead until the file is done:
-    a 100M log's chunked validation and feature stage grew by gigabytes. Reading a batch at a time must hold
+    a 100M log's chunked validation and as-of training set grew by gigabytes. Reading a batch at a time must hold
     about one batch, whatever the file's size."""
     import pyarrow as pa
 
