@@ -19,6 +19,7 @@ Feast's ``transform_arrow``, as ``RetrievalJob.to_arrow`` runs them.
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Iterable, Iterator
@@ -69,15 +70,17 @@ def _view_sql(i: int, view, projection, entity_ts: str) -> tuple[str, list[str]]
     return clause, cols
 
 
-def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame], chunk_rows: int = 250_000,
-                           memory_limit: str | None = None, order: list[str] | None = None,
-                           range_rows: int = RANGE_ROWS) -> Iterator[pd.DataFrame]:
+def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame] | Path,
+                           chunk_rows: int = 250_000, memory_limit: str | None = None,
+                           order: list[str] | None = None, range_rows: int = RANGE_ROWS) -> Iterator[pd.DataFrame]:
     """The same chunks as Feast's retrieval in ``store.iter_training_set``, computed by DuckDB.
 
     ``entities``: the impression log as Feast's entity frame (``store.entity_frame``), sorted as the
     training set is to be; the output keeps that order exactly. Or, for a log larger than memory, an
     iterable of such frames in the log's order: they go into an on-disk DuckDB table one at a time, and
-    DuckDB sorts them by ``order`` (ties in log order, as pandas' stable sort keeps them), spilling.
+    DuckDB sorts them by ``order`` (ties in log order, as pandas' stable sort keeps them), spilling. Or the
+    log's parquet file itself, when ``log_select`` can read it: DuckDB makes the entity frame's columns as it
+    reads, and sorts only the joined rows, a range of timestamps at a time.
 
     ``range_rows``: impressions joined per query (at least ``chunk_rows``); each query re-reads the feature
     tables, and its output sort holds (or spills) only that range.
@@ -90,11 +93,13 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
     from feature_repo.compute_sql import memory_limit as default_memory_limit
 
     memory_limit = memory_limit or default_memory_limit()
+    order = order or [contract.TIMESTAMP]
 
     service = store.get_feature_service(FEATURE_SERVICE)
     batch, odfvs = _views(store, service)
     scratch = Path(store.repo_path) / "duckdb_tmp"
-    on_disk = not isinstance(entities, pd.DataFrame)
+    from_file = isinstance(entities, (str, Path))
+    on_disk = not from_file and not isinstance(entities, pd.DataFrame)
     database = scratch / f"entities-{os.getpid()}-{uuid.uuid4().hex[:8]}.duckdb"
     scratch.mkdir(parents=True, exist_ok=True)  # the on-disk entities, and a spill past memory_limit
     con = duckdb.connect(str(database) if on_disk else ":memory:")
@@ -103,8 +108,13 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
         if memory_limit:
             con.execute(f"SET memory_limit = '{memory_limit}'")
         con.execute(f"SET temp_directory = '{scratch}'")
-        if on_disk:
-            _load_sorted(con, entities, order or [contract.TIMESTAMP])
+        if from_file:
+            select = log_select(entities)
+            if select is None:
+                raise ValueError(f"{entities}: its timestamps need pandas' parsing; pass its entity frames")
+            con.execute(f"CREATE VIEW entities AS {select}")
+        elif on_disk:
+            _load_sorted(con, entities, order)
         else:
             con.register("entities", entities.assign(**{ROW: range(len(entities))}))
         joins, selected = [], []
@@ -114,11 +124,15 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
             selected += cols
         (total,) = con.execute("SELECT count(*) FROM entities").fetchone()
         step = max(range_rows, chunk_rows)
-        for lo in range(0, total, step):
+        if from_file:  # ranges of time, each sorted by the order and then the log's own (ties as pandas keeps them)
+            ranges, by = _time_ranges(con, total, step, order), ", ".join(f"e.{_quote(c)}" for c in [*order, ROW])
+        else:  # ranges of the sorted log's rows, already in order
+            ranges, by = [f"{ROW} >= {lo} AND {ROW} < {lo + step}" for lo in range(0, total, step)], f"e.{ROW}"
+        for where in ranges:
             # A range of impressions at a time: the sort that restores the log's order then holds (and spills)
             # one range's joined rows, not the whole training set's (tens of GB at 100M impressions).
-            query = (f"SELECT e.*, {', '.join(selected)} FROM (SELECT * FROM entities WHERE {ROW} >= {lo} "
-                     f"AND {ROW} < {lo + step}) e {' '.join(joins)} ORDER BY e.{ROW}")
+            query = (f"SELECT e.*, {', '.join(selected)} FROM (SELECT * FROM entities WHERE {where}) e "
+                     f"{' '.join(joins)} ORDER BY {by}")
             # Streamed (``sql``), not materialised (``execute``): a materialised result stays pinned in DuckDB's
             # memory whole, out of memory at 10M rows under a 2 GB limit, where the sort behind it spills.
             yield from _chunks(con.sql(query).fetch_arrow_reader(chunk_rows), odfvs)
@@ -127,6 +141,64 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
         if on_disk:
             for leftover in (database, database.with_name(database.name + ".wal")):
                 leftover.unlink(missing_ok=True)
+
+
+def log_select(path: Path | str) -> str | None:
+    """The entity frame (``store.entity_frame`` of ``contract.coerce_timestamps``) as a query over the log's
+    parquet, numbered in file order; None when the log's timestamps are not timestamps of at most microsecond
+    precision (strings, nanoseconds: those need pandas' parsing and flooring, as ``contract.coerce_timestamps``
+    does them) or a column is dictionary-encoded (pandas reads it back as a categorical, DuckDB as text).
+
+    Why: the log then never passes through pandas (string ids, epoch seconds), nor is it copied into DuckDB
+    and sorted whole before the join; DuckDB reads the file itself and sorts only each range's joined rows.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    names = set(schema.names)
+    if contract.TIMESTAMP not in names or {"request_ts", ROW, "file_row_number"} & names:
+        return None
+    if any(pa.types.is_dictionary(f.type) for f in schema):  # pandas categoricals: they stay categoricals
+        return None
+    ts_type = schema.field(contract.TIMESTAMP).type
+    if not pa.types.is_timestamp(ts_type) or ts_type.unit == "ns":
+        return None
+    ts = _quote(contract.TIMESTAMP)
+    stamp = f"CAST({ts} AS TIMESTAMPTZ)"  # a naive stamp is UTC (the session's zone), as pandas reads it
+    file = str(path).replace("'", "''")
+    return (f"SELECT * EXCLUDE (file_row_number) REPLACE (CAST(user_id AS VARCHAR) AS user_id, "
+            f"CAST(item_id AS VARCHAR) AS item_id, {stamp} AS {ts}), epoch_us({stamp}) / 1e6 AS request_ts, "
+            f"file_row_number AS {ROW} FROM read_parquet('{file}', file_row_number = true)")
+
+
+def _time_ranges(con, total: int, step: int, order: list[str]) -> list[str]:
+    """WHERE clauses splitting the entities into ranges of about ``step`` impressions, in the order's first key.
+
+    Bounded by approximate quantiles of the timestamps: the ranges need not be equal, only disjoint, in order,
+    and together everything; an impression's range depends on its timestamp alone, so ties stay together.
+    """
+    ts = _quote(contract.TIMESTAMP)
+    parts = math.ceil(total / step)
+    if parts <= 1 or order[0] != contract.TIMESTAMP:
+        return ["true"]
+    (approx,) = con.execute(f"SELECT approx_quantile({ts}, {[i / parts for i in range(1, parts)]}) "
+                            "FROM entities").fetchone()
+    approx = [f"TIMESTAMPTZ '{b.isoformat()}'" for b in approx if b is not None]
+    if not approx:
+        return ["true"]
+    # Each bound moved onto the first impression at or after it: a bound is then a stamp the log holds, so the
+    # impressions tied on it are what the test of ranges exercises, not a stamp between two.
+    snapped = con.execute(f"SELECT {', '.join(f'min({ts}) FILTER (WHERE {ts} >= {b})' for b in approx)} "
+                          "FROM entities").fetchone()
+    stamps = [f"TIMESTAMPTZ '{b.isoformat()}'" for b in sorted({b for b in snapped if b is not None})]
+    edges = [None, *stamps, None]
+    clauses = []
+    for lo, hi in zip(edges, edges[1:]):
+        cond = [*([f"{ts} >= {lo}"] if lo else []), *([f"{ts} < {hi}"] if hi else [])]
+        clauses.append(" AND ".join(cond) if cond else "true")
+    clauses[-1] = f"({clauses[-1]}) OR {ts} IS NULL"  # no impression dropped, even one the contract refuses
+    return clauses
 
 
 def _chunks(reader, odfvs) -> Iterator[pd.DataFrame]:

@@ -373,7 +373,8 @@ def iter_training_set(store, interactions: pd.DataFrame | Path, chunk_rows: int 
     the same Feast definitions and give the same rows.
 
     ``interactions``: the log as a frame, or a dataset directory to read it from. From a directory the
-    as-of join never holds the log in pandas: it passes to DuckDB a row group at a time (``log_chunks``).
+    as-of join never holds the log in pandas: DuckDB reads its parquet (``asof.log_select``), or, when its
+    timestamps need pandas' parsing, takes it a row group at a time (``log_chunks``).
     """
     from feature_repo.engines import engine_of
 
@@ -386,8 +387,12 @@ def iter_training_set(store, interactions: pd.DataFrame | Path, chunk_rows: int 
     from_disk = not isinstance(interactions, pd.DataFrame)
     if from_disk and join == "feast":  # Feast's retrieval takes frames
         interactions, from_disk = contract.load_dataset(interactions)["interactions"], False
-    if from_disk:  # the as-of join sorts the batches itself, on disk
-        entities = (entity_frame(part) for part in log_chunks(interactions, chunk_rows))
+    if from_disk:  # only the as-of join: DuckDB reads the log itself, or sorts its batches on disk
+        from feature_repo.asof import log_select
+
+        log = Path(interactions) / contract.INTERACTIONS.file
+        entities = log if log_select(log) is not None else (entity_frame(p) for p in log_chunks(interactions,
+                                                                                               chunk_rows))
     else:
         entities = entity_frame(interactions).sort_values(order, kind="stable", ignore_index=True)
     if join == "asof":

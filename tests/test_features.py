@@ -103,6 +103,41 @@ def test_the_log_read_a_batch_at_a_time_gives_the_same_training_set(built):
                                   fstore.training_set(store, tied, join="asof"))
 
 
+def test_the_log_file_read_by_duckdb_gives_the_same_training_set(built, tmp_path):
+    """From a directory DuckDB reads the log's parquet itself (``asof.log_select``) and sorts only the joined
+    rows, a range of timestamps per query; a log whose stamps need pandas' parsing takes the batch path. Each
+    gives the rows and order of the frame in memory: with ranges of 1,000 impressions, with ties across
+    users and keys, with naive stamps (UTC, as pandas reads them), and with ISO-string stamps."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from feature_repo.asof import iter_asof_training_set, log_select
+
+    out, _, _ = built
+    store = fstore.open_store(fstore.StoreSettings.for_dataset(out))
+    raw = contract.load_dataset(out)["interactions"]
+    same_time = raw.sample(300, random_state=4).assign(user_id=lambda d: d["user_id"].sample(frac=1, random_state=5)
+                                                       .to_numpy())
+    repeats = raw.sample(300, random_state=6).assign(click=lambda d: 1 - d["click"], purchase=0)
+    tied = pd.concat([repeats, raw, same_time], ignore_index=True)
+    expected = fstore.training_set(store, tied, join="asof")
+    log = tmp_path / "tied" / contract.INTERACTIONS.file
+    contract.write_table(tied, log.parent, "interactions")
+    assert log_select(log) is not None
+    order = [contract.TIMESTAMP, "user_id", "item_id"]
+    ranged = pd.concat(iter_asof_training_set(store, log, chunk_rows=700, order=order, range_rows=1000),
+                       ignore_index=True)
+    pd.testing.assert_frame_equal(ranged, expected)
+    for name, stamps in (("naive", tied[contract.TIMESTAMP].dt.tz_localize(None)),
+                         ("strings", tied[contract.TIMESTAMP].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))):
+        directory = tmp_path / name
+        directory.mkdir()
+        pq.write_table(pa.Table.from_pandas(tied.assign(**{contract.TIMESTAMP: stamps}), preserve_index=False),
+                       directory / contract.INTERACTIONS.file)
+        assert (log_select(directory / contract.INTERACTIONS.file) is None) == (name == "strings")
+        pd.testing.assert_frame_equal(fstore.training_set(store, directory, chunk_rows=700, join="asof"), expected)
+
+
 def _assert_no_leak(table: pd.DataFrame) -> None:
     """The planted user's three impressions (``_plant_leak``) see their own history only from the next day."""
     leak = table[table.user_id == "leaky"].sort_values(contract.TIMESTAMP)
