@@ -30,10 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.measure import generate_log, in_child, latency_ms
+from benchmarks.measure import generate_log, in_child, latency_ms, native_training_set
 
 
-def _compute(out: str):
+def _compute(out: str, online: bool = True):
+    """``online``: also materialise into the online store (the offline figures do not need it)."""
     from feature_repo.compute import compute_feature_tables
     from feature_repo.store import StoreSettings, apply, materialize, open_store
 
@@ -41,46 +42,22 @@ def _compute(out: str):
     rows = compute_feature_tables(s.dataset, s.tables)
     store = open_store(s)
     apply(store, s)
+    if not online:
+        return {"rows": rows, "materialize_s": None}
     t = time.perf_counter()
     materialize(store, s)
     return {"rows": rows, "materialize_s": time.perf_counter() - t}
 
 
 def _historical(out: str, join: str):
+    """From the dataset's directory, as the pipeline builds it: the as-of join then reads the log a batch at
+    a time (a whole 100M log in pandas would not fit this machine)."""
     from feature_repo.store import StoreSettings, open_store, training_metadata, write_training_set
-    from models import contract
 
     s = StoreSettings.for_dataset(out)
     path = s.training_file.with_name(f"training-{join}.parquet")
-    return {"training_rows": write_training_set(open_store(s), contract.load_dataset(out)["interactions"],
-                                                path, metadata=training_metadata(s), join=join)}
-
-
-def _native(out: str):
-    """The floor: the same ASOF JOINs straight from the log's parquet to a parquet file, in DuckDB alone (no
-    entity frame in pandas, no on-demand features, no Feast), so the training-set build has a yardstick."""
-    import duckdb
-
-    from feature_repo.asof import _quote, _view_sql, _views
-    from feature_repo.schema import FEATURE_SERVICE
-    from feature_repo.store import StoreSettings, open_store
-    from models import contract
-
-    s = StoreSettings.for_dataset(out)
-    store = open_store(s)
-    batch, _ = _views(store, store.get_feature_service(FEATURE_SERVICE))
-    joins, cols = [], []
-    for i, (view, projection) in enumerate(batch):
-        clause, selected = _view_sql(i, view, projection, _quote(contract.TIMESTAMP))
-        joins.append(clause)
-        cols += selected
-    log = Path(out) / contract.INTERACTIONS.file
-    dst = s.training_file.with_name("training-native.parquet")
-    con = duckdb.connect()
-    con.execute(f"COPY (SELECT e.*, {', '.join(cols)} FROM (SELECT * REPLACE (user_id::VARCHAR AS user_id, "
-                f"item_id::VARCHAR AS item_id) FROM read_parquet('{log}')) e {' '.join(joins)} "
-                f"ORDER BY e.{_quote(contract.TIMESTAMP)}, e.user_id, e.item_id) TO '{dst}' (FORMAT parquet)")
-    return {"rows": con.execute(f"SELECT count(*) FROM read_parquet('{dst}')").fetchone()[0]}
+    return {"training_rows": write_training_set(open_store(s), s.dataset, path, metadata=training_metadata(s),
+                                                join=join)}
 
 
 def _latency(fn, users, items, sizes, requests, rng) -> dict:
@@ -140,7 +117,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     ap.add_argument("--items", type=int, nargs="+", default=[100, 500, 1000])
     ap.add_argument("--requests", type=int, default=400)
-    ap.add_argument("--no-online", dest="online", action="store_false", help="offline figures only")
+    ap.add_argument("--no-online", dest="online", action="store_false",
+                    help="offline figures only (no materialisation, no online reads)")
     ap.add_argument("--feast-up-to", type=int, default=10_000_000,
                     help="run Feast's own join only up to this many impressions (319 s at 10M)")
     args = ap.parse_args()
@@ -149,9 +127,9 @@ def main() -> None:
         for i, n in enumerate(sorted(args.sizes)):
             out = str(Path(tmp) / f"d{n}")
             in_child(generate_log, out, n)
-            c = in_child(_compute, out)
+            c = in_child(_compute, out, args.online)
             row = {"impressions": n, "compute_s": c["rows"]["seconds"], "materialize_s": c["materialize_s"]}
-            native = in_child(_native, out, imports=("duckdb",))
+            native = in_child(native_training_set, out, imports=("duckdb",))
             row.update({"native_s": native["seconds"], "native_peak_mb": native["peak_mb"]})
             for join in ("asof", "feast"):
                 if join == "feast" and n > args.feast_up_to:
@@ -176,7 +154,8 @@ def main() -> None:
     for r in offline:
         feast = (f"{r['feast_s']:>8.1f} {r['feast_peak_mb']:>8,.0f} {r['feast_s'] / r['asof_s']:>10.1f} "
                  f"{r['identical']}") if "feast_s" in r else f"{'-':>8} {'-':>8} {'-':>10} -"
-        print(f"{r['impressions']:>12,} {r['compute_s']:>10.1f} {r['materialize_s']:>14.1f} {r['native_s']:>8.1f} "
+        materialize = "-" if r["materialize_s"] is None else f"{r['materialize_s']:.1f}"
+        print(f"{r['impressions']:>12,} {r['compute_s']:>10.1f} {materialize:>14} {r['native_s']:>8.1f} "
               f"{r['asof_s']:>8.1f} "
               f"{r['asof_peak_mb']:>8,.0f} {feast}")
     print(f"\n{'store':<7} {'path':<10} {'items':>6} {'p50 ms':>8} {'p99 ms':>8}")

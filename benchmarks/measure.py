@@ -85,6 +85,39 @@ def _run(fn, args, imports, q) -> None:
     q.put({**result, "seconds": time.perf_counter() - t, "peak_mb": peak_rss_mb()})
 
 
+def native_training_set(out: str, memory_limit: str | None = None) -> dict:
+    """The floor: the same ASOF JOINs straight from the log's parquet to a parquet file, in DuckDB alone (no
+    entity frame in pandas, no on-demand features, no Feast, one query), so the training-set build has a
+    yardstick. ``memory_limit``: DuckDB's, default the default build's (``compute_sql.memory_limit()``), and
+    the same spill directory, so that the two are compared on equal terms unless a run says otherwise.
+    """
+    from pathlib import Path
+
+    from feature_repo.asof import _quote, _view_sql, _views
+    from feature_repo.compute_sql import connect
+    from feature_repo.compute_sql import memory_limit as default_memory_limit
+    from feature_repo.schema import FEATURE_SERVICE
+    from feature_repo.store import StoreSettings, open_store
+    from models import contract
+
+    s = StoreSettings.for_dataset(out)
+    store = open_store(s)
+    batch, _ = _views(store, store.get_feature_service(FEATURE_SERVICE))
+    joins, cols = [], []
+    for i, (view, projection) in enumerate(batch):
+        clause, selected = _view_sql(i, view, projection, _quote(contract.TIMESTAMP))
+        joins.append(clause)
+        cols += selected
+    log = Path(out) / contract.INTERACTIONS.file
+    dst = s.training_file.with_name("training-native.parquet")
+    con = connect(memory_limit=memory_limit or default_memory_limit(),
+                  temp_directory=Path(store.repo_path) / "duckdb_tmp")
+    con.execute(f"COPY (SELECT e.*, {', '.join(cols)} FROM (SELECT * REPLACE (user_id::VARCHAR AS user_id, "
+                f"item_id::VARCHAR AS item_id) FROM read_parquet('{log}')) e {' '.join(joins)} "
+                f"ORDER BY e.{_quote(contract.TIMESTAMP)}, e.user_id, e.item_id) TO '{dst}' (FORMAT parquet)")
+    return {"rows": con.execute(f"SELECT count(*) FROM read_parquet('{dst}')").fetchone()[0]}
+
+
 def latency_ms(seconds: Sequence[float]) -> dict:
     """p50 and p99 in milliseconds; NaN for no samples, so an empty window prints rather than raises."""
     s = np.asarray(seconds, dtype=float)

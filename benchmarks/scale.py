@@ -18,7 +18,11 @@ process it started (Spark's JVM and Python workers), sampled every 0.2 s:
 
 ``online`` and ``training set`` run once per offline engine (``--engines``:
 ``duckdb``, the default, and ``spark`` on ``MTLREC_SPARK_MASTER``, local[2]
-unless set); the spark engine reads the same feature tables. The last
+unless set); the spark engine reads the same feature tables. ``native`` is
+the yardstick for the training set, not an engine: the same ASOF JOINs in
+one DuckDB query from the log's parquet to parquet (``measure.native_training_set``),
+under ``--native-memory-limit`` (default: the default build's); a native
+join that runs out of memory is reported as such and the run goes on. The last
 column says how each stage's time grew against the previous size: 1.0 is
 linear, above 1 is faster than linear.
 
@@ -38,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.measure import generate_log, in_child
+from benchmarks.measure import generate_log, in_child, native_training_set
 
 
 def _validate(out: str) -> dict:
@@ -111,7 +115,8 @@ STAGES = ("generate", "validate", "features", "online", "training set", "epoch")
 
 def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], work: Path,
             stages: tuple[str, ...] = STAGES, feature_engines: tuple[str, ...] = ("auto",),
-            epoch_batches: int | None = None, keep: bool = False) -> list[dict]:
+            epoch_batches: int | None = None, keep: bool = False,
+            native_memory_limit: str | None = None) -> list[dict]:
     """``keep``: the dataset stays in ``work`` after the run, and a stage left out of ``stages`` reuses what an
     earlier run there left (a failed late stage is rerun without the hour of generation and features)."""
     out = str(work / f"data-{n}")
@@ -132,7 +137,16 @@ def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], wor
     for i, engine in enumerate(feature_engines if "features" in stages else ()):
         if engine != "spark" or n <= spark_up_to or i == 0:
             record("features", engine, in_child(_features, out, engine, i == 0, imports=["feature_repo.compute"]), n)
-    for engine in engines if {"online", "training set"} & set(stages) else ():
+    for engine in sorted(engines, key=lambda e: e == "native") if {"online", "training set"} & set(stages) else ():
+        if engine == "native":
+            if "training set" in stages:
+                try:
+                    record("training set", "native", in_child(native_training_set, out, native_memory_limit,
+                                                              imports=["duckdb"]), n)
+                except RuntimeError as e:  # out of memory at 100M under the default build's limit
+                    rows.append({"impressions": n, "stage": "training set", "engine": "native", "error": str(e)})
+                    print(json.dumps(rows[-1]), flush=True)
+            continue
         if engine != "duckdb" and n > spark_up_to:
             continue
         online = "online" in stages
@@ -153,7 +167,10 @@ def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], wor
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    ap.add_argument("--engines", nargs="+", default=["duckdb", "spark"], choices=["duckdb", "spark"])
+    ap.add_argument("--engines", nargs="+", default=["duckdb", "spark"], choices=["duckdb", "spark", "native"],
+                    help="offline engines; native: the training set's yardstick, one DuckDB query")
+    ap.add_argument("--native-memory-limit", help="DuckDB's memory limit for the native join (default: the "
+                    "default build's, MTLREC_DUCKDB_MEMORY_LIMIT or half the machine)")
     ap.add_argument("--spark-up-to", type=int, default=1_000_000, help="the largest size the spark engine runs")
     ap.add_argument("--epoch", nargs="+", default=["resident", "streamed"], choices=["resident", "streamed"],
                     help="the epoch from the table in memory, streamed from its row groups, or both")
@@ -182,7 +199,7 @@ def main() -> None:
           else tempfile.TemporaryDirectory(prefix="mtlrec-scale-", dir=args.work)) as tmp:
         for n in sorted(args.sizes):
             rows += measure(n, args.engines, args.spark_up_to, args.epoch, Path(tmp), tuple(args.stages),
-                            tuple(args.feature_engines), args.epoch_batches, args.keep)
+                            tuple(args.feature_engines), args.epoch_batches, args.keep, args.native_memory_limit)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print()
@@ -190,6 +207,9 @@ def main() -> None:
     print("|---:|---|---|---:|---:|---:|---:|")
     previous: dict[tuple, dict] = {}
     for r in rows:
+        if "error" in r:
+            print(f"| {r['impressions']:,} | {r['stage']} | {r['engine']} | failed: {r['error']} | | | |")
+            continue
         key = (r["stage"], r["engine"])
         before = previous.get(key)
         growth = ""
