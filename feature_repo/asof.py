@@ -205,16 +205,25 @@ def _chunks(reader, odfvs) -> Iterator[pd.DataFrame]:
     """The joined record batches as the training set's frames, with the on-demand views' columns added."""
     import pyarrow as pa
 
+    inputs = [_odfv_inputs(odfv) for odfv in odfvs]
     for record_batch in reader:
         table = pa.Table.from_batches([record_batch]).drop_columns([ROW])
-        for odfv in odfvs:
-            out = odfv.transform_arrow(table, False)
+        for odfv, needs in zip(odfvs, inputs):
+            # Its sources' columns only: the transformation reads no others, and the rest of a training row
+            # (every view's features) would be converted to pandas and back for nothing.
+            out = odfv.transform_arrow(table.select([c for c in table.column_names if c in needs]), False)
             for col in out.column_names:
                 if not col.startswith("__index") and col not in table.column_names:
                     table = table.append_column(col, out[col])
         part = table.to_pandas()
         part[contract.TIMESTAMP] = pd.to_datetime(part[contract.TIMESTAMP], utc=True)
         yield part
+
+
+def _odfv_inputs(odfv) -> set[str]:
+    """What an on-demand view is declared to read: its request fields and its source views' features."""
+    names = {f.name for source in odfv.source_request_sources.values() for f in source.schema}
+    return names | {f.name for p in odfv.source_feature_view_projections.values() for f in p.features}
 
 
 def _load_sorted(con, chunks: Iterable[pd.DataFrame], order: list[str]) -> None:

@@ -459,7 +459,9 @@ def training_metadata(settings: StoreSettings) -> dict:
 def write_training_set(store, interactions: pd.DataFrame | Path, path: Path | str, chunk_rows: int = 250_000,
                        metadata: dict | None = None, join: str | None = None) -> int:
     """Stream the training set to one parquet file, a chunk at a time; returns its row count."""
+    import contextlib
     import json
+    from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -468,22 +470,38 @@ def write_training_set(store, interactions: pd.DataFrame | Path, path: Path | st
 
     path = Path(path)
     tmp = path.with_suffix(".parquet.tmp")
-    writer, rows = None, 0
-    try:
-        for part in iter_training_set(store, interactions, chunk_rows, join):
-            if writer is None:
-                schema = pa.Schema.from_pandas(part, preserve_index=False)
-                # A column that is all missing in the first chunk must still take later chunks' strings.
-                schema = pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in schema])
-                if metadata is not None:
-                    schema = schema.with_metadata({**(schema.metadata or {}),
-                                                   TABLE_METADATA: json.dumps(metadata).encode()})
-                writer = pq.ParquetWriter(tmp, schema)
-            writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False))
-            rows += len(part)
-    finally:
-        if writer is not None:
-            writer.close()
+    writer, rows, pending = None, 0, None
+
+    def write(part: pd.DataFrame) -> None:
+        writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False))
+
+    # One chunk is converted and encoded on a second thread while the next is joined and transformed (Arrow
+    # releases the GIL); at most one chunk waits, so memory stays two chunks.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            for part in iter_training_set(store, interactions, chunk_rows, join):
+                if writer is None:
+                    schema = pa.Schema.from_pandas(part, preserve_index=False)
+                    # A column that is all missing in the first chunk must still take later chunks' strings.
+                    schema = pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f
+                                        for f in schema])
+                    if metadata is not None:
+                        schema = schema.with_metadata({**(schema.metadata or {}),
+                                                       TABLE_METADATA: json.dumps(metadata).encode()})
+                    writer = pq.ParquetWriter(tmp, schema)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(write, part)
+                rows += len(part)
+            if pending is not None:
+                pending.result()
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    pending.result()  # never close the file under a write
+            if writer is not None:
+                writer.close()
     tmp.replace(path)  # readers never see a half-written training set
     return rows
 
