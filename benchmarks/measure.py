@@ -93,21 +93,15 @@ def native_training_set(out: str, memory_limit: str | None = None) -> dict:
     """
     from pathlib import Path
 
-    from feature_repo.asof import _quote, _view_sql, _views
+    from feature_repo.asof import _quote, join_sql
     from feature_repo.compute_sql import connect
     from feature_repo.compute_sql import memory_limit as default_memory_limit
-    from feature_repo.schema import FEATURE_SERVICE
     from feature_repo.store import StoreSettings, open_store
     from models import contract
 
     s = StoreSettings.for_dataset(out)
     store = open_store(s)
-    batch, _ = _views(store, store.get_feature_service(FEATURE_SERVICE))
-    joins, cols = [], []
-    for i, (view, projection) in enumerate(batch):
-        clause, selected = _view_sql(i, view, projection, _quote(contract.TIMESTAMP))
-        joins.append(clause)
-        cols += selected
+    joins, cols, _ = join_sql(store)
     log = Path(out) / contract.INTERACTIONS.file
     dst = s.training_file.with_name("training-native.parquet")
     con = connect(memory_limit=memory_limit or default_memory_limit(),

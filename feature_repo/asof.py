@@ -70,6 +70,18 @@ def _view_sql(i: int, view, projection, entity_ts: str) -> tuple[str, list[str]]
     return clause, cols
 
 
+def join_sql(store) -> tuple[list[str], list[str], list]:
+    """The feature service as SQL over an ``e`` relation of impressions: each batch view's ``ASOF LEFT JOIN``
+    clause, the joined feature columns, and the on-demand views, which run in Python on the result."""
+    batch, odfvs = _views(store, store.get_feature_service(FEATURE_SERVICE))
+    joins, selected = [], []
+    for i, (view, projection) in enumerate(batch):
+        clause, cols = _view_sql(i, view, projection, _quote(contract.TIMESTAMP))
+        joins.append(clause)
+        selected += cols
+    return joins, selected, odfvs
+
+
 def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame] | Path,
                            chunk_rows: int = 250_000, memory_limit: str | None = None,
                            order: list[str] | None = None, range_rows: int = RANGE_ROWS) -> Iterator[pd.DataFrame]:
@@ -95,8 +107,7 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
     memory_limit = memory_limit or default_memory_limit()
     order = order or [contract.TIMESTAMP]
 
-    service = store.get_feature_service(FEATURE_SERVICE)
-    batch, odfvs = _views(store, service)
+    joins, selected, odfvs = join_sql(store)
     scratch = Path(store.repo_path) / "duckdb_tmp"
     from_file = isinstance(entities, (str, Path))
     on_disk = not from_file and not isinstance(entities, pd.DataFrame)
@@ -117,11 +128,6 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
             _load_sorted(con, entities, order)
         else:
             con.register("entities", entities.assign(**{ROW: range(len(entities))}))
-        joins, selected = [], []
-        for i, (view, projection) in enumerate(batch):
-            clause, cols = _view_sql(i, view, projection, _quote(contract.TIMESTAMP))
-            joins.append(clause)
-            selected += cols
         (total,) = con.execute("SELECT count(*) FROM entities").fetchone()
         step = max(range_rows, chunk_rows)
         if from_file:  # ranges of time, each sorted by the order and then the log's own (ties as pandas keeps them)
