@@ -17,15 +17,29 @@ def holdout_inputs(data: Path | str) -> dict:
     """Keyword arguments for ``models.holdout.evaluate``; {} for a bare training parquet."""
     from feature_repo.schema import FeatureSchema
     from feature_repo.transforms import context_features
-    from flows.data import synth
     from feature_repo.store import StoreSettings
 
     data = Path(data)
     if not data.is_dir():
         return {}
-    out = {"recompute": context_features, "oracle": synth.oracle(data)}
+    out = {"recompute": context_features, "oracle": generator_oracle(data)}
     try:
         out["item_columns"] = FeatureSchema.load(StoreSettings.for_dataset(data).tables).item_columns
     except FileNotFoundError:
         pass
     return out
+
+
+def generator_oracle(data: Path | str):
+    """The generator's own probabilities when one of this project's scenarios wrote the log, else None.
+
+    Each scenario's ``oracle`` recognises its own manifest, so asking each in turn finds the one that
+    applies; a user's log gets None and is judged without an upper bound.
+    """
+    from flows.data import short_video, synth
+
+    for scenario in (synth, short_video):
+        found = scenario.oracle(data)
+        if found is not None:
+            return found
+    return None

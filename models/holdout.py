@@ -165,7 +165,7 @@ def ranking_summary(rankers: dict, single: list[str], ks) -> dict[str, float]:
     return out
 
 
-def _fused(probs: dict[str, np.ndarray], tasks: TaskSet) -> np.ndarray:
+def expected_relevance(probs: dict[str, np.ndarray], tasks: TaskSet) -> np.ndarray:
     """An oracle's expected relevance: the declared gains times its true probabilities."""
     return sum(t.gain * np.asarray(probs[t.name], dtype=np.float64) for t in tasks.binary if t.name in probs)
 
@@ -186,7 +186,7 @@ class Rankers:
                "random": (np.random.default_rng(self.seed).random(len(frame)), {})}
         if self.oracle is not None:
             truth = self.oracle(frame)
-            out["oracle"] = (_fused(truth, self.tasks), truth)
+            out["oracle"] = (expected_relevance(truth, self.tasks), truth)
         for name, st in self.singles.items():
             p = st.predict(frame)
             out[f"single-task {name}"] = (p[name], p)

@@ -143,3 +143,20 @@ def test_the_oracle_is_the_generators_own_probabilities(tmp_path):
     assert ndcg == pytest.approx(m.params["ground_truth"]["oracle"], abs=1e-12)
     for t in ("click", "long_view", "like", "follow"):
         assert abs(probs[t].mean() - log[t].mean()) < 0.01 and auc(probs[t], log[t]) > 0.7, t
+
+
+def test_evaluation_finds_the_short_video_oracle(tmp_path):
+    """The holdout's oracle comes from whichever scenario wrote the log; a log no generator wrote gets none."""
+    from flows.data import short_video, synth
+    from flows.evaluation_inputs import generator_oracle
+
+    generate(tmp_path / "video", ShortVideoConfig(n_users=100, n_items=50, n_interactions=3000, days=4, seed=1))
+    synth.generate(tmp_path / "shop", synth.SynthConfig(n_users=100, n_items=50, n_interactions=3000, days=4))
+    log = pd.read_parquet(tmp_path / "video" / "interactions.parquet").head(50)
+    found = generator_oracle(tmp_path / "video")(log)
+    assert set(found) == {"click", "long_view", "like", "follow"}
+    for t, p in short_video.oracle(tmp_path / "video")(log).items():
+        assert np.array_equal(found[t], p), t
+    assert set(generator_oracle(tmp_path / "shop")(log.assign(user_id="u1", item_id="i1"))) == {"click", "purchase"}
+    (tmp_path / "bare").mkdir()
+    assert generator_oracle(tmp_path / "bare") is None
