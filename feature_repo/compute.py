@@ -194,9 +194,9 @@ def choose_engine(engine: str | None, offline: str | None, dense: Callable[[], i
         return engine
     if (offline or settings.offline_engine) == "spark":
         return "spark"
-    from models.stream import MEMORY_SHARE, memory_bytes
+    from models import machine
 
-    return "numpy" if dense() <= MEMORY_SHARE * memory_bytes() else "duckdb"
+    return "numpy" if dense() <= machine.MEMORY_SHARE * machine.memory_bytes() else "duckdb"
 
 
 def compute_feature_tables(dataset_dir: Path | str, tables_dir: Path | str, engine: str | None = None,

@@ -43,9 +43,9 @@ def memory_limit() -> str:
     spills to disk instead.
     """
     from models.settings import get_settings
-    from models.stream import memory_bytes
+    from models import machine
 
-    return get_settings().duckdb_memory_limit or f"{max(int(MEMORY_SHARE * memory_bytes()) >> 20, MIN_MIB)}MiB"
+    return get_settings().duckdb_memory_limit or f"{max(int(MEMORY_SHARE * machine.memory_bytes()) >> 20, MIN_MIB)}MiB"
 
 
 def connect(database: str = ":memory:", *, memory_limit: str | None = None, temp_directory: str | Path | None = None,

@@ -23,7 +23,6 @@ at a time and never holds the training split:
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from pathlib import Path
@@ -32,17 +31,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models import binning, contract
+from models import binning, contract, machine
 from models.data import SplitDataModule, encode, target_stats
 from models.data import cut_points as data_cut_points
 from models.encoder import FeatureSpec, SpecFit
+from models.machine import MEMORY_SHARE  # stream: auto streams when the table would take more than this share
 from models.table import load_training_table, table_metadata, training_file
 from models.tasks import TaskSet
 
 CHUNK_ROWS = 1 << 20  # rows encoded and shuffled together: one slice to the device
 SAMPLE_ROWS = 1_000_000  # training rows the bins and target statistics are chosen on
 EVAL_ROWS = 2_000_000  # validation and test rows kept, whole users
-MEMORY_SHARE = 0.25  # stream: auto streams when the table would take more than this share of memory
 BYTES_PER_CELL = 16  # a parquet cell in pandas and then in tensors, roughly
 
 
@@ -55,14 +54,7 @@ def should_stream(path: Path | str, setting) -> bool:
     import pyarrow.parquet as pq
 
     meta = pq.ParquetFile(path).metadata
-    return meta.num_rows * meta.num_columns * BYTES_PER_CELL > MEMORY_SHARE * memory_bytes()
-
-
-def memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: assume the table fits
-        return 1 << 62
+    return meta.num_rows * meta.num_columns * BYTES_PER_CELL > MEMORY_SHARE * machine.memory_bytes()
 
 
 def cut_points(path: Path | str, valid_fraction: float, test_fraction: float) -> tuple[pd.Timestamp, pd.Timestamp]:
@@ -121,7 +113,7 @@ def evaluation_table(path: Path | str, stream="auto") -> pd.DataFrame:
         return df
     pf = pq.ParquetFile(path)
     meta = pf.metadata
-    share = min(1.0, MEMORY_SHARE * memory_bytes() / max(meta.num_rows * meta.num_columns * BYTES_PER_CELL, 1))
+    share = min(1.0, MEMORY_SHARE * machine.memory_bytes() / max(meta.num_rows * meta.num_columns * BYTES_PER_CELL, 1))
     parts = [part[_user_share(part["user_id"], share)] for part in
              (_read(pf, g, pf.schema_arrow.names) for g in range(pf.num_row_groups))]
     df = pd.concat(parts, ignore_index=True)

@@ -257,7 +257,7 @@ def test_auto_follows_the_offline_engine_and_the_memory(spark, shop, tmp_path, m
     """MTLREC_FEATURE_ENGINE=auto (the default): Spark when the store's offline engine is Spark, DuckDB when the
     dense arrays would not fit a quarter of memory, numpy otherwise; every table file the same."""
     from feature_repo.store import StoreSettings
-    from models import stream
+    from models import machine
 
     monkeypatch.delenv("MTLREC_FEATURE_ENGINE", raising=False)
     ran = []
@@ -267,7 +267,7 @@ def test_auto_follows_the_offline_engine_and_the_memory(spark, shop, tmp_path, m
     paths = {}
     for label, offline, memory in (("numpy", "duckdb", 1 << 40), ("duckdb", "duckdb", 1 << 10),
                                    ("spark", "spark", 1 << 40)):
-        monkeypatch.setattr(stream, "memory_bytes", lambda m=memory: m)
+        monkeypatch.setattr(machine, "memory_bytes", lambda m=memory: m)
         ran.clear()
         store = StoreSettings.for_dataset(shop, workspace=tmp_path / label, offline=offline)
         compute.compute_feature_tables(shop, store.tables, store=store)
@@ -296,15 +296,15 @@ def test_a_query_past_the_memory_limit_spills_into_a_directory_not_made_yet(tmp_
 def test_duckdb_gets_half_the_machine_unless_told(monkeypatch, tmp_path):
     """DuckDB's own default (80% of memory) let the 100M-impression aggregates grow until the kernel killed the
     process; the default is half, and MTLREC_DUCKDB_MEMORY_LIMIT still decides when set."""
-    from models import stream
+    from models import machine
 
     monkeypatch.delenv("MTLREC_DUCKDB_MEMORY_LIMIT", raising=False)
-    monkeypatch.setattr(stream, "memory_bytes", lambda: 8 << 30)
+    monkeypatch.setattr(machine, "memory_bytes", lambda: 8 << 30)
     assert compute_sql.memory_limit() == "4096MiB"
     con = compute_sql.connect(memory_limit=compute_sql.memory_limit(), temp_directory=tmp_path)
     assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == "4.0 GiB"
     con.close()
-    monkeypatch.setattr(stream, "memory_bytes", lambda: 1 << 10)  # a machine too small to halve: a floor
+    monkeypatch.setattr(machine, "memory_bytes", lambda: 1 << 10)  # a machine too small to halve: a floor
     assert compute_sql.memory_limit() == "256MiB"
     monkeypatch.setenv("MTLREC_DUCKDB_MEMORY_LIMIT", "3GB")
     assert compute_sql.memory_limit() == "3GB"

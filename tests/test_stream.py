@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flows.data.synth import SynthConfig
-from models import stream
+from models import machine, stream
 from models.data import MTLDataModule
 from models.stream import StreamBatches, StreamedDataModule
 from models.table import load_training_table
@@ -119,7 +119,7 @@ def test_capped_holdouts_keep_whole_users(grouped):
 def test_auto_streams_what_would_not_fit(grouped, monkeypatch):
     assert stream.should_stream(grouped, "auto") is False
     assert stream.should_stream(grouped, True) is True
-    monkeypatch.setattr(stream, "memory_bytes", lambda: 1 << 20)  # a machine with 1 MiB
+    monkeypatch.setattr(machine, "memory_bytes", lambda: 1 << 20)  # a machine with 1 MiB
     assert stream.should_stream(grouped, "auto") is True
     with pytest.raises(ValueError, match="data.stream must be auto, true or false"):
         stream.should_stream(grouped, "sometimes")
@@ -144,7 +144,7 @@ def test_a_table_past_memory_is_evaluated_on_a_share_of_whole_users(grouped, mon
     assert whole.attrs["user_share"] == 1.0 and len(whole) == len(full)
     meta = pq.ParquetFile(grouped).metadata
     table_bytes = meta.num_rows * meta.num_columns * stream.BYTES_PER_CELL
-    monkeypatch.setattr(stream, "memory_bytes", lambda: int(table_bytes / stream.MEMORY_SHARE * 0.3))
+    monkeypatch.setattr(machine, "memory_bytes", lambda: int(table_bytes / stream.MEMORY_SHARE * 0.3))
     part = stream.evaluation_table(grouped)
     assert part.attrs["user_share"] == pytest.approx(0.3, abs=1e-3)
     assert 0.15 * len(full) < len(part) < 0.45 * len(full)
