@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-MEMORY_SHARE = 0.25  # the share of memory a resident table, dense arrays or DuckDB may take before spilling
+MEMORY_SHARE = 0.25  # of memory: past it a training table streams and the aggregates leave numpy for DuckDB
 
 
 def memory_bytes() -> int:
