@@ -160,3 +160,9 @@ def test_evaluation_finds_the_short_video_oracle(tmp_path):
     assert set(generator_oracle(tmp_path / "shop")(log.assign(user_id="u1", item_id="i1"))) == {"click", "purchase"}
     (tmp_path / "bare").mkdir()
     assert generator_oracle(tmp_path / "bare") is None
+    # Renamed after it was drawn, the log's objectives are no longer the generator's: no oracle to judge them.
+    manifest = contract.Manifest.load(tmp_path / "video")
+    manifest.tasks = [{**t, "name": "watch"} if t["name"] == "click" else t for t in manifest.tasks]
+    manifest.primary = "watch"
+    manifest.save(tmp_path / "video")
+    assert generator_oracle(tmp_path / "video") is None

@@ -67,11 +67,15 @@ def declared_range(start_us: int, end_us: int, users: pd.DataFrame, items: pd.Da
     return (pd.Timestamp(first, unit="us", tz="UTC").isoformat(), pd.Timestamp(end_us, unit="us", tz="UTC").isoformat())
 
 
-def redrawn(data: Path | str, source: str, config_type, world):
+def redrawn(data: Path | str, source: str, config_type, world, declaration):
     """``(cfg, hidden world)`` of a dataset this generator wrote, drawn again from its manifest's seed and
-    sizes (users and items are the first draws, so they repeat exactly); None if ``source`` did not write it."""
+    sizes (users and items are the first draws, so they repeat exactly); None if ``source`` did not write it,
+    or if its binary tasks are no longer the ``declaration`` the generator wrote (a log whose labels were
+    renamed after it was drawn: the generator's probabilities are for objectives it no longer declares)."""
     manifest = contract.Manifest.load(data)
     if manifest is None or manifest.source != source:
+        return None
+    if {(t.name, t.column) for t in manifest.declaration.binary} != {(t.name, t.column) for t in declaration.binary}:
         return None
     fields = config_type.__dataclass_fields__
     cfg = config_type(**{k: v for k, v in manifest.params.items() if k in fields})

@@ -295,7 +295,7 @@ def oracle(data: Path | str):
     ``user_id``, ``item_id``, ``event_timestamp``, ``device`` and ``position``; returned: each binary
     behaviour's marginal probability, ``{"click", "long_view", "like", "follow"}``.
     """
-    found = redrawn(data, "flows.data.short_video", ShortVideoConfig, _world)
+    found = redrawn(data, "flows.data.short_video", ShortVideoConfig, _world, DECLARATION)
     if found is None:
         return None
     cfg, world = found

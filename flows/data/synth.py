@@ -221,7 +221,7 @@ def oracle(data: Path | str):
     ``position``; returned: ``{"click": P(click), "purchase": P(click and purchase)}``. No model can expect
     to beat it on this data, so a model's share of the oracle's gain over random says how much is left.
     """
-    found = redrawn(data, "flows.data.synth", SynthConfig, _world)
+    found = redrawn(data, "flows.data.synth", SynthConfig, _world, DECLARATION)
     if found is None:
         return None
     cfg, world = found
