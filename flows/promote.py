@@ -10,8 +10,11 @@ production by racing past each other's gate. The pointer move itself is one
 atomic file replace (``services/registry.py``), so a crash anywhere leaves the
 old production serving.
 
-A model with tuned fusion weights in the registry is judged with them (the
-candidate's and production's alike); the decision says which weights each used.
+Each model is judged with the fusion weights it would serve: the candidate
+with its latest accepted fusion version (``mtlrec fusion tune``), which goes
+live with it, and production with the weighting the pointer names live,
+which is what it serves now; either with its declared weights when it has
+none. The decision says which weights each used.
 
 On one machine the lock is a file lock beside the pointer. A registry on
 shared storage needs a lock every writer honours: a lock that works on that
@@ -48,9 +51,9 @@ def gate_config(**overrides) -> GateConfig:
     return GateConfig(**cfg)
 
 
-def _tuned(tag: str | None) -> dict[str, float] | None:
-    """A model's tuned fusion weights (``mtlrec fusion tune``), or None: the gate judges what would serve."""
-    return (registry.fusion_of(tag) or {}).get("weights") if tag else None
+def _accepted(tag: str) -> dict[str, float] | None:
+    """The candidate's latest accepted fusion weights, or None for its declared ones: what it would serve."""
+    return (registry.fusion_of(tag) or {}).get("weights")
 
 
 def promote(tag: str, table: pd.DataFrame, config: GateConfig | None = None,
@@ -60,10 +63,11 @@ def promote(tag: str, table: pd.DataFrame, config: GateConfig | None = None,
         raise NotEvaluated(f"{tag} has never been evaluated: run `mtlrec evaluate --model {tag} --data ...` first")
     config = config or gate_config()
     for attempt in range(1, ATTEMPTS + 1):
-        current = registry.production()
+        live = registry.serving()
+        current = live.tag if live else None
         production = registry.production_artifact()
         decision = decide(registry.artifact_path(tag), table, production=production, production_tag=current,
-                          config=config, weights=_tuned(tag), production_weights=_tuned(current))
+                          config=config, weights=_accepted(tag), production_weights=live.weights if live else None)
         pause = get_settings().gate_pause_s  # fault injection: tests widen the race between judging and committing
         if pause:
             time.sleep(pause)

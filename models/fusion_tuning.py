@@ -17,15 +17,25 @@ the cross-entropy method: a Gaussian over softmax logits, refitted to the
 best quarter of each batch. It needs no gradient of a rank metric, and
 scoring once then re-fusing makes each candidate a sort, not a forward pass.
 
-Default and tuned weights are then both judged on the test split, which the
-search never saw: that comparison, not the validation score the search
-maximised, says whether the tuned weights are better.
+The search only proposes. Whether the proposal replaces the weighting the
+model is served with now is decided on the test split, which the search
+never saw, by ``accept``: per user, the reward-weighted DCG@K of the
+proposal minus that of the current weighting (``metrics.reward_per_user``,
+the ``reward@K`` of the reports), and a paired bootstrap over users
+(``models.gate.paired_bootstrap``) whose interval must exclude zero from
+below. A validation score the search maximised says nothing about that: a
+proposal that only fits the validation rows must not go live.
+
+Weights are kept rounded to ``DECIMALS`` places, and ``weight_text`` prints
+them exactly as kept, so a printed weighting pasted back as JSON is the
+weighting that was judged and kept.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import pandas as pd
@@ -34,8 +44,11 @@ from models import metrics
 from models.data import time_split
 from models.evaluation import fusion_weights
 from models.fusion import fuse
+from models.gate import fusion_used, paired_bootstrap
 from models.holdout import reward_of
 from models.tasks import TaskSet
+
+DECIMALS = 6  # places a tuned weight is kept (and printed) with
 
 
 def cem(objective: Callable[[np.ndarray], float], dim: int, *, start: np.ndarray | None = None,
@@ -76,6 +89,113 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def rounded(weights: dict[str, float]) -> dict[str, float]:
+    """A weighting as it is kept: each weight rounded to ``DECIMALS`` places."""
+    return {k: round(float(w), DECIMALS) for k, w in weights.items()}
+
+
+def weight_text(w: float) -> str:
+    """A kept weight as printed: the shortest text that parses back to the same float, as JSON writes it."""
+    return repr(round(float(w), DECIMALS))
+
+
+@dataclass(frozen=True)
+class OffPolicyEvidence:
+    """What the service's own log says about proposal minus current: an interval of the reward difference.
+
+    Anything with ``low`` and ``high`` will do (``models.offpolicy``'s estimate of a difference has both);
+    this is the shape to build one by hand, or from another estimator, with a note on where it came from.
+    """
+
+    low: float
+    high: float
+    note: str = ""
+
+
+class Interval(Protocol):
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class FusionDecision:
+    """Whether a proposed weighting replaces the current one, and the figures that decided it.
+
+    ``metric`` is the per-user metric compared on the test split (``reward@K``: reward-weighted DCG@K,
+    ``metrics.reward_per_user``); ``current`` and ``proposed`` are its means over ``users``, ``difference``
+    proposed minus current, ``interval`` the paired bootstrap interval of that difference at ``confidence``.
+    """
+
+    accepted: bool
+    reason: str
+    metric: str
+    current: float
+    proposed: float
+    difference: float
+    interval: tuple[float, float]
+    users: int
+    confidence: float
+    bootstrap: int
+    offpolicy: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["interval"] = list(self.interval)
+        return out
+
+
+def accept(current: np.ndarray, proposed: np.ndarray, *, metric: str = "reward@10", bootstrap: int = 1000,
+           confidence: float = 0.95, seed: int = 0, offpolicy: Interval | None = None) -> FusionDecision:
+    """Accept the proposal only if it beats the current weighting per user, by an interval that excludes 0.
+
+    ``current`` and ``proposed`` hold one value per test user, the same users in the same order: pairing
+    removes what users differ by, which dwarfs what weightings differ by. A better mean alone is not enough:
+    where the declared weights are already within noise of the best, a tuner that kept every better mean
+    would swap the served weights on luck.
+
+    ``offpolicy``: when the service's log has explored the proposal, the off-policy estimate of proposal minus
+    current (anything with ``low`` and ``high``, e.g. ``OffPolicyEvidence``). Given, its interval must exclude
+    zero from below too, since the logged traffic is what the weights will serve; not given, the held-out
+    test split decides alone.
+    """
+    current, proposed = np.asarray(current, dtype=np.float64), np.asarray(proposed, dtype=np.float64)
+    if current.shape != proposed.shape:
+        raise ValueError(f"per-user values must pair up: {current.shape} against {proposed.shape}")
+    diff = proposed - current
+    low, high = paired_bootstrap(diff, bootstrap, confidence, seed)
+    figures = dict(metric=metric, current=_mean(current), proposed=_mean(proposed), difference=_mean(diff),
+                   interval=(low, high), users=len(diff), confidence=confidence, bootstrap=bootstrap,
+                   offpolicy=_evidence(offpolicy))
+    stated = (f"{metric} on the test split: proposed {figures['proposed']:.4f} against current "
+              f"{figures['current']:.4f}, difference {figures['difference']:+.4f} "
+              f"[{confidence:.0%} interval {low:+.4f}, {high:+.4f}] over {len(diff):,} users")
+    if len(diff) == 0:
+        return FusionDecision(False, f"declined: the test split has no users to judge {metric} on", **figures)
+    if not np.any(diff):
+        return FusionDecision(False, "declined: the proposal ranks every test user's list as the current weighting "
+                                     f"does ({stated})", **figures)
+    if not low > 0:
+        return FusionDecision(False, f"declined: {stated}; the interval does not exclude 0", **figures)
+    if offpolicy is not None and not float(offpolicy.low) > 0:
+        return FusionDecision(False, f"declined: {stated}, but off-policy on the service's log the difference is "
+                                     f"[{float(offpolicy.low):+.4f}, {float(offpolicy.high):+.4f}], which does not "
+                                     "exclude 0", **figures)
+    agrees = (f"; off-policy agrees [{float(offpolicy.low):+.4f}, {float(offpolicy.high):+.4f}]"
+              if offpolicy is not None else "")
+    return FusionDecision(True, f"accepted: {stated}{agrees}", **figures)
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(x.mean()) if len(x) else float("nan")
+
+
+def _evidence(offpolicy: Interval | None) -> dict[str, Any] | None:
+    if offpolicy is None:
+        return None
+    return {"low": float(offpolicy.low), "high": float(offpolicy.high),
+            "note": str(getattr(offpolicy, "note", "") or offpolicy)}
+
+
 class _Split:
     """One split scored once: its users, per-objective probabilities, and each row's reward and relevance."""
 
@@ -93,49 +213,95 @@ class _Split:
         v = metrics.per_user(self.users, fused, self.rewards, (k,))[f"ndcg@{k}"]
         return float(v.mean()) if len(v) else float("nan")
 
+    def reward_per_user(self, weights: dict[str, float], method: str, k: int) -> np.ndarray:
+        """reward@K of each user's list (every user, in one fixed order) ranked by ``weights``."""
+        fused = fuse(self.probs, weights, method=method)
+        return metrics.reward_per_user(self.users, fused, self.rewards, (k,))[f"reward@{k}"]
+
     def judge(self, weights: dict[str, float], method: str, k: int) -> dict[str, float]:
         fused = fuse(self.probs, weights, method=method)
         return {f"reward_ndcg@{k}": self.reward_ndcg(fused, k),
                 f"reward@{k}": metrics.reward_metrics(self.users, fused, self.rewards, (k,))[f"reward@{k}"],
                 f"ndcg@{k}": metrics.ranking_metrics(self.users, fused, self.relevance, (k,))[f"ndcg@{k}"]}
 
+    def decide(self, proposed: dict[str, float], current: dict[str, float], method: str, k: int,
+               **gate) -> FusionDecision:
+        return accept(self.reward_per_user(current, method, k), self.reward_per_user(proposed, method, k),
+                      metric=f"reward@{k}", **gate)
 
-def tune(scorer, table: pd.DataFrame, *, k: int = 10, iterations: int = 10, samples: int = 32,
-         seed: int = 0) -> dict[str, Any]:
-    """Search the model's fusion weights on its validation split; judge default and tuned on its test split.
 
-    ``scorer`` is a loaded ``models.artifact.Scorer``; ``table`` the training table it was trained from (or a
-    newer one with the same columns), cut with the model's own split fractions.
-    """
-    tasks = scorer.tasks
+def _splits(scorer, table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     split = scorer.meta["config"]["data"]["split"]
     _, valid, test = time_split(table, split["valid_fraction"], split["test_fraction"])
     if len(valid) == 0 or len(test) == 0:
         raise ValueError("the table is too small to tune on: its validation or test split is empty")
+    return valid, test
+
+
+def _checked(scorer, weights: dict[str, float] | None) -> dict[str, float]:
+    """``weights`` (None: the declared ones), refused when they name objectives the model does not rank."""
+    return fusion_used(scorer, weights)["weights"]
+
+
+def judge(scorer, table: pd.DataFrame, proposed: dict[str, float], current: dict[str, float] | None = None, *,
+          k: int = 10, bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0,
+          offpolicy: Interval | None = None) -> FusionDecision:
+    """``accept`` on the model's test split: does ``proposed`` replace ``current`` (None: the declared weights)?
+
+    For a proposal judged again once there is off-policy evidence about it, which exists only after ``tune``
+    proposed it and the service explored it.
+    """
+    _, test = _splits(scorer, table)
+    return _Split(test, scorer, scorer.tasks).decide(_checked(scorer, proposed), _checked(scorer, current),
+                                                     scorer.fusion_method, k, bootstrap=bootstrap,
+                                                     confidence=confidence, seed=seed, offpolicy=offpolicy)
+
+
+def tune(scorer, table: pd.DataFrame, *, k: int = 10, iterations: int = 10, samples: int = 32, seed: int = 0,
+         current: dict[str, float] | None = None, bootstrap: int = 1000, confidence: float = 0.95,
+         gate_seed: int = 0, offpolicy: Callable[[dict, dict], Interval | None] | None = None) -> dict[str, Any]:
+    """Propose fusion weights from the validation split; decide on the test split whether they replace ``current``.
+
+    ``scorer`` is a loaded ``models.artifact.Scorer``; ``table`` the training table it was trained from (or a
+    newer one with the same columns), cut with the model's own split fractions. ``current`` is the weighting
+    the model is served with now (None: its declared weights); the search starts from it, so it proposes
+    nothing worse than it on the validation split. The report's ``decision`` is ``accept``'s on the test
+    split, ``bootstrap`` resamples at ``confidence`` seeded with ``gate_seed``; ``accepted`` and ``reason``
+    repeat its verdict at the top. ``offpolicy(proposed, current)``, when given, is asked once the proposal is
+    known: the service log's evidence about the difference (None when the log cannot judge it).
+    """
+    tasks = scorer.tasks
+    valid, test = _splits(scorer, table)
     objectives = [t.name for t in tasks.binary]
     default = fusion_weights(tasks)
+    current = _checked(scorer, current)
     method = scorer.fusion_method
     rewards = tasks.rewards()
     if not rewards:
         raise ValueError("no ranking objective declares a reward above 0: there is nothing to maximise")
     v, te = _Split(valid, scorer, tasks), _Split(test, scorer, tasks)
     if len(objectives) < 2:
-        tuned = dict(default)  # one objective: every weighting ranks the same
+        tuned = dict(current)  # one objective: every weighting ranks the same
         rounds = 0
     else:
-        scale = sum(default.values()) or 1.0
-        start = np.array([default.get(o, 0.0) for o in objectives])
+        scale = sum(current.values()) or 1.0
+        start = np.array([current.get(o, 0.0) for o in objectives])
 
         def objective(w: np.ndarray) -> float:
             return v.reward_ndcg(fuse(v.probs, dict(zip(objectives, w)), method=method), k)
 
         best, _, _ = cem(objective, len(objectives), start=start, iterations=iterations, samples=samples,
                          seed=seed)
-        tuned = {o: round(float(w * scale), 6) for o, w in zip(objectives, best)}
+        tuned = rounded({o: float(w * scale) for o, w in zip(objectives, best)})
         rounds = iterations
-    return {"weights": tuned, "default_weights": default, "method": method, "objectives": objectives,
-            "rewards": rewards, "metric": f"reward_ndcg@{k}",
-            "valid": {"default": v.judge(default, method, k), "tuned": v.judge(tuned, method, k)},
-            "test": {"default": te.judge(default, method, k), "tuned": te.judge(tuned, method, k)},
+    evidence = offpolicy(tuned, current) if offpolicy is not None and tuned != current else None
+    decision = te.decide(tuned, current, method, k, bootstrap=bootstrap, confidence=confidence, seed=gate_seed,
+                         offpolicy=evidence)
+    weightings = {"default": default, "current": current, "tuned": tuned}
+    return {"accepted": decision.accepted, "reason": decision.reason, "weights": tuned, "default_weights": default,
+            "current_weights": current, "method": method, "objectives": objectives, "rewards": rewards,
+            "metric": f"reward_ndcg@{k}", "decision": decision.to_dict(),
+            "valid": {name: v.judge(w, method, k) for name, w in weightings.items()},
+            "test": {name: te.judge(w, method, k) for name, w in weightings.items()},
             "rows": {"valid": v.rows, "test": te.rows}, "k": k, "iterations": rounds, "samples": samples,
             "seed": seed}

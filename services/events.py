@@ -1,4 +1,4 @@
-"""The impression log: what ``/rank`` showed, why, and what the user did next.
+"""The impression log's database: what ``/rank`` showed, why, and what the user did next.
 
 Why a log at all: a ranker that never records what it showed cannot learn
 from its own traffic, and one that records only clicks cannot tell an item
@@ -8,52 +8,57 @@ score, the weights and diversity used, and the probability that the serving
 policy put that item there (its propensity, 1 for a deterministic policy),
 which is what off-policy evaluation of another weighting divides by. The
 database keeps one row per request with the per-item values as lists (one
-insert instead of one per item); ``read`` gives one row per impression. ``policy`` records
-the request-level draw when the service explores (``MTLREC_EXPLORE``): the
-weight vectors it chose among, their probabilities and the index it drew,
-``{}`` when the request was not explored.
+insert instead of one per item); ``read`` gives one row per impression.
 
-Writes never slow or fail a ranking request: the answer goes onto a bounded
-queue as it is, and one writer thread serialises and inserts answers in
-batches, one transaction each. A full
-queue or an unreachable database drops rows and counts them (``drops``; the
-service exports it on ``/metrics``), it never raises into the request.
-Feedback is different: it is rare, and the caller wants to know whether it
-was recorded, so it is written at once and a database error is the caller's
-(a 503).
+Two clocks. ``ts`` is the server's clock when the answer was given: the log
+is ordered, filtered (``since``) and pruned by it, so no client can place a
+row in the future or the distant past. A client's ``context.timestamp`` (the
+time the features were computed for, as when a past log is replayed) is kept
+inside ``context`` under ``timestamp``; the export uses it as the impression's
+time, since that is the time its features belong to.
+
+``policy`` names what served the request: ``source`` (``model``: the
+service's weights or its exploration draw; ``request``: the caller's own
+weights), the fusion weights' version, the exploration setting and its
+epsilon, and for an explored request the vectors it chose among, their
+probabilities, the index it drew and each vector's expected objectives
+(``services/ranking.py``). Rows written before that record carry ``{}`` or
+the draw alone.
+
+A row that does not parse (hand-edited, truncated, written by a bug) is
+reported by its request id and skipped; ``quarantine`` moves it out of the
+way into its own table, so one bad row never stops a reader.
 
 The store is a real database through DB-API: an SQLite file by default, or
 PostgreSQL when the URL says ``postgresql://`` (psycopg2). The SQL is the
 subset both speak (``INSERT ... ON CONFLICT DO NOTHING`` makes feedback
-idempotent on request, item and event).
+idempotent on request, item and event). How rows reach it without slowing a
+request is ``services/event_writer.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import queue
+import math
 import sqlite3
 import threading
 import time
-import functools
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("mtlrec.events")
 
 IMPRESSION_COLUMNS = ("request_id", "item_id", "user_id", "ts", "position", "model_version", "score", "scores",
                       "weights", "diversity", "propensity", "context", "policy", "novelty")
 # What the database holds: one row per answered request, its per-item values as JSON lists in position order.
-# One row per item costs the writer a JSON document, a primary-key entry and an index entry per item, about
-# 25 us each on SQLite: 2.5 ms per 100-item answer, a quarter of a 2-core server's throughput. A request row is
-# one insert. ``read`` turns request rows back into one row per item (``IMPRESSION_COLUMNS``).
+# One row per item would cost the writer a JSON document, a primary-key entry and an index entry per item; a
+# request row is one insert. ``read`` turns request rows back into one row per item (``IMPRESSION_COLUMNS``).
 REQUEST_COLUMNS = ("request_id", "user_id", "ts", "model_version", "items", "score", "scores", "propensity",
                    "weights", "diversity", "context", "policy", "novelty")
-# Databases written before the ``requests`` table (one ``impressions`` row per item) keep that table; it is no
-# longer read. Export what it holds (``mtlrec events export``) with the release that wrote it.
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS requests (
         request_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,
@@ -65,11 +70,28 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS feedback (
         request_id TEXT NOT NULL, item_id TEXT NOT NULL, event TEXT NOT NULL, value DOUBLE PRECISION NOT NULL,
         ts DOUBLE PRECISION NOT NULL, PRIMARY KEY (request_id, item_id, event))""",
+    "CREATE INDEX IF NOT EXISTS feedback_ts ON feedback (ts)",
+    """CREATE TABLE IF NOT EXISTS quarantine (
+        request_id TEXT PRIMARY KEY, reason TEXT NOT NULL, row TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
 )
+# Times a reader can turn into a timestamp (pandas' nanosecond range, with a margin): anything else is corrupt.
+EARLIEST, LATEST = 0.0, 9.0e9
 
 
 class EventStoreError(RuntimeError):
     """The event database cannot be reached or refused a write; the message names the database."""
+
+
+@dataclass(frozen=True)
+class Corrupt:
+    """A logged request a reader could not parse: which, and why."""
+
+    request_id: str
+    reason: str
+    row: tuple = ()
+
+    def __str__(self) -> str:
+        return f"{self.request_id}: {self.reason}"
 
 
 def _database_errors(method):
@@ -89,7 +111,11 @@ def _database_errors(method):
 
 @dataclass(frozen=True)
 class EventStore:
-    """One event database, named by a URL: ``sqlite:///path/events.db`` or ``postgresql://user@host/db``."""
+    """One event database, named by a URL: ``sqlite:///path/events.db`` or ``postgresql://user@host/db``.
+
+    Every method opens its own connection unless given one (``conn``): the service's threads keep theirs
+    (``Connections``), a command line opens one per call.
+    """
 
     url: str
     connect_timeout_s: float = 2.0
@@ -119,13 +145,13 @@ class EventStore:
             if self.postgres:
                 import psycopg2
 
-                return psycopg2.connect(self.url, connect_timeout=max(1, int(self.connect_timeout_s)))
+                return psycopg2.connect(self.url, connect_timeout=max(1, math.ceil(self.connect_timeout_s)))
             path = Path(self.url.removeprefix("sqlite:///"))
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, timeout=self.connect_timeout_s, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")  # readers (feedback, export) do not block the writer
             # No fsync per commit (WAL stays consistent; a power cut may lose the last commits, not the file):
-            # an fsync per batch cost the serving host about 100 us of CPU each, at a few hundred batches a second.
+            # an fsync per batch costs the serving host CPU at a few hundred batches a second.
             conn.execute("PRAGMA synchronous=NORMAL")
             return conn
         except Exception as e:  # the driver's own error types differ; the message says which database
@@ -134,42 +160,51 @@ class EventStore:
     def _sql(self, statement: str) -> str:
         return statement.replace("?", "%s") if self.postgres else statement
 
+    def _run(self, conn, work):
+        """``work(cursor)`` on ``conn``, or on a connection of its own closed afterwards."""
+        if conn is not None:
+            return work(conn.cursor())
+        with closing(self.connect()) as own:
+            return work(own.cursor())
+
     @_database_errors
     def create(self) -> "EventStore":
-        with closing(self.connect()) as conn:
-            cur = conn.cursor()
+        def work(cur):
             for statement in SCHEMA:
                 cur.execute(statement)
-            conn.commit()
+            cur.connection.commit()
+
+        self._run(None, work)
         return self
 
     @_database_errors
     def write(self, requests: list["Ranked"], conn=None) -> None:
         """Insert answered requests, one transaction; a request id already logged is ignored."""
-        own = conn is None
-        conn = conn or self.connect()
-        try:
-            cur = conn.cursor()
+        def work(cur):
             cur.executemany(self._sql(f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) VALUES "
                                       f"({', '.join('?' * len(REQUEST_COLUMNS))}) ON CONFLICT DO NOTHING"),
                             [r.row() for r in requests])
-            conn.commit()
-        finally:
-            if own:
-                conn.close()
+            cur.connection.commit()
+
+        self._run(conn, work)
 
     @_database_errors
-    def shown(self, request_id: str) -> dict[str, dict[str, Any]]:
+    def shown(self, request_id: str, conn=None) -> dict[str, dict[str, Any]]:
         """``{item_id: {user_id, position, model_version}}`` of one logged request; empty if none was logged."""
-        with closing(self.connect()) as conn:
-            cur = conn.cursor()
+        def work(cur):
             cur.execute(self._sql("SELECT items, user_id, model_version FROM requests WHERE request_id = ?"),
                         (request_id,))
-            row = cur.fetchone()
+            return cur.fetchone()
+
+        row = self._run(conn, work)
         if row is None:
             return {}
+        try:
+            items = json.loads(row[0])
+        except (TypeError, ValueError):
+            return {}  # a corrupt row shows nothing: feedback on it is refused as unknown
         return {item: {"user_id": row[1], "position": position, "model_version": row[2]}
-                for position, item in enumerate(json.loads(row[0]), start=1)}
+                for position, item in enumerate(items, start=1)}
 
     @_database_errors
     def interacted(self, user_id: str, limit: int = 1000) -> set[str]:
@@ -177,20 +212,33 @@ class EventStore:
 
         Feedback is only accepted for an item its request showed, so the request's user is the item's.
         """
-        with closing(self.connect()) as conn:
-            cur = conn.cursor()
+        def work(cur):
             cur.execute(self._sql("SELECT f.item_id, MAX(f.ts) AS last FROM feedback f JOIN requests r ON "
                                   "r.request_id = f.request_id WHERE r.user_id = ? AND f.value > 0 "
                                   "GROUP BY f.item_id ORDER BY last DESC LIMIT ?"), (user_id, int(limit)))
             return {r[0] for r in cur.fetchall()}
 
+        return self._run(None, work)
+
+    @_database_errors
+    def positive_feedback(self, since: float, limit: int = 100_000, conn=None) -> list[tuple[str, str, float]]:
+        """``(user_id, item_id, ts)`` of positive feedback recorded at or after ``since``, oldest first: what the
+        service's per-user history (for ``novelty``) follows."""
+        def work(cur):
+            cur.execute(self._sql("SELECT r.user_id, f.item_id, f.ts FROM feedback f JOIN requests r ON "
+                                  "r.request_id = f.request_id WHERE f.ts >= ? AND f.value > 0 "
+                                  "ORDER BY f.ts LIMIT ?"), (float(since), int(limit)))
+            return [(str(u), str(i), float(t)) for u, i, t in cur.fetchall()]
+
+        return self._run(conn, work)
+
     @_database_errors
     def record_feedback(self, request_id: str, item_id: str, events: dict[str, float],
-                        ts: float | None = None) -> list[str]:
+                        ts: float | None = None, conn=None) -> list[str]:
         """Insert each event once; a repeat of (request, item, event) is ignored. Returns the events that were new."""
         ts = time.time() if ts is None else float(ts)
-        with closing(self.connect()) as conn:
-            cur = conn.cursor()
+
+        def work(cur):
             new = []
             for event, value in events.items():
                 cur.execute(self._sql("INSERT INTO feedback (request_id, item_id, event, value, ts) "
@@ -198,35 +246,146 @@ class EventStore:
                             (request_id, item_id, event, float(value), ts))
                 if cur.rowcount > 0:
                     new.append(event)
-            conn.commit()
+            cur.connection.commit()
             return new
 
+        return self._run(conn, work)
+
     @_database_errors
-    def read(self, since: float | None = None):
-        """Impressions (one row per shown item, ``IMPRESSION_COLUMNS``) at or after ``since`` (epoch seconds)
-        and the feedback on them, as two data frames."""
+    def read(self, since: float | None = None, problems: list[Corrupt] | None = None):
+        """Impressions (one row per shown item, ``IMPRESSION_COLUMNS``) logged at or after ``since`` (epoch
+        seconds, the server's clock) and the feedback on them, as two data frames.
+
+        A request row that does not parse is left out, logged, and appended to ``problems`` when given.
+        """
         import pandas as pd
 
         since = float("-inf") if since is None else float(since)
-        with closing(self.connect()) as conn:
-            cur = conn.cursor()
+
+        def work(cur):
             cur.execute(self._sql(f"SELECT {', '.join(REQUEST_COLUMNS)} FROM requests WHERE ts >= ? "
                                   "ORDER BY ts, request_id"), (since,))
             requests = cur.fetchall()
             cur.execute(self._sql("SELECT f.request_id, f.item_id, f.event, f.value, f.ts FROM feedback f JOIN "
                                   "requests r ON r.request_id = f.request_id WHERE r.ts >= ?"), (since,))
-            feedback = pd.DataFrame(cur.fetchall(), columns=["request_id", "item_id", "event", "value", "ts"])
-        rows = [impression for request in requests for impression in _impressions(request)]
+            return requests, cur.fetchall()
+
+        requests, feedback_rows = self._run(None, work)
+        rows, bad = [], []
+        for request in requests:
+            try:
+                rows.extend(_impressions(request))
+            except Exception as e:  # noqa: BLE001 - whatever is wrong with the row, it is that row's problem
+                bad.append(Corrupt(str(request[0]), f"{type(e).__name__}: {e}", tuple(request)))
+        if bad:
+            log.warning("event database %s: %d corrupt request row(s) left out (%s)", self.where(), len(bad),
+                        "; ".join(str(b) for b in bad[:5]))
+            if problems is not None:
+                problems.extend(bad)
+            skipped = {b.request_id for b in bad}
+            feedback_rows = [f for f in feedback_rows if f[0] not in skipped]
+        feedback = pd.DataFrame(feedback_rows, columns=["request_id", "item_id", "event", "value", "ts"])
         return pd.DataFrame(rows, columns=list(IMPRESSION_COLUMNS)), feedback
+
+    @_database_errors
+    def quarantine(self, corrupt: list[Corrupt]) -> int:
+        """Move corrupt request rows into the ``quarantine`` table (with why), one transaction; returns how many."""
+        if not corrupt:
+            return 0
+
+        def work(cur):
+            for c in corrupt:
+                cur.execute(self._sql("INSERT INTO quarantine (request_id, reason, row, ts) VALUES (?, ?, ?, ?) "
+                                      "ON CONFLICT DO NOTHING"),
+                            (c.request_id, c.reason, json.dumps([str(v) for v in c.row]), time.time()))
+                cur.execute(self._sql("DELETE FROM requests WHERE request_id = ?"), (c.request_id,))
+            cur.connection.commit()
+            return len(corrupt)
+
+        return self._run(None, work)
+
+    @_database_errors
+    def quarantined(self) -> list[tuple[str, str]]:
+        """``(request_id, reason)`` of every quarantined row."""
+        def work(cur):
+            cur.execute("SELECT request_id, reason FROM quarantine ORDER BY ts")
+            return [(str(r), str(w)) for r, w in cur.fetchall()]
+
+        return self._run(None, work)
+
+    @_database_errors
+    def prune(self, before: float, conn=None) -> dict[str, int]:
+        """Delete what was logged before ``before`` (epoch seconds, the server's clock): requests, the feedback
+        on them, and quarantined rows; returns how many of each, one transaction."""
+        before = float(before)
+
+        def work(cur):
+            counts = {}
+            cur.execute(self._sql("DELETE FROM feedback WHERE request_id IN "
+                                  "(SELECT request_id FROM requests WHERE ts < ?)"), (before,))
+            counts["feedback"] = max(cur.rowcount, 0)
+            cur.execute(self._sql("DELETE FROM requests WHERE ts < ?"), (before,))
+            counts["requests"] = max(cur.rowcount, 0)
+            cur.execute(self._sql("DELETE FROM quarantine WHERE ts < ?"), (before,))
+            counts["quarantined"] = max(cur.rowcount, 0)
+            cur.connection.commit()
+            return counts
+
+        return self._run(conn, work)
+
+
+class Connections:
+    """One open connection per thread, dropped after an error: the service's threads reuse theirs instead of
+    connecting per call. SQLite connections must stay in the thread that uses them; so do psycopg2's here."""
+
+    def __init__(self, store: EventStore):
+        self.store = store
+        self._local = threading.local()
+
+    def run(self, method: str, *args, **kwargs):
+        """``store.<method>(*args, conn=<this thread's connection>, **kwargs)``."""
+        conn = getattr(self._local, "conn", None)
+        try:
+            if conn is None:
+                conn = self._local.conn = self.store.connect()
+            return getattr(self.store, method)(*args, conn=conn, **kwargs)
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - a broken connection closes as best it can
+                pass
+
+
+def _finite_time(value: Any, what: str) -> float:
+    t = float(value)
+    if not EARLIEST <= t <= LATEST:
+        raise ValueError(f"{what} {t!r} is not a time this log can hold")
+    return t
 
 
 def _impressions(request: tuple) -> list[tuple]:
-    """A ``requests`` row as one ``IMPRESSION_COLUMNS`` row per item, in position order."""
+    """A ``requests`` row as one ``IMPRESSION_COLUMNS`` row per item, in position order; raises on a row that
+    does not parse (bad JSON, lists of different lengths, a time out of range)."""
     r = dict(zip(REQUEST_COLUMNS, request))
     items, score, propensity = (json.loads(r[c]) for c in ("items", "score", "propensity"))
     scores = json.loads(r["scores"])
     weights, context, policy = (json.loads(r[c]) for c in ("weights", "context", "policy"))
-    return [(r["request_id"], item, r["user_id"], float(r["ts"]), j + 1, r["model_version"], float(score[j]),
+    if not isinstance(items, list) or not (len(items) == len(score) == len(propensity)):
+        raise ValueError("its items, scores and propensities differ in length")
+    if not all(isinstance(v, list) and len(v) == len(items) for v in scores.values()):
+        raise ValueError("an objective's scores differ in length from its items")
+    if not isinstance(context, dict) or not isinstance(policy, dict) or not isinstance(weights, dict):
+        raise ValueError("its weights, context or policy is not an object")
+    ts = _finite_time(r["ts"], "ts")
+    if context.get("timestamp") is not None:
+        _finite_time(context["timestamp"], "context.timestamp")
+    return [(r["request_id"], item, r["user_id"], ts, j + 1, r["model_version"], float(score[j]),
              {k: v[j] for k, v in scores.items()}, weights, float(r["diversity"]), float(propensity[j]), context,
              policy, float(r["novelty"])) for j, item in enumerate(items)]
 
@@ -236,9 +395,10 @@ class Ranked:
     """One ``/rank`` answer as the log keeps it: the answer itself, serialised only when written.
 
     The request thread builds this and queues it (no copy, no JSON); the writer thread calls ``row``. The
-    answer is a ``ranking.rank`` result, which nothing changes after it is answered. ``propensities``: the
-    probability of each returned item at its position under the serving policy; ``policy``: the request's
-    exploration draw, ``{}`` when it was not explored.
+    answer is a ``ranking.rank`` result, which nothing changes after it is answered. ``ts``: the server's
+    clock; ``propensities``: the probability of each returned item at its position under the serving policy;
+    ``context``: the request's declared context columns (and ``timestamp``, the client's feature time, when it
+    sent one); ``policy``: what served it (the module docstring).
     """
 
     request_id: str
@@ -262,119 +422,3 @@ class Ranked:
                 json.dumps([float(p) for p in self.propensities]), json.dumps(a["weights"], sort_keys=True),
                 float(a["diversity"]), json.dumps(self.context or {}, sort_keys=True, default=str),
                 json.dumps(self.policy or {}, sort_keys=True), float(a.get("novelty", 0.0)))
-
-
-class ImpressionLog:
-    """A bounded queue and one writer thread: ``log`` never blocks and never raises.
-
-    ``on_drop(n)`` is called for every ``n`` rows lost (queue full, database
-    down, a write refused); the service counts them on ``/metrics``. A
-    database that fails is retried after ``retry_s``; rows that arrive
-    meanwhile wait in the queue until it is full.
-    """
-
-    def __init__(self, store: EventStore, *, capacity: int = 20_000, batch_rows: int = 1_000,
-                 flush_s: float = 0.2, linger_s: float = 0.05, retry_s: float = 1.0,
-                 on_drop: Callable[[int], None] | None = None):
-        self.store = store
-        self.batch_rows = batch_rows
-        self.flush_s = flush_s
-        self.linger_s = min(linger_s, flush_s)
-        self.retry_s = retry_s
-        self.on_drop = on_drop or (lambda n: None)
-        self.dropped = 0
-        self.written = 0
-        self.capacity = capacity  # in rows (shown items), as MTLREC_EVENTS_QUEUE_ROWS counts them
-        self._queued = 0
-        self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="mtlrec-events")
-        self._thread.start()
-
-    def log(self, request: Ranked) -> bool:
-        """Queue one answered request; False (and its rows counted as dropped) if the queue is full."""
-        if not request.size:
-            return True
-        with self._lock:
-            full = self._queued + request.size > self.capacity
-            if not full:
-                self._queued += request.size
-                self._queue.put_nowait(request)
-                self._idle.clear()
-        if full:
-            self._drop(request.size)
-        return not full
-
-    def _drop(self, n: int) -> None:
-        self.dropped += n
-        try:
-            self.on_drop(n)
-        except Exception:  # noqa: BLE001 - a metrics hiccup must not stop the writer
-            pass
-
-    def _take(self) -> list[Ranked]:
-        """Requests of up to ``batch_rows`` rows: waits ``flush_s`` for the first, then up to ``linger_s`` more
-        for others, so that under load a transaction carries many requests instead of one each."""
-        try:
-            batch = [self._queue.get(timeout=self.flush_s)]
-        except queue.Empty:
-            return []
-        rows = batch[0].size
-        deadline = time.monotonic() + self.linger_s
-        while rows < self.batch_rows:
-            left = deadline - time.monotonic()
-            try:
-                batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
-            except queue.Empty:
-                break
-            rows += batch[-1].size
-        with self._lock:
-            self._queued -= rows
-        return batch
-
-    def _run(self) -> None:
-        conn = None
-        created = False
-        while not (self._stop.is_set() and self._queue.empty()):
-            batch = self._take()
-            if not batch:
-                self._idle.set()
-                continue
-            rows = sum(r.size for r in batch)
-            try:
-                if conn is None:
-                    conn = self.store.connect()
-                if not created:
-                    self.store.create()
-                    created = True
-                self.store.write(batch, conn)
-                self.written += rows
-            except Exception as e:  # noqa: BLE001 - a down database loses these rows, never a request
-                self._drop(rows)
-                log.warning("impression log: %d rows dropped (%s)", rows, e)
-                if conn is not None:
-                    try:
-                        conn.close()
-                    except Exception:  # noqa: BLE001
-                        pass
-                conn = None
-                self._stop.wait(self.retry_s)
-            if self._queue.empty():
-                self._idle.set()
-        if conn is not None:
-            conn.close()
-
-    def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until everything queued so far is written (or dropped); True if it was within ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._queue.empty() and self._idle.wait(0.05) and self._queue.empty():
-                return True
-        return False
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)

@@ -52,11 +52,18 @@ class Model:
     tag: str
     scorer: Any  # models.artifact.Scorer
     weights: dict[str, float] = field(default_factory=dict)
+    fusion: str = "declared"  # the fusion weights' version: "declared", or an accepted tuning's id
 
     @classmethod
-    def of(cls, tag: str, scorer, weights: dict[str, float] | None = None) -> "Model":
-        """``weights``: the model's tuned fusion weights (``mtlrec fusion tune``); else its declared ones."""
-        return cls(tag=tag, scorer=scorer, weights=dict(weights) if weights else fusion_weights(scorer.tasks))
+    def of(cls, tag: str, scorer, weights: dict[str, float] | None = None, fusion: str | None = None) -> "Model":
+        """``weights``: the model's accepted fusion weights (version ``fusion``); else its declared ones."""
+        if not weights:
+            return cls(tag=tag, scorer=scorer, weights=fusion_weights(scorer.tasks), fusion="declared")
+        return cls(tag=tag, scorer=scorer, weights=dict(weights), fusion=fusion or "tuned")
+
+    def with_fusion(self, weights: dict[str, float] | None, fusion: str | None) -> "Model":
+        """The same scorer under another fusion version: a new object, so a request in flight keeps its own."""
+        return Model.of(self.tag, self.scorer, weights, fusion)
 
     @property
     def objectives(self) -> list[str]:
@@ -273,8 +280,11 @@ def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | 
     see ``order``.
 
     Besides the answer, two keys for the impression log (the service removes them from the response):
-    ``propensities``, one per returned item, and ``policy``, ``{"vectors", "probabilities", "chosen"}`` when
-    this request was explored, else ``{}``. ``weights`` in the answer is the vector that ranked it.
+    ``propensities``, one per returned item, and ``policy``: what served it (``source``: ``model`` or
+    ``request``, the ``fusion`` version, ``explore`` and its ``epsilon`` and ``spread``) and, when this request
+    was explored, ``vectors``, ``probabilities``, the ``chosen`` index and each vector's ``expected`` objectives
+    (the sum of each objective's probability over the items that vector would show). ``weights`` in the answer
+    is the vector that ranked it.
     """
     if k is not None and not 1 <= k <= len(candidates):
         raise RequestError("k", f"must be between 1 and the number of candidates ({len(candidates)}), got {k}")
@@ -289,8 +299,12 @@ def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | 
             (t.name for t in model.scorer.tasks if t.type == "binary"), None)
         extra = {"novelty": float(novelty), "tail": tail_scores(s.frame, primary),
                  "seen": np.array([c in seen_items for c in candidates]) if seen_items else None}
-    policy: dict[str, Any] = {}
-    if explore is not None and explore.on and weights is None:  # a caller's explicit weights are never explored
+    explore = explore or Exploration()
+    policy: dict[str, Any] = {"source": "request" if weights is not None else "model", "fusion": model.fusion,
+                              "explore": explore.policy}
+    if explore.on:
+        policy.update(epsilon=float(explore.epsilon), spread=float(explore.spread))
+    if explore.on and weights is None:  # a caller's explicit weights are never explored
         vectors = weight_vectors(w, explore.spread)
         probabilities = policy_probabilities(len(vectors), explore.epsilon)
         chosen = choose(probabilities, rng if rng is not None else np.random.default_rng())
@@ -298,7 +312,9 @@ def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | 
         w = vectors[chosen]
         fused, top = ranked[chosen]
         prop = propensities([r[1] for r in ranked], probabilities, chosen)
-        policy = {"vectors": vectors, "probabilities": probabilities, "chosen": chosen}
+        # the reward model of doubly robust estimates: what each vector's list would show, objective by objective
+        expected = [{o: float(s.probs[o][r[1]].sum()) for o in model.objectives if o in s.probs} for r in ranked]
+        policy.update(vectors=vectors, probabilities=probabilities, chosen=chosen, expected=expected)
     else:
         fused, top = order(s.probs, w, fusion, cats, shown, diversity, **extra)
         prop = np.ones(len(top))

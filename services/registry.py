@@ -4,14 +4,18 @@ BentoML keeps registered models (``weights.safetensors`` + ``model.json``,
 labels, metadata) under ``$BENTOML_HOME/models``. It has no notion of "the
 production model", so that lives beside it in ``$BENTOML_HOME/mtlrec/``:
 
-- ``production.json``: ``{"tag", "previous", "changed", "reason", ...}``,
+- ``production.json``: ``{"tag", "previous", "changed", "reason", "fusion",
+  "fusion_previous", ...}`` (the model, and the fusion version it serves),
   replaced whole with ``os.replace`` after an fsync, so a reader (or a crash)
-  sees the old pointer or the new one, never a torn mix;
+  sees the old pointer or the new one, never a torn mix; ``serving()`` reads
+  both in one read;
 - ``evaluations/<name>/<version>.json``: the evaluation of each model; the
   gate promotes nothing without one;
-- ``fusion/<name>/<version>.json``: the model's tuned fusion weights
-  (``mtlrec fusion tune``), which the gate then judges it with;
-- ``audit.jsonl``: one line per promotion, rollback and evaluation, append-only.
+- ``fusion/<name>/<version>/f<N>.json``: the model's accepted fusion weightings
+  (``services/fusion_versions.py``): the production pointer also names the live
+  one, and a model promotion or rollback moves it with the model;
+- ``audit.jsonl``: one line per promotion, rollback, evaluation and fusion
+  move, append-only.
 
 Two things about BentoML's store shape this module. It resolves
 ``$BENTOML_HOME`` once per process and caches it (a ``simple_di``
@@ -22,39 +26,43 @@ And it copies a model straight into its final directory, so a crash while
 registering leaves a partial model that BentoML will list; the weights' sha256
 is kept in the metadata and checked before a model can become production.
 
-Fault injection: with ``MTLREC_REGISTRY_CRASH_BEFORE_REPLACE=1`` in the
-environment, every atomic write here dies with ``os._exit(70)`` after the
-temporary file is written and synced but before it replaces the real one,
-which is how the tests prove a killed promotion leaves production alone.
+The lock, the atomic writes and the audit log are ``services/registry_io.py``,
+shared with the fusion versions. Fault injection: with
+``MTLREC_REGISTRY_CRASH_BEFORE_REPLACE=1`` in the environment, every atomic
+write of the registry dies with ``os._exit(70)`` after the temporary file is
+written and synced but before it replaces the real one, which is how the
+tests prove a killed promotion leaves production alone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
-import socket
-import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from models.artifact import META, WEIGHTS, read_meta, sha256
-from models.settings import env_name, get_settings
+from services import fusion_versions
+from services.fusion_versions import FusionVersion, Serving
+from services.registry_io import RegistryError, audit, home, pointer, pointer_path, registry_dir
+# what callers of the registry use from its two helpers, re-exported under the registry's name
+from services.fusion_versions import DECLARED as DECLARED, FusionChanged as FusionChanged, serving as serving
+from services.registry_io import (CRASH_HOOK as CRASH_HOOK, audit_events as audit_events,
+                                  audit_path as audit_path)
+from services.registry_io import atomic_write_json as _atomic_write_json
+from services.registry_io import clean_stale_temp_files as _clean_stale_temp_files
+from services.registry_io import json_safe as _json_safe
+from services.registry_io import locked as _locked
+from services.registry_io import now as _now
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "mtlrec-ranker"
-CRASH_HOOK = env_name("registry_crash_before_replace")  # the variable's name, for tests that set it
 HISTORY = 20  # previous production tags kept for rollback
 KEY_METRICS = ("fused/ndcg@10", "fused/recall@10", "mean_auc")  # plus every task's AUC
-
-
-class RegistryError(ValueError):
-    """A registry operation refused; the message names the tag and the reason."""
 
 
 class ModelNotFound(RegistryError):
@@ -74,27 +82,7 @@ class ProductionChanged(RegistryError):
         self.judged_against, self.now = judged_against, now
 
 
-# --- where things live ---------------------------------------------------------------------------------------------
-
-def home() -> Path:
-    """``$BENTOML_HOME`` as BentoML reads it (default ``~/bentoml``), but read on every call."""
-    raw = os.environ.get("BENTOML_HOME") or os.path.join(os.path.expanduser("~"), "bentoml")
-    return Path(os.path.expanduser(os.path.expandvars(raw)))
-
-
-def registry_dir() -> Path:
-    d = home() / "mtlrec"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def pointer_path() -> Path:
-    return registry_dir() / "production.json"
-
-
-def audit_path() -> Path:
-    return registry_dir() / "audit.jsonl"
-
+# --- the model store -----------------------------------------------------------------------------------------------
 
 def _store():
     # BentoML's usage tracking would post every model save to t.bentoml.com and, in doing so, resolve (and create)
@@ -240,60 +228,48 @@ def evaluation_of(tag: str) -> dict[str, Any] | None:
     return _record_of(tag, _evaluation_path, "evaluation")
 
 
-def _fusion_path(tag: str) -> Path:
-    name, version = tag.split(":", 1)
-    return registry_dir() / "fusion" / name / f"{version}.json"
-
-
-def record_fusion(tag: str, report: dict[str, Any]) -> str:
-    """Keep a model's tuned fusion weights beside it (the report of ``models.fusion_tuning.tune``).
-
-    Kept outside BentoML's model: its files and metadata are the registered weights' provenance and stay as
-    registered, while tuning may be rerun on newer data. A rerun replaces the record whole.
-    """
-    weights = report.get("weights")
-    if not isinstance(weights, dict) or not weights or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-            for v in weights.values()) or not any(weights.values()):
-        raise RegistryError(f"fusion weights for {tag} must map objectives to finite numbers >= 0, not all 0; "
-                            f"got {weights!r}")
-    full = resolve(tag)
-    path = _fusion_path(full)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(path, {"tag": full, "recorded": _now(), "fusion": _json_safe(report)})
-    audit({"event": "fusion tuned", "tag": full, "weights": weights})
-    return full
-
+# --- fusion versions -----------------------------------------------------------------------------------------------
+# Kept by services/fusion_versions.py on full tags; these take what a user typed (a unique version prefix too).
 
 def fusion_of(tag: str) -> dict[str, Any] | None:
-    """The recorded fusion tuning of ``tag`` (``{"weights": ..., ...}``), or None when it has none."""
-    return _record_of(tag, _fusion_path, "fusion")
+    """The report of the model's latest accepted fusion version (``{"weights": ..., ...}``), or None.
 
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
+    The weights the gate judges the model with as a candidate, and the ones it serves once promoted.
+    """
+    try:
+        full = resolve(tag)
+    except ModelNotFound:
         return None
-    return x if x is None or isinstance(x, (bool, int, float, str)) else str(x)
+    record = fusion_versions.latest(full)
+    return {**(record.get("report") or {}), "weights": record["weights"]} if record else None
+
+
+def fusion_current(tag: str) -> Serving:
+    """The weighting ``tag`` is served with now, or would be if promoted: what a tuned proposal must beat."""
+    return fusion_versions.current(resolve(tag))
+
+
+def list_fusion(tag: str) -> list[dict[str, Any]]:
+    """Every fusion version of ``tag``, oldest first, withdrawn ones included."""
+    return fusion_versions.versions(resolve(tag))
+
+
+def accept_fusion(tag: str, report: dict[str, Any], decision: Any, *, judged_against: str,
+                  reason: str = "") -> FusionVersion:
+    """Keep a weighting the fusion gate accepted as the model's next version; live at once if it is production.
+
+    ``judged_against``: the fusion id the decision compared with (``fusion_current(tag).fusion`` as it was
+    read); FusionChanged when that is no longer the model's current weighting.
+    """
+    return fusion_versions.accept(resolve(tag), report, decision, judged_against=judged_against, reason=reason)
+
+
+def rollback_fusion(reason: str = "fusion rollback") -> Serving:
+    """Serve production's previous fusion version again (its declared weights below the first); audited."""
+    return fusion_versions.rollback(reason)
 
 
 # --- the production pointer ----------------------------------------------------------------------------------------
-
-def pointer() -> dict[str, Any] | None:
-    """The whole production record, or None before the first promotion."""
-    path = pointer_path()
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:  # cannot happen through this module: writes are whole-file replaces
-        raise RegistryError(f"{path} is not valid JSON ({e}); restore it from {audit_path()}") from None
-
 
 def production() -> str | None:
     p = pointer()
@@ -351,18 +327,12 @@ def _move_pointer(full: str, reason: str, old: dict[str, Any] | None) -> None:
     if old and old["tag"] == full:
         return
     previous = ([old["tag"]] + [t for t in old.get("previous", []) if t != full]) if old else []
-    record = {"tag": full, "previous": previous[:HISTORY], "changed": _now(), "reason": reason, "action": "promote"}
+    record = {"tag": full, "previous": previous[:HISTORY], "changed": _now(), "reason": reason, "action": "promote",
+              **fusion_versions.pointer_fields(full)}
     _atomic_write_json(pointer_path(), record)
     # after the replace: a crash in between leaves a changed pointer that still says when, why and what came before
-    audit({"event": "promote", "tag": full, "from": old["tag"] if old else None, "reason": reason})
-
-
-def _clean_stale_temp_files() -> None:
-    """Temp files of the pointer left by a writer killed before its rename (only lock holders write it)."""
-    for tmp in registry_dir().glob(f".{pointer_path().name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-            log.info("removed %s, left by an interrupted promotion", tmp.name)
+    audit({"event": "promote", "tag": full, "from": old["tag"] if old else None, "reason": reason,
+           "fusion": record["fusion"]["id"]})
 
 
 def production_artifact() -> Path | None:
@@ -391,80 +361,12 @@ def rollback(reason: str = "rollback") -> str:
         target, rest = old["previous"][0], old["previous"][1:]
         _check_intact(_get(target))
         _clean_stale_temp_files()
-        record = {"tag": target, "previous": rest, "changed": _now(), "reason": reason, "action": "rollback"}
+        record = {"tag": target, "previous": rest, "changed": _now(), "reason": reason, "action": "rollback",
+                  **fusion_versions.pointer_fields(target)}
         _atomic_write_json(pointer_path(), record)
-        audit({"event": "rollback", "tag": target, "from": old["tag"], "reason": reason})
+        audit({"event": "rollback", "tag": target, "from": old["tag"], "reason": reason,
+               "fusion": record["fusion"]["id"]})
     return target
-
-
-@contextlib.contextmanager
-def _locked() -> Iterator[None]:
-    """Serialise read-modify-write of the pointer across processes; the OS drops the lock if we die."""
-    with open(registry_dir() / ".lock", "a") as fh:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: single writer assumed
-            yield
-            return
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    """Temp file in the same directory, fsync, rename over, fsync the directory: old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        if get_settings().registry_crash_before_replace:  # fault injection, see the module docstring
-            os._exit(70)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-# --- audit ---------------------------------------------------------------------------------------------------------
-
-def audit(event: dict[str, Any]) -> None:
-    """Append one JSON line and fsync it; never rewritten, so it survives whatever happens to the pointer."""
-    line = json.dumps({"time": _now(), **_json_safe(event), "host": socket.gethostname(), "pid": os.getpid()})
-    with open(audit_path(), "a") as fh:
-        fh.write(line + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def audit_events() -> list[dict[str, Any]]:
-    path = audit_path()
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line torn by a crash mid-append
-            out.append(json.loads(line))
-    return out
 
 
 # --- listing -------------------------------------------------------------------------------------------------------
@@ -524,9 +426,6 @@ def describe(tag: str) -> dict[str, Any]:
     full = str(m.tag)
     return {"tag": full, "path": str(m.path), "created": m.creation_time.isoformat(timespec="seconds"),
             "labels": dict(m.info.labels), "metadata": m.info.metadata, "evaluation": evaluation_of(full),
-            "fusion": fusion_of(full),
+            "fusion": fusion_of(full), "fusion_current": fusion_versions.current(full).fusion,
             "production": full == production()}
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

@@ -253,3 +253,126 @@ def test_scorer_load_checks_the_weights_checksum(trained, tmp_path):
     (copy / "weights.safetensors").write_bytes(bytes(raw))
     with pytest.raises(CorruptModel, match="sha256"):
         Scorer.load(copy)
+
+
+# ---- fusion versions: accepted weightings, live behind the same pointer ------------------------------------------
+
+def _accepted(weights: dict[str, float], difference: float = 0.01) -> tuple[dict, dict]:
+    """A tuning report and the fusion gate's accepting decision, as ``mtlrec fusion tune`` hands them over."""
+    return ({"weights": weights, "k": 10},
+            {"accepted": True, "reason": "accepted: test", "metric": "reward@10", "difference": difference,
+             "interval": [difference / 2, difference * 2]})
+
+
+W1, W2 = {"click": 0.8, "purchase": 1.2}, {"click": 0.5, "purchase": 1.5}
+
+
+def test_an_accepted_fusion_of_production_goes_live_through_the_pointer(evaluated):
+    """A weighting reaches production only as a version the pointer names, so every worker can see it move."""
+    a, _ = evaluated
+    registry.set_production(a, reason="first")
+    assert registry.serving() == registry.Serving(a, "declared", None)
+    kept = registry.accept_fusion(a, *_accepted(W1), judged_against="declared")
+    assert (kept.id, kept.live, kept.weights) == ("f1", True, W1)
+    assert registry.serving() == registry.Serving(a, "f1", W1) and registry.serving().weights == W1
+    p = registry.pointer()
+    assert p["tag"] == a and p["previous"] == [] and p["fusion"]["id"] == "f1" and p["fusion_previous"] == []
+    registry.accept_fusion(a, *_accepted(W2), judged_against="f1")
+    assert registry.serving() == registry.Serving(a, "f2", W2) and registry.pointer()["fusion_previous"] == ["f1"]
+    assert registry.fusion_of(a)["weights"] == W2
+    moves = [(e["event"], e["fusion"], e["from"]) for e in registry.audit_events() if e["event"].startswith("fusion")]
+    assert moves == [("fusion accepted", "f1", "declared"), ("fusion promote", "f1", "declared"),
+                     ("fusion accepted", "f2", "f1"), ("fusion promote", "f2", "f1")]
+
+
+def test_a_stale_or_declined_fusion_decision_changes_nothing(evaluated):
+    a, _ = evaluated
+    registry.set_production(a, reason="first")
+    registry.accept_fusion(a, *_accepted(W1), judged_against="declared")
+    before = registry.pointer_path().read_bytes()
+    with pytest.raises(registry.FusionChanged, match="judged against its fusion declared"):
+        registry.accept_fusion(a, *_accepted(W2), judged_against="declared")  # f1 went live in between
+    report, decision = _accepted(W2)
+    with pytest.raises(registry.RegistryError, match="declined"):
+        registry.accept_fusion(a, report, {**decision, "accepted": False}, judged_against="f1")
+    with pytest.raises(registry.RegistryError, match="finite numbers >= 0"):
+        registry.accept_fusion(a, *_accepted({"click": -1.0}), judged_against="f1")
+    assert registry.pointer_path().read_bytes() == before and [r["id"] for r in registry.list_fusion(a)] == ["f1"]
+
+
+def test_rollback_fusion_serves_the_previous_version_then_the_declared_weights(evaluated):
+    a, _ = evaluated
+    with pytest.raises(registry.RegistryError, match="no model was ever promoted"):
+        registry.rollback_fusion()
+    registry.set_production(a, reason="first")
+    registry.accept_fusion(a, *_accepted(W1), judged_against="declared")
+    registry.accept_fusion(a, *_accepted(W2), judged_against="f1")
+    assert registry.rollback_fusion("f2 misbehaves") == registry.Serving(a, "f1", W1)
+    assert registry.serving() == registry.Serving(a, "f1", W1) and registry.pointer()["fusion_previous"] == []
+    assert registry.fusion_of(a)["weights"] == W1  # the rolled-back version never comes back with the model
+    assert [r["id"] for r in registry.list_fusion(a) if r.get("withdrawn")] == ["f2"]
+    assert registry.rollback_fusion("f1 too") == registry.Serving(a, "declared", None)
+    with pytest.raises(registry.RegistryError, match="already serves its declared fusion weights"):
+        registry.rollback_fusion()
+    assert registry.fusion_of(a) is None and registry.production() == a
+    rollbacks = [(e["fusion"], e["from"], e["reason"]) for e in registry.audit_events()
+                 if e["event"] == "fusion rollback"]
+    assert rollbacks == [("f1", "f2", "f2 misbehaves"), ("declared", "f1", "f1 too")]
+    assert registry.accept_fusion(a, *_accepted(W2), judged_against="declared").id == "f3"  # ids are never reused
+
+
+def test_a_promotion_or_rollback_brings_the_model_s_own_accepted_fusion(evaluated):
+    a, b = evaluated
+    registry.set_production(a, reason="first")
+    registry.accept_fusion(a, *_accepted(W1), judged_against="declared")
+    kept = registry.accept_fusion(b, *_accepted(W2), judged_against="declared")
+    assert not kept.live and registry.serving() == registry.Serving(a, "f1", W1)  # b is not production
+    assert registry.fusion_current(b) == registry.Serving(b, "f1", W2)
+    registry.commit_decision(b, judged_against=a, promote=True, gate={"delta": 0.1})
+    assert registry.serving() == registry.Serving(b, "f1", W2)
+    assert [e["fusion"] for e in registry.audit_events() if e["event"] == "promote"] == ["declared", "f1"]
+    assert registry.rollback("b misbehaves") == a
+    assert registry.serving() == registry.Serving(a, "f1", W1)
+
+
+def test_the_model_gate_judges_production_with_its_live_fusion(trained, evaluated):
+    from flows.promote import promote
+    from models.table import load_training_table
+
+    a, b = evaluated
+    registry.set_production(a, reason="first")
+    registry.accept_fusion(a, *_accepted(W1), judged_against="declared")
+    registry.accept_fusion(b, *_accepted(W2), judged_against="declared")
+    decision = promote(b, load_training_table(trained["data"]))
+    assert decision.fusion["reference"] == {"weights": W1, "source": "tuned"}
+    assert decision.fusion["candidate"] == {"weights": W2, "source": "tuned"}
+
+
+def test_fusion_cli_show_and_rollback(evaluated):
+    import typer
+    from typer.testing import CliRunner
+
+    from flows.cli.fusion import app
+
+    a, b = evaluated
+    registry.set_production(a, reason="first")
+    registry.accept_fusion(a, *_accepted(W1), judged_against="declared")
+    registry.accept_fusion(a, *_accepted(W2, 0.02), judged_against="f1")
+    root = typer.Typer()  # as `mtlrec fusion` mounts it
+    root.add_typer(app, name="fusion")
+    run = CliRunner().invoke
+    shown = run(root, ["fusion", "show"])
+    assert shown.exit_code == 0, shown.output
+    assert f"{a} (production) serves fusion f2" in shown.output
+    rows = {line.split("|")[1].strip(): line for line in shown.output.splitlines() if line.startswith("| ")}
+    assert rows["f2"].rstrip().endswith("| live |") and "| 0.5 | 1.5 |" in rows["f2"]
+    assert "reward@10 +0.0200 [+0.0100, +0.0400] vs f1" in rows["f2"] and "| 1.0 | 1.0 |" in rows["declared"]
+    listed = json.loads(run(root, ["fusion", "show", "--model", b, "--json"]).output)
+    assert listed == {"tag": b, "production": False, "serves": "declared", "declared": {"click": 1.0, "purchase": 1.0},
+                      "versions": []}
+    back = run(root, ["fusion", "rollback", "--reason", "cli"])
+    assert back.exit_code == 0 and back.output.strip() == f"production {a}: fusion f1 (was f2)"
+    assert registry.pointer()["fusion"]["reason"] == "cli"
+    run(root, ["fusion", "rollback"])
+    refused = run(root, ["fusion", "rollback"])
+    assert refused.exit_code == 1 and "already serves its declared fusion weights" in refused.output

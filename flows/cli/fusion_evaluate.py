@@ -1,7 +1,8 @@
 """`mtlrec fusion evaluate`: what another fusion weighting would have earned, estimated from the service's log.
 
 The service must have explored (``MTLREC_EXPLORE=epsilon``) for any weighting but the one it served to be
-judged: ``models.offpolicy`` explains the estimators, and refuses a weighting the log never drew.
+judged: ``models.offpolicy`` explains the estimators, which requests count for a weighting, and the evidence
+below which it refuses to estimate.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 from pathlib import Path
 
 import typer
+
+from models.offpolicy import MIN_ESS, MIN_MATCHING, MIN_REWARDED
 
 app = typer.Typer(help="Fusion weightings judged on logged traffic.", no_args_is_help=True)
 
@@ -48,50 +51,30 @@ def default_rewards(data: Path) -> dict[str, float]:
     return out
 
 
-def logged_requests(impressions, feedback, rewards: dict[str, float]):
-    """Per request: its list's reward, the vector that ranked it, that draw's probability and the policy's support.
-
-    Only explored requests count when there are any: a request whose caller sent its own weights (or that was
-    served with exploration off) was not drawn by the policy being evaluated. A log without exploration is
-    judged as the deterministic policy it was (each request's weights drawn with probability 1).
-    """
-    import pandas as pd
-
-    requests = impressions.drop_duplicates("request_id").set_index("request_id")
-    explored = requests["policy"].map(bool)
-    skipped = 0
-    if explored.any():
-        skipped = int((~explored).sum())
-        requests = requests[explored]
-    per_item = (feedback.assign(reward=feedback["event"].map(rewards).fillna(0.0) * feedback["value"])
-                .groupby("request_id")["reward"].sum() if len(feedback) else pd.Series(dtype=float))
-    reward = per_item.reindex(requests.index).fillna(0.0).to_numpy()
-    chosen, probability, vectors = [], [], []
-    for weights, policy in zip(requests["weights"], requests["policy"]):
-        if policy:
-            chosen.append(policy["vectors"][policy["chosen"]])
-            probability.append(policy["probabilities"][policy["chosen"]])
-            vectors.extend(policy["vectors"])
-        else:
-            chosen.append(weights)
-            probability.append(1.0)
-    return reward, chosen, probability, vectors, skipped
-
-
 @app.command("evaluate")
 def evaluate(
     weights: str = typer.Option(..., help='the weighting to judge, JSON by task: \'{"<task>": 1, "<other>": 3}\' '
-                                          "(one the service explored; normalised to sum 1)"),
+                                          "(one the service explored or served; normalised to sum 1)"),
     data: Path = typer.Option(Path("data/synth"), help="the dataset the service served from: its task declaration "
                                                        "gives the default rewards"),
     rewards: str = typer.Option(None, help='reward per event, JSON by task: \'{"<task>": 1, ...}\' (default: each '
                                            "task's declared reward, else its gain, else 1 for a binary task)"),
     since: str = typer.Option(None, help="only requests at or after this time (ISO-8601 or epoch seconds)"),
     url: str = typer.Option(None, help="event database (default $MTLREC_EVENTS_URL, else <data>/_events)"),
+    min_matching: int = typer.Option(MIN_MATCHING, min=2, help="requests one logging policy must have ranked with "
+                                                               "the weighting for its requests to count"),
+    min_rewarded: int = typer.Option(MIN_REWARDED, min=1, help="of those, how many must have earned a reward"),
+    min_ess: float = typer.Option(MIN_ESS, min=0.0, help="effective sample size of the importance weights the "
+                                                         "requests used must reach"),
 ) -> None:
-    """IPS and self-normalised IPS estimates, with 95% intervals, of a weighting's reward per request."""
+    """IPS, self-normalised IPS and doubly robust estimates, with 95% intervals, of a weighting's reward per request.
+
+    Refused (exit 2, the reason and the figures on stderr) where the log cannot back an estimate; the refusal
+    lists the weightings it can judge, printed so that pasting one back as --weights matches it.
+    """
     from flows.cli.events import _since, _store
     from models.offpolicy import evaluate as estimate
+    from models.offpolicy import format_weights, logged_requests
 
     target = _json_weights(weights, "--weights")
     reward_of = _json_weights(rewards, "--rewards") or default_rewards(data)
@@ -100,16 +83,22 @@ def evaluate(
     if impressions.empty:
         raise typer.BadParameter(f"no impressions in {store.where()}" + (f" since {since}" if since else ""),
                                  param_hint="--since" if since else "--url")
-    reward, chosen, probability, vectors, skipped = logged_requests(impressions, feedback, reward_of)
+    requests = logged_requests(impressions, feedback)
     try:
-        result = estimate(reward, chosen, probability, target, logged_vectors=vectors)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--weights") from None
-    typer.echo(f"{store.where()}: {result.requests:,} requests"
-               + (f" ({skipped:,} not explored, left out)" if skipped else "")
-               + f", {result.matching:,} ranked with the target; rewards "
+        result = estimate(requests, target, reward_of, min_matching=min_matching, min_rewarded=min_rewarded,
+                          min_ess=min_ess)
+    except ValueError as e:  # Refused, or a policy record that contradicts itself
+        typer.echo(f"{store.where()}: refused: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{store.where()}: {len(requests):,} requests, {result.requests:,} used; rewards "
                + ", ".join(f"{k}={v:g}" for k, v in reward_of.items()))
-    typer.echo(f"target {json.dumps(result.target)}: reward per request, 95% interval")
+    typer.echo("  used, by fusion version / exploration: "
+               + "; ".join(f"{fusion} / {explore}: {n:,}" for (fusion, explore), n in result.used.items()))
+    if result.left_out:
+        typer.echo("  left out: " + "; ".join(f"{n:,} {why}" for why, n in result.left_out.items()))
+    typer.echo(f"target {format_weights(result.target)}: {result.matching:,} requests ranked with it "
+               f"({result.rewarded:,} rewarded), ESS {result.ess:.1f}; reward per request, 95% interval")
     typer.echo(f"  IPS     {result.ips}")
     typer.echo(f"  SNIPS   {result.snips}")
-    typer.echo(f"  logged  {result.logged}  (what the logging policy earned)")
+    typer.echo(f"  DR      {result.dr}" if result.dr else f"  DR      not available: {result.dr_missing}")
+    typer.echo(f"  logged  {result.logged}  (what the logging policy earned on the requests used)")
