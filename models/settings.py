@@ -143,6 +143,23 @@ class Settings(BaseSettings):
     events_queue_rows: int = Field(
         20000, ge=1, description="Impression rows waiting to be written; beyond this they are dropped and counted "
                                  "(mtlrec_event_drops_total on /metrics), never a ranking request slowed or failed.")
+    events_timeout_ms: float = Field(
+        2000.0, gt=0, description="How long one event-database operation may wait (connecting, SQLite's lock): "
+                                  "the writer drops its batch and opens its breaker, feedback answers 503.")
+    events_retention_days: float = Field(
+        90.0, ge=0, description="The service deletes logged requests, their feedback and quarantined rows older "
+                                "than this (by the server's clock), hourly; 0 keeps everything. `mtlrec events "
+                                "prune --before T` does it by hand.")
+    events_memory_mb: int = Field(
+        64, ge=1, description="Memory per worker for its recent answers (feedback checks them without a database "
+                              "read) and, half as much again, for users' recent positive feedback (novelty).")
+    feedback_secret: SecretStr = Field(
+        SecretStr(""), description="The secret /rank signs each answer's feedback_token with and /feedback checks "
+                                   "it against; unset: one generated once in $BENTOML_HOME/mtlrec/feedback.secret, "
+                                   "shared by every replica of the model store.")
+    feedback_wait_ms: float = Field(
+        2000.0, ge=0, description="How long /feedback waits for the writer to log the answer it labels before "
+                                  "answering 503 (retry); an answer whose rows were dropped is a 409 at once.")
 
     explore: Literal["off", "epsilon"] = Field(
         "off", description="The service's exploration policy for /rank requests that send no weights: off ranks with "
@@ -180,6 +197,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derived_defaults(self) -> "Settings":
+        if self.explore == "epsilon" and not self.explore_epsilon > 0:
+            raise ValueError("MTLREC_EXPLORE=epsilon needs MTLREC_EXPLORE_EPSILON above 0: with 0 nothing is "
+                             "explored, and the log can judge no other weighting")
         several = self.workers > 1
         if self.reload_poll_s is None:
             self.reload_poll_s = 2.0 if several else 0.0
@@ -210,7 +230,7 @@ def _describe(err: dict) -> str:
     field = str(err["loc"][0]) if err.get("loc") else ""
     if field not in Settings.model_fields:  # a whole-model check: no single variable to blame
         return err["msg"]
-    shown = "" if field == "admin_token" else f"={err.get('input')!r}"
+    shown = "" if field in ("admin_token", "feedback_secret") else f"={err.get('input')!r}"
     return f"{env_name(field)}{shown}: {err['msg']}"
 
 

@@ -12,7 +12,7 @@ class JsonOnly:
     escapes its error handling as a 500).
     """
 
-    ROUTES = ("/rank", "/score", "/admin/reload")
+    ROUTES = ("/rank", "/score", "/feedback", "/admin/reload")
 
     def __init__(self, app):
         self.app = app

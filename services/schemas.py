@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from models.settings import get_settings
 
@@ -42,12 +42,36 @@ K = Optional[Annotated[int, Field(ge=1, le=MAX_CANDIDATES)]]
 Fusion = Literal["product", "sum"]
 
 
-class Context(BaseModel):
-    """Request context; ``timestamp`` (epoch seconds or ISO-8601) defaults to now, ``device`` to unknown."""
+MAX_CONTEXT_STRING = 64
+MAX_CONTEXT_NUMBER = 1e9
+ContextString = Annotated[str, Field(max_length=MAX_CONTEXT_STRING)]
+ContextNumber = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_CONTEXT_NUMBER, le=MAX_CONTEXT_NUMBER)]
 
-    model_config = ConfigDict(extra="allow")
-    device: Optional[Annotated[str, Field(max_length=64)]] = None
-    timestamp: Optional[datetime] = None
+
+class _Context(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    timestamp: Optional[datetime] = Field(
+        None, description="the time the features are computed for (epoch seconds or ISO-8601; default: now); "
+                          "not before the data starts, nor more than a day past the server's clock")
+
+
+def context_model(columns: dict[str, str]) -> type[BaseModel]:
+    """The request's ``context``: the dataset's declared context columns (``{name: "string" | "float"}``) and
+    the request time, each typed and bounded; any other key is refused (400 naming it), so a request can never
+    write over a user's or an item's features."""
+    fields = {}
+    for name, kind in columns.items():
+        text = kind == "string"
+        typed = ContextString if text else ContextNumber
+        what = "text" if text else "a number"
+        fields[name] = (Optional[typed], Field(None, description=f"declared context column ({what})"))
+    fields.pop("timestamp", None)
+    return create_model("Context", __base__=_Context,
+                        __doc__="Request context: the dataset's declared context columns and the request time.",
+                        **fields)
+
+
+Context = context_model({"device": "string"})  # the contract's own context; the service builds its dataset's
 
 
 class RankedItem(BaseModel):
@@ -61,6 +85,8 @@ class RankedItem(BaseModel):
 class RankResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     request_id: str = Field(description="this answer's id in the impression log: quote it in POST /feedback")
+    feedback_token: str = Field(description="send it with POST /feedback on this answer: it proves the feedback "
+                                            "comes from whom the answer was served to")
     model_version: str
     user_id: str
     user_cold_start: bool
@@ -72,6 +98,7 @@ class RankResponse(BaseModel):
     items: list[RankedItem]
 
 
+Token = Optional[Annotated[str, Field(max_length=128)]]
 EventName = Annotated[str, Field(min_length=1, max_length=64)]
 EventValue = Annotated[float, Field(allow_inf_nan=False)]
 Events = Annotated[dict[EventName, EventValue], Field(min_length=1, max_length=32)]
@@ -101,5 +128,6 @@ class ScoreResponse(BaseModel):
 class ReloadResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     model_version: str
+    fusion_version: str = Field(description="the fusion weights' version served: declared, or an accepted tuning's")
     previous: Optional[str]
-    changed: bool
+    changed: bool = Field(description="whether the model or its fusion version changed")

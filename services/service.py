@@ -8,6 +8,12 @@ admin token on every ``POST /admin/reload``. ``BENTOML_HOME`` is the model store
 it, so each worker also follows the production pointer by itself (``MTLREC_RELOAD_POLL_S``), and SIGHUP to the
 server is forwarded to every worker (``services.server``).
 
+The impression log never stands in a ranking's way: ``/rank`` queues its answer for the log's writer thread
+(``services/event_writer.py``) and reads a user's history for ``novelty`` from memory (``services/recent.py``);
+``/feedback`` and ``/admin/reload`` are async endpoints whose database and model-loading work runs on executors of
+their own, never on the thread that answers ``/rank``. ``/feedback`` needs the ``feedback_token`` of the answer it
+labels (``services/feedback_token.py``).
+
 Errors: a bad request (an unknown field too) answers 400 with ``{"error", "detail": [{"loc": [field, ...], "msg",
 "type"}]}``, the shape BentoML's own validation uses; no production model or an unavailable online store answers
 503 with ``{"error": ...}``; non-finite scores and bugs answer 500 with an ``error_id`` found in the log.
@@ -17,6 +23,7 @@ Reload swaps one reference: a request in flight keeps the model object it starte
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -25,6 +32,8 @@ import signal
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timezone
 from typing import Optional
 
 import bentoml
@@ -33,8 +42,8 @@ from starlette.responses import JSONResponse
 from models.settings import get_settings
 from services import ranking
 from services.middleware import BoundedJson, DocsRedirect, JsonOnly, RecycleConnections, harden_uvicorn
-from services.schemas import (Candidates, Context, Diversity, Events, FeedbackResponse, Fusion, Id, K, RankResponse,
-                              ReloadResponse, ScoreResponse, Weights)
+from services.schemas import (Candidates, Diversity, Events, FeedbackResponse, Fusion, Id, K, RankResponse,
+                              ReloadResponse, ScoreResponse, Token, Weights, context_model)
 
 log = logging.getLogger("mtlrec.service")
 
@@ -62,37 +71,72 @@ def _internal(error: BaseException, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "error_id": error_id}, status_code=500)
 
 
-def _context(context: Optional[Context]) -> tuple[Optional[float], dict]:
-    """The request time (epoch seconds, None for now) and the context columns the model may read."""
-    ctx = context or Context()
-    extra = {k: v for k, v in (ctx.model_extra or {}).items() if isinstance(v, (str, int, float, bool))}
-    if ctx.device is not None:
-        extra["device"] = ctx.device
-    return (ctx.timestamp.timestamp() if ctx.timestamp else None), extra
+FUTURE_S = 86_400.0  # how far past the server's clock a request's feature time may lie
+DB_QUEUE = 64  # feedback calls waiting for the event database at once, per worker; beyond, 503 at once
 
 
-class RecentRequests:
-    """The items of this worker's last answers, so feedback does not wait for the log's writer.
+class _Busy(RuntimeError):
+    """The event database is failing (breaker open) or too many calls wait for it: answer 503 now."""
 
-    Feedback on an answer another worker gave is checked against the database instead.
-    """
 
-    def __init__(self, capacity: int = 50_000):
-        from collections import OrderedDict
+class _Breaker:
+    """Open for ``cooldown_s`` after a failure: calls fail at once meanwhile instead of each waiting for the
+    timeout; the first call after it tries the database again."""
 
-        self.capacity = capacity
-        self._items: "OrderedDict[str, set[str]]" = OrderedDict()
-        self._lock = threading.Lock()
+    def __init__(self, where: str, cooldown_s: float):
+        self.where, self.cooldown_s = where, cooldown_s
+        self._open_until, self.last_error = 0.0, ""
 
-    def add(self, request_id: str, items: set[str]) -> None:
-        with self._lock:
-            self._items[request_id] = items
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+    def check(self) -> None:
+        if time.monotonic() < self._open_until:
+            raise _Busy(f"the event database {self.where} is unavailable ({self.last_error}): retry later")
 
-    def items(self, request_id: str) -> Optional[set[str]]:
-        with self._lock:
-            return self._items.get(request_id)
+    def failure(self, error: BaseException) -> None:
+        self.last_error = f"{type(error).__name__}: {error}"
+        self._open_until = time.monotonic() + self.cooldown_s
+
+    def success(self) -> None:
+        self._open_until = 0.0
+
+
+def _request_context(dataset) -> tuple[dict[str, str], Optional[float]]:
+    """The dataset's declared request-time columns (``{name: "string" | "float"}``; ``position`` is the service's
+    to set) and when its data starts (epoch seconds), read from its feature schema and manifest."""
+    from feature_repo.schema import FeatureSchema
+    from feature_repo.store import StoreSettings
+    from models.contract import Manifest
+
+    columns: dict[str, str] = {"device": "string"}
+    try:
+        columns = dict(FeatureSchema.load(StoreSettings.for_dataset(dataset).tables).log_context)
+    except (FileNotFoundError, OSError, ValueError) as e:  # no store yet: `mtlrec serve` refuses to start anyway
+        log.debug("request context from the contract alone: %s", e)
+    columns.pop("position", None)
+    try:
+        manifest = Manifest.load(dataset)
+        start = manifest.start_ts.timestamp() if manifest else None
+    except Exception:  # noqa: BLE001 - a manifest that does not parse leaves the lower bound off
+        start = None
+    return columns, start
+
+
+def _context(context, earliest: Optional[float]) -> tuple[Optional[float], dict]:
+    """The request time (epoch seconds, None for now) and the declared context columns the request set."""
+    if context is None:
+        return None, {}
+    extra = {k: v for k, v in context.model_dump(exclude={"timestamp"}).items() if v is not None}
+    if context.timestamp is None:
+        return None, extra
+    when = context.timestamp
+    ts = (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()  # no zone given: UTC
+    if earliest is not None and ts < earliest:
+        start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(earliest))
+        raise ranking.RequestError("context.timestamp", f"{context.timestamp.isoformat()} is before the data "
+                                                        f"starts ({start})")
+    if ts > time.time() + FUTURE_S:
+        raise ranking.RequestError("context.timestamp", f"{context.timestamp.isoformat()} is more than a day past "
+                                                        "the server's clock")
+    return ts, extra
 
 
 _SERVICES: list = []
@@ -111,6 +155,8 @@ except ValueError:
 
 
 _SETTINGS = get_settings()  # what shapes the service itself: read once, when its module is imported
+_CONTEXT_COLUMNS, _DATA_START = _request_context(_SETTINGS.dataset)
+Context = context_model(_CONTEXT_COLUMNS)  # the OpenAPI schema lists the dataset's own context columns
 
 
 @bentoml.service(name="mtlrec", workers=_SETTINGS.workers, traffic={"timeout": 30},
@@ -126,6 +172,8 @@ class RankingService:
         torch.set_num_threads(env.torch_threads)
         from feature_repo.online import FeatureReader
         from feature_repo.store import StoreSettings, open_store
+        from services.feedback_token import Tokens
+        from services.recent import Answers, History
 
         self.dataset = env.dataset
         self.settings = StoreSettings.for_dataset(self.dataset)
@@ -136,21 +184,25 @@ class RankingService:
                                                 cooldown_s=env.store_cooldown_ms / 1000)
         self.model: Optional[ranking.Model] = None
         self._reload_lock = threading.Lock()
+        # Model loading for /admin/reload, off the thread that answers /rank.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtlrec-reload")
+        try:
+            self.tokens = Tokens.from_settings(env.feedback_secret.get_secret_value())
+        except (OSError, ValueError) as e:  # `mtlrec serve` checks this first; a worker must not crash-loop on it
+            log.error("no shared feedback secret (%s): this worker signs with its own, which no other replica "
+                      "accepts; set MTLREC_FEEDBACK_SECRET", e)
+            self.tokens = Tokens(os.urandom(32))
+        memory = env.events_memory_mb << 20
+        self._answers = Answers(max_bytes=memory)  # feedback checks this worker's answers here first
+        self._history = History(max_bytes=memory // 2)  # what each user liked, for novelty
+        self._feedback_wait_s = env.feedback_wait_ms / 1000
         self.events = None  # the impression log (services/events.py); MTLREC_EVENTS_URL=off turns it off
         if env.events_url.strip().lower() != "off":
-            from services.events import EventStore, ImpressionLog
-
-            store = EventStore.for_dataset(self.dataset, env.events_url or None)
-            try:
-                store.create()  # here, so that feedback finds the tables before the first impression is written
-            except Exception as e:  # noqa: BLE001 - a down database must not stop the ranking; the writer retries
-                log.warning("impression log unavailable at start (rows will be dropped until it answers): %s", e)
-            self.events = ImpressionLog(store, capacity=env.events_queue_rows, on_drop=_event_drops.inc)
+            self._start_log(env)
         # MTLREC_EXPLORE: requests without weights may be ranked with a nearby weighting (services/ranking.py).
         # random.Random.random() is one C call, safe across the request threads without a lock.
         self.explore = ranking.Exploration.from_settings(env)
         self._rng = random.Random()
-        self._recent = RecentRequests()  # feedback on a request whose rows are still queued finds them here
         try:
             self._load()
         except Exception as e:  # noqa: BLE001 - serve (not ready) and let a reload fix it
@@ -159,21 +211,50 @@ class RankingService:
             threading.Thread(target=self._follow, args=(env.reload_poll_s,), daemon=True, name="mtlrec-reload").start()
         _SERVICES.append(self)  # SIGHUP (forwarded to this worker by services.server) reloads it in place
 
+    def _start_log(self, env) -> None:
+        """The impression log's writer, and the executor feedback's database work runs on (a few threads, each
+        with its own connection; a breaker answers 503 at once while the database is failing)."""
+        from services.event_writer import ImpressionLog
+        from services.events import Connections, EventStore
+
+        timeout_s = env.events_timeout_ms / 1000
+        store = EventStore.for_dataset(self.dataset, env.events_url or None)
+        store = EventStore(store.url, connect_timeout_s=timeout_s)
+        retention = env.events_retention_days * 86_400 or None
+        self.events = ImpressionLog(store, capacity=env.events_queue_rows, on_drop=_event_drops.inc,
+                                    on_outcome=self._settled, retry_s=max(timeout_s, 0.5), retention_s=retention,
+                                    on_feedback=lambda rows: self._history.add((u, i) for u, i, _ in rows),
+                                    follow_s=1.0, follow_from=30 * 86_400)
+        self._db = Connections(store)
+        self._db_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mtlrec-feedback")
+        self._db_breaker = _Breaker(store.where(), cooldown_s=max(timeout_s, 0.5))
+        self._db_waiting = 0  # feedback calls on the executor now; beyond DB_QUEUE they answer 503 at once
+        self._db_timeout_s = 2 * timeout_s + 1.0
+
+    def _settled(self, requests, written: bool, reason: str) -> None:
+        self._answers.settle((r.request_id for r in requests), written, reason)
+
     # ---- model ------------------------------------------------------------------------------
     def _load(self) -> tuple[Optional[str], str]:
+        """Serve what the production pointer names now: its model and its fusion weights' version."""
         from services import registry
         from models.artifact import Scorer
 
         with self._reload_lock:
-            tag = registry.production()
-            if tag is None:
+            live = registry.serving()
+            if live is None:
                 raise LookupError(f"no production model in the registry at {registry.home()}")
-            previous = self.model.tag if self.model else None
-            if previous != tag:
-                tuned = (registry.fusion_of(tag) or {}).get("weights")  # what the gate judged it with
-                self.model = ranking.Model.of(tag, Scorer.load(registry.artifact_path(tag)), weights=tuned)
-                log.info("serving %s (was %s)", tag, previous)
-            return previous, tag
+            model = self.model
+            previous = f"{model.tag}#{model.fusion}" if model else None
+            if model is None or model.tag != live.tag:
+                model = ranking.Model.of(live.tag, Scorer.load(registry.artifact_path(live.tag)), live.weights,
+                                         live.fusion)
+            elif model.fusion != live.fusion:
+                model = model.with_fusion(live.weights, live.fusion)
+            if model is not self.model:
+                self.model = model
+                log.info("serving %s with fusion %s (was %s)", model.tag, model.fusion, previous)
+            return previous, f"{model.tag}#{model.fusion}"
 
     def _load_quietly(self) -> None:
         try:
@@ -187,10 +268,11 @@ class RankingService:
         while True:
             time.sleep(every_s)
             try:
-                current = registry.production()
+                live = registry.serving()
             except Exception:  # noqa: BLE001 - a torn read is retried on the next tick
                 continue
-            if current and (self.model is None or current != self.model.tag):
+            model = self.model
+            if live and (model is None or (live.tag, live.fusion) != (model.tag, model.fusion)):
                 self._load_quietly()
 
     def _store_ok(self) -> bool:
@@ -211,51 +293,50 @@ class RankingService:
 
         ``weights`` are keyed by the model's objectives (its declared binary tasks); ``fusion`` defaults to the
         model's own method. Without ``weights`` the model's fusion weights rank, or, with ``MTLREC_EXPLORE=epsilon``,
-        a nearby weighting drawn at random; the answer's ``weights`` are the ones used.
+        a nearby weighting drawn at random; the answer's ``weights`` are the ones used. ``feedback_token`` in the
+        answer is what ``/feedback`` on it needs.
         """
-        ts, extra = _context(context)
         request_id = uuid.uuid4().hex
 
         def answer(model):
+            ts, extra = _context(context, _DATA_START)
             out = ranking.rank(model, self.reader, user_id, list(candidates), k=k, weights=weights,
                                diversity=diversity, fusion=fusion, request_ts=ts, context=extra,
                                explore=self.explore, rng=self._rng, novelty=novelty,
-                               seen_items=self._interacted(user_id) if novelty > 0 else None)
+                               seen_items=self._history.items(user_id) if novelty > 0 else None)
             propensities, policy = out.pop("propensities"), out.pop("policy")  # the log's, not the response's
             out["request_id"] = request_id
+            out["feedback_token"] = self.tokens.sign(request_id)
             self._log(request_id, ts, out, extra, propensities, policy)
             return out
 
         return self._answer("rank", RankResponse, answer)
 
-    def _interacted(self, user_id: str) -> Optional[set[str]]:
-        """What the user gave positive feedback on, for ``novelty``; nothing when the log is off or down."""
-        if self.events is None:
-            return None
-        from services.events import EventStoreError
-
-        try:
-            return self.events.store.interacted(user_id)
-        except EventStoreError as e:
-            log.warning("novelty without the user's history: %s", e)
-            return None
-
     def _log(self, request_id: str, ts: Optional[float], answer: dict, context: dict, propensities: list,
              policy: dict) -> None:
-        """Queue the answer's rows (never blocks, never raises), each with its placement's propensity."""
+        """Queue the answer's rows (never blocks, never raises), stamped with the server's clock; the client's
+        feature time, when it sent one, is kept in the context."""
         if self.events is None:
             return
         from services.events import Ranked
 
-        self._recent.add(request_id, {it["item_id"] for it in answer["items"]})
-        self.events.log(Ranked(request_id, time.time() if ts is None else ts, answer, propensities, context, policy))
+        user, items = answer["user_id"], [it["item_id"] for it in answer["items"]]
+        self._answers.add(request_id, user, items)
+        logged = {**context, "timestamp": ts} if ts is not None else context
+        self.events.log(Ranked(request_id, time.time(), answer, propensities, logged, policy))
 
     @bentoml.api(route="/feedback")
-    def feedback(self, request_id: Id, item_id: Id, events: Events) -> FeedbackResponse:
-        """What the user did with an item a ``/rank`` answer showed: ``events`` keyed by the model's tasks.
+    async def feedback(self, request_id: Id, item_id: Id, events: Events, token: Token = None) -> FeedbackResponse:
+        """What the user did with an item a ``/rank`` answer showed: ``events`` keyed by the model's tasks, and
+        ``token``, the answer's ``feedback_token``.
 
-        Idempotent on (request, item, event): a repeat is reported under ``duplicates`` and changes nothing.
+        Recorded only for an answer whose rows are in the log: 409 if they were dropped, 503 if they are not
+        written yet (retry). Idempotent on (request, item, event): a repeat is reported under ``duplicates``.
         """
+        if not token:
+            return self._refuse("feedback", 401, "token", "missing: send the feedback_token of the /rank answer")
+        if not self.tokens.valid(request_id, token):
+            return self._refuse("feedback", 403, "token", "does not match this request_id")
         model = self.model
         if self.events is None:
             _requests.labels("feedback", "unavailable").inc()
@@ -264,30 +345,74 @@ class RankingService:
             _requests.labels("feedback", "unavailable").inc()
             return _unavailable("no production model is loaded to check the events against")
         from services.events import EventStoreError
+        from services.recent import DROPPED, QUEUED
 
         try:
             checked = ranking.check_events(model, events)
-            shown = self._recent.items(request_id)
-            if shown is None:
-                shown = set(self.events.store.shown(request_id))
+            answer = self._answers.get(request_id)
+            if answer is not None:
+                deadline = time.monotonic() + self._feedback_wait_s
+                while answer.state == QUEUED and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
+                if answer.state == DROPPED:
+                    return self._refuse("feedback", 409, "request_id", f"its rows are not in the impression log: "
+                                                                       f"{answer.reason}")
+                if answer.state == QUEUED:
+                    _requests.labels("feedback", "unavailable").inc()
+                    return _unavailable("the answer is not written to the impression log yet: retry")
+                shown, user = answer.items, answer.user_id
+            else:  # another worker's answer (or an old one): the log says what it showed
+                logged = await self._database("shown", request_id)
+                shown, user = set(logged), next((v["user_id"] for v in logged.values()), None)
             if not shown:
-                raise ranking.RequestError("request_id", "unknown: no ranking answer with this id was logged "
-                                                         "(or it was dropped)")
+                raise ranking.RequestError("request_id", "unknown: no ranking answer with this id is in the "
+                                                         "impression log")
             if item_id not in shown:
                 raise ranking.RequestError("item_id", f"{item_id!r} was not in the answer to this request")
-            new = self.events.store.record_feedback(request_id, item_id, checked)
+            new = await self._database("record_feedback", request_id, item_id, checked)
         except ranking.RequestError as e:
             _requests.labels("feedback", "bad_request").inc()
             return _bad(e.field, e.reason, status=404 if e.field in ("request_id", "item_id") else 400)
-        except EventStoreError as e:
+        except (EventStoreError, TimeoutError, _Busy) as e:
             _requests.labels("feedback", "unavailable").inc()
-            return _unavailable(str(e))
+            return _unavailable(str(e) or "the event database did not answer in time")
         except Exception as e:  # noqa: BLE001 - a bug: 500 with an id
             _requests.labels("feedback", "error").inc()
             return _internal(e, "internal error")
+        if user is not None and any(checked[n] > 0 for n in new):
+            self._history.add([(user, item_id)])
         _requests.labels("feedback", "ok").inc()
         return FeedbackResponse(request_id=request_id, item_id=item_id, recorded=new,
                                 duplicates=[n for n in checked if n not in new])
+
+    async def _database(self, method: str, *args):
+        """``EventStore.<method>(*args)`` on the feedback executor: bounded in time and in calls waiting, and
+        refused at once while the breaker is open."""
+        from services.events import EventStoreError
+
+        self._db_breaker.check()
+        if self._db_waiting >= DB_QUEUE:
+            raise _Busy(f"{self._db_waiting} feedback calls are waiting for the event database: retry")
+        self._db_waiting += 1
+        try:
+            call = asyncio.get_running_loop().run_in_executor(self._db_pool, lambda: self._db.run(method, *args))
+            try:
+                result = await asyncio.wait_for(call, self._db_timeout_s)
+            except EventStoreError as e:
+                self._db_breaker.failure(e)
+                raise
+            except asyncio.TimeoutError as e:
+                self._db_breaker.failure(e)
+                raise TimeoutError(f"the event database {self._db.store.where()} did not answer in "
+                                   f"{self._db_timeout_s:.1f} s") from None
+            self._db_breaker.success()
+            return result
+        finally:
+            self._db_waiting -= 1
+
+    def _refuse(self, endpoint: str, status: int, field: str, reason: str) -> JSONResponse:
+        _requests.labels(endpoint, "refused" if status in (401, 403, 409) else "bad_request").inc()
+        return _bad(field, reason, status=status)
 
     @bentoml.on_shutdown
     def _flush_events(self) -> None:
@@ -297,9 +422,11 @@ class RankingService:
     @bentoml.api(route="/score")
     def score(self, user_id: Id, items: Candidates, context: Optional[Context] = None) -> ScoreResponse:
         """Raw per-objective scores of (user, item) pairs, in request order."""
-        ts, extra = _context(context)
-        return self._answer("score", ScoreResponse, lambda model: ranking.score_items(
-            model, self.reader, user_id, list(items), request_ts=ts, context=extra))
+        def compute(model):
+            ts, extra = _context(context, _DATA_START)
+            return ranking.score_items(model, self.reader, user_id, list(items), request_ts=ts, context=extra)
+
+        return self._answer("score", ScoreResponse, compute)
 
     def _answer(self, endpoint: str, response, compute):
         """One model snapshot per request (a reload mid-request cannot mix two), errors mapped to 4xx/503."""
@@ -325,11 +452,15 @@ class RankingService:
         return response(**out)
 
     @bentoml.api(route="/admin/reload")
-    def reload(self, ctx: bentoml.Context) -> ReloadResponse:
-        """Load the model production points to now; authenticated by ``MTLREC_ADMIN_TOKEN``."""
+    async def reload(self, ctx: bentoml.Context) -> ReloadResponse:
+        """Serve what production points to now (model and fusion weights); authenticated by ``MTLREC_ADMIN_TOKEN``.
+
+        The model loads on an executor of its own: requests keep being answered while it does.
+        """
         expected = get_settings().admin_token.get_secret_value()  # read per call, as it always was
         headers = ctx.request.headers
         given = headers.get("x-admin-token") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+
         def refuse(status: int, message: str) -> JSONResponse:
             ctx.response.status_code = status  # with a context parameter BentoML takes the status from it
             return JSONResponse({"error": message}, status_code=status)
@@ -339,10 +470,12 @@ class RankingService:
         if not given or not hmac.compare_digest(given.encode(), expected.encode()):
             return refuse(401, "missing or wrong admin token")
         try:
-            previous, tag = self._load()
+            previous, now = await asyncio.get_running_loop().run_in_executor(self._loader, self._load)
         except Exception as e:  # noqa: BLE001 - keep serving the old model
             return refuse(503, f"reload failed, still serving {self.model.tag if self.model else None}: {e}")
-        return ReloadResponse(model_version=tag, previous=previous, changed=previous != tag)
+        tag, fusion = now.split("#", 1)
+        return ReloadResponse(model_version=tag, fusion_version=fusion,
+                              previous=previous.split("#", 1)[0] if previous else None, changed=previous != now)
 
 
 # The fields each JSON route takes: those of its API's input model, built by BentoML from the method's signature.

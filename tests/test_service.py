@@ -27,7 +27,7 @@ from flows.dev import launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
-TS = 1_700_000_000  # a fixed request time, so the context features are the same here and there
+TS = 1_790_000_000  # a fixed request time inside the data, so the context features are the same here and there
 TOKEN = "test-admin-token"
 MAX_CANDIDATES = 100
 
@@ -232,7 +232,7 @@ def test_admin_reload_swaps_to_the_new_production_model(server, world, offline):
     assert new != world["tag"]
     r = server.post("/admin/reload", headers={"x-admin-token": TOKEN})
     assert r.status_code == 200, r.text
-    assert r.json() == {"model_version": new, "previous": world["tag"], "changed": True}
+    assert r.json() == {"model_version": new, "fusion_version": "declared", "previous": world["tag"], "changed": True}
     assert _rank(server, user_id=offline["users"][0], candidates=offline["items"][:5])["model_version"] == new
 
 

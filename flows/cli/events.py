@@ -9,7 +9,7 @@ import typer
 app = typer.Typer(help="The impression log the service writes, and what users did next.", no_args_is_help=True)
 
 
-def _since(value: str | None) -> float | None:
+def _since(value: str | None, option: str = "--since") -> float | None:
     """An ISO-8601 time or epoch seconds, as epoch seconds."""
     if value is None:
         return None
@@ -23,7 +23,7 @@ def _since(value: str | None) -> float | None:
         ts = pd.Timestamp(value)
     except ValueError:
         raise typer.BadParameter(f"{value!r} is neither an ISO-8601 time nor epoch seconds",
-                                 param_hint="--since") from None
+                                 param_hint=option) from None
     return (ts.tz_localize("UTC") if ts.tzinfo is None else ts).timestamp()
 
 
@@ -32,6 +32,25 @@ def _store(data: Path, url: str | None):
     from services.events import EventStore
 
     return EventStore.for_dataset(data, url or get_settings().events_url)
+
+
+def _online_attributes(data: Path):
+    """``(entity, ids) -> frame``: what the dataset's online store holds for those ids (users and items first seen
+    in traffic get their attributes from it); the store is opened on the first call only."""
+    import pandas as pd
+
+    reader = None
+
+    def lookup(entity: str, ids: list[str]) -> pd.DataFrame:
+        nonlocal reader
+        if reader is None:
+            from feature_repo.online import FeatureReader
+            from feature_repo.store import StoreSettings, open_store
+
+            reader = FeatureReader(open_store(StoreSettings.for_dataset(data)))
+        return pd.DataFrame(reader.read(entity, ids), columns=reader.columns_of[entity], index=ids)
+
+    return lookup
 
 
 @app.command("export")
@@ -45,10 +64,13 @@ def export(
     """Logged impressions plus their feedback as contract tables; `mtlrec data landed OUT` retrains on them."""
     from flows.data.logged import export as run
 
-    manifest = run(_store(data, url), data, out, since=_since(since))
+    manifest = run(_store(data, url), data, out, since=_since(since), attributes=_online_attributes(data))
+    params = manifest.params
     typer.echo(f"wrote {out}: " + ", ".join(f"{k}={v:,}" for k, v in manifest.rows.items())
-               + f" from {manifest.params['requests']:,} requests and {manifest.params['feedback_rows']:,} "
-                 "feedback events")
+               + f" from {params['requests']:,} requests and {params['feedback_rows']:,} feedback events; "
+                 f"{params['new_users']:,} users and {params['new_items']:,} items first seen in traffic")
+    for line in params["quarantined"]:
+        typer.echo(f"quarantined (did not parse): {line}", err=True)
 
 
 @app.command("status")
@@ -56,9 +78,12 @@ def status(
     data: Path = typer.Option(Path("data/synth"), help="the dataset the service served from"),
     url: str = typer.Option(None, help="event database (default $MTLREC_EVENTS_URL, else <data>/_events)"),
 ) -> None:
-    """How many impressions and feedback events the log holds, and over what time."""
+    """How many impressions and feedback events the log holds, and over what time; rows that do not parse."""
     store = _store(data, url)
-    impressions, feedback = store.read()
+    corrupt: list = []
+    impressions, feedback = store.read(problems=corrupt)
+    for c in corrupt:
+        typer.echo(f"corrupt request row (left out; `mtlrec events export` quarantines it): {c}", err=True)
     if impressions.empty:
         typer.echo(f"{store.where()}: no impressions logged")
         return
@@ -69,3 +94,17 @@ def status(
     typer.echo(f"{store.where()}: {len(impressions):,} impressions in {impressions.request_id.nunique():,} requests "
                f"from {first} to {last}; {len(feedback):,} feedback events "
                + ", ".join(f"{k}={v:,}" for k, v in feedback.groupby('event').size().items()))
+
+
+@app.command("prune")
+def prune(
+    before: str = typer.Option(..., help="delete what was logged before this time (ISO-8601 or epoch seconds, the "
+                                         "server's clock)"),
+    data: Path = typer.Option(Path("data/synth"), help="the dataset the service served from"),
+    url: str = typer.Option(None, help="event database (default $MTLREC_EVENTS_URL, else <data>/_events)"),
+) -> None:
+    """Delete logged requests, the feedback on them and quarantined rows older than BEFORE (the service does it by
+    itself past MTLREC_EVENTS_RETENTION_DAYS)."""
+    store = _store(data, url)
+    counts = store.prune(_since(before, "--before"))
+    typer.echo(f"{store.where()}: deleted " + ", ".join(f"{v:,} {k}" for k, v in counts.items()))

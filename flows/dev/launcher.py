@@ -49,6 +49,14 @@ def preflight(data: Path | str, online: str | None = None) -> None:
                             f"`mtlrec promote TAG --data {data}`")
     except registry.RegistryError as e:  # production names a model the store no longer holds; the message says so
         problems.append(str(e))
+    try:
+        from models.settings import get_settings
+        from services.feedback_token import Tokens
+
+        Tokens.from_settings(get_settings().feedback_secret.get_secret_value())
+    except (OSError, ValueError) as e:
+        problems.append(f"no feedback secret: {e} (set MTLREC_FEEDBACK_SECRET, or make {registry.home() / 'mtlrec'} "
+                        "writable so that one is generated there)")
     if problems:
         raise NotServable("cannot serve: " + "; ".join(problems))
 
