@@ -158,8 +158,9 @@ class Settings(BaseSettings):
                                    "it against; unset: one generated once in $BENTOML_HOME/mtlrec/feedback.secret, "
                                    "shared by every replica of the model store.")
     feedback_wait_ms: float = Field(
-        2000.0, ge=0, description="How long /feedback waits for the writer to log the answer it labels before "
-                                  "answering 503 (retry); an answer whose rows were dropped is a 409 at once.")
+        2000.0, ge=0, description="How long /feedback waits for the writer to log the answer it labels (whichever "
+                                  "worker gave it); an answer whose rows were dropped is a 409 at once, one still "
+                                  "not logged after the wait a 503 (this worker's) or a 409 (another's).")
 
     explore: Literal["off", "epsilon"] = Field(
         "off", description="The service's exploration policy for /rank requests that send no weights: off ranks with "

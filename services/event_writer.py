@@ -40,15 +40,18 @@ class ImpressionLog:
     ``on_drop(n)`` is called for every ``n`` rows lost (the service counts them on ``/metrics``);
     ``on_outcome(requests, written, reason)`` for every answer, once its rows are written or dropped;
     ``on_feedback(rows)`` with ``(user_id, item_id, ts)`` of positive feedback as it appears in the database
-    (every ``follow_s`` seconds; 0 turns following off), starting ``follow_from`` seconds back.
+    (every ``follow_s`` seconds; 0 turns following off), starting ``follow_from`` seconds back; ``on_cpu(s)``
+    with the CPU seconds the writer thread spent since the last call, after each batch (what the log costs the
+    worker, for ``/metrics``).
     """
 
     def __init__(self, store: EventStore, *, capacity: int = 20_000, batch_rows: int = 1_000,
-                 flush_s: float = 0.2, linger_s: float = 0.05, retry_s: float = 1.0, max_retry_s: float = 30.0,
+                 flush_s: float = 0.2, linger_s: float = 0.2, retry_s: float = 1.0, max_retry_s: float = 30.0,
                  retention_s: float | None = None, prune_every_s: float = 3600.0,
                  on_drop: Callable[[int], None] | None = None, on_outcome: Outcome | None = None,
                  on_feedback: Callable[[list[tuple[str, str, float]]], None] | None = None,
-                 follow_s: float = 0.0, follow_from: float = 86_400.0):
+                 follow_s: float = 0.0, follow_from: float = 86_400.0,
+                 on_cpu: Callable[[float], None] | None = None):
         self.store = store
         self.batch_rows = batch_rows
         self.flush_s = flush_s
@@ -59,6 +62,7 @@ class ImpressionLog:
         self.on_outcome = on_outcome or (lambda requests, written, reason: None)
         self.on_feedback = on_feedback
         self.follow_s = follow_s
+        self.on_cpu = on_cpu or (lambda seconds: None)
         self.dropped = 0
         self.written = 0
         self.capacity = capacity  # in rows (shown items), as MTLREC_EVENTS_QUEUE_ROWS counts them
@@ -107,18 +111,20 @@ class ImpressionLog:
                 log.exception("impression log: reporting dropped rows failed")
 
     def _take(self) -> list[Ranked]:
-        """Requests of up to ``batch_rows`` rows: waits ``flush_s`` for the first, then up to ``linger_s`` more
-        for others, so that under load a transaction carries many requests instead of one each."""
+        """Requests of up to ``batch_rows`` rows: waits ``flush_s`` for the first, sleeps ``linger_s``, then takes
+        what has arrived meanwhile. Under load a transaction carries many requests instead of one each, and the
+        writer wakes once per batch: a thread woken per answer would take the interpreter lock from the ranking
+        thread per answer too."""
         try:
             batch = [self._queue.get(timeout=self.flush_s)]
         except queue.Empty:
             return []
+        if self.linger_s > 0:
+            time.sleep(self.linger_s)
         rows = batch[0].size
-        deadline = time.monotonic() + self.linger_s
         while rows < self.batch_rows:
-            left = deadline - time.monotonic()
             try:
-                batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+                batch.append(self._queue.get_nowait())
             except queue.Empty:
                 break
             rows += batch[-1].size
@@ -194,12 +200,20 @@ class ImpressionLog:
             self._failed(e)
             log.warning("impression log unavailable at start (rows will be dropped until it answers): %s",
                         self.last_error)
+        cpu = time.thread_time()
         while not (self._stop.is_set() and self._queue.empty()):
             batch = self._take()
             if batch:
                 self._write(batch)
             if not self._stop.is_set():
                 self._housekeeping()
+            now = time.thread_time()
+            if now > cpu:
+                try:
+                    self.on_cpu(now - cpu)
+                except Exception:
+                    log.exception("impression log: reporting its CPU failed")
+                cpu = now
             if self._queue.empty():
                 self._idle.set()
         if self._conn is not None:

@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse
 
 from models.settings import get_settings
 from services import ranking
+from services.events import new_request_id
 from services.middleware import BoundedJson, DocsRedirect, JsonOnly, RecycleConnections, harden_uvicorn
 from services.schemas import (Candidates, Diversity, Events, FeedbackResponse, Fusion, Id, K, RankResponse,
                               ReloadResponse, ScoreResponse, Token, Weights, context_model)
@@ -50,6 +51,9 @@ log = logging.getLogger("mtlrec.service")
 _requests = bentoml.metrics.Counter(name="mtlrec_requests",
                                     documentation="Ranking API requests by endpoint and outcome",
                                     labelnames=["endpoint", "outcome"])
+_writer_cpu = bentoml.metrics.Counter(name="mtlrec_event_writer_cpu_seconds",
+                                      documentation="CPU seconds the impression log's writer thread spent (what "
+                                                    "the log costs the worker, beside the requests it answers)")
 _event_drops = bentoml.metrics.Counter(name="mtlrec_event_drops",
                                        documentation="Impression-log rows dropped (queue full or event database "
                                                      "unavailable); the ranking requests themselves were answered")
@@ -224,7 +228,7 @@ class RankingService:
         self.events = ImpressionLog(store, capacity=env.events_queue_rows, on_drop=_event_drops.inc,
                                     on_outcome=self._settled, retry_s=max(timeout_s, 0.5), retention_s=retention,
                                     on_feedback=lambda rows: self._history.add((u, i) for u, i, _ in rows),
-                                    follow_s=1.0, follow_from=30 * 86_400)
+                                    follow_s=1.0, follow_from=30 * 86_400, on_cpu=_writer_cpu.inc)
         self._db = Connections(store)
         self._db_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mtlrec-feedback")
         self._db_breaker = _Breaker(store.where(), cooldown_s=max(timeout_s, 0.5))
@@ -296,7 +300,7 @@ class RankingService:
         a nearby weighting drawn at random; the answer's ``weights`` are the ones used. ``feedback_token`` in the
         answer is what ``/feedback`` on it needs.
         """
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
 
         def answer(model):
             ts, extra = _context(context, _DATA_START)
@@ -362,11 +366,11 @@ class RankingService:
                     return _unavailable("the answer is not written to the impression log yet: retry")
                 shown, user = answer.items, answer.user_id
             else:  # another worker's answer (or an old one): the log says what it showed
-                logged = await self._database("shown", request_id)
-                shown, user = set(logged), next((v["user_id"] for v in logged.values()), None)
-            if not shown:
-                raise ranking.RequestError("request_id", "unknown: no ranking answer with this id is in the "
-                                                         "impression log")
+                logged = await self._logged(request_id)
+                if not logged:  # the token is valid, so a worker did answer it: its rows are not in the log
+                    return self._refuse("feedback", 409, "request_id", "its rows are not in the impression log "
+                                        f"after {self._feedback_wait_s:g} s: dropped, pruned, or not written yet")
+                shown, user = set(logged), next(v["user_id"] for v in logged.values())
             if item_id not in shown:
                 raise ranking.RequestError("item_id", f"{item_id!r} was not in the answer to this request")
             new = await self._database("record_feedback", request_id, item_id, checked)
@@ -384,6 +388,16 @@ class RankingService:
         _requests.labels("feedback", "ok").inc()
         return FeedbackResponse(request_id=request_id, item_id=item_id, recorded=new,
                                 duplicates=[n for n in checked if n not in new])
+
+    async def _logged(self, request_id: str) -> dict:
+        """What the log holds of an answer another worker gave, waiting up to the feedback wait for its writer."""
+        deadline, pause = time.monotonic() + self._feedback_wait_s, 0.02
+        logged = await self._database("shown", request_id)
+        while not logged and time.monotonic() + pause < deadline:
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.32)
+            logged = await self._database("shown", request_id)
+        return logged
 
     async def _database(self, method: str, *args):
         """``EventStore.<method>(*args)`` on the feedback executor: bounded in time and in calls waiting, and
