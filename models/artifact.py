@@ -3,8 +3,9 @@
 A directory with ``weights.safetensors`` (tensors only: loading it cannot run
 code, unlike a pickle) and ``model.json`` (config, task spec, feature spec
 with vocabularies and normalisation statistics, metrics, data fingerprint,
-code version, feature service name). ``Scorer`` rebuilds the network from
-that alone, so serving and evaluation need nothing from training.
+code version, feature service name, the per-task probability calibration).
+``Scorer`` rebuilds the network from that alone, so serving and evaluation
+need nothing from training, and both score with the calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.architectures import build_architecture
+from models.calibration import Calibration
 from models.encoder import FeatureEncoder, FeatureSpec
 from models.tasks import TaskSet
 
@@ -114,6 +116,8 @@ class Scorer(torch.nn.Module):
         self.meta = meta
         self.spec = FeatureSpec.from_dict(meta["features"])
         self.tasks = TaskSet.from_config(meta["tasks"], primary=meta.get("primary"))
+        # Fitted on the validation split at training (models/calibration.py); an artifact from before: identity.
+        self.calibration = Calibration.from_dict(meta.get("calibration"), self.tasks)
         # Artifacts from before fusion was recorded ranked by the weighted product.
         self.fusion_method = (meta.get("fusion") or {}).get("method", "product")
         model = meta["config"]["model"]
@@ -151,7 +155,8 @@ class Scorer(torch.nn.Module):
 
     @torch.inference_mode()
     def predict(self, df, chunk_rows: int = PREDICT_CHUNK_ROWS) -> dict[str, np.ndarray]:
-        """Per-task outputs for rows given as a DataFrame or a dict of column arrays (the served path).
+        """Per-task outputs for rows given as a DataFrame or a dict of column arrays (the served path), the
+        binary tasks' probabilities calibrated as the artifact records.
 
         Rows go through the network ``chunk_rows`` at a time: an MMoE's expert activations alone are
         [experts, rows, width] floats, 6.5 GB for 800,000 rows of 8 x 256, and an evaluation scores
@@ -167,4 +172,4 @@ class Scorer(torch.nn.Module):
             probs = self.tasks.probabilities(self.arch(self.encoder(cat, num)).logits)
             for k, v in probs.items():
                 parts.setdefault(k, []).append(v.float().cpu().numpy())
-        return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
+        return self.calibration.apply({k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()})

@@ -5,9 +5,13 @@ binary labels, each weighted by its declared ``gain`` (a purchase that
 implies a click counts for both), so the metric rewards ranking the
 behaviours the dataset declares valuable above the rest. Fusing by the
 weighted sum of probabilities with the gains as weights ranks by the expected
-relevance, which is what maximises expected DCG; it is the default.
+relevance, which is what maximises expected DCG, provided the probabilities are
+calibrated (``models/calibration.py``: an over-predicted rare head would
+otherwise outweigh the rest); it is the default.
 
-Besides per-task AUC/GAUC/logloss and the ranking metrics, two summaries are
+Besides per-task AUC/GAUC/logloss (beside it ``base_logloss``, the log-loss
+of always predicting the split's positive rate, and ``ece``, the expected
+calibration error) and the ranking metrics, two summaries are
 offered to early stopping: ``mean_auc`` over the binary tasks and ``loss``,
 the sum of the binary tasks' logloss (lower is better).
 """
@@ -20,7 +24,7 @@ from models import metrics
 from models.fusion import fuse
 from models.tasks import TaskSet
 
-MINIMISED = ("loss", "logloss", "rmse")
+MINIMISED = ("loss", "logloss", "rmse", "ece")
 ALIASES = {"ndcg@": "fused/", "recall@": "fused/", "reward@": "fused/"}  # bare ranking metrics mean the fused ranking's
 
 
@@ -76,6 +80,8 @@ def evaluate_predictions(tasks: TaskSet, probs: dict[str, np.ndarray], labels: n
             out[f"{t.name}/auc"] = metrics.auc(p, y)
             out[f"{t.name}/gauc"] = metrics.gauc(users, p, y)
             out[f"{t.name}/logloss"] = metrics.logloss(p, y)
+            out[f"{t.name}/base_logloss"] = metrics.base_logloss(y)  # the constant at the split's rate
+            out[f"{t.name}/ece"] = metrics.ece(p, y)
             out.update({f"{t.name}/{k}": v for k, v in metrics.ranking_metrics(users, p, y, ks).items()
                         if k != "users"})
         elif t.type == "regression":

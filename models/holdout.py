@@ -123,7 +123,8 @@ class Holdout:
                 continue
             y, p = (self.test[t.column].to_numpy(dtype=np.float64) > 0), probs[t.name]
             out[t.name] = {"auc": metrics.auc(p, y), "gauc": metrics.gauc(self.users, p, y),
-                           "logloss": metrics.logloss(p, y)}
+                           "logloss": metrics.logloss(p, y), "base_logloss": metrics.base_logloss(y),
+                           "ece": metrics.ece(p, y)}
         return out
 
 

@@ -5,7 +5,9 @@ Loss-weighting balancers train under Lightning's automatic optimisation
 pass per task, so the module switches to manual optimisation for them and
 clips by hand. Validation collects the predictions of the whole split and
 computes ranking metrics once per epoch: one host synchronisation per epoch,
-none per step.
+none per step. Once training has set ``calibration`` (fitted on the
+validation split, ``models/calibration.py``), the metrics of a split are
+those of the calibrated probabilities, as the artifact will score them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from models.architectures import build_architecture
 from models.balancers import build_balancer, check_world_size
+from models.calibration import Calibration
 from models.encoder import FeatureEncoder, FeatureSpec
 from models.evaluation import evaluate_predictions, monitor_key, worst
 from models.tasks import TaskSet
@@ -44,6 +47,7 @@ class MTLModule(L.LightningModule):
         self._epoch_losses: list[torch.Tensor] = []
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         self.last_metrics: dict[str, float] = {}
+        self.calibration: Calibration | None = None  # set after training; training's own validation is raw
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, cat: torch.Tensor, num: torch.Tensor):
@@ -128,11 +132,20 @@ class MTLModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._collect(batch)
 
-    def _metrics(self, outs: list[dict[str, torch.Tensor]], users: np.ndarray) -> dict[str, float]:
+    @staticmethod
+    def _stack(outs: list[dict[str, torch.Tensor]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         probs = {k: torch.cat([o[k] for o in outs]).cpu().numpy() for k in outs[0] if k != "__labels"}
-        labels = torch.cat([o["__labels"] for o in outs]).cpu().numpy()
+        return probs, torch.cat([o["__labels"] for o in outs]).cpu().numpy()
+
+    def _metrics(self, outs: list[dict[str, torch.Tensor]], users: np.ndarray) -> dict[str, float]:
+        return self._scores(*self._stack(outs), users)
+
+    def _scores(self, probs: dict[str, np.ndarray], labels: np.ndarray, users: np.ndarray) -> dict[str, float]:
+        if self.calibration is not None:
+            probs = self.calibration.apply(probs)
         return evaluate_predictions(self.tasks, probs, labels, users[: len(labels)], ks=self.hparams.ks,
                                     method=self.hparams.fusion)
+
 
     def _finish(self, prefix: str, users: np.ndarray) -> dict[str, float]:
         outs, self._eval_outputs = self._eval_outputs, []
@@ -150,14 +163,21 @@ class MTLModule(L.LightningModule):
         return m
 
     @torch.no_grad()
-    def evaluate_split(self, batches) -> dict[str, float]:
-        """Metrics of one split outside a Trainer loop (after loading the best checkpoint)."""
+    def split_predictions(self, batches) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+        """The raw (uncalibrated) probabilities and the labels of one split in row order; None if it is empty."""
         self.eval()
         self._eval_outputs = []
         for batch in batches:
             self._collect(batch)
         outs, self._eval_outputs = self._eval_outputs, []
-        return self._metrics(outs, batches.split.users) if outs else {}
+        return self._stack(outs) if outs else None
+
+    def evaluate_split(self, batches, predictions: tuple[dict[str, np.ndarray], np.ndarray] | None = None
+                       ) -> dict[str, float]:
+        """Metrics of one split outside a Trainer loop (after loading the best checkpoint); ``predictions``:
+        that split's ``split_predictions``, when already made."""
+        predictions = predictions or self.split_predictions(batches)
+        return self._scores(*predictions, batches.split.users) if predictions else {}
 
     def on_validation_epoch_end(self):
         self._finish("val", self.trainer.datamodule.valid_split.users)

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from models.artifact import code_version, fingerprint, save_artifact
 from models.config import load_config
-from models import recipe
+from models import calibration, recipe
 from models.balancers import check_world_size
 from models.data import MTLDataModule
 from models.evaluation import mode
@@ -143,13 +143,16 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     if ckpt.best_model_path:
         best = torch.load(ckpt.best_model_path, map_location=module.device, weights_only=True)
         module.load_state_dict(best["state_dict"])
-    valid_metrics = module.evaluate_split(dm.val_dataloader())
+    # Calibrated on the validation split (models/calibration.py); both splits' metrics score what the artifact will.
+    valid = module.split_predictions(dm.val_dataloader())
+    module.calibration = calibration.fit(module.tasks, *valid) if valid else calibration.Calibration()
+    valid_metrics = module.evaluate_split(dm.val_dataloader(), valid)
     test_metrics = module.evaluate_split(dm.test_dataloader()) if len(dm.test_split) else {}
     meta = {
         "config": config, "tasks": tasks.to_config(), "primary": tasks.primary, "features": dm.spec.to_dict(),
         "declaration": info.get("declaration"), "fusion": {"method": fusion, "relevance": tasks.relevance()},
         "feature_service": info.get("feature_service") or config.get("feature_service"),
-        "metrics": {"valid": valid_metrics, "test": test_metrics},
+        "metrics": {"valid": valid_metrics, "test": test_metrics}, "calibration": module.calibration.to_dict(),
         "data": {"path": str(data), "fingerprint": fingerprint(training_file(data)) if table is None else None,
                  "rows": {"train": dm.train_rows, "valid": len(dm.valid_split), "test": len(dm.test_split)},
                  "time_ranges": dm.time_ranges},

@@ -36,9 +36,12 @@ def protocol_tables(result: dict) -> str:
         if p.get("reward"):  # reward@K is in the dataset's own units: say which
             parts += [f"reward@K: expected reward of the top K, reward = {p['reward']}", ""]
         parts += [metric_table(r), ""]
-    parts += ["| task | AUC | GAUC | logloss |", "|---|---|---|---|"]
-    parts += [f"| {t} | {v.get('auc', float('nan')):.4f} | {v.get('gauc', float('nan')):.4f} | "
-              f"{v.get('logloss', float('nan')):.4f} |" for t, v in result["tasks"].items()]
+    # logloss beside the base rate's (always predicting the holdout's positive rate): a head above it is worse
+    # than no model for that probability; ECE over 15 equal-width bins.
+    cols = ("auc", "gauc", "logloss", "base_logloss", "ece")
+    parts += ["| task | AUC | GAUC | logloss | base-rate logloss | ECE |", "|---|" + "---|" * len(cols)]
+    parts += [f"| {t} | " + " | ".join(f"{v.get(c, float('nan')):.4f}" for c in cols) + " |"
+              for t, v in result["tasks"].items()]
     return "\n".join(parts)
 
 
