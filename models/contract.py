@@ -305,8 +305,33 @@ def parquet_batches(path: Path | str, rows: int, columns: list[str] | None = Non
     yield from pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows, columns=columns)
 
 
+# An ISO-8601 text stamp that names its zone ends with a time of day and Z or an offset (+02:00, -0500, +02);
+# a date alone ("2024-01-01", whose "-01" is no offset) has none.
+_ZONED_TEXT = r"\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:[zZ]|[+-]\d{2}(?::?\d{2})?)\s*$"
+
+
+def naive_timestamps(series: pd.Series) -> bool:
+    """Whether a timestamp column carries values without a timezone: ``coerce_timestamps`` (and validation)
+    take those as UTC, which is wrong for a log written in local time; validation warns, naming the column.
+
+    Datetimes are judged by their dtype; text (ISO-8601) value by value: one stamp without a zone is enough.
+    """
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        return False
+    if pd.api.types.is_datetime64_any_dtype(series.dtype):
+        return bool(series.notna().any())
+    values = series.dropna()
+    if values.empty:
+        return False
+    text = values.astype(str)
+    looks_like_time = text.str.contains(r"^\s*\d{4}-\d{2}-\d{2}", regex=True)  # unparseable text is another rule's
+    return bool((looks_like_time & ~text.str.contains(_ZONED_TEXT, regex=True)).any())
+
+
 def coerce_timestamps(df: pd.DataFrame, column: str = TIMESTAMP) -> pd.DataFrame:
     """Timestamps may arrive as ISO strings, naive or nanosecond datetimes; downstream wants UTC microseconds.
+
+    Naive ones (no timezone: ``naive_timestamps``) are taken as UTC; validation warns about them.
 
     Microseconds because Feast's offline store keeps them and refuses to drop nonzero nanoseconds (a log
     stamped from float epoch seconds has them): the point-in-time join would fail on such a log.

@@ -19,6 +19,13 @@ feature reserves two codes before its vocabulary:
 
 Artifacts from before the ``MISSING`` code (``reserved`` absent from their
 spec) keep their layout: one reserved code, missing values encoded as then.
+
+Numeric features are clipped to the range the training split covered before
+they are standardised (``bounds``): time-derived ones (an item's age, a
+user's tenure) keep growing after the log ends, and a request months later
+would otherwise feed the network values it never saw. Artifacts without
+``bounds`` are not clipped.
+
 All categorical features share one embedding table with per-feature offsets:
 one lookup per batch instead of one per feature.
 
@@ -41,6 +48,7 @@ import torch
 from torch import nn
 
 from models import binning
+from models.inputs import check_embedding_dims
 
 _VECTORISE_ABOVE = 20_000  # rows; below this a dict lookup beats building pandas objects
 
@@ -75,6 +83,9 @@ class FeatureSpec:
     missing: list[str] = field(default_factory=list)  # features with missing values in training: code MISSING
     # numeric features also fed as quantile bins (models/binning.py): name -> {"edges": [...], "gain": ...}
     bins: dict[str, dict] = field(default_factory=dict)
+    # name -> [min, max] seen in training (after log1p): inputs are clipped to it, so a request months after the
+    # log (an item older than any seen) is encoded as the oldest seen instead of extrapolated; absent: no clip
+    bounds: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def slots(self) -> list[str]:
@@ -98,8 +109,12 @@ class FeatureSpec:
         return fit.spec(min_count)
 
     def size_embeddings(self, width: int | str = "auto", overrides: dict[str, int] | None = None) -> "FeatureSpec":
-        """Fix each categorical feature's embedding width: a number for all, or ``auto`` (the vocabulary rule)."""
-        overrides = overrides or {}
+        """Fix each categorical feature's embedding width: a number for all, or ``auto`` (the vocabulary rule).
+
+        ``overrides`` (``model.embedding_dims``) name categorical features or numeric ones' bins (``x#bins``,
+        used where ``x`` is binned); any other name fails rather than be ignored.
+        """
+        overrides = check_embedding_dims(overrides, self.categorical, self.numeric)
         sizes = dict(zip(self.slots, self.cardinalities))
         self.widths = {c: int(overrides.get(c) or (embedding_width(sizes[c]) if width == "auto" else width))
                        for c in self.slots}
@@ -151,6 +166,8 @@ class FeatureSpec:
         return x.astype(np.float64, copy=False)
 
     def encode_numeric(self, df: Mapping) -> np.ndarray:
+        """Standardised values, each first clipped to the range training saw (``bounds``): a network's output
+        on inputs far outside its training range is arbitrary (every item tied at 0 or 1), not a trend."""
         out = np.zeros((_length(df), len(self.numeric)), dtype=np.float32)
         counts = set(self.log1p)
         for j, c in enumerate(self.numeric):
@@ -159,6 +176,8 @@ class FeatureSpec:
                 x = self._floats(df[c])
                 if c in counts:
                     x = np.log1p(np.maximum(x, 0.0))
+                if c in self.bounds:
+                    x = np.clip(x, *self.bounds[c])  # NaN stays NaN: missing values sit at the mean below
                 out[:, j] = (x - mean) / std
         return np.nan_to_num(out, copy=False, nan=0.0)  # missing values sit at the mean
 
@@ -203,6 +222,7 @@ class SpecFit:
         self.counts: dict[str, pd.Series] = {}
         self.missing: set[str] = set()
         self.moments = {c: (0, 0.0, 0.0) for c in self.numeric}  # n, mean, sum of squared deviations
+        self.bounds: dict[str, list[float]] = {}  # min and max seen per numeric feature
 
     def add(self, df: pd.DataFrame) -> None:
         for c in self.categorical:
@@ -219,6 +239,8 @@ class SpecFit:
             x = x.dropna().to_numpy()
             if not len(x):
                 continue
+            lo, hi = self.bounds.get(c, (np.inf, -np.inf))
+            self.bounds[c] = [min(lo, float(x.min())), max(hi, float(x.max()))]
             n, mean, m2 = self.moments[c]
             k, m = len(x), float(x.mean())
             d = m - mean
@@ -236,7 +258,8 @@ class SpecFit:
             std = float(np.sqrt(m2 / (n - 1))) if n > 1 else 1.0
             stats[c] = [float(mean) if n else 0.0, std if std > 1e-12 else 1.0]
         return FeatureSpec(list(self.categorical), list(self.numeric), vocabs, stats, list(self.log1p),
-                           missing=[c for c in self.categorical if c in self.missing])
+                           missing=[c for c in self.categorical if c in self.missing],
+                           bounds={c: list(b) for c, b in self.bounds.items()})
 
 
 WIDTH_FACTOR, WIDTH_BOUNDS = 6.0, (4, 64)

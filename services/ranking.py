@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 
 from feature_repo.online import StoreUnavailable
+from feature_repo.schema import WINDOWS
 from models.evaluation import fusion_weights
 from models.fusion import fuse
 
 __all__ = ["Model", "RequestError", "StoreUnavailable", "NonFiniteScores", "rank", "score_items", "mmr",
-           "check_events", "Exploration", "weight_vectors", "policy_probabilities", "choose", "order",
-           "propensities"]
+           "check_events", "data_span", "time_outside_data", "Exploration", "weight_vectors",
+           "policy_probabilities", "choose", "order", "propensities"]
 
 
 class RequestError(ValueError):
@@ -53,6 +54,12 @@ class Model:
     scorer: Any  # models.artifact.Scorer
     weights: dict[str, float] = field(default_factory=dict)
     fusion: str = "declared"  # the fusion weights' version: "declared", or an accepted tuning's id
+    # the first and last impression the model was trained and judged on (epoch seconds), read once from its
+    # artifact; None for an artifact that does not record them
+    span: tuple[float, float] | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.span = data_span(getattr(self.scorer, "meta", None) or {})
 
     @classmethod
     def of(cls, tag: str, scorer, weights: dict[str, float] | None = None, fusion: str | None = None) -> "Model":
@@ -70,12 +77,52 @@ class Model:
         return [t.name for t in self.scorer.tasks if t.ranks]
 
 
+def data_span(meta: dict[str, Any]) -> tuple[float, float] | None:
+    """The time range of an artifact's training table (all its splits), from ``meta["data"]["time_ranges"]``."""
+    ranges = [r for r in ((meta.get("data") or {}).get("time_ranges") or {}).values() if r and len(r) == 2]
+    try:
+        stamps = [pd.Timestamp(v) for r in ranges for v in r]
+    except (TypeError, ValueError):
+        return None
+    if not stamps:
+        return None
+    stamps = [t.tz_convert("UTC") if t.tzinfo else t.tz_localize("UTC") for t in stamps]
+    return min(stamps).timestamp(), max(stamps).timestamp()
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def time_outside_data(span: tuple[float, float] | None, ts: float) -> str | None:
+    """Why the request time ``ts`` lies outside the data, or None: outside means more than the longest feature
+    window (``feature_repo.schema.WINDOWS``, days) before the data starts or after it ends. Beyond that the
+    windowed counts describe another time than the request's, and the time-derived features are clipped to
+    what training saw (``models.encoder.FeatureSpec.bounds``): the scores are the model's at the data's edge."""
+    if span is None:
+        return None
+    window = max(WINDOWS) * 86_400.0
+    start, end = span
+    if start - window <= ts <= end + window:
+        return None
+    side = f"{(ts - end) / 86_400:.0f} days after the data ends ({_iso(end)})" if ts > end else \
+        f"{(start - ts) / 86_400:.0f} days before the data starts ({_iso(start)})"
+    return (f"the request time {_iso(ts)} is {side}, beyond the longest feature window ({max(WINDOWS)} days): "
+            "time-derived features are held to the range training saw; send context.timestamp to score as of "
+            "another time")
+
+
 @dataclass
 class Scored:
     frame: dict[str, np.ndarray]  # the model's input columns
     probs: dict[str, np.ndarray]
     item_cold: np.ndarray
     user_cold: bool
+    outside: str | None = None  # why the request time lies outside the data (time_outside_data), or None
+
+    def flags(self) -> dict[str, Any]:
+        """The answer's flag that the request time lies outside the data, and the warnings that say why."""
+        return {"time_outside_data": self.outside is not None, "warnings": [self.outside] if self.outside else []}
 
 
 def model_inputs(reader, user_id: str, item_ids: list[str], request_ts: float,
@@ -103,7 +150,8 @@ def score(model: Model, reader, user_id: str, item_ids: list[str], *, request_ts
     bad = [k for k, v in probs.items() if not np.isfinite(v).all()]
     if bad:
         raise NonFiniteScores(f"non-finite scores for {bad}")
-    return Scored(frame=cols, probs=probs, item_cold=~np.asarray(item_known, dtype=bool), user_cold=not user_known)
+    return Scored(frame=cols, probs=probs, item_cold=~np.asarray(item_known, dtype=bool), user_cold=not user_known,
+                  outside=time_outside_data(model.span, ts))
 
 
 def resolve_weights(model: Model, weights: dict[str, float] | None) -> dict[str, float]:
@@ -328,14 +376,14 @@ def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | 
               "rank_before_rerank": int(before[i]), "cold_start": bool(s.item_cold[i])} for i in top]
     return {"model_version": model.tag, "user_id": user_id, "user_cold_start": s.user_cold, "weights": w,
             "fusion": fusion, "diversity": float(diversity), "novelty": float(novelty), "items": items,
-            "propensities": [float(p) for p in prop], "policy": policy}
+            **s.flags(), "propensities": [float(p) for p in prop], "policy": policy}
 
 
 def score_items(model: Model, reader, user_id: str, items: list[str], *, request_ts: float | None = None,
                 context: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every task's output (binary probabilities and regression outputs) per item, in request order."""
     s = score(model, reader, user_id, items, request_ts=request_ts, context=context)
-    return {"model_version": model.tag, "user_id": user_id, "user_cold_start": s.user_cold,
+    return {"model_version": model.tag, "user_id": user_id, "user_cold_start": s.user_cold, **s.flags(),
             "items": [{"item_id": it, "scores": {t: _num(p[i]) for t, p in s.probs.items()},
                        "cold_start": bool(s.item_cold[i])} for i, it in enumerate(items)]}
 

@@ -51,7 +51,8 @@ ContextNumber = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_CONTEXT_NUMB
 class _Context(BaseModel):
     model_config = ConfigDict(extra="forbid")
     timestamp: Optional[datetime] = Field(
-        None, description="the time the features are computed for (epoch seconds or ISO-8601; default: now); "
+        None, description="the time the features are computed for (epoch seconds or ISO-8601; no zone: UTC; "
+                          "default: now, flagged by time_outside_data when it lies outside the model's data); "
                           "not before the data starts, nor more than a day past the server's clock")
 
 
@@ -72,6 +73,12 @@ def context_model(columns: dict[str, str]) -> type[BaseModel]:
 
 
 Context = context_model({"device": "string"})  # the contract's own context; the service builds its dataset's
+
+
+TIME_OUTSIDE_DATA = ("the request time (context.timestamp, default now) lies more than the longest feature window "
+                     "before the model's data starts or after it ends: time-derived features are held to the range "
+                     "training saw, and the scores are the model's at the data's edge")
+WARNINGS = "what the client should know about these scores, in words (empty when nothing)"
 
 
 class RankedItem(BaseModel):
@@ -95,6 +102,8 @@ class RankResponse(BaseModel):
     fusion: str
     diversity: float
     novelty: float
+    time_outside_data: bool = Field(False, description=TIME_OUTSIDE_DATA)
+    warnings: list[str] = Field(default_factory=list, description=WARNINGS)
     items: list[RankedItem]
 
 
@@ -122,6 +131,8 @@ class ScoreResponse(BaseModel):
     model_version: str
     user_id: str
     user_cold_start: bool
+    time_outside_data: bool = Field(False, description=TIME_OUTSIDE_DATA)
+    warnings: list[str] = Field(default_factory=list, description=WARNINGS)
     items: list[ScoredItem]
 
 

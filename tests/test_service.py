@@ -168,6 +168,14 @@ def test_score_and_cold_start(server, offline):
             assert out["items"][j]["scores"][task] == pytest.approx(float(p[j]), rel=1e-5, abs=1e-6)
     cold = _rank(server, user_id="nobody-at-all", candidates=items)
     assert cold["user_cold_start"] is True and len(cold["items"]) == 3
+    assert out["time_outside_data"] is False and cold["time_outside_data"] is False and cold["warnings"] == []
+    # No timestamp: the request time is now, months after the log (it ends 2026-10-01): flagged, not silent.
+    from services.ranking import data_span
+
+    end = data_span(offline["scorer"].meta)[1]
+    assert time.time() > end + 31 * 86_400, "the data must end over a month before now for this check"
+    late = _rank(server, user_id=user, candidates=items, context={"device": "mobile"})
+    assert late["time_outside_data"] is True and "after the data ends" in late["warnings"][0], late
 
 
 GOOD = {"user_id": "u1", "candidates": ["i1", "i2"]}

@@ -22,6 +22,7 @@ from models import contract
 from models.declaration import DeclarationError
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +52,9 @@ class ValidationReport:
     docs_path: str | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # Each declared label column: (share of interactions missing it, the declared max_null_rate). Missing labels
+    # are left out of their task's training and metrics; the share says how much of the log a task learns from.
+    label_nulls: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def success(self) -> bool:
@@ -64,6 +68,9 @@ class ValidationReport:
             status = "ok" if not bad else f"{len(bad)} rule(s) failed"
             lines.append(f"{name:<13} {rows if rows is not None else '-':>12,} rows  {status}"
                          if rows is not None else f"{name:<13} {'missing':>12}       {status}")
+        if self.label_nulls:
+            lines.append("labels        " + ", ".join(f"{c} {share:.2%} missing (max {limit:.2%})"
+                                                   for c, (share, limit) in self.label_nulls.items()))
         lines += [f.line() for f in self.failures]
         lines += [f"warning: {w}" for w in self.warnings]
         if self.docs_path:
@@ -149,11 +156,14 @@ class _Judge:
         return self.batch.get_batch(batch_parameters={"dataframe": df})
 
 
-def _derive(name: str, df: pd.DataFrame, declaration, key_sets: dict[str, pd.Index]) -> None:
+def _derive(name: str, df: pd.DataFrame, declaration, key_sets: dict[str, pd.Index], naive: set[str]) -> None:
+    """The derived columns the suite judges; adds ``name`` to ``naive`` when its timestamps carry no timezone."""
     from flows.validation.suites import (derive_implication_columns, derive_timestamp_columns,
                                          derive_unknown_key_columns)
 
     if contract.TIMESTAMP in df:
+        if name not in naive and contract.naive_timestamps(df[contract.TIMESTAMP]):
+            naive.add(name)
         derive_timestamp_columns(df)
     if name == "interactions":
         derive_implication_columns(df, declaration)
@@ -187,6 +197,20 @@ def _failures(name: str, table: contract.Table, results: list) -> list[Failure]:
         out.append(Failure(name, meta.get("column", "-"), rule, 1.0 if pct is None else pct / 100.0,
                            _examples(rule, res), detail))
     return out
+
+
+def _label_nulls(declaration, results: list) -> dict[str, tuple[float, float]]:
+    """Each label's share of missing values, from its null rule's counts (whole table, or the chunks' sum)."""
+    limits = {t.column: t.max_null_rate for t in declaration.tasks} if declaration else {}
+    out = {}
+    for r in results:
+        meta = r.expectation_config.meta or {}
+        res = r.result or {}
+        column = meta.get("column")
+        if column in limits and meta.get("rule") in ("null rate", "not null") and res.get("element_count") is not None:
+            out[column] = ((res.get("unexpected_count") or 0) / res["element_count"] if res["element_count"] else 0.0,
+                           limits[column])
+    return {c: out[c] for c in limits if c in out}  # in declared order
 
 
 def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = None,
@@ -248,6 +272,7 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
 
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     source = ctx.data_sources.add_or_update_pandas("mtlrec")
+    naive: set[str] = set()  # tables whose timestamps carry no timezone (taken as UTC)
     for name, df in frames.items():
         table = tables[name]
 
@@ -256,11 +281,11 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
                                     declaration=declaration)
 
         if not isinstance(df, chunks.Chunked):
-            _derive(name, df, declaration, key_sets)
+            _derive(name, df, declaration, key_sets, naive)
             results = _Judge(ctx, source, name, expectations(df))(df)
         else:
             try:
-                results = chunks.validate(df, lambda c, name=name: _derive(name, c, declaration, key_sets),
+                results = chunks.validate(df, lambda c, name=name: _derive(name, c, declaration, key_sets, naive),
                                           expectations, lambda exps, name=name: _Judge(ctx, source, name, exps))
             except (OSError, pa.ArrowException) as exc:  # a chunk that cannot be read, as a whole read would say
                 report.failures.append(Failure(name, "-", "table readable", 1.0, [],
@@ -268,6 +293,13 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
                 report.rows.pop(name)
                 continue
         report.failures += _failures(name, table, results)
+        if name == "interactions":
+            report.label_nulls = _label_nulls(declaration, results)
+    for name in (n for n in frames if n in naive):
+        warning = (f"{name}.{contract.TIMESTAMP}: timestamps carry no timezone and are taken as UTC; store them "
+                   f"with a zone (tz-aware datetimes, or ISO-8601 with Z or an offset) if they are local time")
+        log.warning("validation of %s: %s", directory, warning)
+        report.warnings.append(warning)
     sites = ctx.get_docs_sites_urls()
     if sites:
         report.docs_path = sites[0]["site_url"].removeprefix("file://")
