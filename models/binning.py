@@ -49,6 +49,13 @@ def _bin_auc(train_x, train_y, valid_x, valid_y, edges) -> float:
     return metrics.auc(rate[vb], valid_y)
 
 
+def _known(label: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows have a label, and their labels as 0/1."""
+    y = pd.to_numeric(label, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    known = ~np.isnan(y)
+    return known, (y[known] > 0).astype(np.float64)
+
+
 def choose(train: pd.DataFrame, valid: pd.DataFrame, numeric: list[str], labels: list[str],
            mode: str = "auto", n_bins: int = N_BINS, margin: float = MARGIN) -> dict[str, dict]:
     """``{feature: {"edges": [...], "gain": validation AUC the bins add}}`` for the features to bin.
@@ -72,12 +79,14 @@ def choose(train: pd.DataFrame, valid: pd.DataFrame, numeric: list[str], labels:
         vx = pd.to_numeric(valid[c], errors="coerce").to_numpy(np.float64)
         best = -np.inf
         for label in labels:
-            ty = (pd.to_numeric(train[label], errors="coerce").fillna(0).to_numpy() > 0).astype(np.float64)
-            vy = (pd.to_numeric(valid[label], errors="coerce").fillna(0).to_numpy() > 0).astype(np.float64)
-            if ty.min() == ty.max() or vy.min() == vy.max():
+            # judged on the rows whose label is known: a missing label is no negative
+            tk, ty = _known(train[label])
+            vk, vy = _known(valid[label])
+            if len(ty) == 0 or len(vy) == 0 or ty.min() == ty.max() or vy.min() == vy.max():
                 continue
-            value_auc = metrics.auc(np.nan_to_num(vx, nan=np.nanmean(tx) if np.isfinite(tx).any() else 0.0), vy)
-            gain = _bin_auc(tx, ty, vx, vy, edges) - max(value_auc, 1 - value_auc)
+            lx, lv = tx[tk], vx[vk]
+            value_auc = metrics.auc(np.nan_to_num(lv, nan=np.nanmean(lx) if np.isfinite(lx).any() else 0.0), vy)
+            gain = _bin_auc(lx, ty, lv, vy, edges) - max(value_auc, 1 - value_auc)
             best = max(best, gain)
         if best >= margin:
             out[c] = {"edges": edges, "gain": round(float(best), 4)}

@@ -18,6 +18,7 @@ import torch
 
 from models import binning, contract
 from models.encoder import FeatureSpec
+from models.inputs import require_columns
 from models.tasks import TaskSet
 
 
@@ -27,7 +28,7 @@ class Split:
 
     cat: torch.Tensor
     num: torch.Tensor
-    labels: torch.Tensor  # [N, T] in task order
+    labels: torch.Tensor  # [N, T] in task order; NaN where a label is missing
     users: np.ndarray
     items: np.ndarray
 
@@ -73,12 +74,14 @@ def target_stats(train: pd.DataFrame, tasks: TaskSet) -> dict[str, tuple[float, 
 
 
 def encode(df: pd.DataFrame, spec: FeatureSpec, tasks: TaskSet) -> Split:
-    labels = np.stack([df[t.column].to_numpy(dtype=np.float32) for t in tasks], axis=1) if len(df) else \
-        np.zeros((0, len(tasks)), dtype=np.float32)
+    """The split as tensors. A missing label stays NaN (nullable dtypes' NA included): it is unknown, not a
+    negative, and the losses and metrics leave that row out of its task (``TaskSet.losses``, ``models.metrics``)."""
+    labels = np.stack([df[t.column].to_numpy(dtype=np.float32, na_value=np.nan) for t in tasks], axis=1) \
+        if len(df) else np.zeros((0, len(tasks)), dtype=np.float32)
     return Split(
         cat=torch.from_numpy(spec.encode_categorical(df)),
         num=torch.from_numpy(spec.encode_numeric(df)),
-        labels=torch.from_numpy(np.nan_to_num(labels, nan=0.0)),
+        labels=torch.from_numpy(labels),
         users=df["user_id"].astype(str).to_numpy(),
         items=df["item_id"].astype(str).to_numpy(),
     )
@@ -164,9 +167,8 @@ class MTLDataModule(SplitDataModule):
         self.seed = seed
         self._eval_batch_size = eval_batch_size
         self.device_ = torch.device(device)
-        present = set(table.columns)
-        self.categorical = [c for c in categorical if c in present]
-        self.numeric = [c for c in numeric if c in present]
+        require_columns([*categorical, *numeric], table.columns, "features")
+        self.categorical, self.numeric = list(categorical), list(numeric)
         train, valid, test = time_split(table, valid_fraction, test_fraction)
         if len(train) == 0 or len(valid) == 0:
             raise ValueError(f"the time split left train={len(train)} valid={len(valid)} rows: need more data")

@@ -59,7 +59,10 @@ class TaskDecl:
     num_classes: int | None = None  # multiclass: labels are 0 .. num_classes-1
     min: float | None = None  # regression: declared range of the label
     max: float | None = None
-    max_null_rate: float = 0.0  # share of rows allowed to lack the label
+    # Share of rows allowed to lack the label (validation fails above it). A missing label is masked out of the
+    # task's loss and metrics, never a negative. 0 by default: complete logs validate unchanged, and a log that
+    # starts losing labels is stopped until the dataset says how many it may lack.
+    max_null_rate: float = 0.0
     loss_weight: float = 1.0  # initial / fixed weight for the balancer
 
     @property

@@ -33,11 +33,16 @@ def fusion_weights(tasks: TaskSet) -> dict[str, float]:
 
 
 def _weighted_labels(tasks: TaskSet, labels: np.ndarray, weight) -> np.ndarray:
-    """Per row, the sum over ranking tasks of ``weight(task)`` x its binary label (``labels``: [N, T])."""
+    """Per row, the sum over ranking tasks of ``weight(task)`` x its binary label (``labels``: [N, T]).
+
+    NaN where a label that carries weight is missing: the row's grade is unknown, so the ranking metrics leave
+    it out (``models.metrics``) rather than grade it as if that behaviour had not happened.
+    """
     out = np.zeros(len(labels), dtype=np.float64)
     for j, t in enumerate(tasks):
         if t.ranks and weight(t):
-            out += weight(t) * (np.asarray(labels[:, j], dtype=np.float64) > 0)
+            y = np.asarray(labels[:, j], dtype=np.float64)
+            out += weight(t) * np.where(np.isnan(y), np.nan, y > 0)
     return out
 
 
@@ -75,20 +80,26 @@ def evaluate_predictions(tasks: TaskSet, probs: dict[str, np.ndarray], labels: n
     """Flat dict: ``<task>/auc``, ``<task>/ndcg@10``, ``fused/ndcg@10``, ``mean_auc``, ``loss``, ..."""
     out: dict[str, float] = {}
     for j, t in enumerate(tasks):
-        y, p = labels[:, j], probs[t.name]
+        # Each task is judged on the rows whose label is known: a missing label is no negative.
+        y, p = np.asarray(labels[:, j], dtype=np.float64), probs[t.name]
+        known = ~np.isnan(y)
         if t.type == "binary":
+            u = users
+            if not known.all():
+                y, p, u = y[known], p[known], users[known]
             out[f"{t.name}/auc"] = metrics.auc(p, y)
-            out[f"{t.name}/gauc"] = metrics.gauc(users, p, y)
+            out[f"{t.name}/gauc"] = metrics.gauc(u, p, y)
             out[f"{t.name}/logloss"] = metrics.logloss(p, y)
             out[f"{t.name}/base_logloss"] = metrics.base_logloss(y)  # the constant at the split's rate
             out[f"{t.name}/ece"] = metrics.ece(p, y)
-            out.update({f"{t.name}/{k}": v for k, v in metrics.ranking_metrics(users, p, y, ks).items()
+            out.update({f"{t.name}/{k}": v for k, v in metrics.ranking_metrics(u, p, y, ks).items()
                         if k != "users"})
         elif t.type == "regression":
-            mask = labels[:, tasks.names.index(t.parent)] > 0 if t.parent else np.ones(len(y), bool)
+            mask = known & (labels[:, tasks.names.index(t.parent)] > 0) if t.parent else known
             out[f"{t.name}/rmse"] = metrics.rmse(p[mask], y[mask]) if mask.any() else float("nan")
         else:
-            out[f"{t.name}/accuracy"] = float(np.mean(p.argmax(-1) == y))
+            out[f"{t.name}/accuracy"] = float(np.mean(p[known].argmax(-1) == y[known])) if known.any() \
+                else float("nan")
     aucs = [out[f"{t.name}/auc"] for t in tasks if t.ranks and np.isfinite(out[f"{t.name}/auc"])]
     out["mean_auc"] = float(np.mean(aucs)) if aucs else float("nan")
     out["loss"] = float(sum(out[f"{t.name}/logloss"] for t in tasks if t.ranks)) if tasks.binary else float("nan")

@@ -200,10 +200,15 @@ class _Split:
     """One split scored once: its users, per-objective probabilities, and each row's reward and relevance."""
 
     def __init__(self, frame: pd.DataFrame, scorer, tasks: TaskSet):
+        # A row missing a label that carries a gain or a reward has no known reward or grade: it is left out of
+        # the split (read as 0 it would pay a ranking for burying a behaviour nobody recorded). Both weightings
+        # a decision compares are judged on the same rows, so the comparison stays paired.
+        weighted = [t.column for t in tasks.binary if t.column in frame and (t.gain or t.reward_value)]
+        frame = frame[frame[weighted].notna().all(axis=1)] if weighted else frame
         self.rows = len(frame)
         self.users = frame["user_id"].astype(str).to_numpy()
         self.probs = scorer.predict(frame)
-        labels = {t.name: (pd.to_numeric(frame[t.column], errors="coerce").fillna(0).to_numpy(np.float64) > 0)
+        labels = {t.name: (pd.to_numeric(frame[t.column], errors="coerce").to_numpy(np.float64) > 0)
                   .astype(np.float64) for t in tasks.binary if t.column in frame}
         self.rewards = reward_of(tasks, labels)
         self.relevance = sum((t.gain * labels[t.name] for t in tasks.binary if t.name in labels),

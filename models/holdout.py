@@ -44,11 +44,12 @@ class Holdout:
 
     def _index(self) -> None:
         self.users = self.test["user_id"].astype(str).to_numpy()
-        self.labels = {t.name: (self.test[t.column].to_numpy(dtype=np.float64) > 0).astype(np.float64)
-                       for t in self.task_set.binary if t.column in self.test}
+        # 0/1 per row, NaN where the label is missing: the metrics leave those rows out of that objective, and out
+        # of the fused ranking when the missing label carries a gain (or a reward), whose grade is then unknown.
+        self.labels = {t.name: _binary(self.test[t.column]) for t in self.task_set.binary if t.column in self.test}
         rel = np.zeros(len(self.test), dtype=np.float64)
         for t in self.task_set.binary:
-            if t.name in self.labels:
+            if t.name in self.labels and t.gain:
                 rel += t.gain * self.labels[t.name]
         self.relevance = rel
         self.rewards = reward_of(self.task_set, self.labels)
@@ -121,15 +122,25 @@ class Holdout:
         for t in scorer.tasks:
             if t.type != "binary" or t.column not in self.test:
                 continue
-            y, p = (self.test[t.column].to_numpy(dtype=np.float64) > 0), probs[t.name]
-            out[t.name] = {"auc": metrics.auc(p, y), "gauc": metrics.gauc(self.users, p, y),
+            y, p, users = _binary(self.test[t.column]), probs[t.name], self.users
+            known = ~np.isnan(y)
+            if not known.all():  # judged on the rows whose label is known
+                y, p, users = y[known], p[known], users[known]
+            out[t.name] = {"auc": metrics.auc(p, y), "gauc": metrics.gauc(users, p, y),
                            "logloss": metrics.logloss(p, y), "base_logloss": metrics.base_logloss(y),
                            "ece": metrics.ece(p, y)}
         return out
 
 
+def _binary(column: pd.Series) -> np.ndarray:
+    """A label column as 1.0 (positive), 0.0, or NaN where it is missing (nullable dtypes' NA included)."""
+    y = column.to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.where(np.isnan(y), np.nan, y > 0)
+
+
 def reward_of(tasks: TaskSet, labels: dict[str, np.ndarray]) -> np.ndarray:
-    """Each row's reward: its binary labels (0/1 arrays by task name) times their tasks' declared rewards."""
+    """Each row's reward: its binary labels (0/1 arrays by task name) times their tasks' declared rewards; NaN
+    where a rewarded label is NaN (missing)."""
     n = len(next(iter(labels.values()))) if labels else 0
     out = np.zeros(n, dtype=np.float64)
     for name, value in tasks.rewards().items():

@@ -22,6 +22,10 @@ uniformly random order inside the block:
 
 All arithmetic is float64 whatever the input dtype (bf16, fp16 and fp32
 outputs, numpy arrays or torch tensors, are upcast first).
+
+Missing labels. A NaN label is unknown, not a negative: every metric here
+leaves that row out (``_labelled``), so a task is judged on the rows whose
+label is known, and a user none of whose rows is labelled has no list.
 """
 
 from __future__ import annotations
@@ -45,6 +49,18 @@ def _array(x) -> np.ndarray:
         x = x.detach().cpu()
         return (x.double() if x.is_floating_point() else x).numpy()
     return np.asarray(x)
+
+
+def _labelled(labels, *columns) -> tuple[np.ndarray, ...]:
+    """The rows whose label is known: ``labels`` (float64) and each of ``columns`` (numpy) without the NaN-labelled
+    rows. No copy when every label is known, the usual case."""
+    y = _f64(labels)
+    columns = tuple(_f64(c) if hasattr(c, "detach") else np.asarray(c) for c in columns)
+    missing = np.isnan(y)
+    if not missing.any():
+        return (y, *columns)
+    keep = ~missing
+    return (y[keep], *(c[keep] for c in columns))
 
 
 def _changes(v: np.ndarray) -> np.ndarray:
@@ -103,7 +119,7 @@ def per_user(groups, scores, labels, ks=(10, 20, 50)) -> dict[str, np.ndarray]:
     Tied scores count as described in the module docstring (expected value over the orders of a
     tied block). The paired bootstrap of the promotion gate resamples these rows.
     """
-    groups = _array(groups)
+    labels, groups, scores = _labelled(labels, _array(groups), _f64(scores))
     if len(groups) == 0:
         return {"users": groups[:0], **{f"{m}@{k}": np.zeros(0) for m in ("ndcg", "recall") for k in ks}}
     codes, ids = _codes(groups)
@@ -135,7 +151,7 @@ def reward_per_user(groups, scores, rewards, ks=(10, 20, 50)) -> dict[str, np.nd
     Unlike NDCG it is not normalised: a list's expected business value is what the ranking is for, and a
     user with nothing worth showing is a list that earns 0, not an undefined one.
     """
-    groups = _array(groups)
+    rewards, groups, scores = _labelled(rewards, _array(groups), _f64(scores))
     if len(groups) == 0:
         return {"users": groups[:0], **{f"reward@{k}": np.zeros(0) for k in ks}}
     codes, ids = _codes(groups)
@@ -176,8 +192,8 @@ def gauc(groups, scores, labels) -> float:
     positive-negative pair counts 1/2); the weight is the user's number of rows. Users whose rows are
     all positive or all negative have no AUC and are left out, weights included.
     """
-    scores = _f64(scores)
-    y = (_array(labels) > 0).astype(np.float64)
+    y, groups, scores = _labelled(labels, _array(groups), _f64(scores))
+    y = (y > 0).astype(np.float64)
     if len(y) == 0:
         return float("nan")
     order, gi, n, run_group, run_first, run_rank, run_len = _runs(_codes(groups)[0], scores)
@@ -198,8 +214,11 @@ def gauc(groups, scores, labels) -> float:
 
 
 def logloss(probs, labels, eps: float = 1e-7) -> float:
-    p = np.clip(_f64(probs), eps, 1 - eps)
-    y = _f64(labels)
+    """Mean binary log-loss over the labelled rows; NaN without any."""
+    y, p = _labelled(labels, probs)
+    if len(y) == 0:
+        return float("nan")
+    p = np.clip(p.astype(np.float64), eps, 1 - eps)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
@@ -228,7 +247,11 @@ def ece(probs, labels, bins: int = ECE_BINS) -> float:
 
 
 def rmse(pred, target) -> float:
-    return float(np.sqrt(np.mean((_f64(pred) - _f64(target)) ** 2)))
+    """Root mean squared error over the rows whose target is known; NaN without any."""
+    y, p = _labelled(target, pred)
+    if len(y) == 0:
+        return float("nan")
+    return float(np.sqrt(np.mean((p.astype(np.float64) - y) ** 2)))
 
 
 def beyond_accuracy(groups, scores, items, k: int, popularity: dict | pd.Series, catalogue: int,

@@ -21,6 +21,7 @@ tasks with a parent are trained on the rows where the parent is positive.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -227,12 +228,19 @@ class TaskSet:
         return (y - t.target_mean) / t.target_std
 
     def losses(self, outputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One loss per task, stacked in task order (the balancers' input)."""
+        """One loss per task, stacked in task order (the balancers' input).
+
+        A NaN label is missing: that row is left out of its task's loss (a mean over the rows whose label is
+        known), never read as a negative. A batch with no known label for a task gives it a loss of 0, not
+        NaN, which the balancers read as "no signal this step".
+        """
         out: list[torch.Tensor] = []
         log_p: dict[str, torch.Tensor] = {}  # log of each binary task's unconditional probability
         for t in self.tasks:
             logit = outputs[t.name].float()
-            y = labels[t.name]
+            y = labels[t.name].float()
+            known = ~torch.isnan(y)
+            y = torch.where(known, y, torch.zeros_like(y))  # any finite value: the row's loss is masked below
             if t.type == "binary":
                 z = logit.squeeze(-1)
                 if t.parent:
@@ -240,32 +248,56 @@ class TaskSet:
                     # clamped before the BCE would give a rare positive below the clamp no gradient at all.
                     parent = log_p[t.parent] if t.parent_gradient else log_p[t.parent].detach()
                     lp = F.logsigmoid(z) + parent
-                    log_not = _log1mexp(lp)
-                    yf = y.float()
-                    out.append(-(yf * lp + (1.0 - yf) * log_not).mean())
+                    loss = -(y * lp + (1.0 - y) * _log1mexp(lp))
                 else:
                     lp = F.logsigmoid(z)
-                    out.append(F.binary_cross_entropy_with_logits(z, y.float()))
+                    loss = F.binary_cross_entropy_with_logits(z, y, reduction="none")
                 log_p[t.name] = lp
+                out.append(_masked_mean(loss, known))
                 continue
-            mask = labels[t.parent] > 0 if t.parent else None
+            # Trained where the parent is known to be positive (a missing parent label is not a positive).
+            mask = known & (labels[t.parent] > 0) if t.parent else known
             if t.type == "multiclass":
                 loss = F.cross_entropy(logit, y.long(), reduction="none")
             else:
                 loss = F.mse_loss(logit.squeeze(-1), self.target(t, y), reduction="none")
-            if mask is not None:
-                # Masked mean without a data-dependent branch: no host sync per step.
-                m = mask.float()
-                out.append((loss * m).sum() / m.sum().clamp_min(1.0))
-            else:
-                out.append(loss.mean())
+            out.append(_masked_mean(loss, mask))
         return torch.stack(out)
 
 
+def _masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``loss`` over the rows in ``mask``, 0 when there are none; no data-dependent branch, so no host
+    sync per step, and ``where`` rather than a product, so a masked row's value cannot leak in as NaN."""
+    m = mask.float()
+    return torch.where(mask, loss, torch.zeros_like(loss)).sum() / m.sum().clamp_min(1.0)
+
+
+LN2 = math.log(2.0)
+# Above -LOG1MEXP_EDGE, log(1 - e^a) is continued by its tangent at -LOG1MEXP_EDGE (slope LOG1MEXP_SLOPE): its true
+# slope -1/|a| would overflow float32 below about -3e-39, and at a = 0 (p = 1) its value is -inf.
+LOG1MEXP_EDGE = 1e-30
+LOG1MEXP_SLOPE = -1.0 / math.expm1(LOG1MEXP_EDGE)
+
+
 def _log1mexp(a: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(a)) for a < 0, accurate near 0 and far below it (Maechler's two branches)."""
-    a = a.clamp_max(-1e-7)
-    return torch.where(a > -0.6931, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+    """log(1 - exp(a)) for a <= 0 (the log-probability of a negative), to float32 accuracy wherever a <= -1e-30.
+
+    Maechler's two branches ("Accurately Computing log(1 - exp(-|a|))", 2012): log(-expm1(a)) above -ln 2,
+    log1p(-exp(a)) below. Between -1e-30 and 0 (a probability within 1e-30 of 1) the tangent at -1e-30 takes
+    over: -70 at p = 1, a large and finite loss whose gradient, -1e30 with respect to ``a``, is about the logit's
+    own error once multiplied by d a / d logit (which is below 1e-30 there). A clamp instead gave every
+    negative scored above 1 - 1e-7 no gradient at all, the confidently wrong ones ESMM most needs to correct.
+    """
+    b = a.clamp_max(-LOG1MEXP_EDGE)
+    near = b > -LN2
+    # Each branch gets only inputs it is finite on: the branch torch.where drops still backpropagates a zero
+    # gradient, and zero times an infinite derivative is NaN.
+    upper = torch.log(-torch.expm1(torch.where(near, b, -LN2)))
+    lower = torch.log1p(-torch.exp(torch.where(near, -LN2, b)))
+    # The tangent's part is added only above the edge: below it, a - b is 0 but its gradient would be the
+    # difference of two 1e30 terms, which float32 rounds to 0 and so swallows the true gradient.
+    tangent = torch.where(a > b, (a - b) * LOG1MEXP_SLOPE, torch.zeros_like(a))
+    return torch.where(near, upper, lower) + tangent
 
 
 def _spec(item: dict) -> TaskSpec:

@@ -27,6 +27,9 @@ def summary_markdown(report: ValidationReport) -> str:
     lines = [f"# Validation {'passed' if report.success else 'FAILED'}: `{report.directory}`", "",
              "| table | rows |", "|---|---|"]
     lines += [f"| {t} | {n:,} |" for t, n in report.rows.items()]
+    if report.label_nulls:  # missing labels are masked out of their task, never negatives: how many there are
+        lines += ["", "| label | missing | max_null_rate |", "|---|---|---|"]
+        lines += [f"| {c} | {share:.2%} | {limit:.2%} |" for c, (share, limit) in report.label_nulls.items()]
     if report.failures:
         lines += ["", "| table | column | rule | failing | examples |", "|---|---|---|---|---|"]
         lines += [f"| {f.table} | {f.column} | {f.rule} | {f.fraction:.2%} | {', '.join(map(repr, f.examples[:5]))} |"
