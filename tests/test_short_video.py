@@ -166,3 +166,24 @@ def test_evaluation_finds_the_short_video_oracle(tmp_path):
     manifest.primary = "watch"
     manifest.save(tmp_path / "video")
     assert generator_oracle(tmp_path / "video") is None
+
+
+def test_rare_behaviours_are_rare_leave_the_core_log_unchanged_and_have_an_oracle(tmp_path, sv):
+    """``rare=True`` (``--scenario short-video-rare``): comment, share and profile visit, each under about 1%,
+    correlated with like, with nothing, and with follow; the other columns are the same log as without them."""
+    from flows.data.short_video import RARE, oracle
+
+    core = contract.read_table(sv[0], "interactions")
+    manifest = generate(tmp_path, ShortVideoConfig(**{**SMALL.__dict__, "rare": True}))
+    assert manifest.declaration.names == ["click", "long_view", "like", "follow", *RARE, "watch_time"]
+    log = contract.read_table(tmp_path, "interactions")
+    pd.testing.assert_frame_equal(log[core.columns], core)
+    for t in RARE:
+        assert 0.001 < log[t].mean() < 0.012, (t, log[t].mean())
+    corr = log[["click", "like", "follow", *RARE]].astype(float).corr()
+    assert corr.loc["comment", "like"] > 0.2 and corr.loc["profile_visit", "follow"] > 0.08
+    assert abs(corr.loc["share", ["click", "like", "follow", "comment", "profile_visit"]]).max() < 0.03
+    probs = oracle(tmp_path)(log)
+    assert set(probs) == {*BINARY, *RARE}
+    for t in RARE:  # the oracle's probabilities are the ones the labels were drawn from
+        assert probs[t].mean() == pytest.approx(log[t].mean(), rel=0.15), t

@@ -17,18 +17,21 @@ def data_synth(
     interactions: int = typer.Option(300_000, help="number of impressions"),
     days: int = typer.Option(30, help="time span in days"),
     seed: int = typer.Option(0, help="random seed: same seed, same tables"),
-    scenario: str = typer.Option("ecommerce", help="ecommerce (click -> purchase funnel) or short-video "
-                                 "(parallel click, long_view, like, follow, watch_time)"),
+    scenario: str = typer.Option("ecommerce", help="ecommerce (click -> purchase funnel), short-video "
+                                 "(parallel click, long_view, like, follow, watch_time) or short-video-rare "
+                                 "(those and three rare behaviours: comment, share, profile_visit)"),
 ) -> None:
     """Generate the embedded default dataset from a seeded model with planted structure."""
     if scenario == "ecommerce":
         from flows.data.synth import SynthConfig as Config, generate
-    elif scenario == "short-video":
+    elif scenario in ("short-video", "short-video-rare"):
         from flows.data.short_video import ShortVideoConfig as Config, generate
     else:
-        raise typer.BadParameter(f"{scenario!r}: choose ecommerce or short-video", param_hint="--scenario")
+        raise typer.BadParameter(f"{scenario!r}: choose ecommerce, short-video or short-video-rare",
+                                 param_hint="--scenario")
 
-    cfg = Config(n_users=users, n_items=items, n_interactions=interactions, days=days, seed=seed)
+    extra = {"rare": True} if scenario == "short-video-rare" else {}
+    cfg = Config(n_users=users, n_items=items, n_interactions=interactions, days=days, seed=seed, **extra)
     manifest = generate(out, cfg)
     typer.echo(f"wrote {out}: " + ", ".join(f"{k}={v:,}" for k, v in manifest.rows.items()))
     oracle = manifest.params.get("ground_truth", {})

@@ -75,10 +75,12 @@ def redrawn(data: Path | str, source: str, config_type, world, declaration):
     manifest = contract.Manifest.load(data)
     if manifest is None or manifest.source != source:
         return None
-    if {(t.name, t.column) for t in manifest.declaration.binary} != {(t.name, t.column) for t in declaration.binary}:
-        return None
     fields = config_type.__dataclass_fields__
     cfg = config_type(**{k: v for k, v in manifest.params.items() if k in fields})
+    if callable(declaration):  # a generator whose declared tasks depend on its config
+        declaration = declaration(cfg)
+    if {(t.name, t.column) for t in manifest.declaration.binary} != {(t.name, t.column) for t in declaration.binary}:
+        return None
     start_us, span_us, _ = time_span(cfg.end, cfg.days)
     return cfg, world(cfg, np.random.default_rng(cfg.seed), start_us, span_us)[2]
 

@@ -27,6 +27,20 @@ The planted structure, each behaviour driven by a *different* mix of latent fact
 - ``follow`` (rare): the user-*author* affinity and the author's quality; more
   likely after a click or a long view.
 
+With ``rare=True`` (``mtlrec data synth --scenario short-video-rare``) three
+more behaviours, each under about 1% positive, make the case of many tasks,
+some of them rare, that a real feed's log declares:
+
+- ``comment`` (correlated with ``like``): the like affinity and the author's
+  quality, far more likely after a like;
+- ``share`` (correlated with nothing else): the item's own virality and the
+  user's sociability, two latent factors no other behaviour reads;
+- ``profile_visit`` (correlated with ``follow`` and ``click``): the
+  user-author affinity, more likely after a click.
+
+They are drawn from their own random stream, so a seed gives the same users,
+items and core behaviours with or without them.
+
 Because every conditional is a closed form, the generator knows each
 impression's expected graded relevance ``sum(gain_t * p_t)`` (gains of the
 declaration: click 1, long_view 1, like 2, follow 3); ranking the last day by
@@ -60,8 +74,16 @@ DECLARATION = Declaration.from_dict({"tasks": [
     {"name": "watch_time", "type": "regression", "transform": "log1p", "min": 0},
 ], "primary": "click", "attributes": {"items": ["author", "duration"]}})
 
+RARE_TASKS = [{"name": "comment", "type": "binary", "gain": 2},
+              {"name": "share", "type": "binary", "gain": 3},
+              {"name": "profile_visit", "type": "binary", "gain": 1}]
+RARE_DECLARATION = Declaration.from_dict({**DECLARATION.to_dict(),
+                                          "tasks": DECLARATION.to_dict()["tasks"][:4] + RARE_TASKS
+                                          + DECLARATION.to_dict()["tasks"][4:]})
+
 BINARY = ("click", "long_view", "like", "follow")
-GAINS = {t.name: t.gain for t in DECLARATION.binary}
+RARE = ("comment", "share", "profile_visit")
+GAINS = {t.name: t.gain for t in RARE_DECLARATION.binary}
 LONG_VIEW_SHARE = 0.8  # long_view: watched at least this share of the video's duration
 DEVICES = np.array(["mobile", "desktop", "tablet"])
 GENDERS = np.array(["f", "m"])
@@ -87,6 +109,16 @@ class ShortVideoConfig:
     zipf_exponent: float = 1.0
     end: str = "2026-10-01T00:00:00+00:00"  # fixed, so the same seed gives the same tables
     chunk_rows: int = 2_000_000
+    rare: bool = False  # add the rare behaviours comment, share and profile_visit
+
+
+def declaration(cfg: ShortVideoConfig) -> Declaration:
+    return RARE_DECLARATION if cfg.rare else DECLARATION
+
+
+def behaviours(cfg: ShortVideoConfig) -> tuple[str, ...]:
+    """The binary behaviours this config's log holds, in declaration order."""
+    return BINARY + RARE if cfg.rare else BINARY
 
 
 @dataclass
@@ -106,6 +138,8 @@ class _World:
     item_duration: np.ndarray  # seconds, as stored
     item_launch_us: np.ndarray
     exposure: np.ndarray
+    virality: np.ndarray | None = None  # per item, drives share only (rare=True)
+    sociability: np.ndarray | None = None  # per user, drives share only (rare=True)
 
 
 def _users(cfg: ShortVideoConfig, rng: np.random.Generator, start_us: int):
@@ -199,20 +233,37 @@ def _probabilities(cfg: ShortVideoConfig, w: _World, u: np.ndarray, i: np.ndarra
     def follow_logit(c, lv):
         return follow_base + 1.3 * c + 1.0 * lv
 
+    comment_base = -7.2 + 1.3 * aff_like + 0.6 * w.author_quality[a]
+
+    def comment_logit(like):
+        return comment_base + 2.5 * like
+
+    def visit_logit(c):
+        return -6.7 + 1.4 * aff_author + 1.8 * c
+
     p_like = np.zeros(len(u))
     p_follow = np.zeros(len(u))
+    p_comment = np.zeros(len(u))
     for c in (0, 1):
         pc = p_click if c else 1 - p_click
         for lv in (0, 1):
             cell = pc * (p_lv[c] if lv else 1 - p_lv[c])
-            p_like += cell * sigmoid(like_logit(c, lv))
+            pl = sigmoid(like_logit(c, lv))
+            p_like += cell * pl
             p_follow += cell * sigmoid(follow_logit(c, lv))
-    return {"click": p_click, "long_view": p_click * p_lv[1] + (1 - p_click) * p_lv[0], "like": p_like,
-            "follow": p_follow, "mu0": mu0, "like_logit": like_logit, "follow_logit": follow_logit}
+            p_comment += cell * (pl * sigmoid(comment_logit(1)) + (1 - pl) * sigmoid(comment_logit(0)))
+    out = {"click": p_click, "long_view": p_click * p_lv[1] + (1 - p_click) * p_lv[0], "like": p_like,
+           "follow": p_follow, "mu0": mu0, "like_logit": like_logit, "follow_logit": follow_logit}
+    if cfg.rare:
+        share_logit = -6.9 + 1.4 * w.virality[i] + w.sociability[u]
+        out.update(comment=p_comment, share=sigmoid(share_logit), comment_logit=comment_logit,
+                   profile_visit=p_click * sigmoid(visit_logit(1)) + (1 - p_click) * sigmoid(visit_logit(0)),
+                   visit_logit=visit_logit)
+    return out
 
 
 def _impressions(cfg: ShortVideoConfig, w: _World, rng: np.random.Generator, n: int,
-                 start_us: int, span_us: int) -> dict[str, np.ndarray]:
+                 start_us: int, span_us: int, rare_rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     """Draw ``n`` impressions with their labels and each behaviour's true (marginal) probability."""
     u = rng.choice(len(w.activity), size=n, p=w.activity / w.activity.sum())
     i = rng.choice(len(w.exposure), size=n, p=w.exposure / w.exposure.sum())
@@ -238,12 +289,19 @@ def _impressions(cfg: ShortVideoConfig, w: _World, rng: np.random.Generator, n: 
     like = rng.random(n) < sigmoid(pr["like_logit"](click, long_view))
     follow = rng.random(n) < sigmoid(pr["follow_logit"](click, long_view))
     p_long_view, p_like, p_follow = pr["long_view"], pr["like"], pr["follow"]
-    return {"u": u, "i": i, "ts": ts, "device": device, "position": position,
-            "click": click, "long_view": long_view, "like": like, "follow": follow, "watch_time": watch_time,
-            "p_click": p_click, "p_long_view": p_long_view, "p_like": p_like, "p_follow": p_follow}
+    out = {"u": u, "i": i, "ts": ts, "device": device, "position": position,
+           "click": click, "long_view": long_view, "like": like, "follow": follow, "watch_time": watch_time,
+           "p_click": p_click, "p_long_view": p_long_view, "p_like": p_like, "p_follow": p_follow}
+    if cfg.rare:
+        out["comment"] = rare_rng.random(n) < sigmoid(pr["comment_logit"](like))
+        out["share"] = rare_rng.random(n) < pr["share"]
+        out["profile_visit"] = rare_rng.random(n) < sigmoid(pr["visit_logit"](click))
+        out.update({f"p_{t}": pr[t] for t in RARE})
+    return out
 
 
-def _arrow_chunk(d: dict[str, np.ndarray], user_ids: pa.Array, item_ids: pa.Array) -> pa.Table:
+def _arrow_chunk(d: dict[str, np.ndarray], user_ids: pa.Array, item_ids: pa.Array,
+                 binary: tuple[str, ...] = BINARY) -> pa.Table:
     order = np.argsort(d["ts"], kind="stable")
     return pa.table({
         "user_id": user_ids.take(pa.array(d["u"][order])),
@@ -251,14 +309,14 @@ def _arrow_chunk(d: dict[str, np.ndarray], user_ids: pa.Array, item_ids: pa.Arra
         contract.TIMESTAMP: pa.array(d["ts"][order], type=pa.timestamp("us", tz="UTC")),
         "device": pa.array(DEVICES).take(pa.array(d["device"][order])),
         "position": pa.array(d["position"][order].astype(np.int64)),
-        **{name: pa.array(d[name][order].astype(np.int8)) for name in BINARY},
+        **{name: pa.array(d[name][order].astype(np.int8)) for name in binary},
         "watch_time": pa.array(d["watch_time"][order].astype(np.float64)),
     })
 
 
 def relevance(d: dict[str, np.ndarray], prefix: str = "") -> np.ndarray:
     """Graded relevance ``sum(gain_t * y_t)``; with ``prefix='p_'`` its expectation ``sum(gain_t * p_t)``."""
-    return sum(GAINS[t] * d[prefix + t].astype(np.float64) for t in BINARY)
+    return sum(GAINS[t] * d[prefix + t].astype(np.float64) for t in BINARY + RARE if prefix + t in d)
 
 
 def ground_truth_quality(d: dict[str, np.ndarray], start_us: int, span_us: int, k: int = 10) -> dict[str, float]:
@@ -285,6 +343,10 @@ def _world(cfg: ShortVideoConfig, rng: np.random.Generator, start_us: int, span_
     items, a_lat, a_quality, i_lat, author, appeal, duration, launch, exposure = _items(cfg, rng, start_us, span_us)
     world = _World(u_lat, patience, like_bias, device_probs, activity, a_lat, a_quality, i_lat, author, appeal,
                    duration, launch, exposure)
+    if cfg.rare:  # their own stream: the core world above is the same with or without them
+        extra = np.random.default_rng([cfg.seed, 1])
+        world.virality = extra.normal(0.0, 1.0, cfg.n_items)
+        world.sociability = extra.normal(0.0, 0.7, cfg.n_users)
     return users, items, world
 
 
@@ -295,7 +357,7 @@ def oracle(data: Path | str):
     ``user_id``, ``item_id``, ``event_timestamp``, ``device`` and ``position``; returned: each binary
     behaviour's marginal probability, ``{"click", "long_view", "like", "follow"}``.
     """
-    found = redrawn(data, "flows.data.short_video", ShortVideoConfig, _world, DECLARATION)
+    found = redrawn(data, "flows.data.short_video", ShortVideoConfig, _world, declaration)
     if found is None:
         return None
     cfg, world = found
@@ -303,7 +365,7 @@ def oracle(data: Path | str):
     def probabilities(rows: pd.DataFrame) -> dict[str, np.ndarray]:
         u, i, hour, device, position = impression_inputs(rows, DEVICES, 0)
         pr = _probabilities(cfg, world, u, i, hour, device, position)
-        return {name: pr[name] for name in BINARY}
+        return {name: pr[name] for name in behaviours(cfg)}
 
     return probabilities
 
@@ -321,20 +383,22 @@ def generate(out: Path | str, cfg: ShortVideoConfig = ShortVideoConfig()) -> con
 
     user_ids = pa.array(users["user_id"].to_numpy())
     item_ids = pa.array(items["item_id"].to_numpy())
-    counts = dict.fromkeys(BINARY, 0)
+    binary = behaviours(cfg)
+    rare_rng = np.random.default_rng([cfg.seed, 2]) if cfg.rare else None
+    counts = dict.fromkeys(binary, 0)
     without_click = {"like": 0, "follow": 0, "long_view": 0}
     watch = {"sum": 0.0}
 
     def observe(d):
-        for name in BINARY:
+        for name in binary:
             counts[name] += int(d[name].sum())
         for name in without_click:
             without_click[name] += int((d[name] & ~d["click"]).sum())
         watch["sum"] += float(d["watch_time"].sum())
 
     sample = write_impressions(out / contract.INTERACTIONS.file, cfg.n_interactions, cfg.chunk_rows,
-                               lambda n: _impressions(cfg, world, rng, n, start_us, span_us),
-                               lambda d: _arrow_chunk(d, user_ids, item_ids), observe)
+                               lambda n: _impressions(cfg, world, rng, n, start_us, span_us, rare_rng),
+                               lambda d: _arrow_chunk(d, user_ids, item_ids, binary), observe)
     watch_sum = watch["sum"]
     first, last = declared_range(start_us, end_us, users, items)
 
@@ -347,7 +411,7 @@ def generate(out: Path | str, cfg: ShortVideoConfig = ShortVideoConfig()) -> con
         end=last,
         rows={"users": len(users), "items": len(items), "interactions": cfg.n_interactions},
         params={**asdict(cfg),
-                **{f"{name}_rate": counts[name] / n_total for name in BINARY},
+                **{f"{name}_rate": counts[name] / n_total for name in binary},
                 **{f"{name}_share_without_click": without_click[name] / max(counts[name], 1)
                    for name in without_click},
                 "mean_watch_time": watch_sum / n_total,
@@ -356,8 +420,9 @@ def generate(out: Path | str, cfg: ShortVideoConfig = ShortVideoConfig()) -> con
                 "ground_truth": quality_report},
         notes="Seeded synthetic short-video feed with parallel behaviours (no funnel): long_view is "
               f"watch_time >= {LONG_VIEW_SHARE:g} x the item's duration. ground_truth is NDCG@10 on the last "
-              "day of the graded relevance click + long_view + 2 like + 3 follow, ranked by the generator's "
-              "own expected relevance (oracle), by earlier click counts (popularity) and at random.",
+              "day of the graded relevance " + " + ".join(f"{GAINS[t]:g} {t}" for t in binary)
+              + ", ranked by the generator's own expected relevance (oracle), by earlier click counts "
+              "(popularity) and at random.",
     )
-    manifest.declare(DECLARATION).save(out)
+    manifest.declare(declaration(cfg)).save(out)
     return manifest
