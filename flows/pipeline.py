@@ -24,7 +24,7 @@ from flows.run_report import publish_report
 from flows.stages import HOUR, Online, evaluate_flow, features_flow, promote_flow, train_flow, validate_flow
 
 DECISION_FIELDS = ("promote", "reference", "candidate_ndcg", "reference_ndcg", "delta", "ci", "users", "auc",
-                   "reasons", "already_production")
+                   "reasons", "already_production", "differences")
 
 
 @flow(name="mtl-pipeline", persist_result=True, timeout_seconds=12 * HOUR)
@@ -74,7 +74,7 @@ def mtl_pipeline(
                    if stage["cached"]],
         "data_docs": validation.get("docs_path"),
     }
-    summary = publish_report(summary, evaluation["evaluation"]["rankers"], report_dir)
+    summary = publish_report(summary, report_dir)
     log.info("%s: %s; production is %s; report %s", summary["tag"],
              "promoted" if summary["promoted"] else "not promoted", summary["production"], summary["report"])
     return summary

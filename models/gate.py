@@ -51,6 +51,9 @@ class Decision:
     judged_against: str | None = None  # the production tag the candidate was compared with (None: popularity)
     fusion: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> {"weights", "source"} it was fused with
     attempts: int = 1  # how often it was gated: more than once when production moved while it was judged
+    # reference -> {"delta", "ci", "users"}: the paired NDCG@K difference against each baseline the report shows
+    # (popularity always, and production when there is one); the decision itself rests on ``reference``.
+    differences: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,10 +130,11 @@ def decide(candidate: Path | str, table: pd.DataFrame, production: Path | str | 
     else:
         r_fused, reference = h.popularity(), "popularity"
     r_users = h.per_user(r_fused, cfg.k)
-    both = c_users.index.intersection(r_users.index)
-    diff = (c_users[both] - r_users[both]).to_numpy()
-    delta = float(diff.mean()) if len(diff) else float("nan")
-    ci = paired_bootstrap(diff, cfg.bootstrap, cfg.confidence, cfg.seed)
+    both, delta, ci = _paired(c_users, r_users, cfg)
+    differences = {reference: {"delta": delta, "ci": ci, "users": int(len(both))}}
+    if production is not None:
+        p_both, p_delta, p_ci = _paired(c_users, h.per_user(h.popularity(), cfg.k), cfg)
+        differences["popularity"] = {"delta": p_delta, "ci": p_ci, "users": int(len(p_both))}
     promote = True
     if not np.isfinite(delta) or delta < cfg.margin:
         promote = False
@@ -148,4 +152,13 @@ def decide(candidate: Path | str, table: pd.DataFrame, production: Path | str | 
     return Decision(promote=promote, reference=reference, candidate_ndcg=float(c_users[both].mean()),
                     reference_ndcg=float(r_users[both].mean()), delta=delta, ci=ci, users=int(len(both)),
                     auc=auc, reasons=reasons, config=asdict(cfg), fusion=fusion,
-                    judged_against=(production_tag or str(production)) if production is not None else None)
+                    judged_against=(production_tag or str(production)) if production is not None else None,
+                    differences=differences)
+
+
+def _paired(c_users: pd.Series, r_users: pd.Series, cfg: GateConfig) -> tuple[pd.Index, float, tuple[float, float]]:
+    """Users both rankers rank, the mean per-user NDCG@K difference and its bootstrap interval."""
+    both = c_users.index.intersection(r_users.index)
+    diff = (c_users[both] - r_users[both]).to_numpy()
+    delta = float(diff.mean()) if len(diff) else float("nan")
+    return both, delta, paired_bootstrap(diff, cfg.bootstrap, cfg.confidence, cfg.seed)

@@ -280,3 +280,24 @@ def test_concurrent_promotions_are_gated_against_each_other(models, tmp_path, mo
             assert e["from"] == production
             production = e["tag"]
     assert production == registry.production() and gates == 2  # the stale judgement was never written
+
+
+def test_the_gate_plot_shows_paired_differences_against_popularity_and_production(models, tmp_path):
+    """The report's figure is what decides: the per-user difference and its interval, one row per baseline.
+
+    Raw bars from 0 made a model at .948 and popularity at .918 look alike on a log where random scores .88.
+    """
+    from flows.run_report import gate_plot
+
+    table, paths = models
+    d = decide(paths["good"], table, production=paths["noise"], production_tag="noise:1").to_dict()
+    assert list(d["differences"]) == ["production:noise:1", "popularity"]
+    against = d["differences"]["production:noise:1"]
+    assert (against["delta"], tuple(against["ci"])) == (d["delta"], tuple(d["ci"]))
+    pop = d["differences"]["popularity"]
+    assert pop["users"] > 0 and pop["ci"][0] <= pop["delta"] <= pop["ci"][1]
+    first = decide(paths["good"], table).to_dict()
+    assert first["differences"]["popularity"]["delta"] == pytest.approx(pop["delta"])
+    png = gate_plot(d, tmp_path / "gate.png")
+    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+    assert gate_plot({"differences": {}}, tmp_path / "none.png") is None

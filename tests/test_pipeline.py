@@ -236,7 +236,8 @@ class TestOnSQLite:
         d = summary["decision"]
         assert d["reference"] == "popularity" and d["delta"] >= 0 and d["k"] == 10 and d["users"] > 0
         assert Path(summary["report"]).is_file() and Path(summary["report"]).name.startswith("gate-")
-        assert Path(summary["files"]["NDCG plot"]).read_bytes()[:4] == b"\x89PNG"
+        assert Path(summary["files"]["gate plot"]).read_bytes()[:4] == b"\x89PNG"
+        assert list(d["differences"]) == ["popularity"] and d["differences"]["popularity"]["delta"] == d["delta"]
         assert Path(summary["data_docs"]).is_file()
         assert [e["event"] for e in registry.audit_events()].count("promote") == 1
 
