@@ -332,7 +332,7 @@ def test_served_exploration_logs_the_policy_and_each_placements_propensity(world
             assert explicit.status_code == 200 and explicit.json()["weights"] == {"click": 1.0}
             assert set(explicit.json()) == {"request_id", "feedback_token", "model_version", "user_id",
                                             "user_cold_start", "weights", "fusion", "diversity", "novelty",
-                                            "items"}  # no log-only keys
+                                            "time_outside_data", "warnings", "items"}  # no log-only keys
     impressions, _ = EventStore(url).read()
     requests = impressions.drop_duplicates("request_id").set_index("request_id")
     assert requests.loc[explicit.json()["request_id"], "policy"] == {
