@@ -18,9 +18,11 @@ import lightning as L
 import numpy as np
 import torch
 
+from models import replay
 from models.architectures import build_architecture
 from models.balancers import build_balancer, check_world_size
 from models.calibration import Calibration
+from models.decay import decay_groups
 from models.encoder import FeatureEncoder, FeatureSpec
 from models.evaluation import evaluate_predictions, monitor_key, worst
 from models.tasks import TaskSet
@@ -47,6 +49,7 @@ class MTLModule(L.LightningModule):
         self._epoch_losses: list[torch.Tensor] = []
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         self.last_metrics: dict[str, float] = {}
+        self._step_rng: replay.RngState | None = None  # the generators before this step's forward pass
         self.calibration: Calibration | None = None  # set after training; training's own validation is raw
 
     # ---- forward -------------------------------------------------------------------------
@@ -76,6 +79,8 @@ class MTLModule(L.LightningModule):
             check_world_size(self.hparams.balancer, self.trainer.world_size)
 
     def training_step(self, batch, batch_idx):
+        if self.balancer.needs_after_step:  # the re-measure replays this forward pass's masks (on_train_batch_end)
+            self._step_rng = replay.capture(self.device)
         losses, extra = self._losses(batch)
         if self.automatic_optimization:
             loss = self.balancer.combine(losses) + extra
@@ -100,9 +105,13 @@ class MTLModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.balancer.needs_after_step:
-            # Re-measured in the training step's precision (bf16 autocast on a GPU): FAMO compares these losses
-            # with the step's own, and a bf16 loss against an fp32 one would show precision noise as progress.
-            with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
+            # Re-measured in the training step's precision (bf16 autocast on a GPU) and with its unknown-id and
+            # dropout masks (models/replay.py): FAMO compares these losses with the step's own, and a bf16 loss
+            # against an fp32 one, or other masks, would show noise as progress. The masks are replayed rather
+            # than switched off (eval mode): the step's loss was measured with them, and dropping them would
+            # credit each task with its dropout gap.
+            rng, self._step_rng = self._step_rng, None
+            with torch.no_grad(), self.trainer.precision_plugin.train_step_context(), replay.replaying(rng):
                 losses, _ = self._losses(batch)
             self.balancer.after_step(losses.detach())
 
@@ -112,13 +121,10 @@ class MTLModule(L.LightningModule):
             self._epoch_losses.clear()
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if name.startswith("balancer.") or p.ndim < 2 else decay).append(p)
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        # Decay on weights only (models/decay.py): not on biases, normalisation, mixing units or the balancer's
+        # task weights, which are not the model's.
+        exempt = [*self.balancer.parameters(), *self.arch.mixing_parameters()]
+        return torch.optim.AdamW(decay_groups(self, self.hparams.weight_decay, exempt), lr=self.hparams.lr)
 
     # ---- evaluation ----------------------------------------------------------------------
     def _collect(self, batch):
@@ -145,7 +151,6 @@ class MTLModule(L.LightningModule):
             probs = self.calibration.apply(probs)
         return evaluate_predictions(self.tasks, probs, labels, users[: len(labels)], ks=self.hparams.ks,
                                     method=self.hparams.fusion)
-
 
     def _finish(self, prefix: str, users: np.ndarray) -> dict[str, float]:
         outs, self._eval_outputs = self._eval_outputs, []

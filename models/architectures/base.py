@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from models.architectures.factored import InputLinear
+from models.architectures.heads import TaskModules
 from models.tasks import TaskSet
 
 
@@ -57,7 +58,7 @@ def mlp(in_dim: int, hidden: list[int] | tuple[int, ...], dropout: float = 0.0, 
 
 
 class Architecture(nn.Module):
-    """Base class: subclasses set ``self.towers`` (ModuleDict per task) and implement ``forward``."""
+    """Base class: subclasses set ``self.towers`` (``towers_for``: one per task) and implement ``forward``."""
 
     def __init__(self, in_dim: int, tasks: TaskSet):
         super().__init__()
@@ -97,13 +98,22 @@ class Architecture(nn.Module):
                 found = p
         return found
 
+    def mixing_parameters(self) -> list[nn.Parameter]:
+        """Units that mix representations around a non-zero starting point (cross-stitch units).
+
+        Weight decay leaves them out (``models.decay``): it would pull a mix towards zero, where no column
+        reads even its own task, rather than towards the near-identity it starts from. Gates are not listed:
+        a gate's weights at zero mix its experts uniformly, a neutral point decay may pull towards.
+        """
+        return []
+
     def task_parameters(self) -> list[nn.Parameter]:
         shared = {id(p) for p in self.shared_parameters()}
         return [p for p in self.parameters() if id(p) not in shared]
 
-    def towers_for(self, out_in_dim: int, hidden: list[int], dropout: float) -> nn.ModuleDict:
-        """One tower per task ending in that task's output width."""
-        return nn.ModuleDict({
+    def towers_for(self, out_in_dim: int, hidden: list[int], dropout: float) -> TaskModules:
+        """One tower per task ending in that task's output width, keyed by task name (any name: ``heads``)."""
+        return TaskModules({
             t.name: nn.Sequential(mlp(out_in_dim, hidden, dropout),
                                   nn.Linear(hidden[-1] if hidden else out_in_dim, t.out_dim))
             for t in self.tasks

@@ -69,5 +69,8 @@ class CrossStitch(Architecture):
         # task's gradient (through the off-diagonal mix), not just its own task's.
         return [*self.layers.parameters(), *self.stitches]
 
+    def mixing_parameters(self):
+        return list(self.stitches)
+
     def last_shared_weight(self):
         return self.layers[-1].weights[-1]  # [T, in, out]: the last column layer, before the last stitch
