@@ -35,6 +35,7 @@ from models import binning, contract, machine
 from models.data import SplitDataModule, encode, target_stats
 from models.data import cut_points as data_cut_points
 from models.encoder import FeatureSpec, SpecFit
+from models.inputs import require_columns
 from models.machine import MEMORY_SHARE  # stream: auto streams when the table would take more than this share
 from models.table import load_training_table, table_metadata, training_file
 from models.tasks import TaskSet
@@ -145,9 +146,8 @@ class StreamedDataModule(SplitDataModule):
         self.path, self.tasks, self.seed = Path(path), tasks, seed
         self._eval_batch_size, self.device_, self.chunk_rows = eval_batch_size, torch.device(device), chunk_rows
         self.pf = pq.ParquetFile(self.path)
-        present = set(self.pf.schema_arrow.names)
-        self.categorical = [c for c in categorical if c in present]
-        self.numeric = [c for c in numeric if c in present]
+        require_columns([*categorical, *numeric], self.pf.schema_arrow.names, "features")
+        self.categorical, self.numeric = list(categorical), list(numeric)
         labels = list(dict.fromkeys(t.column for t in tasks))
         self.columns = list(dict.fromkeys(["user_id", "item_id", contract.TIMESTAMP, *self.categorical,
                                            *self.numeric, *labels]))

@@ -26,7 +26,9 @@ from models import calibration, recipe
 from models.balancers import check_world_size
 from models.data import MTLDataModule
 from models.evaluation import mode
+from models.inputs import check_embedding_dims, resolve_features
 from models.module import MTLModule
+from models.monitor import resolve_monitor
 from models.stream import CHUNK_ROWS, EVAL_ROWS, StreamedDataModule, should_stream
 from models.table import load_training_table, table_columns, table_metadata, training_file
 from models.tasks import TaskSet
@@ -78,14 +80,21 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     check_world_size(config["balancer"]["name"], world)  # before any data is loaded; MTLModule.setup checks too
 
     dc = config["data"]
+    model_cfg = config["model"]
     streamed = table is None and should_stream(training_file(data), dc.get("stream", "auto"))
-    if streamed:  # larger than memory: read a row group at a time (models/stream.py)
+    # The table's own declaration, feature lists and column names (from the parquet's schema, unless the table is
+    # given), so that every setting naming a task, a feature or a metric is checked before a row is read.
+    if table is None:
         info, columns = table_metadata(data), table_columns(data)
     else:
-        df = load_training_table(data) if table is None else table
-        info, columns = df.attrs.get("mtlrec") or {}, df.columns  # the table's own declaration and features
+        info, columns = table.attrs.get("mtlrec") or {}, table.columns
     tasks = TaskSet.resolve(config.get("tasks", "auto"), info.get("declaration"), columns=columns)
-    feats = resolve_features(dc.get("features", "auto"), info.get("features"))
+    feats = resolve_features(dc.get("features", "auto"), info.get("features"), columns)
+    check_embedding_dims(model_cfg.get("embedding_dims"), feats["categorical"], feats["numeric"],
+                         binned=dc.get("numeric_bins", "auto") != "none")
+    monitor = resolve_monitor(config["eval"].get("monitor", "auto"), tasks, config["eval"]["ks"])
+    if not streamed:  # streamed: larger than memory, read a row group at a time (models/stream.py)
+        df = load_training_table(data) if table is None else table
     common = dict(batch_size=1, valid_fraction=dc["split"]["valid_fraction"],
                   test_fraction=dc["split"]["test_fraction"], device=device, seed=seed, log1p=feats.get("log1p"),
                   numeric_bins=dc.get("numeric_bins", "auto"), n_bins=dc.get("n_bins", 32))
@@ -96,11 +105,9 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     else:
         dm = MTLDataModule(df, tasks, feats["categorical"], feats["numeric"], **common)
     tasks = tasks.standardised(dm.target_stats)
-    model_cfg = config["model"]
     dm.spec.size_embeddings(model_cfg.get("embedding_dim", "auto"), model_cfg.get("embedding_dims"))
     tc = recipe.resolve(tc, dm.train_rows, accelerator, world_size=world)
     dm.use_batch_size(tc["batch_size"])
-    monitor = recipe.monitor(config["eval"].get("monitor", "auto"))
     fusion = config["eval"].get("fusion", "sum")
     log.info("recipe for %d training rows%s: %s; monitor %s", dm.train_rows, " (streamed)" if streamed else "",
              recipe.describe(tc, dm.train_rows), monitor)
@@ -165,20 +172,6 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     }
     save_artifact(out, module.inference_state(), meta)
     return meta
-
-
-def resolve_features(chosen, offered: dict | None) -> dict[str, list[str]]:
-    """The model's inputs: ``auto`` takes what the training table offers; a mapping chooses."""
-    if chosen in (None, "auto"):
-        if not offered:
-            raise ValueError("the config says data.features: auto, but the training table lists no features "
-                             "(rebuild it with `mtlrec features build DATASET`, or list them in the config)")
-        return {k: list(offered.get(k, [])) for k in ("categorical", "numeric", "log1p")}
-    if not isinstance(chosen, dict):
-        raise ValueError(f"data.features must be auto or {{categorical: [...], numeric: [...]}}, not {chosen!r}")
-    log1p = chosen.get("log1p", (offered or {}).get("log1p", []))
-    return {"categorical": list(chosen.get("categorical", [])), "numeric": list(chosen.get("numeric", [])),
-            "log1p": list(log1p)}
 
 
 def _f(x) -> float | None:
