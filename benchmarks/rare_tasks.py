@@ -85,7 +85,10 @@ def run_one(seed: int, args, work: Path) -> dict:
     cfg = load_config(args.config, [f"seed={seed}", *args.overrides])
     model = work / f"model-{args.label}-{seed}"
     t0 = time.perf_counter()
-    meta = train(cfg, data, model, progress=False, table=table)
+    if args.reuse and (model / "model.json").exists():
+        meta = read_meta(model)
+    else:
+        meta = train(cfg, data, model, progress=False, table=table)
     seconds = time.perf_counter() - t0
     singles_dir = work / f"single-{args.singles_label or args.label}-{seed}"
     if args.fresh_singles or not all((singles_dir / t["name"] / "meta.json").exists()
@@ -167,6 +170,7 @@ def main() -> None:
     ap.add_argument("--label", default="default", help="names this variant's models under --work")
     ap.add_argument("--singles-label", default=None, help="reuse another label's single-task models")
     ap.add_argument("--fresh-singles", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="keep a variant's model already under --work")
     ap.add_argument("--work", type=Path, default=Path("/tmp/rare-tasks"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

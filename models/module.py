@@ -22,9 +22,11 @@ from models import replay
 from models.architectures import build_architecture
 from models.balancers import build_balancer, check_world_size
 from models.calibration import Calibration
+from models.consistency import Consistency
 from models.decay import decay_groups
 from models.encoder import FeatureEncoder, FeatureSpec
 from models.evaluation import evaluate_predictions, monitor_key, worst
+from models.task_stopping import gate
 from models.tasks import TaskSet
 
 
@@ -33,7 +35,7 @@ class MTLModule(L.LightningModule):
                  balancer: str = "fixed", balancer_params: dict | None = None, embedding_dim: int | str = 16,
                  lr: float = 2e-3, weight_decay: float = 1e-5, grad_clip: float = 5.0,
                  ks: tuple[int, ...] = (10, 20, 50), monitor: str = "ndcg@10", fusion: str = "sum",
-                 primary: str | None = None):
+                 primary: str | None = None, consistency: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.spec = FeatureSpec.from_dict(spec)
@@ -46,6 +48,9 @@ class MTLModule(L.LightningModule):
                                        **(balancer_params or {}))
         self.balancer.bind(self.arch)  # GradNorm picks the architecture's last shared layer
         self.automatic_optimization = not self.balancer.manual
+        self.consistency = Consistency.from_config(consistency, self.tasks)
+        # 1 while a task trains the model, 0 once task-wise early stopping (models/task_stopping.py) stopped it.
+        self.register_buffer("task_active", torch.ones(len(self.tasks)), persistent=False)
         self._epoch_losses: list[torch.Tensor] = []
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         self.last_metrics: dict[str, float] = {}
@@ -63,8 +68,10 @@ class MTLModule(L.LightningModule):
         cat, num, labels = batch
         out = self(cat, num)
         y = {t.name: labels[:, j] for j, t in enumerate(self.tasks)}
-        losses = self.tasks.losses(out.logits, y)
+        losses = gate(self.tasks.losses(out.logits, y), self.task_active)
         extra = torch.zeros((), device=losses.device)
+        if self.consistency.active:
+            extra = extra + self.consistency.penalty(self.tasks, out.logits)
         if out.aux_logits:
             aux = self.tasks.losses({**out.logits, **out.aux_logits}, y)
             extra = extra + getattr(self.arch, "aux_weight", 0.1) * aux.sum()

@@ -32,6 +32,7 @@ from models.monitor import resolve_monitor
 from models.stream import CHUNK_ROWS, EVAL_ROWS, StreamedDataModule, should_stream
 from models.table import load_training_table, table_columns, table_metadata, training_file
 from models.tasks import TaskSet
+from models.task_stopping import TaskStopping
 from models.weight_trace import FILENAME as WEIGHT_TRACE, WeightTrace
 
 log = logging.getLogger("mtlrec.train")
@@ -117,6 +118,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
         balancer_params=config["balancer"].get("params", {}), embedding_dim=model_cfg.get("embedding_dim", "auto"),
         lr=tc["lr"], weight_decay=float(tc["weight_decay"]), grad_clip=float(tc.get("grad_clip") or 0),
         ks=tuple(config["eval"]["ks"]), monitor=monitor, fusion=fusion, primary=tasks.primary,
+        consistency=model_cfg.get("consistency"),
     )
     if tc.get("compile"):
         module.arch = torch.compile(module.arch)
@@ -127,6 +129,10 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     # Every step's task weights; Lightning's weight/<task> logs (TensorBoard) keep only every 10th step.
     callbacks = [ckpt, EarlyStopping(monitor=f"val/{monitor}", mode=direction, patience=int(tc["patience"])),
                  WeightTrace(out / "logs" / WEIGHT_TRACE), _StopOnNonFinite(), *(callbacks or [])]
+    task_stopping = TaskStopping(int(tc["task_patience"])) if tc.get("task_patience") not in (None, False, "off") \
+        else None
+    if task_stopping is not None and len(tasks) > 1:
+        callbacks.append(task_stopping)
     if tc["ema"]:  # validation, the checkpoint and so the artifact hold the averaged weights
         # Parameters only: averaging the buffers would round the encoder's integer offsets and columns (a float
         # average copied back into int64), and the balancer's state is not the model's.
@@ -166,6 +172,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
         "training": {"epochs": trainer.current_epoch, "best_checkpoint_score": _f(ckpt.best_model_score),
                      "recipe": {k: tc[k] for k in ("batch_size", "max_epochs", "lr", "patience", "ema")},
                      "monitor": monitor, "streamed": streamed,
+                     "stopped_tasks": dict(task_stopping.stopped) if task_stopping is not None else {},
                      "seconds": time.perf_counter() - t0, "accelerator": accelerator, "precision": precision,
                      "torch": torch.__version__, "lightning": L.__version__},
         "code_version": code_version(),
