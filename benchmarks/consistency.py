@@ -41,7 +41,8 @@ def run(data: Path, config: str, overrides: list[str], seed: int, work: Path) ->
 
 
 def table(name: str, off: list[dict], on: list[dict]) -> str:
-    rows = [f"#### {name}", "", "| metric | off | on | change, mean over seeds | change per seed |", "|---|---:|---:|---:|---|"]
+    rows = [f"#### {name}", "", "| metric | off | on | change, mean over seeds | change per seed |",
+            "|---|---:|---:|---:|---|"]
 
     def line(label, get):
         a, b = np.array([get(r) for r in off]), np.array([get(r) for r in on])

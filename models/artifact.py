@@ -28,7 +28,9 @@ from models.tasks import TaskSet
 
 WEIGHTS = "weights.safetensors"
 META = "model.json"
-FORMAT_VERSION = 1
+# 2: heads keyed by position (towers.0_click), numeric bounds, calibration. Older code cannot score a version 2
+# artifact right, so it must refuse it; this code still reads version 1 (head keys renamed on load).
+FORMAT_VERSION = 2
 
 
 def code_version() -> str:
@@ -132,6 +134,9 @@ class Scorer(torch.nn.Module):
         """Rebuild and load, after checking the weights: their recorded sha256, and that every value is finite."""
         path = Path(path)
         meta = read_meta(path)
+        if int(meta.get("format_version", 1)) > FORMAT_VERSION:
+            raise CorruptModel(f"{path} is an artifact of format {meta['format_version']}, newer than this code "
+                               f"reads ({FORMAT_VERSION}): score it with the version of mtlrec that trained it")
         want = meta.get("weights_sha256")
         if want and sha256(path / WEIGHTS) != want:
             raise CorruptModel(f"{path / WEIGHTS} does not match the sha256 recorded in {META}: the file changed "

@@ -27,7 +27,10 @@ def single_task_config(config: dict, task: dict, monitor: str) -> dict:
     entry = {**task, "sample_space": "all"}
     ks = config["eval"]["ks"]
     own = single_task_monitor(monitor, TaskSet.from_config([entry]), ks)
-    return dict(config, tasks=[entry], balancer={"name": "fixed", "params": {}}, eval=dict(config["eval"], monitor=own))
+    # One task: nothing to balance, nothing to be consistent with (a named group would not exist here).
+    model = dict(config["model"], consistency={"weight": 0, "implies": "auto", "groups": []})
+    return dict(config, tasks=[entry], model=model, balancer={"name": "fixed", "params": {}},
+                eval=dict(config["eval"], monitor=own))
 
 
 def single_task_models(artifact: Path | str, data, out: Path | str, table=None) -> dict[str, Path]:

@@ -225,7 +225,7 @@ def logloss(probs, labels, eps: float = 1e-7) -> float:
 def base_logloss(labels) -> float:
     """Log-loss of always predicting the labels' own positive rate: what any head must beat to carry information
     (a head above it is worse than no model for that task's probability). NaN without labels."""
-    y = _f64(labels)
+    (y,) = _labelled(labels)
     if len(y) == 0:
         return float("nan")
     return logloss(np.full(len(y), y.mean()), y)
@@ -238,7 +238,7 @@ def ece(probs, labels, bins: int = ECE_BINS) -> float:
     """Expected calibration error: over equal-width probability bins, |mean prediction - positive rate|
     weighted by the bin's share of rows. Near 0 for calibrated probabilities however well or badly they rank,
     so it sits beside AUC rather than replacing it. NaN without rows."""
-    p, y = _f64(probs), _f64(labels)
+    y, p = _labelled(labels, probs)
     if len(p) == 0:
         return float("nan")
     idx = np.clip((p * bins).astype(np.int64), 0, bins - 1)  # p = 1 falls in the last bin

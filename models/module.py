@@ -26,7 +26,7 @@ from models.consistency import Consistency
 from models.decay import decay_groups
 from models.encoder import FeatureEncoder, FeatureSpec
 from models.evaluation import evaluate_predictions, monitor_key, worst
-from models.task_stopping import gate
+from models.task_stopping import gate, keep_active
 from models.tasks import TaskSet
 
 
@@ -71,9 +71,10 @@ class MTLModule(L.LightningModule):
         losses = gate(self.tasks.losses(out.logits, y), self.task_active)
         extra = torch.zeros((), device=losses.device)
         if self.consistency.active:
-            extra = extra + self.consistency.penalty(self.tasks, out.logits)
+            extra = extra + self.consistency.penalty(
+                self.tasks, keep_active(out.logits, [t.name for t in self.tasks], self.task_active))
         if out.aux_logits:
-            aux = self.tasks.losses({**out.logits, **out.aux_logits}, y)
+            aux = gate(self.tasks.losses({**out.logits, **out.aux_logits}, y), self.task_active)
             extra = extra + getattr(self.arch, "aux_weight", 0.1) * aux.sum()
         if out.penalty is not None:
             extra = extra + out.penalty

@@ -10,8 +10,9 @@ where the rare tasks have already overfit.
 Zhang et al. ("Facial Landmark Detection by Deep Multi-task Learning", ECCV 2014) stop each auxiliary
 task when its own validation error stops improving, while the others train on. Here every task is
 watched the same way: after ``patience`` epochs without a new best of its own validation metric (AUC
-for a binary task, RMSE for a regression) the task's loss keeps its value (so the balancer's statistics
-and the logged loss are unchanged) but no longer sends gradient anywhere (``gate``). The model
+for a binary task, RMSE for a regression) the task's loss enters the balancer as 0 (``gate``), which
+every balancer reads as "no signal this step", as for a task with no labelled row in a batch: FAMO
+leaves it out of its step share, so the step it had goes to the tasks still training. The model
 checkpoint is still the run's monitor's best; a stopped task's head keeps what it had learnt by then.
 """
 
@@ -26,14 +27,21 @@ log = logging.getLogger("mtlrec.train")
 
 
 def gate(losses: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """``losses`` with the same values, and gradient only through the active tasks'.
+    """Each stopped task's loss as 0, with no gradient; the others unchanged. A product, not a branch on
+    ``active`` (a device tensor), so no host sync; still part of the graph, so a balancer that takes one
+    backward per task (PCGrad) gets a zero gradient for a stopped task rather than an error."""
+    return losses * active.to(losses.dtype)
 
-    Not ``losses * active``: a zero loss would be log(0) to FAMO and "no signal" to the others, where a
-    stopped task's loss is still a measurement. Still connected to the graph, so a balancer that takes one
-    backward per task (PCGrad) gets a zero gradient for a stopped task rather than an error.
-    """
-    frozen = losses.detach()
-    return frozen + active.to(losses.dtype) * (losses - frozen)
+
+def keep_active(values: dict[str, torch.Tensor], names: list[str], active: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``values`` (per task, e.g. logits) with the stopped tasks' detached: their value still counts in a
+    penalty that pairs them with other tasks, but no gradient reaches their heads through it."""
+    out = dict(values)
+    for j, name in enumerate(names):
+        if name in out:
+            a = active[j].to(out[name].dtype)
+            out[name] = a * out[name] + (1 - a) * out[name].detach()
+    return out
 
 
 class TaskStopping(L.Callback):
@@ -59,7 +67,9 @@ class TaskStopping(L.Callback):
                 out.append((j, t.name, f"val/{t.name}/rmse", -1.0))
         return out
 
-    def on_validation_epoch_end(self, trainer, module):
+    def on_validation_end(self, trainer, module):
+        # Not on_validation_epoch_end: Lightning runs callbacks' hooks before the module's, and the module logs
+        # the epoch's metrics in its own, so this epoch's values are only there now (EarlyStopping reads them here).
         if trainer.sanity_checking:
             return
         for j, name, key, sign in self.watched(module):

@@ -98,3 +98,33 @@ def test_training_with_a_group_penalty_moves_the_groups_scores_together(tmp_path
         probs = Scorer.load(tmp_path / name).predict(table.tail(600))
         corr[name] = float(np.corrcoef(np.log(probs["like"]), np.log(probs["view"]))[0, 1])
     assert corr["off"] < 0.3 and corr["on"] > corr["off"] + 0.3, corr
+
+
+def test_single_task_baselines_train_without_the_multi_task_consistency_setting():
+    """A group naming two tasks cannot exist in a one-task baseline: the baseline turns consistency off."""
+    from models.baselines import single_task_config
+    from models.config import load_config
+
+    cfg = load_config("mmoe", ["model.consistency={weight: 1.0, groups: [[like, view]]}"])
+    one = single_task_config(cfg, {"name": "like", "type": "binary"}, "mean_auc")
+    tasks = TaskSet.from_config(one["tasks"])
+    assert not Consistency.from_config(one["model"]["consistency"], tasks).active
+    assert cfg["model"]["consistency"]["groups"] == [["like", "view"]]  # the multi-task config is untouched
+
+
+def test_an_artifact_newer_than_the_code_is_refused_by_name(tmp_path):
+    import json
+
+    from models.artifact import FORMAT_VERSION, CorruptModel, Scorer
+    from models.config import load_config
+    from models.train import train
+
+    train(load_config("shared_bottom", ["train.max_epochs=1", "train.batch_size=512", "train.ema=false"]),
+          "<table>", tmp_path / "m", progress=False, table=_table(1500))
+    meta_path = tmp_path / "m" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format_version"] == FORMAT_VERSION == 2
+    Scorer.load(tmp_path / "m")
+    meta_path.write_text(json.dumps({**meta, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(CorruptModel, match="newer than this code"):
+        Scorer.load(tmp_path / "m")

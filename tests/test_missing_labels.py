@@ -300,3 +300,15 @@ def test_validation_fails_when_a_label_is_missing_more_often_than_declared(datas
     assert [(f.table, f.column, f.rule) for f in report.failures] == [("interactions", "click", "null rate")]
     assert report.label_nulls["click"][0] == pytest.approx(round(0.03 * rows) / rows)
     assert "click 3.00% missing (max 2.00%)" in report.format()
+
+
+def test_base_rate_logloss_and_ece_leave_missing_labels_out():
+    import numpy as np
+
+    from models import metrics
+
+    y = np.array([1.0, 0.0, np.nan, 0.0, 1.0, np.nan])
+    p = np.array([0.9, 0.2, 0.5, 0.1, 0.7, 0.5])
+    known = ~np.isnan(y)
+    assert metrics.base_logloss(y) == metrics.base_logloss(y[known])
+    assert metrics.ece(p, y) == metrics.ece(p[known], y[known])

@@ -15,11 +15,11 @@ from models.task_stopping import TaskStopping, gate
 from models.train import train
 
 
-def test_gate_keeps_every_loss_and_passes_gradient_only_for_active_tasks():
+def test_gate_zeroes_a_stopped_tasks_loss_and_gradient_and_keeps_the_others():
     w = torch.ones(3, requires_grad=True)
     losses = torch.stack([w[0] * 2.0, w[1] * 3.0, w[2] * 4.0])
     gated = gate(losses, torch.tensor([1.0, 0.0, 1.0]))
-    assert torch.equal(gated, losses)  # the balancers and the logs see the same values
+    assert gated.tolist() == [2.0, 0.0, 4.0]  # 0: what every balancer reads as "no signal this step"
     gated.sum().backward()
     assert w.grad.tolist() == [2.0, 0.0, 4.0]
     # One backward per task (gradient surgery): a stopped task's is zero, not an error.
@@ -58,21 +58,21 @@ def test_a_task_stops_after_patience_epochs_without_its_own_best_and_the_run_sto
     active = []
     for epoch, metrics in enumerate(history):
         trainer = _trainer(epoch, metrics)
-        cb.on_validation_epoch_end(trainer, module)
+        cb.on_validation_end(trainer, module)
         active.append(module.task_active.tolist())
         assert not trainer.should_stop
     assert active[2] == [1, 1, 1] and active[3] == [1, 0, 1] and active[4] == [1, 0, 0]
     assert cb.stopped == {"share": 3, "watch": 4}  # share's later .76 comes too late: it no longer trains
     for epoch in (5, 6):
         trainer = _trainer(epoch, {"val/click/auc": 0.5})
-        cb.on_validation_epoch_end(trainer, module)
+        cb.on_validation_end(trainer, module)
     assert trainer.should_stop and module.task_active.tolist() == [0, 0, 0]
 
 
 def test_a_split_without_positives_neither_improves_nor_stops_a_task(tiny_module):
     cb = TaskStopping(patience=1)
     for epoch in range(4):
-        cb.on_validation_epoch_end(_trainer(epoch, {"val/click/auc": 0.6 + epoch / 100,
+        cb.on_validation_end(_trainer(epoch, {"val/click/auc": 0.6 + epoch / 100,
                                                     "val/share/auc": float("nan")}), tiny_module)
     assert tiny_module.task_active.tolist()[:2] == [1, 1] and "share" not in cb.stopped
 
@@ -93,6 +93,20 @@ def _table(n: int = 4000, seed: int = 0) -> pd.DataFrame:
     df.attrs["mtlrec"] = {"declaration": {"tasks": [{"name": "click"}, {"name": "share"}]},
                           "features": {"categorical": ["user_id", "item_id"], "numeric": ["x"], "log1p": []}}
     return df
+
+
+def test_famo_gives_a_stopped_tasks_step_share_to_the_others():
+    """A rare task's loss is small, so FAMO (shares by weight / loss) gave it most of the step; stopped, it must
+    give that share back rather than hold it while sending no gradient."""
+    from models.balancers import build_balancer
+
+    famo = build_balancer("famo", 2, [1.0, 1.0])
+    losses = torch.tensor([0.5, 0.05], requires_grad=True)
+    famo.combine(gate(losses, torch.tensor([1.0, 1.0])))
+    assert famo.weights()[1] > 5 * famo.weights()[0]
+    famo.combine(gate(losses, torch.tensor([1.0, 0.0]))).backward()
+    assert losses.grad[1] == 0 and famo.weights()[1] == 0
+    assert famo.weights()[0] == pytest.approx(2.0)  # the whole step: n_tasks x loss_weight over the one task
 
 
 def test_training_with_task_patience_stops_the_task_that_has_peaked_and_says_so(tmp_path):
