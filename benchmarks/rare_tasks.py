@@ -90,6 +90,8 @@ def run_one(seed: int, args, work: Path) -> dict:
     else:
         meta = train(cfg, data, model, progress=False, table=table)
     seconds = time.perf_counter() - t0
+    if args.models_only:
+        return {}
     singles_dir = work / f"single-{args.singles_label or args.label}-{seed}"
     if args.fresh_singles or not all((singles_dir / t["name"] / "meta.json").exists()
                                      for t in meta["tasks"] if t["type"] == "binary"):
@@ -101,7 +103,7 @@ def run_one(seed: int, args, work: Path) -> dict:
     test = table.iloc[len(table) - n:]
     rows = {}
     for t in binary:
-        column = next(x["column"] for x in meta["tasks"] if x["name"] == t)
+        column = next(x.get("label") or x["name"] for x in meta["tasks"] if x["name"] == t)
         rate = float(np.nanmean(test[column].to_numpy(np.float64) > 0))
         single = read_meta(singles_dir / t)["metrics"]["test"]
         m = meta["metrics"]["test"]
@@ -171,6 +173,8 @@ def main() -> None:
     ap.add_argument("--singles-label", default=None, help="reuse another label's single-task models")
     ap.add_argument("--fresh-singles", action="store_true")
     ap.add_argument("--reuse", action="store_true", help="keep a variant's model already under --work")
+    ap.add_argument("--models-only", action="store_true", help="train the multi-task models and stop (the "
+                    "single-task models, which depend only on the seed, can come from another label's run)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/rare-tasks"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -178,7 +182,11 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         results.append(run_one(seed, args, args.work))
+        if args.models_only:
+            continue
         print(f"seed {seed}: {results[-1]['epochs']} epochs, {results[-1]['seconds']} s", file=sys.stderr, flush=True)
+    if args.models_only:
+        return
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
