@@ -93,9 +93,7 @@ def run_one(seed: int, args, work: Path) -> dict:
     if args.models_only:
         return {}
     singles_dir = work / f"single-{args.singles_label or args.label}-{seed}"
-    if args.fresh_singles or not all((singles_dir / t["name"] / "meta.json").exists()
-                                     for t in meta["tasks"] if t["type"] == "binary"):
-        single_task_models(model, data, singles_dir, table=table)
+    single_task_models(model, data, singles_dir, table=table, keep=not args.fresh_singles)
     binary = [t["name"] for t in meta["tasks"] if t["type"] == "binary"]
     curves = per_epoch_auc(model, binary)
     weights = mean_weights(model, binary)

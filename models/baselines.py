@@ -33,8 +33,11 @@ def single_task_config(config: dict, task: dict, monitor: str) -> dict:
                 eval=dict(config["eval"], monitor=own))
 
 
-def single_task_models(artifact: Path | str, data, out: Path | str, table=None) -> dict[str, Path]:
+def single_task_models(artifact: Path | str, data, out: Path | str, table=None, keep: bool = False) -> dict[str, Path]:
     """Train one model per binary task of ``artifact``'s config on ``data``; returns {task: artifact dir}.
+
+    ``keep``: a task whose model is already under ``out`` keeps it (benchmarks comparing variants of the
+    multi-task model against the same baselines train them once).
 
     A task with a parent is trained on every impression (its joint label, e.g. click and purchase), which
     is what the multi-task model's unconditional score for it predicts.
@@ -46,7 +49,8 @@ def single_task_models(artifact: Path | str, data, out: Path | str, table=None) 
     out = Path(out)
     models = {}
     for task in [t for t in meta["tasks"] if t["type"] == "binary"]:
-        train(single_task_config(meta["config"], task, monitor), data, out / task["name"], progress=False,
-              table=table)
+        if not (keep and (out / task["name"] / "model.json").is_file()):
+            train(single_task_config(meta["config"], task, monitor), data, out / task["name"], progress=False,
+                  table=table)
         models[task["name"]] = out / task["name"]
     return models
