@@ -455,3 +455,21 @@ def test_a_log_ending_exactly_at_its_declared_end_passes(dataset_copy, tmp_path)
     manifest.save(dataset_copy)
     report = validate_dataset(dataset_copy, docs_dir=tmp_path / "docs")
     assert report.success, report.format()
+
+
+def test_a_manifest_typo_fails_before_any_table_is_read(dataset_copy):
+    """A typo in dataset.yaml is reported at once, naming the key and the closest one: no table is opened (an
+    unreadable log beside it stays unread) and no column is called unused for want of a declaration."""
+    import time
+
+    path = dataset_copy / contract.MANIFEST
+    path.write_text(path.read_text().replace("name: purchase", "name: purchase\n  gian: 2", 1))
+    (dataset_copy / "interactions.parquet").write_bytes(b"not parquet" * 1_000_000)  # 11 MB nobody may read
+    t0 = time.perf_counter()
+    report = validate_dataset(dataset_copy)
+    seconds = time.perf_counter() - t0
+    assert [(f.table, f.rule) for f in report.failures] == [("manifest", "declaration")], report.format()
+    assert "'gian'" in report.failures[0].detail and "'gain'" in report.failures[0].detail
+    assert report.warnings == [] and report.rows == {}
+    assert seconds < 2.0, seconds
+    assert not (dataset_copy / "_gx").exists()

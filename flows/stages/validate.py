@@ -34,7 +34,8 @@ def summary_markdown(report: ValidationReport) -> str:
         lines += ["", "| table | column | rule | failing | examples |", "|---|---|---|---|---|"]
         lines += [f"| {f.table} | {f.column} | {f.rule} | {f.fraction:.2%} | {', '.join(map(repr, f.examples[:5]))} |"
                   for f in report.failures]
-    lines += ["", f"Data Docs: `{report.docs_path}`"]
+    if report.docs_path:  # none when the manifest failed before any table was judged
+        lines += ["", f"Data Docs: `{report.docs_path}`"]
     return "\n".join(lines)
 
 

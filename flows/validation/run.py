@@ -227,6 +227,13 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
                                        f"{directory} is not a directory: point at a dataset directory holding "
                                        f"{tables} and {contract.MANIFEST}"))
         return report
+    # The manifest first: a typo in dataset.yaml fails in a moment, before any table is read (minutes on a large
+    # log) and without warnings about the columns the broken declaration failed to claim.
+    report = ValidationReport(directory=str(directory))
+    manifest, declaration = _manifest(directory, report)
+    if report.failures:
+        report.seconds = time.perf_counter() - t0
+        return report
     _quiet()
     import great_expectations as gx
 
@@ -239,8 +246,6 @@ def validate_dataset(directory: Path | str, *, docs_dir: Path | str | None = Non
         raise ValueError(f"chunk_rows must be positive, not {chunk_rows}")
     directory = Path(directory)
     now = now or pd.Timestamp.now(tz="UTC")
-    report = ValidationReport(directory=str(directory))
-    manifest, declaration = _manifest(directory, report)
     tables = contract.tables_for(declaration)
 
     frames: dict[str, pd.DataFrame | chunks.Chunked] = {}
