@@ -65,6 +65,16 @@ class _StopOnNonFinite(L.Callback):
             raise NonFiniteLoss(f"training loss became {float(loss)} in epoch {trainer.current_epoch}")
 
 
+class _NoAdverts(logging.Filter):
+    """Lightning advertises a cloud logger at every Trainer start; a run's output is for what the run did."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "\N{ELECTRIC LIGHT BULB} Tip:" not in str(record.msg)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+
+
 def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress: bool = True,
           table=None, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train one model from a config dict; write the artifact to ``out``; return its metadata."""

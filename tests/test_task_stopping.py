@@ -119,3 +119,4 @@ def test_training_with_task_patience_stops_the_task_that_has_peaked_and_says_so(
     off = train(load_config("shared_bottom", ["train.max_epochs=1", "train.batch_size=256", "train.ema=false"]),
                 "<table>", tmp_path / "off", progress=False, table=_table())
     assert off["training"]["stopped_tasks"] == {}
+

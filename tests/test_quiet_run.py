@@ -1,0 +1,30 @@
+"""A successful run says what it did and nothing else: no third-party adverts in its output."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from models.config import load_config
+from models.train import train
+
+
+def _table(n: int = 1000) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"user_id": [f"u{u}" for u in rng.integers(0, 30, n)],
+                       "item_id": [f"i{i}" for i in rng.integers(0, 40, n)],
+                       "event_timestamp": pd.date_range("2026-01-01", periods=n, freq="min", tz="UTC"),
+                       "x": rng.normal(size=n), "click": (rng.random(n) < 0.3).astype(np.int64)})
+    df.attrs["mtlrec"] = {"declaration": {"tasks": [{"name": "click"}]},
+                          "features": {"categorical": ["user_id", "item_id"], "numeric": ["x"], "log1p": []}}
+    return df
+
+
+def test_training_prints_no_third_party_advert(tmp_path, capfd, caplog):
+    caplog.set_level(logging.INFO)
+    train(load_config("shared_bottom", ["train.max_epochs=1", "train.batch_size=512", "train.ema=false"]),
+          "<table>", tmp_path / "m", progress=False, table=_table())
+    out, err = capfd.readouterr()
+    assert "litlogger" not in out + err + caplog.text
