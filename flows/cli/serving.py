@@ -83,11 +83,14 @@ def up(
     port: int = typer.Option(3000, help="port of the ranking service on 127.0.0.1"),
     config: str = typer.Option("mmoe", help="model config for the pipeline run"),
     overrides: list[str] = typer.Option([], "--set", help="config override, e.g. train.max_epochs=1"),
+    stall_minutes: float = typer.Option(60.0, help="give up on the pipeline run only after this long without any "
+                                        "progress (no new log line, task or state change); a slow run is waited for"),
 ) -> None:
     """What `make run` does: Prefect server, deployments, worker, one pipeline run, the service, one request."""
     from flows.dev.local_run import up as run_up
 
-    raise typer.Exit(run_up(data=data, port=port, config=config, overrides=overrides))
+    raise typer.Exit(run_up(data=data, port=port, config=config, overrides=overrides,
+                            stall_after=stall_minutes * 60))
 
 
 @app.command("down")

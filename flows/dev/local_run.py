@@ -3,9 +3,11 @@
 It does what an operator would do by hand: make the embedded dataset, make
 sure a Prefect server is up (reusing one that answers), create the process
 work pool, `prefect deploy` the deployments of ``prefect.yaml``, start a
-worker, and start the pipeline with ``prefect deployment run
-'mtl-pipeline/local' --watch``, so the run shows in the Prefect UI like any
-scheduled or CI-triggered one. Then it starts the ranking service on the
+worker, and start a run of the deployment ``mtl-pipeline/local`` (what
+``prefect deployment run`` does), so the run shows in the Prefect UI like any
+scheduled or CI-triggered one. It waits for that run as long as the run makes
+progress, printing its log lines (``flows/dev/run_watch.py``: no fixed watch
+timeout, so a slow machine is not a failure). Then it starts the ranking service on the
 production model, sends one real ranking request, prints the answer and
 where to look.
 
@@ -27,7 +29,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from flows.dev import prefect_server, processes
+from flows.dev import prefect_server, processes, run_watch
 from flows.dev import launcher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,16 +82,24 @@ def stop_process(name: str) -> bool:
 
 
 def sample_request(data: Path, n: int = 20, seed: int = 0) -> dict:
-    """A real request: a user from the dataset and items from the catalogue, in the API's body form."""
+    """A real request: a user from the dataset and items from the catalogue, in the API's body form, at the time
+    the log ends (the embedded log ends in the past: scored as of now, its time features would lie outside
+    what training saw, and the answer would say so)."""
     import numpy as np
     import pandas as pd
+
+    from models import contract
 
     rng = np.random.default_rng(seed)
     users = pd.read_parquet(data / "users.parquet", columns=["user_id"])["user_id"].astype(str).to_numpy()
     items = pd.read_parquet(data / "items.parquet", columns=["item_id"])["item_id"].astype(str).to_numpy()
+    context = {"device": "mobile"}
+    manifest = contract.Manifest.load(data)
+    if manifest is not None and manifest.end:
+        context["timestamp"] = pd.Timestamp(manifest.end).tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"user_id": str(rng.choice(users)), "candidates": rng.choice(items, size=min(n, len(items)),
                                                                          replace=False).tolist(),
-            "k": 5, "diversity": 0.3, "context": {"device": "mobile"}}
+            "k": 5, "diversity": 0.3, "context": context}
 
 
 def _latest_summary(report_dir: Path) -> dict:
@@ -98,7 +108,7 @@ def _latest_summary(report_dir: Path) -> dict:
 
 
 def up(data: Path = Path("data/synth"), port: int = 3000, config: str = "mmoe", overrides: list[str] | None = None,
-       report_dir: Path = Path("reports")) -> int:
+       report_dir: Path = Path("reports"), stall_after: float = run_watch.STALL_AFTER_S) -> int:
     t0 = time.monotonic()
     data, report_dir = (ROOT / data).resolve(), (ROOT / report_dir).resolve()
     env = dict(os.environ, FEAST_USAGE="False", BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(ROOT))
@@ -122,19 +132,23 @@ def up(data: Path = Path("data/synth"), port: int = 3000, config: str = "mmoe", 
     _background("worker", [_bin("prefect"), "worker", "start", "--pool", POOL], env)
     print(f"worker log: {STATE / 'worker.log'}", flush=True)
 
-    _say(f"prefect deployment run '{DEPLOYMENT}' --watch")
-    cmd = [_bin("prefect"), "deployment", "run", DEPLOYMENT, "--param", f"data={data}",
-           "--param", f"config={config}", "--param", f"report_dir={report_dir}", "--watch", "--watch-timeout", "1200"]
+    params = {"data": str(data), "config": config, "report_dir": str(report_dir)}
+    if overrides:
+        params["overrides"] = list(overrides)
+    shown = " ".join(f"--param {k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in params.items())
+    _say(f"prefect deployment run '{DEPLOYMENT}' {shown}")
     from services import registry
 
     production_before = registry.production()
-    if overrides:
-        cmd += ["--param", "overrides=" + json.dumps(list(overrides))]
-    if _run(cmd, env, check=False).returncode != 0:
+    run_id = run_watch.start(server.url, DEPLOYMENT, params)
+    print(f"flow run {run_id}: {server.url.removesuffix('/api')}/runs/flow-run/{run_id} (waiting while it makes "
+          f"progress; it fails only if the run fails or nothing changes for {stall_after / 60:.0f} min)", flush=True)
+    outcome = run_watch.watch(server.url, run_id, stall_after=stall_after)
+    if not outcome.ok:
         now = registry.production()
         state = "unchanged" if now == production_before else f"now {now} (was {production_before})"
-        print(f"\nThe pipeline run failed or timed out: see the Prefect UI at {server.url.removesuffix('/api')} "
-              f"and {STATE / 'worker.log'}. Production is {state}.", file=sys.stderr)
+        print(f"\nThe pipeline run ended {outcome.state}: {outcome.message}. See the Prefect UI at "
+              f"{server.url.removesuffix('/api')} and {STATE / 'worker.log'}. Production is {state}.", file=sys.stderr)
         return 1
     summary = _latest_summary(report_dir)
 
