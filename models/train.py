@@ -32,6 +32,7 @@ from models.monitor import resolve_monitor
 from models.stream import CHUNK_ROWS, EVAL_ROWS, StreamedDataModule, should_stream
 from models.table import load_training_table, table_columns, table_metadata, training_file
 from models.tasks import TaskSet
+from models.progress import EpochProgress
 from models.task_stopping import TaskStopping
 from models.weight_trace import FILENAME as WEIGHT_TRACE, WeightTrace
 
@@ -138,7 +139,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
                            filename="best", auto_insert_metric_name=False)
     # Every step's task weights; Lightning's weight/<task> logs (TensorBoard) keep only every 10th step.
     callbacks = [ckpt, EarlyStopping(monitor=f"val/{monitor}", mode=direction, patience=int(tc["patience"])),
-                 WeightTrace(out / "logs" / WEIGHT_TRACE), _StopOnNonFinite(), *(callbacks or [])]
+                 WeightTrace(out / "logs" / WEIGHT_TRACE), _StopOnNonFinite(), EpochProgress(), *(callbacks or [])]
     task_stopping = TaskStopping(int(tc["task_patience"])) if tc.get("task_patience") not in (None, False, "off") \
         else None
     if task_stopping is not None and len(tasks) > 1:

@@ -28,3 +28,13 @@ def test_training_prints_no_third_party_advert(tmp_path, capfd, caplog):
           "<table>", tmp_path / "m", progress=False, table=_table())
     out, err = capfd.readouterr()
     assert "litlogger" not in out + err + caplog.text
+
+
+def test_training_says_each_epoch_and_the_time_left(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mtlrec.train")
+    train(load_config("shared_bottom", ["train.max_epochs=3", "train.batch_size=256", "train.ema=false",
+                                        "train.patience=5"]),
+          "<table>", tmp_path / "m", progress=False, table=_table())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], lines
+    assert "s left" in lines[0] and "mean_auc" in lines[0] and "0 s left" in lines[-1]
