@@ -33,7 +33,6 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timezone
 from typing import Optional
 
 import bentoml
@@ -41,8 +40,10 @@ from starlette.responses import JSONResponse
 
 from models.settings import get_settings
 from services import ranking
+from services.breaker import Breaker, Busy
 from services.events import new_request_id
 from services.middleware import BoundedJson, DocsRedirect, JsonOnly, RecycleConnections, harden_uvicorn
+from services.request_context import declared_context, request_time
 from services.schemas import (Candidates, Diversity, Events, FeedbackResponse, Fusion, Id, K, RankResponse,
                               ReloadResponse, ScoreResponse, Token, Weights, context_model)
 
@@ -75,72 +76,7 @@ def _internal(error: BaseException, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "error_id": error_id}, status_code=500)
 
 
-FUTURE_S = 86_400.0  # how far past the server's clock a request's feature time may lie
 DB_QUEUE = 64  # feedback calls waiting for the event database at once, per worker; beyond, 503 at once
-
-
-class _Busy(RuntimeError):
-    """The event database is failing (breaker open) or too many calls wait for it: answer 503 now."""
-
-
-class _Breaker:
-    """Open for ``cooldown_s`` after a failure: calls fail at once meanwhile instead of each waiting for the
-    timeout; the first call after it tries the database again."""
-
-    def __init__(self, where: str, cooldown_s: float):
-        self.where, self.cooldown_s = where, cooldown_s
-        self._open_until, self.last_error = 0.0, ""
-
-    def check(self) -> None:
-        if time.monotonic() < self._open_until:
-            raise _Busy(f"the event database {self.where} is unavailable ({self.last_error}): retry later")
-
-    def failure(self, error: BaseException) -> None:
-        self.last_error = f"{type(error).__name__}: {error}"
-        self._open_until = time.monotonic() + self.cooldown_s
-
-    def success(self) -> None:
-        self._open_until = 0.0
-
-
-def _request_context(dataset) -> tuple[dict[str, str], Optional[float]]:
-    """The dataset's declared request-time columns (``{name: "string" | "float"}``; ``position`` is the service's
-    to set) and when its data starts (epoch seconds), read from its feature schema and manifest."""
-    from feature_repo.schema import FeatureSchema
-    from feature_repo.store import StoreSettings
-    from models.contract import Manifest
-
-    columns: dict[str, str] = {"device": "string"}
-    try:
-        columns = dict(FeatureSchema.load(StoreSettings.for_dataset(dataset).tables).log_context)
-    except (FileNotFoundError, OSError, ValueError) as e:  # no store yet: `mtlrec serve` refuses to start anyway
-        log.debug("request context from the contract alone: %s", e)
-    columns.pop("position", None)
-    try:
-        manifest = Manifest.load(dataset)
-        start = manifest.start_ts.timestamp() if manifest else None
-    except Exception:  # noqa: BLE001 - a manifest that does not parse leaves the lower bound off
-        start = None
-    return columns, start
-
-
-def _context(context, earliest: Optional[float]) -> tuple[Optional[float], dict]:
-    """The request time (epoch seconds, None for now) and the declared context columns the request set."""
-    if context is None:
-        return None, {}
-    extra = {k: v for k, v in context.model_dump(exclude={"timestamp"}).items() if v is not None}
-    if context.timestamp is None:
-        return None, extra
-    when = context.timestamp
-    ts = (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()  # no zone given: UTC
-    if earliest is not None and ts < earliest:
-        start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(earliest))
-        raise ranking.RequestError("context.timestamp", f"{context.timestamp.isoformat()} is before the data "
-                                                        f"starts ({start})")
-    if ts > time.time() + FUTURE_S:
-        raise ranking.RequestError("context.timestamp", f"{context.timestamp.isoformat()} is more than a day past "
-                                                        "the server's clock")
-    return ts, extra
 
 
 _SERVICES: list = []
@@ -159,7 +95,7 @@ except ValueError:
 
 
 _SETTINGS = get_settings()  # what shapes the service itself: read once, when its module is imported
-_CONTEXT_COLUMNS, _DATA_START = _request_context(_SETTINGS.dataset)
+_CONTEXT_COLUMNS, _DATA_START = declared_context(_SETTINGS.dataset)
 Context = context_model(_CONTEXT_COLUMNS)  # the OpenAPI schema lists the dataset's own context columns
 
 
@@ -231,7 +167,7 @@ class RankingService:
                                     follow_s=1.0, follow_from=30 * 86_400, on_cpu=_writer_cpu.inc)
         self._db = Connections(store)
         self._db_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mtlrec-feedback")
-        self._db_breaker = _Breaker(store.where(), cooldown_s=max(timeout_s, 0.5))
+        self._db_breaker = Breaker(store.where(), cooldown_s=max(timeout_s, 0.5))
         self._db_waiting = 0  # feedback calls on the executor now; beyond DB_QUEUE they answer 503 at once
         self._db_timeout_s = 2 * timeout_s + 1.0
 
@@ -303,7 +239,7 @@ class RankingService:
         request_id = new_request_id()
 
         def answer(model):
-            ts, extra = _context(context, _DATA_START)
+            ts, extra = request_time(context, _DATA_START)
             out = ranking.rank(model, self.reader, user_id, list(candidates), k=k, weights=weights,
                                diversity=diversity, fusion=fusion, request_ts=ts, context=extra,
                                explore=self.explore, rng=self._rng, novelty=novelty,
@@ -377,7 +313,7 @@ class RankingService:
         except ranking.RequestError as e:
             _requests.labels("feedback", "bad_request").inc()
             return _bad(e.field, e.reason, status=404 if e.field in ("request_id", "item_id") else 400)
-        except (EventStoreError, TimeoutError, _Busy) as e:
+        except (EventStoreError, TimeoutError, Busy) as e:
             _requests.labels("feedback", "unavailable").inc()
             return _unavailable(str(e) or "the event database did not answer in time")
         except Exception as e:  # noqa: BLE001 - a bug: 500 with an id
@@ -406,7 +342,7 @@ class RankingService:
 
         self._db_breaker.check()
         if self._db_waiting >= DB_QUEUE:
-            raise _Busy(f"{self._db_waiting} feedback calls are waiting for the event database: retry")
+            raise Busy(f"{self._db_waiting} feedback calls are waiting for the event database: retry")
         self._db_waiting += 1
         try:
             call = asyncio.get_running_loop().run_in_executor(self._db_pool, lambda: self._db.run(method, *args))
@@ -437,7 +373,7 @@ class RankingService:
     def score(self, user_id: Id, items: Candidates, context: Optional[Context] = None) -> ScoreResponse:
         """Raw per-objective scores of (user, item) pairs, in request order."""
         def compute(model):
-            ts, extra = _context(context, _DATA_START)
+            ts, extra = request_time(context, _DATA_START)
             return ranking.score_items(model, self.reader, user_id, list(items), request_ts=ts, context=extra)
 
         return self._answer("score", ScoreResponse, compute)
