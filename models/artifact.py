@@ -28,9 +28,10 @@ from models.tasks import TaskSet
 
 WEIGHTS = "weights.safetensors"
 META = "model.json"
-# 2: heads keyed by position (towers.0_click), numeric bounds, calibration. Older code cannot score a version 2
-# artifact right, so it must refuse it; this code still reads version 1 (head keys renamed on load).
-FORMAT_VERSION = 2
+# 2: heads keyed by position (towers.0_click), numeric bounds, calibration. 3: per-task snapshots (``members``,
+# models/task_checkpoints.py). Older code cannot score a newer artifact right, so it must refuse it; this code
+# still reads versions 1 (head keys renamed on load) and 2.
+FORMAT_VERSION = 3
 
 
 def code_version() -> str:
@@ -128,6 +129,16 @@ class Scorer(torch.nn.Module):
                                       self.spec.embedding_widths(default))
         self.arch = build_architecture(model["architecture"], self.encoder.out_dim, self.tasks,
                                        **model.get("params", {}))
+        # Per-task snapshots (models/task_checkpoints.py): member i scores its tasks; the rest are this one's.
+        self.member_tasks = [list(m["tasks"]) for m in meta.get("members") or []]
+        self.members = torch.nn.ModuleList()
+        for _ in self.member_tasks:
+            member = torch.nn.Module()
+            member.encoder = FeatureEncoder(self.spec.cardinalities, len(self.spec.numeric),
+                                            self.spec.embedding_widths(default))
+            member.arch = build_architecture(model["architecture"], self.encoder.out_dim, self.tasks,
+                                             **model.get("params", {}))
+            self.members.append(member)
 
     @classmethod
     def load(cls, path: Path | str, device: str | torch.device = "cpu") -> "Scorer":
@@ -175,6 +186,9 @@ class Scorer(torch.nn.Module):
             cat = cat_all[start:start + chunk_rows].to(device)
             num = num_all[start:start + chunk_rows].to(device)
             probs = self.tasks.probabilities(self.arch(self.encoder(cat, num)).logits)
+            for member, names in zip(self.members, self.member_tasks):
+                other = self.tasks.probabilities(member.arch(member.encoder(cat, num)).logits)
+                probs.update({t: other[t] for t in names})
             for k, v in probs.items():
                 parts.setdefault(k, []).append(v.float().cpu().numpy())
         return self.calibration.apply({k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()})

@@ -176,14 +176,39 @@ class MTLModule(L.LightningModule):
         return m
 
     @torch.no_grad()
-    def split_predictions(self, batches) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
-        """The raw (uncalibrated) probabilities and the labels of one split in row order; None if it is empty."""
+    def split_predictions(self, batches, snapshots: dict[int, dict[str, torch.Tensor]] | None = None,
+                          members: dict[int, list[str]] | None = None
+                          ) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+        """The raw (uncalibrated) probabilities and the labels of one split in row order; None if it is empty.
+
+        ``members`` (``{epoch: [tasks]}``, ``models/task_checkpoints.py``): those tasks' probabilities come
+        from the weights in ``snapshots[epoch]``, as the artifact will score them; the module's own weights
+        are restored after."""
         self.eval()
         self._eval_outputs = []
         for batch in batches:
             self._collect(batch)
         outs, self._eval_outputs = self._eval_outputs, []
-        return self._stack(outs) if outs else None
+        if not outs:
+            return None
+        probs, labels = self._stack(outs)
+        if members:
+            own = {k: v.detach().clone() for k, v in self.inference_state().items()}
+            try:
+                for epoch, names in members.items():
+                    self._load_inference(snapshots[epoch])
+                    other, _ = self.split_predictions(batches)
+                    probs.update({t: other[t] for t in names})
+            finally:
+                self._load_inference(own)
+        return probs, labels
+
+    def _load_inference(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("balancer.")]
+        if missing or unexpected:
+            raise RuntimeError(f"a snapshot that does not fit the model: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
 
     def evaluate_split(self, batches, predictions: tuple[dict[str, np.ndarray], np.ndarray] | None = None
                        ) -> dict[str, float]:

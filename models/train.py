@@ -33,6 +33,7 @@ from models.stream import CHUNK_ROWS, EVAL_ROWS, StreamedDataModule, should_stre
 from models.table import load_training_table, table_columns, table_metadata, training_file
 from models.tasks import TaskSet
 from models.progress import EpochProgress
+from models.task_checkpoints import TaskCheckpoints, choose, label_counts
 from models.task_stopping import TaskStopping
 from models.weight_trace import FILENAME as WEIGHT_TRACE, WeightTrace
 
@@ -90,6 +91,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
 
     world = int(tc.get("devices", 1)) if str(tc.get("strategy", "auto")).startswith("ddp") else 1
     check_world_size(config["balancer"]["name"], world)  # before any data is loaded; MTLModule.setup checks too
+    max_snapshots, min_gain = _task_checkpoint_settings(tc)
 
     dc = config["data"]
     model_cfg = config["model"]
@@ -144,6 +146,9 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
         else None
     if task_stopping is not None and len(tasks) > 1:
         callbacks.append(task_stopping)
+    task_ckpts = TaskCheckpoints() if max_snapshots > 1 and sum(t.type == "binary" for t in tasks) > 1 else None
+    if task_ckpts is not None:  # before the weight average: it must see the weights validation scored
+        callbacks.append(task_ckpts)
     if tc["ema"]:  # validation, the checkpoint and so the artifact hold the averaged weights
         # Parameters only: averaging the buffers would round the encoder's integer offsets and columns (a float
         # average copied back into int64), and the balancer's state is not the model's.
@@ -164,19 +169,32 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     trainer.fit(module, datamodule=dm)
     if not trainer.is_global_zero:  # DDP: rank 0 alone evaluates and writes the artifact
         return {"rank": trainer.global_rank, "training": {"epochs": trainer.current_epoch}}
+    base_epoch = None
     if ckpt.best_model_path:
         best = torch.load(ckpt.best_model_path, map_location=module.device, weights_only=True)
         module.load_state_dict(best["state_dict"])
+        base_epoch = int(best["epoch"])
+    members = {}
+    if task_ckpts is not None and base_epoch is not None:
+        members = choose(task_ckpts.history, base_epoch, label_counts(tasks, dm.valid_split.labels), max_snapshots,
+                         min_gain)
+    snapshots = {e: task_ckpts.snapshots[e] for e in members}
+    if members:
+        log.info("per-task checkpoints: the shared one is epoch %d; %s", base_epoch,
+                 "; ".join(f"{', '.join(t)} from epoch {e}" for e, t in members.items()))
     # Calibrated on the validation split (models/calibration.py); both splits' metrics score what the artifact will.
-    valid = module.split_predictions(dm.val_dataloader())
+    valid = module.split_predictions(dm.val_dataloader(), snapshots, members)
     module.calibration = calibration.fit(module.tasks, *valid) if valid else calibration.Calibration()
     valid_metrics = module.evaluate_split(dm.val_dataloader(), valid)
-    test_metrics = module.evaluate_split(dm.test_dataloader()) if len(dm.test_split) else {}
+    test_metrics = module.evaluate_split(
+        dm.test_dataloader(), module.split_predictions(dm.test_dataloader(), snapshots, members)) \
+        if len(dm.test_split) else {}
     meta = {
         "config": config, "tasks": tasks.to_config(), "primary": tasks.primary, "features": dm.spec.to_dict(),
         "declaration": info.get("declaration"), "fusion": {"method": fusion, "relevance": tasks.relevance()},
         "feature_service": info.get("feature_service") or config.get("feature_service"),
         "metrics": {"valid": valid_metrics, "test": test_metrics}, "calibration": module.calibration.to_dict(),
+        "members": [{"epoch": e, "tasks": t} for e, t in members.items()],
         "data": {"path": str(data), "fingerprint": fingerprint(training_file(data)) if table is None else None,
                  "rows": {"train": dm.train_rows, "valid": len(dm.valid_split), "test": len(dm.test_split)},
                  "time_ranges": dm.time_ranges},
@@ -184,12 +202,29 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
                      "recipe": {k: tc[k] for k in ("batch_size", "max_epochs", "lr", "patience", "ema")},
                      "monitor": monitor, "streamed": streamed,
                      "stopped_tasks": dict(task_stopping.stopped) if task_stopping is not None else {},
+                     "checkpoint_epoch": base_epoch,
+                     "task_checkpoints": {str(e): t for e, t in members.items()},
                      "seconds": time.perf_counter() - t0, "accelerator": accelerator, "precision": precision,
                      "torch": torch.__version__, "lightning": L.__version__},
         "code_version": code_version(),
     }
-    save_artifact(out, module.inference_state(), meta)
+    state = module.inference_state()
+    for i, e in enumerate(members):
+        state.update({f"members.{i}.{k}": v for k, v in snapshots[e].items()})
+    save_artifact(out, state, meta)
     return meta
+
+
+def _task_checkpoint_settings(tc: dict) -> tuple[int, float]:
+    n, gain = tc.get("task_checkpoints", 1), tc.get("task_checkpoint_gain", 1.0)
+    if n is None or n is False or n == "off":
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"train.task_checkpoints must be a whole number of snapshots >= 1 (1: one shared "
+                         f"checkpoint), not {n!r}")
+    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not gain >= 0:
+        raise ValueError(f"train.task_checkpoint_gain must be a number of standard errors >= 0, not {gain!r}")
+    return n, float(gain)
 
 
 def _f(x) -> float | None:

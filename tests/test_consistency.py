@@ -123,7 +123,7 @@ def test_an_artifact_newer_than_the_code_is_refused_by_name(tmp_path):
           "<table>", tmp_path / "m", progress=False, table=_table(1500))
     meta_path = tmp_path / "m" / "model.json"
     meta = json.loads(meta_path.read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["format_version"] == FORMAT_VERSION == 3
     Scorer.load(tmp_path / "m")
     meta_path.write_text(json.dumps({**meta, "format_version": FORMAT_VERSION + 1}))
     with pytest.raises(CorruptModel, match="newer than this code"):
