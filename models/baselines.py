@@ -14,12 +14,19 @@ some (GradNorm, the gradient-surgery ones) cost extra passes per step.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import time
 from pathlib import Path
 
 from models import recipe
 from models.artifact import read_meta
+from models.declaration import suggest
 from models.monitor import single_task_monitor
 from models.tasks import TaskSet
+
+log = logging.getLogger("mtlrec.train")
 
 
 def single_task_config(config: dict, task: dict, monitor: str) -> dict:
@@ -33,24 +40,65 @@ def single_task_config(config: dict, task: dict, monitor: str) -> dict:
                 eval=dict(config["eval"], monitor=own))
 
 
-def single_task_models(artifact: Path | str, data, out: Path | str, table=None, keep: bool = False) -> dict[str, Path]:
+class BaselineError(ValueError):
+    """A baseline request naming a task the model does not have, or a setting the config does not take."""
+
+
+def baseline_key(config: dict, data_fingerprint: str | None) -> str:
+    """What a baseline depends on: its resolved config, the training table's bytes and the model code."""
+    from models.artifact import code_version
+
+    return hashlib.sha256(json.dumps([config, data_fingerprint, code_version()], sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+def single_task_models(artifact: Path | str, data, out: Path | str, table=None, keep: bool = False,
+                       tasks: list[str] | None = None, overrides: list[str] | None = None,
+                       cache: Path | str | None = None) -> dict[str, Path]:
     """Train one model per binary task of ``artifact``'s config on ``data``; returns {task: artifact dir}.
 
-    ``keep``: a task whose model is already under ``out`` keeps it (benchmarks comparing variants of the
-    multi-task model against the same baselines train them once).
+    ``tasks``: only these (by name); ``overrides``: ``KEY=VALUE`` settings for the baselines only (a smaller
+    budget: ``train.max_epochs=3``). ``keep``: a task whose model is already under ``out`` keeps it
+    (benchmarks comparing variants of the multi-task model against the same baselines train them once).
+    ``cache``: a directory where each baseline is kept under the digest of its config, the training
+    table's bytes and the code (``baseline_key``), so evaluating again, or another model trained on the
+    same table with the same settings, reuses it instead of training it again; ``out`` is then unused.
 
     A task with a parent is trained on every impression (its joint label, e.g. click and purchase), which
     is what the multi-task model's unconditional score for it predicts.
     """
+    from models.artifact import fingerprint
+    from models.config import apply_overrides
+    from models.table import training_file
     from models.train import train
 
     meta = read_meta(artifact)
     monitor = meta.get("training", {}).get("monitor") or recipe.monitor(meta["config"]["eval"].get("monitor"))
+    binary = [t for t in meta["tasks"] if t["type"] == "binary"]
+    names = [t["name"] for t in binary]
+    wanted = names if not tasks else list(dict.fromkeys(tasks))
+    unknown = [t for t in wanted if t not in names]
+    if unknown:
+        raise BaselineError(f"no binary task {unknown[0]!r} in this model" + suggest(unknown[0], names)
+                            + f" (its binary tasks: {', '.join(names)})")
+    base = apply_overrides(meta["config"], list(overrides or [])) if overrides else meta["config"]
+    data_fp = None
+    if cache is not None and table is None:
+        data_fp = fingerprint(training_file(data))
     out = Path(out)
     models = {}
-    for task in [t for t in meta["tasks"] if t["type"] == "binary"]:
-        if not (keep and (out / task["name"] / "model.json").is_file()):
-            train(single_task_config(meta["config"], task, monitor), data, out / task["name"], progress=False,
-                  table=table)
-        models[task["name"]] = out / task["name"]
+    for i, task in enumerate(t for t in binary if t["name"] in wanted):
+        cfg = single_task_config(base, task, monitor)
+        where = out / task["name"]
+        if cache is not None and data_fp is not None:
+            where = Path(cache) / f"{task['name']}-{baseline_key(cfg, data_fp)[:16]}"
+        label = f"single-task baseline {i + 1}/{len(wanted)} ({task['name']})"
+        if (keep or data_fp is not None) and (where / "model.json").is_file():
+            log.info("%s: reusing %s", label, where)
+        else:
+            log.info("%s: training", label)
+            t0 = time.monotonic()
+            trained = train(cfg, data, where, progress=False, table=table)
+            log.info("%s: done in %.0f s, %d epochs", label, time.monotonic() - t0, trained["training"]["epochs"])
+        models[task["name"]] = where
     return models

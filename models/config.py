@@ -106,7 +106,12 @@ def check_keys(cfg: dict, schema: dict, where: tuple[str, ...] = ()) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    cfg = _load(locate(path))
+    return apply_overrides(_load(locate(path)), overrides)
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """A copy of ``config`` with ``key.sub=value`` settings applied, checked against the base config's keys."""
+    cfg = copy.deepcopy(config)
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:

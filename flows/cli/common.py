@@ -40,3 +40,18 @@ def training_table(data: Path):
 
     ensure_training_set(data)
     return evaluation_table(data)
+
+
+def show_training_progress() -> None:
+    """Training's own lines (``mtlrec.train``: each epoch, each baseline) on stderr, for commands that train
+    without the training command's logging set up."""
+    import logging
+
+    log = logging.getLogger("mtlrec.train")
+    if not any(getattr(h, "_mtlrec", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._mtlrec = True
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from flows.cli.common import ONLINE_HELP, ensure_training_set, model_path, training_table
+from flows.cli.common import ONLINE_HELP, ensure_training_set, model_path, show_training_progress, training_table
 
 app = typer.Typer()
 
@@ -84,6 +84,13 @@ def evaluate(
     data: Path = typer.Option(..., help="dataset directory (its Feast training set) or a training parquet"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object for scripts and CI"),
     single_task: bool = typer.Option(False, help="also train and score a single-task model per objective"),
+    tasks: list[str] = typer.Option([], "--tasks", help="with --single-task: only these tasks' baselines "
+                                                        "(repeatable, or comma-separated)"),
+    baseline_set: list[str] = typer.Option([], "--baseline-set", metavar="KEY=VALUE",
+                                           help="with --single-task: a config override for the baselines only, "
+                                                "e.g. a budget: --baseline-set train.max_epochs=3 (repeatable)"),
+    baseline_cache: Path = typer.Option(Path("artifacts/baselines"), help="where baselines are kept, keyed by "
+                                        "their config, the training table and the code, and reused"),
     seed: int = typer.Option(0, help="seed of the random baseline and of negative sampling"),
     unshown: int = typer.Option(99, help="rank each held-out positive among this many items its user was never "
                                          "shown (0: only re-rank the held-out impressions)"),
@@ -97,17 +104,28 @@ def evaluate(
     Evaluating a registry tag records the result there; only evaluated models can be promoted.
     """
     import json
-    import tempfile
 
     from flows.evaluation_inputs import holdout_inputs
-    from models.baselines import single_task_models
+    from models.baselines import BaselineError, single_task_models
+    from models.config import ConfigError
     from models.holdout import evaluate as run
 
     path, tag = model_path(model)
     table = training_table(data)
-    with tempfile.TemporaryDirectory(prefix="mtlrec-single-") as tmp:
-        singles = single_task_models(path, data, Path(tmp)) if single_task else None
-        result = run(path, table, seed=seed, single_task=singles, unshown_items=unshown, **holdout_inputs(data))
+    singles = None
+    if single_task:
+        show_training_progress()
+        try:
+            singles = single_task_models(path, data, baseline_cache, tasks=[t for a in tasks for t in a.split(",")
+                                                                            if t.strip()],
+                                         overrides=baseline_set, cache=baseline_cache)
+        except (BaselineError, ConfigError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+    elif tasks or baseline_set:
+        typer.echo("error: --tasks and --baseline-set choose the single-task baselines: add --single-task", err=True)
+        raise typer.Exit(2)
+    result = run(path, table, seed=seed, single_task=singles, unshown_items=unshown, **holdout_inputs(data))
     if tag:
         from services import registry
 
