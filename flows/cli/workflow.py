@@ -11,6 +11,22 @@ from flows.cli.common import ONLINE_HELP, ensure_training_set, model_path, show_
 app = typer.Typer()
 
 
+EPHEMERAL_STARTUP_S = 180
+
+
+def ephemeral_hint(message: str) -> str:
+    """Prefect's message when its temporary server did not answer in time, with what to do about it."""
+    import os
+
+    if "ephemeral Prefect API server" not in message:
+        return message
+    first = message.split(" stdout:")[0]
+    waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+    return (f"{first} Prefect's temporary server did not start within {waited} s, which happens on a busy "
+            "machine: set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or run against a server "
+            "(`make run` starts one; or `prefect server start` and set PREFECT_API_URL).")
+
+
 @app.command("pipeline")
 def pipeline(
     data: Path = typer.Option(Path("data/synth"), help="dataset directory (contract tables)"),
@@ -29,7 +45,11 @@ def pipeline(
     Prefect starts a temporary one for the run.
     """
     import json
+    import os
 
+    # Prefect waits 20 s for the temporary server it starts when no PREFECT_API_URL is set; on a loaded
+    # laptop its start-up (a database migration) can take longer, and the whole run fails for it.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_S))
     from flows.pipeline import mtl_pipeline
 
     try:
@@ -37,7 +57,7 @@ def pipeline(
                                auc_tolerance=auc_tolerance, online=online, report_dir=str(report_dir),
                                artifacts=str(artifacts))
     except Exception as exc:  # noqa: BLE001 - the flow run is already recorded Failed; say why and exit 1
-        typer.echo(f"pipeline failed: {type(exc).__name__}: {exc}", err=True)
+        typer.echo(f"pipeline failed: {type(exc).__name__}: {ephemeral_hint(str(exc))}", err=True)
         raise typer.Exit(1) from None
     typer.echo(json.dumps(summary, indent=2, default=str))
 
