@@ -164,9 +164,10 @@ def plots(runs: list[dict[str, Any]], summary: dict, out: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     for m, df in logs.items():
-        if "train/loss_epoch" in df:
-            d = df[["epoch", "train/loss_epoch"]].dropna()
-            a.plot(d["epoch"], d["train/loss_epoch"], marker="o", label=m)
+        column = "train/loss" if "train/loss" in df else "train/loss_epoch"  # runs logged before epoch-only logs
+        if column in df:
+            d = df[["epoch", column]].dropna()
+            a.plot(d["epoch"], d[column], marker="o", label=m)
         if "val/fused/ndcg@10" in df:
             d = df[["epoch", "val/fused/ndcg@10"]].dropna()
             b.plot(d["epoch"], d["val/fused/ndcg@10"], marker="o", label=m)

@@ -105,10 +105,14 @@ class MTLModule(L.LightningModule):
         # A balancer may leave a non-finite task loss out of its sum (FAMO does), which would hide a diverged
         # model from the non-finite check on train/loss: logged, any task's NaN or inf shows. No host sync.
         logged = torch.where(torch.isfinite(losses).all(), loss.detach(), losses.detach().sum())
-        # No prog_bar on a step value: Lightning would call .item() on it every step (a device sync on a GPU).
-        self.log("train/loss", logged, on_step=True, on_epoch=True)
-        self.log_dict({f"train/loss_{t.name}": losses[j].detach() for j, t in enumerate(self.tasks)}, on_step=True)
-        self.log_dict({f"weight/{t.name}": weights[j] for j, t in enumerate(self.tasks)}, on_step=True)
+        # Epoch means only: a step value reaches the loggers as a Python number (a device sync on a GPU every
+        # log_every_n_steps steps, more with prog_bar); every step's task weights are in task_weights.csv
+        # (models/weight_trace.py), copied once per epoch.
+        self.log("train/loss", logged, on_step=False, on_epoch=True)
+        self.log_dict({f"train/loss_{t.name}": losses[j].detach() for j, t in enumerate(self.tasks)},
+                      on_step=False, on_epoch=True)
+        self.log_dict({f"weight/{t.name}": weights[j] for j, t in enumerate(self.tasks)}, on_step=False,
+                      on_epoch=True)
         return loss if self.automatic_optimization else None
 
     def on_train_batch_end(self, outputs, batch, batch_idx):

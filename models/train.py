@@ -17,10 +17,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from models.artifact import code_version, fingerprint, save_artifact
+from models.averaging import WeightAverage
 from models.config import load_config
 from models import calibration, recipe
 from models.balancers import check_world_size
@@ -62,7 +63,7 @@ class NonFiniteLoss(RuntimeError):
 
 class _StopOnNonFinite(L.Callback):
     def on_train_epoch_end(self, trainer, module):
-        loss = trainer.callback_metrics.get("train/loss_epoch")
+        loss = trainer.callback_metrics.get("train/loss")
         if loss is not None and not torch.isfinite(loss):
             raise NonFiniteLoss(f"training loss became {float(loss)} in epoch {trainer.current_epoch}")
 
@@ -139,7 +140,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     direction = mode(monitor)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor=f"val/{monitor}", mode=direction, save_top_k=1,
                            filename="best", auto_insert_metric_name=False)
-    # Every step's task weights; Lightning's weight/<task> logs (TensorBoard) keep only every 10th step.
+    # Every step's task weights; Lightning's weight/<task> logs (TensorBoard) are epoch means.
     callbacks = [ckpt, EarlyStopping(monitor=f"val/{monitor}", mode=direction, patience=int(tc["patience"])),
                  WeightTrace(out / "logs" / WEIGHT_TRACE), _StopOnNonFinite(), EpochProgress(), *(callbacks or [])]
     task_stopping = TaskStopping(int(tc["task_patience"])) if tc.get("task_patience") not in (None, False, "off") \
@@ -151,8 +152,8 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
         callbacks.append(task_ckpts)
     if tc["ema"]:  # validation, the checkpoint and so the artifact hold the averaged weights
         # Parameters only: averaging the buffers would round the encoder's integer offsets and columns (a float
-        # average copied back into int64), and the balancer's state is not the model's.
-        callbacks.append(EMAWeightAveraging(decay=tc["ema"], use_buffers=False))
+        # average copied back into int64), and the balancer's state is not the model's. No host read per step.
+        callbacks.append(WeightAverage(tc["ema"]))
     if progress and sys.stderr.isatty():
         from lightning.pytorch.callbacks import RichProgressBar
 

@@ -37,10 +37,9 @@ class WeightTrace(L.Callback):
     An epoch-end update (DWA) comes after the epoch's last row and first
     shows in the next epoch's first row.
 
-    The module's ``weight/<task>`` logs (``metrics.csv``, TensorBoard) count
-    batches from 0 and are read inside ``training_step``: before the step
-    under automatic optimisation, so their step k is row k here; after it
-    under manual optimisation, so their step k is row k + 1 here.
+    The module's ``weight/<task>`` logs (``metrics.csv``, TensorBoard) are
+    epoch means, read inside ``training_step``: before the step under
+    automatic optimisation, after it under manual optimisation.
 
     A step is only noted at batch end and its weights are read at the next
     hook that follows (the next batch's start, or the end of the epoch, of

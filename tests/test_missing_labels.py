@@ -140,7 +140,7 @@ def test_a_tiny_model_trains_on_labelled_rows_only_and_is_judged_on_them(tmp_pat
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)
-    assert np.isfinite(float(trainer.callback_metrics["train/loss_epoch"]))
+    assert np.isfinite(float(trainer.callback_metrics["train/loss"]))
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
     module.eval()

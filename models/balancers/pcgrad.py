@@ -10,18 +10,21 @@ GPU step never waits for the host.
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from models.balancers.base import Balancer
 from models.balancers.surgery import extra_gradient, task_gradients, write_gradient
 
 
-def project_conflicts(grads: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """grads: [T, P]. Returns the PCGrad-projected gradients, [T, P]."""
+def project_conflicts(grads: torch.Tensor, order) -> torch.Tensor:
+    """grads: [T, P]; order: the task indices, a list (or a host tensor). Returns the projected gradients, [T, P]."""
     out = grads.clone()
     norms = (grads * grads).sum(1).clamp_min(1e-20)
+    order = order.tolist() if torch.is_tensor(order) else list(order)
     for i in range(grads.shape[0]):
-        for j in order.tolist():
+        for j in order:
             if j == i:
                 continue
             dot = (out[i] * grads[j]).sum()
@@ -52,7 +55,7 @@ class PCGrad(Balancer):
 
     def __init__(self, n_tasks: int, initial_weights=None, seed: int = 0):
         super().__init__(n_tasks, initial_weights)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = random.Random(seed)  # a host generator: the order is Python ints, nothing read off a device
 
     def backward(self, losses, shared_parameters, representation=None, extra_loss=None) -> None:
         weighted = self.initial_weights.to(losses.dtype) * losses
@@ -62,7 +65,8 @@ class PCGrad(Balancer):
             return
         grads = task_gradients(weighted, shared_parameters)
         extra = extra_gradient(extra_loss, shared_parameters)
-        order = torch.randperm(self.n_tasks, generator=self.generator)
+        order = list(range(self.n_tasks))
+        self.rng.shuffle(order)
         merged = project_conflicts(grads, order).sum(0)
         if extra is not None:
             merged = merged + extra
