@@ -5,9 +5,9 @@ update counter (a tensor on the model's device) twice per step (``bool(n_average
 ``if n_averaged > 0``): two device-to-host syncs per step, which on a GPU stall the queue of kernels
 the host has launched ahead. Here the average starts as a copy of the weights after the first step and
 each later step is one ``torch._foreach_lerp_`` over all parameters, on the device, with no branch on a
-tensor (whether it is the first step is a host flag). As with Lightning's callback, validation and the saved checkpoints see the averaged weights
-(``state_dict``; the current ones go to ``current_model_state`` for a resumed run), and training ends
-with the average in the model.
+tensor (whether it is the first step is a host flag). As with Lightning's callback, validation and
+the saved checkpoints see the averaged weights (``state_dict``; the current ones go to
+``current_model_state`` for a resumed run), and training ends with the average in the model.
 
 The callback swaps the weights in ``on_validation_epoch_start`` and back in ``on_validation_epoch_end``:
 a callback that must see what validation scored (``models/task_checkpoints.py``) comes before this one
