@@ -141,7 +141,10 @@ class MTLModule(L.LightningModule):
     # ---- evaluation ----------------------------------------------------------------------
     def _collect(self, batch):
         cat, num, labels = batch
-        probs = self.predict_probabilities(cat, num)
+        # In fp32 even when training runs under bf16 autocast: bf16's 8-bit mantissa ties scores (a few hundred
+        # distinct probabilities in a thousand rows), and ties move AUC and NDCG.
+        with torch.autocast(device_type=cat.device.type, enabled=False):
+            probs = self.predict_probabilities(cat, num)
         self._eval_outputs.append({**{k: v.detach().float() for k, v in probs.items()}, "__labels": labels})
 
     def validation_step(self, batch, batch_idx):

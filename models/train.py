@@ -90,8 +90,9 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     accelerator, precision, device = _device_settings(config)
     tc = dict(config["train"])
 
-    world = int(tc.get("devices", 1)) if str(tc.get("strategy", "auto")).startswith("ddp") else 1
+    world = world_size(tc, accelerator)
     check_world_size(config["balancer"]["name"], world)  # before any data is loaded; MTLModule.setup checks too
+    check_precision(config["balancer"]["name"], precision)
     max_snapshots, min_gain = _task_checkpoint_settings(tc)
 
     dc = config["data"]
@@ -135,7 +136,9 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
         consistency=model_cfg.get("consistency"),
     )
     if tc.get("compile"):
-        module.arch = torch.compile(module.arch)
+        # In place (nn.Module.compile): the parameters keep their names, so checkpoints, snapshots and the
+        # artifact hold ``arch.*`` keys that the scorer loads, not ``arch._orig_mod.*``.
+        module.arch.compile(**compile_options(tc["compile"]))
 
     direction = mode(monitor)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor=f"val/{monitor}", mode=direction, save_top_k=1,
@@ -214,6 +217,45 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
         state.update({f"members.{i}.{k}": v for k, v in snapshots[e].items()})
     save_artifact(out, state, meta)
     return meta
+
+
+def world_size(tc: dict, accelerator: str) -> int:
+    """How many processes train: Lightning runs DDP whenever it is given more than one device, whatever the
+    strategy's name (``auto`` included), and the recipe scales the learning rate and rows per rank by it."""
+    devices = tc.get("devices", 1)
+    if isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif devices in ("auto", -1, "-1"):
+        n = torch.cuda.device_count() if accelerator == "gpu" else 1
+    else:
+        n = int(devices)
+    if str(tc.get("strategy", "auto")) in ("single_device", "dp"):
+        return 1
+    return max(n, 1) * int(tc.get("num_nodes", 1) or 1)
+
+
+def check_precision(balancer: str, precision: str) -> None:
+    """Refuse fp16 with a gradient-surgery balancer: they take their per-task gradients with
+    ``torch.autograd.grad`` outside Lightning's grad scaler, which would then unscale gradients it never
+    scaled. bf16 needs no scaler and is fine."""
+    from models.balancers import BALANCERS
+
+    cls = BALANCERS.get(balancer)
+    if cls is not None and cls.manual and str(precision).startswith("16"):
+        raise ValueError(f"balancer {balancer!r} takes per-task gradients outside the fp16 grad scaler: train it "
+                         f"with train.precision=bf16-mixed or 32-true, not {precision!r}")
+
+
+def compile_options(setting) -> dict:
+    """``train.compile``: true (torch.compile's defaults), a mode (``max-autotune-no-cudagraphs``) or a dict of
+    torch.compile's keyword arguments."""
+    if setting is True:
+        return {}
+    if isinstance(setting, str):
+        return {"mode": setting}
+    if isinstance(setting, dict):
+        return dict(setting)
+    raise ValueError(f"train.compile must be true, false, a mode or a dict of torch.compile options, not {setting!r}")
 
 
 def _task_checkpoint_settings(tc: dict) -> tuple[int, float]:

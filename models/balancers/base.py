@@ -30,6 +30,23 @@ import torch
 from torch import nn
 
 
+def ranks_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over the DDP ranks (itself in one process).
+
+    A balancer that learns from the losses it sees (FAMO's logits, DWA's history) would otherwise learn
+    something different on each rank, each from its own shard of the batch, and the buffer broadcast
+    would keep rank 0's; reduced, every rank takes the same update. One collective on the device, no
+    host read.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return values
+    out = values.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
 class Balancer(nn.Module):
     manual: bool = False  # True: needs per-task gradients, so manual optimisation
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from models.balancers.base import Balancer
+from models.balancers.base import Balancer, ranks_mean
 
 
 class DWA(Balancer):
@@ -44,7 +44,7 @@ class DWA(Balancer):
 
     def on_epoch_end(self, mean_losses: torch.Tensor) -> None:
         with torch.no_grad():
-            new = mean_losses.detach().reshape(-1).to(self.history)
+            new = ranks_mean(mean_losses.detach().reshape(-1).to(self.history))  # the same history on every rank
             self.history.copy_(torch.stack([self.history[1], new]))
             self.filled.copy_((self.filled + 1).clamp_max(2))
             ratio = self.history[1] / self.history[0].clamp_min(1e-12)

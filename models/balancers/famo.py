@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.balancers.base import Balancer
+from models.balancers.base import Balancer, ranks_mean
 
 
 class FAMO(Balancer):
@@ -84,9 +84,11 @@ class FAMO(Balancer):
 
     def after_step(self, new_losses: torch.Tensor) -> None:
         xi, opt = self._xi()
-        new = new_losses.detach().float().to(self.prev_losses.device)
-        active = self._active(self.prev_losses) & self._active(new)
-        delta = torch.where(active, self.prev_losses.clamp_min(self.eps).log() - new.clamp_min(self.eps).log(),
+        # Every rank learns from the losses of the whole batch (all ranks' shards), so the logits stay equal.
+        prev = ranks_mean(self.prev_losses)
+        new = ranks_mean(new_losses.detach().float().to(self.prev_losses.device))
+        active = self._active(prev) & self._active(new)
+        delta = torch.where(active, prev.clamp_min(self.eps).log() - new.clamp_min(self.eps).log(),
                             torch.zeros_like(new))
         # A skipped task gets the weighted mean improvement of the others: its softmax gradient is then exactly 0
         # and the others move as in a softmax over them alone.
