@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from models.tensor_file import load_file, save_file
 
 from models.architectures import build_architecture
 from models.calibration import Calibration

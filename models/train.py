@@ -165,7 +165,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
         accelerator=accelerator, devices=tc.get("devices", 1), strategy=tc.get("strategy", "auto"), precision=precision,
         max_epochs=int(tc["max_epochs"]),
         limit_train_batches=tc.get("limit_train_batches") or None,  # None: the whole epoch
-        callbacks=callbacks, logger=[TensorBoardLogger(out / "logs", name="tb"), CSVLogger(out / "logs", name="csv")],
+        callbacks=callbacks, logger=_loggers(out / "logs"),
         gradient_clip_val=float(tc.get("grad_clip") or 0) if module.automatic_optimization else None,
         deterministic=bool(tc.get("deterministic", True)), num_sanity_val_steps=0,
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
@@ -217,6 +217,16 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
         state.update({f"members.{i}.{k}": v for k, v in snapshots[e].items()})
     save_artifact(out, state, meta)
     return meta
+
+
+def _loggers(where: Path) -> list:
+    """The CSV log always; TensorBoard's where its package is installed (not on a bare GPU machine)."""
+    from importlib.util import find_spec
+
+    loggers = [CSVLogger(where, name="csv")]
+    if find_spec("tensorboard") is not None or find_spec("tensorboardX") is not None:
+        loggers.insert(0, TensorBoardLogger(where, name="tb"))
+    return loggers
 
 
 def world_size(tc: dict, accelerator: str) -> int:
