@@ -45,22 +45,17 @@ def install() -> None:
     sys.meta_path[:] = [_PathFinder if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
     for blocked in [m for m in sys.modules if m.split(".")[0] in ABSENT]:
         del sys.modules[blocked]
-    original = importlib.metadata.distribution
+    for name in ("distribution", "version"):  # what libraries probe to decide whether a package is there
+        setattr(importlib.metadata, name, _hiding(getattr(importlib.metadata, name)))
 
-    def distribution(name):
+
+def _hiding(probe):
+    def probed(name):
         if _absent_distribution(name):
             raise importlib.metadata.PackageNotFoundError(name)
-        return original(name)
+        return probe(name)
 
-    importlib.metadata.distribution = distribution
-    original_version = importlib.metadata.version
-
-    def version(name):
-        if _absent_distribution(name):
-            raise importlib.metadata.PackageNotFoundError(name)
-        return original_version(name)
-
-    importlib.metadata.version = version
+    return probed
 
 
 if __name__ == "__main__":
