@@ -84,8 +84,15 @@ def instrument(t: Timers) -> None:
     t.wrap(MTLModule, "backward", "backward")
     t.wrap(torch.optim.AdamW, "step", "optimiser step")
     t.wrap(EMAWeightAveraging, "on_train_batch_end", "weight average")
+    try:
+        from models.averaging import WeightAverage
+    except ImportError:  # a checkout from before models/averaging.py
+        pass
+    else:
+        t.wrap(WeightAverage, "on_train_batch_end", "weight average")
     t.wrap(MTLModule, "log", "logging")
     t.wrap(MTLModule, "log_dict", "logging")
+    t.wrap(MTLModule, "on_train_epoch_end", "logging")  # where a checkout that keeps step rows logs them
     original_iter = data.IndexBatches.__iter__
 
     def batches(self):

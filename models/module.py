@@ -30,6 +30,10 @@ from models.task_stopping import gate, keep_active
 from models.tasks import TaskSet
 
 
+class NonFiniteLoss(RuntimeError):
+    """A NaN or infinite loss: the run fails rather than produce a model."""
+
+
 class MTLModule(L.LightningModule):
     def __init__(self, spec: dict, tasks: list[dict], architecture: str, arch_params: dict | None = None,
                  balancer: str = "fixed", balancer_params: dict | None = None, embedding_dim: int | str = 16,
@@ -51,7 +55,7 @@ class MTLModule(L.LightningModule):
         self.consistency = Consistency.from_config(consistency, self.tasks)
         # 1 while a task trains the model, 0 once task-wise early stopping (models/task_stopping.py) stopped it.
         self.register_buffer("task_active", torch.ones(len(self.tasks)), persistent=False)
-        self._epoch_losses: list[torch.Tensor] = []
+        self._epoch_rows: list[torch.Tensor] = []  # per step: total loss, task losses, task weights
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         self.last_metrics: dict[str, float] = {}
         self._step_rng: replay.RngState | None = None  # the generators before this step's forward pass
@@ -100,19 +104,14 @@ class MTLModule(L.LightningModule):
                 torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip)
             opt.step()
             loss = (self.balancer.weights() * losses).sum().detach() + extra.detach()
-        self._epoch_losses.append(losses.detach())
-        weights = self.balancer.weights()
         # A balancer may leave a non-finite task loss out of its sum (FAMO does), which would hide a diverged
-        # model from the non-finite check on train/loss: logged, any task's NaN or inf shows. No host sync.
-        logged = torch.where(torch.isfinite(losses).all(), loss.detach(), losses.detach().sum())
-        # Epoch means only: a step value reaches the loggers as a Python number (a device sync on a GPU every
-        # log_every_n_steps steps, more with prog_bar); every step's task weights are in task_weights.csv
-        # (models/weight_trace.py), copied once per epoch.
-        self.log("train/loss", logged, on_step=False, on_epoch=True)
-        self.log_dict({f"train/loss_{t.name}": losses[j].detach() for j, t in enumerate(self.tasks)},
-                      on_step=False, on_epoch=True)
-        self.log_dict({f"weight/{t.name}": weights[j] for j, t in enumerate(self.tasks)}, on_step=False,
-                      on_epoch=True)
+        # model from the non-finite check on train/loss: recorded, any task's NaN or inf shows. No host sync.
+        total = torch.where(torch.isfinite(losses).all(), loss.detach(), losses.detach().sum())
+        # One row per step, kept on the device and logged as epoch means in on_train_epoch_end: Lightning's own
+        # per-step logging costs more than a millisecond a step in Python, and a step value reaching the
+        # loggers is a host read. Every step's task weights are in task_weights.csv (models/weight_trace.py).
+        self._epoch_rows.append(torch.cat([total.reshape(1).float(), losses.detach().float(),
+                                           self.balancer.weights().float()]))
         return loss if self.automatic_optimization else None
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -128,15 +127,24 @@ class MTLModule(L.LightningModule):
             self.balancer.after_step(losses.detach())
 
     def on_train_epoch_end(self):
-        if self._epoch_losses:
-            self.balancer.on_epoch_end(torch.stack(self._epoch_losses).mean(0))
-            self._epoch_losses.clear()
+        if not self._epoch_rows:
+            return
+        means = torch.stack(self._epoch_rows).mean(0)
+        self._epoch_rows.clear()
+        n = len(self.tasks)
+        self.balancer.on_epoch_end(means[1:1 + n])
+        names = ["train/loss", *(f"train/loss_{t.name}" for t in self.tasks), *(f"weight/{t.name}" for t in self.tasks)]
+        self.log_dict(dict(zip(names, means)), on_step=False, on_epoch=True)
+        if not torch.isfinite(means[0]):  # one host read per epoch
+            raise NonFiniteLoss(f"training loss became {float(means[0])} in epoch {self.current_epoch}")
 
     def configure_optimizers(self):
         # Decay on weights only (models/decay.py): not on biases, normalisation, mixing units or the balancer's
         # task weights, which are not the model's.
         exempt = [*self.balancer.parameters(), *self.arch.mixing_parameters()]
-        return torch.optim.AdamW(decay_groups(self, self.hparams.weight_decay, exempt), lr=self.hparams.lr)
+        # Fused: one kernel over all parameters instead of a loop of per-tensor ops (CPU and CUDA both).
+        return torch.optim.AdamW(decay_groups(self, self.hparams.weight_decay, exempt), lr=self.hparams.lr,
+                                 fused=self.device.type in ("cpu", "cuda"))
 
     # ---- evaluation ----------------------------------------------------------------------
     def _collect(self, batch):

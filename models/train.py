@@ -28,7 +28,7 @@ from models.balancers import check_world_size
 from models.data import MTLDataModule
 from models.evaluation import mode
 from models.inputs import check_embedding_dims, resolve_features
-from models.module import MTLModule
+from models.module import MTLModule, NonFiniteLoss  # noqa: F401 - NonFiniteLoss: raised by training
 from models.monitor import resolve_monitor
 from models.stream import CHUNK_ROWS, EVAL_ROWS, StreamedDataModule, should_stream
 from models.table import load_training_table, table_columns, table_metadata, training_file
@@ -55,17 +55,6 @@ def _device_settings(cfg: dict) -> tuple[str, str, str]:
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if accelerator == "gpu" and resident in ("auto", True) \
         else "cpu"
     return accelerator, precision, device
-
-
-class NonFiniteLoss(RuntimeError):
-    """A NaN or infinite loss: the run fails rather than produce a model."""
-
-
-class _StopOnNonFinite(L.Callback):
-    def on_train_epoch_end(self, trainer, module):
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and not torch.isfinite(loss):
-            raise NonFiniteLoss(f"training loss became {float(loss)} in epoch {trainer.current_epoch}")
 
 
 class _NoAdverts(logging.Filter):
@@ -145,7 +134,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
                            filename="best", auto_insert_metric_name=False)
     # Every step's task weights; Lightning's weight/<task> logs (TensorBoard) are epoch means.
     callbacks = [ckpt, EarlyStopping(monitor=f"val/{monitor}", mode=direction, patience=int(tc["patience"])),
-                 WeightTrace(out / "logs" / WEIGHT_TRACE), _StopOnNonFinite(), EpochProgress(), *(callbacks or [])]
+                 WeightTrace(out / "logs" / WEIGHT_TRACE), EpochProgress(), *(callbacks or [])]
     task_stopping = TaskStopping(int(tc["task_patience"])) if tc.get("task_patience") not in (None, False, "off") \
         else None
     if task_stopping is not None and len(tasks) > 1:
