@@ -15,6 +15,7 @@ promoted, the gate's numbers, and where the report is.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,20 @@ def mtl_pipeline(
     data, report_dir, artifacts = (str(Path(p).resolve()) for p in (data, report_dir, artifacts))
     overrides = list(overrides or [])
 
-    validation = validate_flow(data)
-    features = features_flow(data, online)
-    training = train_flow(data, config, overrides, artifacts)
-    evaluation = evaluate_flow(training["artifact"], data)
-    decision = promote_flow(evaluation["tag"], data, k, margin, auc_tolerance, report_dir)
+    seconds: dict[str, float] = {}
+
+    def timed(stage: str, run, *args):
+        t0 = time.monotonic()
+        try:
+            return run(*args)
+        finally:
+            seconds[stage] = round(time.monotonic() - t0, 1)
+
+    validation = timed("validate", validate_flow, data)
+    features = timed("features", features_flow, data, online)
+    training = timed("train", train_flow, data, config, overrides, artifacts)
+    evaluation = timed("evaluate", evaluate_flow, training["artifact"], data)
+    decision = timed("promote", promote_flow, evaluation["tag"], data, k, margin, auc_tolerance, report_dir)
 
     gate = decision.get("config") or {}
     summary = {
@@ -72,7 +82,7 @@ def mtl_pipeline(
         "decision": {"k": gate.get("k", k), **{f: decision[f] for f in DECISION_FIELDS if f in decision}},
         "cached": [name for name, stage in (("validate", validation), ("features", features), ("train", training))
                    if stage["cached"]],
-        "data_docs": validation.get("docs_path"),
+        "data_docs": validation.get("docs_path"), "stage_seconds": seconds,
     }
     summary = publish_report(summary, report_dir)
     log.info("%s: %s; production is %s; report %s", summary["tag"],
