@@ -12,6 +12,7 @@ import logging
 import time
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 
 log = logging.getLogger("mtlrec.train")
 
@@ -30,6 +31,10 @@ class EpochProgress(L.Callback):
         total = trainer.max_epochs or done
         elapsed = time.monotonic() - self._start
         left = elapsed / done * max(total - done, 0)
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        remaining = timer.time_remaining("train") if timer is not None else None
+        if remaining is not None:  # train.max_time: the budget ends it sooner
+            left = min(left, max(remaining, 0.0))
         monitor = next((c.monitor for c in trainer.callbacks if getattr(c, "monitor", None)), None)
         value = trainer.callback_metrics.get(monitor) if monitor else None
         shown = f", {monitor} {float(value):.4f}" if value is not None else ""

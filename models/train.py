@@ -83,6 +83,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     check_world_size(config["balancer"]["name"], world)  # before any data is loaded; MTLModule.setup checks too
     check_precision(config["balancer"]["name"], precision)
     max_snapshots, min_gain = _task_checkpoint_settings(tc)
+    _max_time(tc.get("max_time"))  # a bad budget fails before any data is read
 
     dc = config["data"]
     model_cfg = config["model"]
@@ -152,7 +153,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
         callbacks.append(RichProgressBar())
     trainer = L.Trainer(
         accelerator=accelerator, devices=tc.get("devices", 1), strategy=tc.get("strategy", "auto"), precision=precision,
-        max_epochs=int(tc["max_epochs"]),
+        max_epochs=int(tc["max_epochs"]), max_time=_max_time(tc.get("max_time")),
         limit_train_batches=tc.get("limit_train_batches") or None,  # None: the whole epoch
         callbacks=callbacks, logger=_loggers(out / "logs"),
         gradient_clip_val=float(tc.get("grad_clip") or 0) if module.automatic_optimization else None,
@@ -192,7 +193,8 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
                  "rows": {"train": dm.train_rows, "valid": len(dm.valid_split), "test": len(dm.test_split)},
                  "time_ranges": dm.time_ranges},
         "training": {"epochs": trainer.current_epoch, "best_checkpoint_score": _f(ckpt.best_model_score),
-                     "recipe": {k: tc[k] for k in ("batch_size", "max_epochs", "lr", "patience", "ema")},
+                     "recipe": {**{k: tc[k] for k in ("batch_size", "max_epochs", "lr", "patience", "ema")},
+                                "max_time": tc.get("max_time")},
                      "monitor": monitor, "streamed": streamed,
                      "stopped_tasks": dict(task_stopping.stopped) if task_stopping is not None else {},
                      "checkpoint_epoch": base_epoch,
@@ -206,6 +208,16 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
         state.update({f"members.{i}.{k}": v for k, v in snapshots[e].items()})
     save_artifact(out, state, meta)
     return meta
+
+
+def _max_time(seconds):
+    if seconds in (None, False):
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"train.max_time must be a number of seconds > 0 or null, not {seconds!r}")
+    import datetime
+
+    return datetime.timedelta(seconds=float(seconds))
 
 
 def _loggers(where: Path) -> list:

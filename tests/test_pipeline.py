@@ -111,6 +111,15 @@ class Orchestrator:
             flows = {c.read_flow(r.flow_id).name for r in runs}  # the parent's stand-in task runs for subflows
         return {t.name.rsplit("-", 1)[0]: t for t in tasks if t.name.rsplit("-", 1)[0] not in flows}
 
+    def log_lines(self, run_id: str) -> list[str]:
+        """Every log line of the run and its stage subflows."""
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        ids = [r.id for r in self.runs_of(run_id)]
+        with self.client() as c:
+            return [entry.message for entry in c.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=ids)))]
+
     def task_states(self, run_id: str) -> dict[str, str]:
         return {name: t.state.name for name, t in self.task_runs(run_id).items()}
 
@@ -239,6 +248,10 @@ class TestOnSQLite:
         assert Path(summary["files"]["gate plot"]).read_bytes()[:4] == b"\x89PNG"
         assert list(d["differences"]) == ["popularity"] and d["differences"]["popularity"]["delta"] == d["delta"]
         assert Path(summary["data_docs"]).is_file()
+        assert set(summary["stage_seconds"]) == {"validate", "features", "train", "evaluate", "promote"}
+        # Training's own progress is in the run's log, where the UI and make run show it.
+        lines = local.log_lines(first["id"])
+        assert any(line.startswith("epoch 1/1:") and "s left" in line for line in lines), lines[-20:]
         assert [e["event"] for e in registry.audit_events()].count("promote") == 1
 
     def test_rerun_comes_from_the_cache(self, local, first, dataset, bento):

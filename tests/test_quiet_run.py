@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from models.config import load_config
@@ -38,3 +39,23 @@ def test_training_says_each_epoch_and_the_time_left(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert [ln.split(":")[0] for ln in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], lines
     assert "s left" in lines[0] and "mean_auc" in lines[0] and "0 s left" in lines[-1]
+
+
+def test_a_time_budget_stops_training_and_keeps_the_best_checkpoint(tmp_path, caplog):
+    """train.max_time: training ends once the budget is spent, whatever the epochs, and the artifact is the
+    best checkpoint so far; the epoch lines count the time left against the budget."""
+    import time
+
+    caplog.set_level(logging.INFO, logger="mtlrec.train")
+    t0 = time.monotonic()
+    meta = train(load_config("shared_bottom", ["train.max_epochs=500", "train.batch_size=32", "train.ema=false",
+                                               "train.patience=500", "train.max_time=4"]),
+                 "<table>", tmp_path / "m", progress=False, table=_table())
+    assert time.monotonic() - t0 < 60
+    assert 1 <= meta["training"]["epochs"] < 500 and meta["training"]["recipe"]["max_time"] == 4
+    assert (tmp_path / "m" / "model.json").is_file()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert lines and all(float(ln.split("at most about ")[1].split(" s")[0]) <= 4 for ln in lines)
+    with pytest.raises(ValueError, match="train.max_time"):
+        train(load_config("shared_bottom", ["train.max_time=-1"]), "<table>", tmp_path / "bad", progress=False,
+              table=_table())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 from datetime import datetime, timezone
 
 import pytest
@@ -127,3 +128,13 @@ def test_make_runs_sample_request_asks_as_of_the_end_of_the_log(tmp_path):
     body = sample_request(tmp_path)
     assert pd.Timestamp(body["context"]["timestamp"]) == pd.Timestamp(manifest.end)
     assert len(body["candidates"]) == 20 and body["user_id"].startswith("u")
+
+
+def test_the_first_run_on_the_embedded_data_has_a_training_budget_and_your_own_data_has_none(tmp_path):
+    from flows.dev.local_run import FIRST_RUN_TRAIN_S, budgeted
+
+    overrides, said = budgeted(Path("data/synth"), [], None)
+    assert overrides == [f"train.max_time={FIRST_RUN_TRAIN_S:g}"] and "embedded dataset" in said
+    assert budgeted(tmp_path / "mine", ["train.lr=0.01"], None) == (["train.lr=0.01"], "")
+    assert budgeted(tmp_path / "mine", [], 30)[0] == ["train.max_time=30"]
+    assert budgeted(Path("data/synth"), ["train.max_time=500"], None)[0] == ["train.max_time=500"]

@@ -77,6 +77,9 @@ def settings_command(
         typer.echo(f"{name}: not a setting, ignored (a typo?)")
 
 
+from flows.dev.local_run import FIRST_RUN_TRAIN_S  # noqa: E402 - light: the stages load when a command runs
+
+
 @app.command("up")
 def up(
     data: Path = typer.Option(Path("data/synth"), help="dataset directory; the embedded one is generated if missing"),
@@ -85,12 +88,14 @@ def up(
     overrides: list[str] = typer.Option([], "--set", help="config override, e.g. train.max_epochs=1"),
     stall_minutes: float = typer.Option(60.0, help="give up on the pipeline run only after this long without any "
                                         "progress (no new log line, task or state change); a slow run is waited for"),
+    train_budget: float = typer.Option(None, help="seconds of training at most (train.max_time); default: "
+                                       f"{FIRST_RUN_TRAIN_S:.0f} on the embedded dataset, none on your own data"),
 ) -> None:
     """What `make run` does: Prefect server, deployments, worker, one pipeline run, the service, one request."""
     from flows.dev.local_run import up as run_up
 
     raise typer.Exit(run_up(data=data, port=port, config=config, overrides=overrides,
-                            stall_after=stall_minutes * 60))
+                            stall_after=stall_minutes * 60, train_budget=train_budget))
 
 
 @app.command("down")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 from flows.caching import code_digest, digest, file_digest
 from flows.stages.common import HOUR, value
@@ -21,6 +23,29 @@ def artifact_exists(out: Path | str) -> bool:
     return all((Path(out) / f).is_file() for f in (WEIGHTS, META))
 
 
+@contextlib.contextmanager
+def training_lines_in_the_run_log():
+    """Training's own lines (``mtlrec.train``: the recipe, each epoch with the time left) into this task run's
+    Prefect log, so the UI and ``make run``, which prints the run's log as it comes, show where training
+    is. Only for the task's duration; training's lines elsewhere go where they went."""
+    run_log = get_run_logger()
+
+    class ToRunLog(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            run_log.log(record.levelno, record.getMessage())
+
+    source = logging.getLogger("mtlrec.train")
+    handler, level = ToRunLog(logging.INFO), source.level
+    source.addHandler(handler)
+    if source.getEffectiveLevel() > logging.INFO:
+        source.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        source.removeHandler(handler)
+        source.setLevel(level)
+
+
 def train_cache_key(context, parameters: dict) -> str:
     """The flow computed the training key already (it names the artifact directory); the output path joins it."""
     return "mtlrec-train-" + digest(parameters["key"], str(Path(parameters["out"]).resolve()))
@@ -32,7 +57,8 @@ def train_task(config: dict, training_file: str, out: str, key: str) -> dict:
     """``key`` is unused here: it is what the cache is keyed on (and what names ``out``)."""
     from models.train import train
 
-    meta = train(config, training_file, out, progress=False)
+    with training_lines_in_the_run_log():
+        meta = train(config, training_file, out, progress=False)
     split = "test" if meta["metrics"]["test"] else "valid"
     return {"artifact": out, "epochs": meta["training"]["epochs"], "seconds": round(meta["training"]["seconds"], 1),
             "metrics": {k: v for k, v in meta["metrics"][split].items()
