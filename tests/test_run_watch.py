@@ -11,7 +11,7 @@ from pathlib import Path
 from datetime import datetime, timezone
 
 import pytest
-from prefect import flow
+from prefect import flow, task
 
 from flows.dev import prefect_server
 from flows.dev.run_watch import watch
@@ -138,3 +138,34 @@ def test_the_first_run_on_the_embedded_data_has_a_training_budget_and_your_own_d
     assert budgeted(tmp_path / "mine", ["train.lr=0.01"], None) == (["train.lr=0.01"], "")
     assert budgeted(tmp_path / "mine", [], 30)[0] == ["train.max_time=30"]
     assert budgeted(Path("data/synth"), ["train.max_time=500"], None)[0] == ["train.max_time=500"]
+
+
+def test_the_stages_lines_are_shown_with_the_stage_they_came_from(server):
+    """The pipeline's stages are subflow runs: their log lines (training's epochs) are printed too."""
+    from prefect.client.schemas.actions import LogCreate
+    from prefect.states import Completed, Running
+
+    @flow(name="train")
+    def _stage():
+        return None
+
+    @task(name="train")
+    def _stand_in():  # the parent's task run that stands for a subflow
+        return None
+
+    run_id = _new_run(server.url)
+
+    async def child():
+        async with _client(server.url) as c:
+            stand_in = await c.create_task_run(_stand_in, flow_run_id=run_id, dynamic_key="0")
+            sub = await c.create_flow_run(_stage, parent_task_run_id=stand_in.id)
+            await c.create_logs([LogCreate(name="mtlrec", level=20, message="epoch 1/1: 9 steps", flow_run_id=sub.id,
+                                           timestamp=datetime.now(timezone.utc))])
+
+    asyncio.run(child())
+    driver = _drive(server.url, run_id, [("state", Running()), ("sleep", 0.5), ("state", Completed())])
+    said: list[str] = []
+    outcome = watch(server.url, run_id, stall_after=5.0, poll=0.2, say=said.append)
+    driver.join(5)
+    assert outcome.ok, outcome
+    assert "  [train] epoch 1/1: 9 steps" in said, said

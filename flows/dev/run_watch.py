@@ -4,8 +4,8 @@
 run that was still training was reported as failed. Here a run is waited for however long it takes; it
 fails only when it ends in a failed, crashed or cancelled state, or when nothing about it has changed (no
 state change, no task-run change, no new log line) for ``stall_after`` seconds. While waiting, each new
-log line of the run is printed with the stage (task run) it came from, so the user sees the stage and, in
-training, each epoch.
+log line of the run and of its stages (subflow runs) is printed with the task run or stage it came from,
+so the user sees the stage and, in training, each epoch.
 """
 
 from __future__ import annotations
@@ -28,26 +28,51 @@ class Outcome:
     message: str
 
 
+async def _runs(client, root: UUID) -> dict[UUID, str]:
+    """The run and every subflow run under it (the pipeline's stages are subflows), each with its flow's name."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    runs: dict[UUID, str] = {root: "flow"}
+    frontier = [root]
+    while frontier:
+        children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+        frontier = [c.id for c in children if c.id not in runs]
+        for c in children:
+            if c.id not in runs:
+                runs[c.id] = (await client.read_flow(c.flow_id)).name
+    return runs
+
+
 async def _watch(api_url: str, flow_run_id: UUID, stall_after: float, poll: float, say: Callable[[str], None]):
     from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
 
-    seen_logs = 0
+    seen: set = set()
     last_marker = None
     last_progress = time.monotonic()
     async with PrefectClient(api=api_url) as client:
         while True:
             run = await client.read_flow_run(flow_run_id)
-            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            runs = await _runs(client, flow_run_id)
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(runs))))
             names = {t.id: t.name for t in tasks}
-            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                          offset=seen_logs, sort=LogSort.TIMESTAMP_ASC)
-            for entry in logs:
-                stage = names.get(entry.task_run_id, "flow") if entry.task_run_id else "flow"
-                say(f"  [{stage}] {entry.message.splitlines()[0] if entry.message else ''}")
-            seen_logs += len(logs)
-            marker = (run.state_name, tuple(sorted((str(t.id), t.state_name) for t in tasks)), seen_logs)
+            # Every page of the run's and its stages' logs: a stage's lines can reach the server after a later
+            # line of another stage, so lines are told apart by id, not by a running offset.
+            new, offset = [], 0
+            while True:
+                page = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(runs))),
+                                              offset=offset, sort=LogSort.TIMESTAMP_ASC)
+                new += [e for e in page if e.id not in seen]
+                offset += len(page)
+                if len(page) < 200:  # the server's page size (PREFECT_API_DEFAULT_LIMIT)
+                    break
+            for entry in new:
+                seen.add(entry.id)
+                stage = names.get(entry.task_run_id) if entry.task_run_id else runs.get(entry.flow_run_id, "flow")
+                say(f"  [{stage or 'flow'}] {entry.message.splitlines()[0] if entry.message else ''}")
+            marker = (run.state_name, tuple(sorted((str(t.id), t.state_name) for t in tasks)), len(seen))
             if marker != last_marker:
                 last_marker, last_progress = marker, time.monotonic()
             state = run.state
@@ -56,7 +81,7 @@ async def _watch(api_url: str, flow_run_id: UUID, stall_after: float, poll: floa
                 return Outcome(state.name, ok, "" if ok else (state.message or f"the run ended {state.name}"))
             if time.monotonic() - last_progress > stall_after:
                 return Outcome("Stalled", False, f"no progress for {stall_after:.0f} s (state {run.state_name}, "
-                                                 f"{seen_logs} log lines): the worker may have died")
+                                                 f"{len(seen)} log lines): the worker may have died")
             await asyncio.sleep(poll)
 
 
