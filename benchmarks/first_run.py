@@ -79,15 +79,24 @@ def main() -> None:
     try:
         for i in range(args.repeats):
             subprocess.run(["make", "clean"], cwd=clone, env=env, capture_output=True)
-            lines = timed_lines(["make", "run"], clone, env, args.work / f"run-{i}.log")
+            # A new user's model store is empty: each run its own, so the gate judges against popularity.
+            store = args.work / f"bentoml-{i}"
+            subprocess.run(["rm", "-rf", str(store)], check=True)
+            lines = timed_lines(["make", "run"], clone, {**env, "BENTOML_HOME": str(store)},
+                                args.work / f"run-{i}.log")
             pipeline = when(lines, "==> ranking service")
             answered = when(lines, "==> done in")
             summaries = sorted((clone / "reports").glob("run-*.json"), key=lambda p: p.stat().st_mtime)
             stages = json.loads(summaries[-1].read_text()).get("stage_seconds") if summaries else None
+            summary = json.loads(summaries[-1].read_text()) if summaries else {}
+            gate = summary.get("decision") or {}
             runs.append({"pipeline_s": round(pipeline, 1), "first_answer_s": round(answered - pipeline, 1),
-                         "after_install_s": round(answered, 1), "stages_s": stages})
+                         "after_install_s": round(answered, 1), "stages_s": stages,
+                         "promoted": summary.get("promoted"), "gain_over_popularity": gate.get("delta"),
+                         "interval": gate.get("ci")})
             print(f"run {i + 1}: pipeline {pipeline:.0f} s, first answer {answered - pipeline:.0f} s more, "
-                  f"{answered:.0f} s after the install" + (f"; stages {stages}" if stages else ""), flush=True)
+                  f"{answered:.0f} s after the install" + (f"; stages {stages}" if stages else "")
+                  + f"; promoted {runs[-1]['promoted']}, NDCG gain {gate.get('delta')} {gate.get('ci')}", flush=True)
     finally:
         subprocess.run(["make", "stop"], cwd=clone, env=env, capture_output=True)
     median = {k: statistics.median(r[k] for r in runs) for k in ("pipeline_s", "first_answer_s", "after_install_s")}
