@@ -142,9 +142,12 @@ class MTLModule(L.LightningModule):
         # Decay on weights only (models/decay.py): not on biases, normalisation, mixing units or the balancer's
         # task weights, which are not the model's.
         exempt = [*self.balancer.parameters(), *self.arch.mixing_parameters()]
-        # Fused: one kernel over all parameters instead of a loop of per-tensor ops (CPU and CUDA both).
+        # Fused (one kernel over all parameters instead of a loop of per-tensor ops) in full precision only:
+        # under mixed precision Lightning refuses to clip the gradients of an optimiser that unscales them itself.
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        fused = self.device.type in ("cpu", "cuda") and precision in ("32-true", "32", "64-true", "64")
         return torch.optim.AdamW(decay_groups(self, self.hparams.weight_decay, exempt), lr=self.hparams.lr,
-                                 fused=self.device.type in ("cpu", "cuda"))
+                                 fused=fused)
 
     # ---- evaluation ----------------------------------------------------------------------
     def _collect(self, batch):

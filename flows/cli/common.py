@@ -44,12 +44,23 @@ def training_table(data: Path):
 
 def show_training_progress() -> None:
     """Training's own lines (``mtlrec.train``: each epoch, each baseline) on stderr, for commands that train
-    without the training command's logging set up."""
+    without the training command's logging set up. The stream is looked up at each line, so a command run
+    inside another program (a test's runner replaces stderr and closes it after) leaves nothing stale."""
     import logging
+    import sys
+
+    class CurrentStderr(logging.StreamHandler):
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, _):
+            pass
 
     log = logging.getLogger("mtlrec.train")
-    if not any(getattr(h, "_mtlrec", False) for h in log.handlers):
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, logging.StreamHandler) and getattr(h, "_mtlrec", False) for h in log.handlers):
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._mtlrec = True
         log.addHandler(handler)
