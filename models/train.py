@@ -24,7 +24,7 @@ from models.artifact import code_version, fingerprint, save_artifact
 from models.averaging import WeightAverage
 from models.config import load_config
 from models import calibration, recipe
-from models.balancers import check_world_size
+from models.balancers import check_precision, check_world_size
 from models.data import MTLDataModule
 from models.evaluation import mode
 from models.inputs import check_embedding_dims, resolve_features
@@ -198,7 +198,6 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
                      "monitor": monitor, "streamed": streamed,
                      "stopped_tasks": dict(task_stopping.stopped) if task_stopping is not None else {},
                      "checkpoint_epoch": base_epoch,
-                     "task_checkpoints": {str(e): t for e, t in members.items()},
                      "seconds": time.perf_counter() - t0, "accelerator": accelerator, "precision": precision,
                      "torch": torch.__version__, "lightning": L.__version__},
         "code_version": code_version(),
@@ -211,7 +210,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
 
 
 def _max_time(seconds):
-    if seconds in (None, False):
+    if seconds is None or seconds is False:
         return None
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
         raise ValueError(f"train.max_time must be a number of seconds > 0 or null, not {seconds!r}")
@@ -243,18 +242,6 @@ def world_size(tc: dict, accelerator: str) -> int:
     if str(tc.get("strategy", "auto")) in ("single_device", "dp"):
         return 1
     return max(n, 1) * int(tc.get("num_nodes", 1) or 1)
-
-
-def check_precision(balancer: str, precision: str) -> None:
-    """Refuse fp16 with a gradient-surgery balancer: they take their per-task gradients with
-    ``torch.autograd.grad`` outside Lightning's grad scaler, which would then unscale gradients it never
-    scaled. bf16 needs no scaler and is fine."""
-    from models.balancers import BALANCERS
-
-    cls = BALANCERS.get(balancer)
-    if cls is not None and cls.manual and str(precision).startswith("16"):
-        raise ValueError(f"balancer {balancer!r} takes per-task gradients outside the fp16 grad scaler: train it "
-                         f"with train.precision=bf16-mixed or 32-true, not {precision!r}")
 
 
 def compile_options(setting) -> dict:

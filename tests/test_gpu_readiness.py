@@ -14,7 +14,8 @@ from models.artifact import Scorer, read_meta
 from models.balancers import build_balancer
 from models.config import load_config
 from models.data import time_split
-from models.train import check_precision, world_size, train
+from models.balancers import check_precision
+from models.train import train, world_size
 from tests.test_calibration import _table
 
 SMALL = ["train.max_epochs=1", "train.batch_size=256", "model.embedding_dim=4",

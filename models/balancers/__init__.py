@@ -53,4 +53,14 @@ def check_world_size(name: str, world_size: int) -> None:
             f"(train.devices=1).")
 
 
-__all__ = ["BALANCERS", "Balancer", "build_balancer", "check_world_size"]
+def check_precision(balancer: str, precision: str) -> None:
+    """Refuse fp16 with a gradient-surgery balancer: they take their per-task gradients with
+    ``torch.autograd.grad`` outside Lightning's grad scaler, which would then unscale gradients it never
+    scaled. bf16 needs no scaler and is fine."""
+    cls = BALANCERS.get(balancer)
+    if cls is not None and cls.manual and str(precision).startswith("16"):
+        raise ValueError(f"balancer {balancer!r} takes per-task gradients outside the fp16 grad scaler: train it "
+                         f"with train.precision=bf16-mixed or 32-true, not {precision!r}")
+
+
+__all__ = ["BALANCERS", "Balancer", "build_balancer", "check_precision", "check_world_size"]
