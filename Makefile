@@ -36,6 +36,8 @@ test: lint
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/vulture
 
 # services/requirements.txt, what the bento installs: services/requirements.in at the pins of constraints.txt.
 bento-requirements: $(STAMP)

@@ -27,8 +27,8 @@ ON = "model.consistency={weight: 0.1, implies: auto, groups: auto}"
 
 def run(data: Path, config: str, overrides: list[str], seed: int, work: Path) -> dict:
     from models.config import load_config
-    from models.table import load_training_table
-    from models.train import train
+    from models.data.training_table import load_training_table
+    from models.training.train import train
 
     table = load_training_table(data)
     t0 = time.perf_counter()

@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def run_one(data: Path, config: str, overrides: list[str], seed: int, work: Path) -> dict:
     from flows.cli.common import ensure_training_set as _ensure_training_set
     from flows.evaluation_inputs import holdout_inputs
-    from models.artifact import read_meta
-    from models.baselines import single_task_models
+    from models.scoring.artifact import read_meta
+    from models.evaluation.baselines import single_task_models
     from models.config import load_config
-    from models.holdout import evaluate
-    from models.table import load_training_table
-    from models.train import train
+    from models.evaluation.holdout import evaluate
+    from models.data.training_table import load_training_table
+    from models.training.train import train
 
     _ensure_training_set(data)
     table = load_training_table(data)
@@ -69,8 +69,8 @@ def _oracle_rankings(model: Path, table, data: Path) -> dict[str, float]:
     import numpy as np
 
     from flows.evaluation_inputs import generator_oracle
-    from models.artifact import read_meta
-    from models.holdout import Holdout, expected_relevance
+    from models.scoring.artifact import read_meta
+    from models.evaluation.holdout import Holdout, expected_relevance
 
     oracle = generator_oracle(data)
     if oracle is None:
@@ -86,7 +86,7 @@ def _against_best_single(model: Path, table, singles: dict[str, Path], result: d
     """The model against the best single-task ranker, paired per user as the gate pairs a candidate with
     production: the mean NDCG@10 difference and its 95% bootstrap interval. One seed's gap of a few
     thousandths can be noise; the interval says whether it is."""
-    from models.gate import GateConfig, decide
+    from models.decisions.gate import GateConfig, decide
 
     ndcg = {t: result["rankers"][f"single-task {t}"]["ndcg@10"] for t in singles}
     best = max(ndcg, key=ndcg.get)

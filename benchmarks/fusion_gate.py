@@ -44,8 +44,8 @@ def rewarded_world(data: Path, world: str, seed: int) -> Path:
     """A synthetic log whose declaration gives its tasks the world's rewards, with its feature store built."""
     from feature_repo.store import build_all
     from flows.data.synth import SynthConfig, generate
-    from models import contract
-    from models.declaration import Declaration
+    from models.contract import tables as contract
+    from models.contract.declaration import Declaration
 
     spec = WORLDS[world]
     generate(data, SynthConfig(**spec["synth"], seed=seed))
@@ -85,11 +85,11 @@ def tune_as_a_user(artifact: Path, data: Path, search_seed: int) -> dict:
 def oracle_reward(artifact: Path, data: Path, rewards: dict[str, float], weightings: dict[str, dict]) -> dict:
     """Expected reward@10 of each weighting on the model's test split, by the generator's probabilities."""
     from flows.data.synth import oracle
-    from models import metrics
-    from models.artifact import Scorer
-    from models.data import time_split
+    from models.metrics import functional as metrics
+    from models.scoring.artifact import Scorer
+    from models.data.resident import time_split
     from models.fusion import fuse
-    from models.table import load_training_table
+    from models.data.training_table import load_training_table
 
     scorer, table = Scorer.load(artifact), load_training_table(data)
     split = scorer.meta["config"]["data"]["split"]
@@ -103,7 +103,7 @@ def oracle_reward(artifact: Path, data: Path, rewards: dict[str, float], weighti
 
 def run_one(world: str, seed: int, search_seed: int, train_seed: int | None, work: Path) -> dict:
     from models.config import load_config
-    from models.train import train
+    from models.training.train import train
 
     os.environ["BENTOML_HOME"] = str(work / "bentoml")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")

@@ -97,7 +97,7 @@ def native_training_set(out: str, memory_limit: str | None = None) -> dict:
     from feature_repo.compute_sql import connect
     from feature_repo.compute_sql import memory_limit as default_memory_limit
     from feature_repo.store import StoreSettings, open_store
-    from models import contract
+    from models.contract import tables as contract
 
     s = StoreSettings.for_dataset(out)
     store = open_store(s)

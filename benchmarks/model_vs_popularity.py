@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.config import load_config
-from models.data import time_split
-from models.metrics import ranking_metrics
-from models.table import load_training_table
-from models.train import train
+from models.data.resident import time_split
+from models.metrics.functional import ranking_metrics
+from models.data.training_table import load_training_table
+from models.training.train import train
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 For each seed: the short-video scenario with its rare behaviours (``short-video-rare``: click, long view,
 like, follow, comment, share, profile visit, and watch time), its Feast training set, the default model
 (``--config``, default ``mmoe``, plus any ``--set``) and one single-task model per binary task with the
-same config (``models.baselines.single_task_models``). Per task, on the test split of the time-ordered
+same config (``models.evaluation.baselines.single_task_models``). Per task, on the test split of the time-ordered
 table: the positive rate, AUC and log-loss of both models, the log-loss of always predicting the rate,
 the epoch at which the multi-task model's validation AUC for that task peaked against the epoch the
 checkpoint kept, and the task's mean weight under the balancer (``task_weights.csv``): whether a rare
@@ -58,7 +58,7 @@ def per_epoch_auc(artifact: Path, tasks: list[str]) -> dict[str, list[float]]:
 
 
 def mean_weights(artifact: Path, tasks: list[str]) -> dict[str, float]:
-    from models.weight_trace import FILENAME
+    from models.training.weight_trace import FILENAME
 
     path = artifact / "logs" / FILENAME
     if not path.exists():
@@ -74,11 +74,11 @@ def base_logloss(rate: float) -> float:
 
 
 def run_one(seed: int, args, work: Path) -> dict:
-    from models.artifact import read_meta
-    from models.baselines import single_task_models
+    from models.scoring.artifact import read_meta
+    from models.evaluation.baselines import single_task_models
     from models.config import load_config
-    from models.table import load_training_table
-    from models.train import train
+    from models.data.training_table import load_training_table
+    from models.training.train import train
 
     data = dataset(work, seed, args.users, args.items, args.interactions, args.days)
     table = load_training_table(data)
@@ -118,8 +118,8 @@ def run_one(seed: int, args, work: Path) -> dict:
 
 def _kept_epoch(artifact: Path) -> int | None:
     """The epoch whose checkpoint the artifact holds: the best by the run's own monitor."""
-    from models.artifact import read_meta
-    from models.evaluation import mode
+    from models.scoring.artifact import read_meta
+    from models.metrics.multitask import mode
 
     files = sorted((artifact / "logs" / "csv").glob("version_*/metrics.csv"))
     if not files:

@@ -14,7 +14,7 @@ process it started (Spark's JVM and Python workers), sampled every 0.2 s:
 - ``epoch``: one training epoch of the default MMoE on that training set
   (the default recipe's batch size; validation and test scoring included),
   from the table in memory (``resident``) and streamed from its row groups
-  (``streamed``, ``models/stream.py``), as ``--epoch`` says.
+  (``streamed``, ``models/data/streamed.py``), as ``--epoch`` says.
 
 ``online`` and ``training set`` run once per offline engine (``--engines``:
 ``duckdb``, the default, and ``spark`` on ``MTLREC_SPARK_MASTER``, local[2]
@@ -97,9 +97,9 @@ def _training_set(out: str, engine: str, apply_first: bool) -> dict:
 
 def _epoch(out: str, how: str, batches: int | None) -> dict:
     """One epoch, or its first ``batches`` batches (validation and test scoring still run): rows trained on."""
-    from models.artifact import read_meta
+    from models.scoring.artifact import read_meta
     from models.config import load_config
-    from models.train import train
+    from models.training.train import train
 
     model = Path(out) / "_model"
     stream = {"resident": "false", "streamed": "true"}[how]
@@ -157,7 +157,7 @@ def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], wor
             record("training set", engine,
                    in_child(_training_set, out, engine, not online, imports=["feature_repo.store"]), n)
     for how in epochs if "epoch" in stages else ():
-        r = in_child(_epoch, out, how, epoch_batches, imports=["models.train"])
+        r = in_child(_epoch, out, how, epoch_batches, imports=["models.training.train"])
         record("epoch", how, r, r["rows"])
     if not keep:
         shutil.rmtree(out, ignore_errors=True)

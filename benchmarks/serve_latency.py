@@ -46,7 +46,7 @@ def quick_world(base: Path) -> Path:
     from flows.data.synth import SynthConfig, generate
     from feature_repo.store import build_all
     from models.config import load_config
-    from models.train import train
+    from models.training.train import train
 
     data, art = base / "data", base / "artifact"
     os.environ["BENTOML_HOME"] = str(base / "bentoml")

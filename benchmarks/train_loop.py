@@ -1,6 +1,6 @@
 """Where a training step's time goes: the default recipe on the embedded data, split by part.
 
-Trains the default model (``--config``, default ``mmoe`` with FAMO) through ``models.train.train`` on a
+Trains the default model (``--config``, default ``mmoe`` with FAMO) through ``models.training.train.train`` on a
 dataset's Feast training set (``data/synth`` by default, built if missing) for ``--epochs`` epochs, with
 timers around each part of the loop: fetching the batch (data movement), the training forward pass and
 loss, the backward pass, the optimiser step, the balancer's extra work after the step (FAMO's
@@ -61,13 +61,23 @@ class Timers:
         setattr(owner, name, timed)
 
 
+def code_module(name: str, flat: str):
+    """A module of the checkout under test: by its room, or by its flat name in a checkout from before the rooms."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        return importlib.import_module(flat)
+
+
 def instrument(t: Timers) -> None:
     """Timers around the loop's parts (names an older checkout lacks are skipped)."""
     import torch
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
-    import models.data as data
-    from models.module import MTLModule
+    data = code_module("models.data.resident", "models.data")
+    MTLModule = code_module("models.training.lightning_module", "models.module").MTLModule
 
     state = {"after_step": False}
     t.wrap(MTLModule, "_losses", lambda: "balancer (FAMO re-measure)" if state["after_step"] else "forward + loss")
@@ -85,8 +95,8 @@ def instrument(t: Timers) -> None:
     t.wrap(torch.optim.AdamW, "step", "optimiser step")
     t.wrap(EMAWeightAveraging, "on_train_batch_end", "weight average")
     try:
-        from models.averaging import WeightAverage
-    except ImportError:  # a checkout from before models/averaging.py
+        WeightAverage = code_module("models.training.averaging", "models.averaging").WeightAverage
+    except ImportError:  # a checkout without its own weight average
         pass
     else:
         t.wrap(WeightAverage, "on_train_batch_end", "weight average")
@@ -133,8 +143,9 @@ def main() -> None:
     import torch
 
     from models.config import load_config
-    from models.table import load_training_table
-    from models.train import train
+
+    load_training_table = code_module("models.data.training_table", "models.table").load_training_table
+    train = code_module("models.training.train", "models.train").train
 
     timers = Timers()
     instrument(timers)

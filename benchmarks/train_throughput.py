@@ -1,4 +1,4 @@
-"""Training throughput of MMoE through the project's own path (``models.train.train``), as the GPU needs it.
+"""Training throughput of MMoE through the project's own path (``models.training.train.train``), as the GPU needs it.
 
 The model is the reference shape: 8 experts of MLP 256-128, embedding dim 16, 20 categorical and 60
 numeric features, tasks click and purchase (ESMM-style). Rows are synthetic with planted logistic
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import peak_rss_mb
 from models.config import load_config
-from models.train import train
+from models.training.train import train
 
 N_CAT, N_NUM = 20, 60
 TASKS = "tasks=[{name: click, type: binary}, {name: purchase, type: binary, sample_space: click}]"

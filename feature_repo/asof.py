@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from feature_repo.schema import FEATURE_SERVICE
-from models import contract
+from models.contract import tables as contract
 
 RANGE_ROWS = 10_000_000  # impressions joined per query: bounds the output sort's memory and spill
 ROW = "__mtlrec_row"  # the impression's place in the sorted log, so the output keeps Feast's order exactly

@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 
 from feature_repo.schema import (TOP_CATEGORY, WINDOWS, count_column, derive, impressions_column,
                                  rate_column)
-from models import contract
-from models.contract import coerce_timestamps
-from models.declaration import Declaration
+from models.contract import tables as contract
+from models.contract.tables import coerce_timestamps
+from models.contract.declaration import Declaration
 from models.settings import get_settings
 
 DAY = pd.Timedelta(days=1)
@@ -194,7 +194,7 @@ def choose_engine(engine: str | None, offline: str | None, dense: Callable[[], i
         return engine
     if (offline or settings.offline_engine) == "spark":
         return "spark"
-    from models import machine
+    from models.data import memory as machine
 
     return "numpy" if dense() <= machine.MEMORY_SHARE * machine.memory_bytes() else "duckdb"
 

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feature_repo.compute_sql import SPARK, timestamped_batch, activity_query, category_names, category_names_query
-from models import contract
-from models.declaration import Declaration
+from models.contract import tables as contract
+from models.contract.declaration import Declaration
 
 
 def session(workspace: Path, settings=None):

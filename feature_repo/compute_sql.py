@@ -24,8 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from feature_repo.schema import TOP_CATEGORY, TOP_WINDOW, WINDOWS, count_column, impressions_column, rate_column
-from models import contract
-from models.declaration import Declaration
+from models.contract import tables as contract
+from models.contract.declaration import Declaration
 
 US_PER_DAY = 86_400_000_000
 
@@ -43,7 +43,7 @@ def memory_limit() -> str:
     spills to disk instead.
     """
     from models.settings import get_settings
-    from models import machine
+    from models.data import memory as machine
 
     return get_settings().duckdb_memory_limit or f"{max(int(MEMORY_SHARE * machine.memory_bytes()) >> 20, MIN_MIB)}MiB"
 

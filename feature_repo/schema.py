@@ -31,7 +31,7 @@ from typing import Any
 
 import pandas as pd
 
-from models.declaration import Declaration
+from models.contract.declaration import Declaration
 
 WINDOWS = (1, 7, 30)  # days
 SCHEMA_FILE = "schema.json"

@@ -10,6 +10,8 @@ code changes.
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import os
 import re
@@ -23,7 +25,7 @@ import pandas as pd
 import yaml
 
 from feature_repo.schema import FEATURE_SERVICE, JOIN_KEY, FeatureSchema
-from models import contract
+from models.contract import tables as contract
 from models.settings import get_settings
 
 WORKSPACE = "_features"
@@ -56,6 +58,8 @@ class StoreSettings:
         online = (online or env.online_store).lower()
         if online not in ("sqlite", "redis"):
             raise ValueError(f"online store must be 'sqlite' or 'redis', not {online!r}")
+        if online == "redis" and importlib.util.find_spec("redis") is None:
+            raise ValueError("the redis online store needs the redis client: pip install 'mtlrec[redis]'")
         offline = (offline or env.offline_engine).lower()
         if offline not in ENGINES:
             raise ValueError(f"offline engine must be one of {ENGINES}, not {offline!r}")
@@ -447,7 +451,7 @@ def training_set(store, interactions: pd.DataFrame | Path, chunk_rows: int = 250
 def training_metadata(settings: StoreSettings) -> dict:
     """What training needs to know beside the rows: the dataset's declaration and the model's input columns.
 
-    Stored in the training parquet's own metadata (``models.table.TABLE_METADATA``), so the file alone,
+    Stored in the training parquet's own metadata (``models.data.training_table.TABLE_METADATA``), so the file alone,
     copied to a GPU machine, says which columns are labels and which are features.
     """
     schema = FeatureSchema.load(settings.tables)
@@ -466,7 +470,7 @@ def write_training_set(store, interactions: pd.DataFrame | Path, path: Path | st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from models.table import TABLE_METADATA
+    from models.data.training_table import TABLE_METADATA
 
     path = Path(path)
     tmp = path.with_suffix(".parquet.tmp")

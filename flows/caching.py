@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @functools.lru_cache(maxsize=256)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """Keyed on size and mtime too, so one process hashes an unchanged file once however many keys use it."""
-    from models.artifact import sha256  # here, not at the top: models.artifact imports torch
+    del size, mtime_ns  # cache keys only: a changed file misses the cache
+    from models.scoring.artifact import sha256  # here, not at the top: models.artifact imports torch
 
     return sha256(path)
 

@@ -1,6 +1,6 @@
 """What the holdout needs from the dataset beside the training table: item columns, the context transform, an oracle.
 
-``models.holdout`` cannot import the feature repository or the data
+``models.evaluation.holdout`` cannot import the feature repository or the data
 generators (``models/`` runs on a machine with torch alone), so the
 dataset-side pieces of the unshown-items protocol are gathered here and
 passed in: which columns describe an item (from the feature schema), the
@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def holdout_inputs(data: Path | str) -> dict:
-    """Keyword arguments for ``models.holdout.evaluate``; {} for a bare training parquet."""
+    """Keyword arguments for ``models.evaluation.holdout.evaluate``; {} for a bare training parquet."""
     from feature_repo.schema import FeatureSchema
     from feature_repo.transforms import context_features
     from feature_repo.store import StoreSettings

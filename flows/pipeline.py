@@ -21,7 +21,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.run_report import publish_report
+from flows.reports.pipeline_run import publish_report
 from flows.stages import HOUR, Online, evaluate_flow, features_flow, promote_flow, train_flow, validate_flow
 
 DECISION_FIELDS = ("promote", "reference", "candidate_ndcg", "reference_ndcg", "delta", "ci", "users", "auc",

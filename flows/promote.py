@@ -35,7 +35,7 @@ import yaml
 
 from services import registry
 from services.registry import NotEvaluated, ProductionChanged
-from models.gate import Decision, GateConfig, decide
+from models.decisions.gate import Decision, GateConfig, decide
 from models.settings import get_settings
 
 GATE_YAML = Path(__file__).with_name("gate.yaml")

@@ -11,7 +11,7 @@ carried along silently while the run used the default. Every key must exist
 in ``base.yaml`` (free-form only under ``model.params``, ``balancer.params``
 and the task list, which their own builders check, and under ``data.features``
 and ``model.embedding_dims``, checked against the training table's columns by
-``models/inputs.py``), and the error names the
+``models/data/inputs.py``), and the error names the
 closest known key. Numbers in exponent form (``1e-3``) are numbers, not the
 strings YAML 1.1 makes of them.
 """

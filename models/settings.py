@@ -15,7 +15,7 @@ Why this module is in ``models/``: the variables are read by ``flows/`` (the com
 the registry, the gate), by ``services/`` (the ranking service) and by ``feature_repo/``
 (``MTLREC_FEATURE_TABLES``, read by ``feast apply`` in that directory). Imports point
 flows -> services -> feature_repo -> models, so the one layer all three may import is ``models/``. No
-``models/`` module reads a variable or imports this one: ``models.train`` still runs on a GPU machine with
+``models/`` module reads a variable or imports this one: ``models.training.train`` still runs on a GPU machine with
 only torch, Lightning, numpy, pandas, pyarrow and PyYAML, without pydantic-settings (a test checks that no
 other ``models/`` module imports it).
 """

@@ -3,7 +3,7 @@
 A task set is configuration, not code: architectures build one tower per
 task from ``out_dim`` and balancers see one loss per task, so adding an
 objective is a YAML edit. By default the task set is the dataset's own
-declaration (``models/declaration.py``), carried in the training table's
+declaration (``models/contract/declaration.py``), carried in the training table's
 metadata; a config may list tasks instead, and an entry naming a declared
 task inherits the declaration's fields.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from models.declaration import Declaration, TaskDecl, suggest, topological
+from models.contract.declaration import Declaration, TaskDecl, suggest, topological
 
 TYPES = ("binary", "multiclass", "regression")
 

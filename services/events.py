@@ -145,7 +145,11 @@ class EventStore:
     def connect(self):
         try:
             if self.postgres:
-                import psycopg2
+                try:
+                    import psycopg2
+                except ImportError as e:
+                    raise EventStoreError("a PostgreSQL event database needs psycopg2: "
+                                          "pip install 'mtlrec[postgres]'") from e
 
                 return psycopg2.connect(self.url, connect_timeout=max(1, math.ceil(self.connect_timeout_s)))
             path = Path(self.url.removeprefix("sqlite:///"))

@@ -1,7 +1,7 @@
 """Fusion versions: the weightings a model may be served with, each accepted by a gate, and which one is live.
 
 Fusion weights change what production ranks as much as a new model does, so they go live the way a model
-does: a gate accepts them (``models.fusion_tuning.accept``), the registry keeps them as a version, the
+does: a gate accepts them (``models.decisions.fusion_tuning.accept``), the registry keeps them as a version, the
 production pointer names the live one, and every move is audited and can be rolled back. Under
 ``$BENTOML_HOME/mtlrec/``:
 
@@ -136,7 +136,7 @@ def _live(fid: str, weights: dict[str, float] | None, reason: str) -> dict[str, 
 def accept(full: str, report: dict[str, Any], decision: Any, *, judged_against: str, reason: str = "") -> FusionVersion:
     """Keep an accepted weighting as the model's next version; if the model is production, make it live.
 
-    ``decision`` is ``models.fusion_tuning.FusionDecision`` (or its ``to_dict()``); a declined one is refused.
+    ``decision`` is ``models.decisions.fusion_tuning.FusionDecision`` (or its ``to_dict()``); a declined one is refused.
     ``judged_against`` is the fusion id the decision compared with (``current(full).fusion`` when it was
     judged): if the model's current weighting moved since, nothing is written and FusionChanged is raised.
     The record, the pointer and their audit lines are written under the registry lock.

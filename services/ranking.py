@@ -9,7 +9,7 @@ category.
 Exploration (``MTLREC_EXPLORE=epsilon``, off by default): a request that sends no weights is ranked with one
 of a few weight vectors around the model's own, drawn epsilon-greedily, and every placement carries its
 propensity. Without it the log only ever shows what the default weights rank, and no other weighting can be
-judged from it; with it, ``models.offpolicy`` estimates another weighting's reward from the same traffic.
+judged from it; with it, ``models.decisions.offpolicy`` estimates another weighting's reward from the same traffic.
 The policy itself is plain functions here (``weight_vectors``, ``policy_probabilities``, ``choose``,
 ``propensities``) so a simulator drives exactly what the service runs.
 """
@@ -25,7 +25,7 @@ import pandas as pd
 
 from feature_repo.online import StoreUnavailable
 from feature_repo.schema import WINDOWS
-from models.evaluation import fusion_weights
+from models.metrics.multitask import fusion_weights
 from models.fusion import fuse
 
 __all__ = ["Model", "RequestError", "StoreUnavailable", "NonFiniteScores", "rank", "score_items", "mmr",
@@ -51,7 +51,7 @@ class Model:
     """A loaded production model; the service swaps the whole object on reload."""
 
     tag: str
-    scorer: Any  # models.artifact.Scorer
+    scorer: Any  # models.scoring.artifact.Scorer
     weights: dict[str, float] = field(default_factory=dict)
     fusion: str = "declared"  # the fusion weights' version: "declared", or an accepted tuning's id
     # the first and last impression the model was trained and judged on (epoch seconds), read once from its
@@ -98,7 +98,7 @@ def time_outside_data(span: tuple[float, float] | None, ts: float) -> str | None
     """Why the request time ``ts`` lies outside the data, or None: outside means more than the longest feature
     window (``feature_repo.schema.WINDOWS``, days) before the data starts or after it ends. Beyond that the
     windowed counts describe another time than the request's, and the time-derived features are clipped to
-    what training saw (``models.encoder.FeatureSpec.bounds``): the scores are the model's at the data's edge."""
+    what training saw (``models.data.encoder.FeatureSpec.bounds``): the scores are the model's at the data's edge."""
     if span is None:
         return None
     window = max(WINDOWS) * 86_400.0

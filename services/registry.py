@@ -44,7 +44,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from models.artifact import META, WEIGHTS, read_meta, sha256
+from models.scoring.artifact import META, WEIGHTS, read_meta, sha256
 from services import fusion_versions
 from services.fusion_versions import FusionVersion, Serving
 from services.registry_io import RegistryError, audit, home, pointer, pointer_path, registry_dir

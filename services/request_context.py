@@ -19,7 +19,7 @@ def declared_context(dataset) -> tuple[dict[str, str], Optional[float]]:
     to set) and when its data starts (epoch seconds), read from its feature schema and manifest."""
     from feature_repo.schema import FeatureSchema
     from feature_repo.store import StoreSettings
-    from models.contract import Manifest
+    from models.contract.tables import Manifest
 
     columns: dict[str, str] = {"device": "string"}
     try:

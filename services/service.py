@@ -178,7 +178,7 @@ class RankingService:
     def _load(self) -> tuple[Optional[str], str]:
         """Serve what the production pointer names now: its model and its fusion weights' version."""
         from services import registry
-        from models.artifact import Scorer
+        from models.scoring.artifact import Scorer
 
         with self._reload_lock:
             live = registry.serving()

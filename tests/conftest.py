@@ -105,7 +105,7 @@ def promoted_world(tmp_path_factory):
     registered, evaluated and promoted in a private ``BENTOML_HOME``: what a served test needs."""
     from feature_repo.store import build_all
     from models.config import load_config
-    from models.train import train
+    from models.training.train import train
     from services import registry
 
     def make(name: str, cfg: SynthConfig) -> dict:

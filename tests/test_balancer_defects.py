@@ -16,9 +16,9 @@ from torch import nn
 
 from flows.data.synth import SynthConfig
 from models.balancers import BALANCERS, build_balancer, check_world_size
-from models.data import MTLDataModule
-from models.module import MTLModule
-from models.table import load_training_table
+from models.data.resident import MTLDataModule
+from models.training.lightning_module import MTLModule
+from models.data.training_table import load_training_table
 from models.tasks import TaskSet
 
 SMALL_PARAMS = {
@@ -100,7 +100,8 @@ def test_dwa_best_checkpoint_of_an_earlier_epoch_loads_after_training(tiny_table
     assert float(ckpt.best_model_score) == 0.0  # the best is the first epoch's
     assert not torch.equal(module.balancer.weights(), torch.ones(3))  # four epochs: DWA has moved them
     best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(best)  # what models.train does after fit: failed with "size mismatch for balancer.history"
+    # what models.training.train does after fit: failed with "size mismatch for balancer.history"
+    module.load_state_dict(best)
     assert torch.equal(module.balancer.weights(), torch.ones(3))
     fresh, _ = _module(tiny_table, "shared_bottom", "dwa", batch_size=1024)
     fresh.load_state_dict(best)
@@ -122,7 +123,7 @@ def test_gradient_surgery_balancers_refuse_more_than_one_process(name):
 
 def test_train_refuses_pcgrad_under_ddp_before_loading_data(tmp_path):
     from models.config import load_config
-    from models.train import train
+    from models.training.train import train
 
     cfg = load_config("mmoe", ["balancer.name=pcgrad", "train.devices=2", "train.strategy=ddp",
                                "train.accelerator=cpu"])
@@ -166,7 +167,7 @@ def test_gradnorm_measures_the_weight_of_the_last_shared_layer(tiny_table, archi
 
     monkeypatch.setattr(gradnorm.torch.autograd, "grad", spy)
     losses, extra = module._losses(next(iter(dm.train_dataloader())))
-    module.balancer.backward(losses, module.arch.shared_parameters(), module.arch.last_representation, extra)
+    module.balancer.backward(losses, module.arch.shared_parameters(), extra)
     assert set(measured) == {LAST_SHARED_WEIGHT[architecture]}, measured
     layer = dict(module.arch.named_parameters())[measured[0]]
     assert layer.ndim >= 2 and "bias" not in measured[0] and "gate" not in measured[0]

@@ -9,10 +9,10 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.data.synth import SynthConfig
-from models.artifact import read_meta
-from models.baselines import BaselineError, single_task_models
+from models.scoring.artifact import read_meta
+from models.evaluation.baselines import BaselineError, single_task_models
 from models.config import load_config
-from models.train import train
+from models.training.train import train
 
 TINY = ["train.max_epochs=2", "train.limit_train_batches=2", "model.params={bottom: [16], tower: [4]}"]
 

@@ -46,7 +46,7 @@ def test_benchmark_writes_table_and_plots(tmp_path):
 
 def test_task_weight_plot_without_a_weight_trace(tmp_path):
     """An artifact from before ``task_weights.csv`` existed: its panel stays empty, the report still plots."""
-    from models.comparison import plots
+    from flows.reports.comparison import plots
 
     summary = {"old": {"ndcg@10": [0.2, 0.0]}, "popularity": {"ndcg@10": [0.1, 0.0]}}
     plots([{"model": "old", "artifact": str(tmp_path / "no-such-artifact")}], summary, tmp_path)

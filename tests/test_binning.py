@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models import binning
-from models.encoder import MISSING, FeatureSpec
+from models.data import binning
+from models.data.encoder import MISSING, FeatureSpec
 
 
 def _frame(n: int, seed: int) -> pd.DataFrame:

@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 
 from flows.stages.evaluate import protocol_tables
-from models import metrics
-from models.artifact import Scorer, read_meta
-from models.calibration import MIN_CLASS, Calibration, fit_one
+from models.metrics import functional as metrics
+from models.scoring.artifact import Scorer, read_meta
+from models.scoring.calibration import MIN_CLASS, Calibration, fit_one
 from models.config import load_config
-from models.data import time_split
-from models.holdout import evaluate
-from models.train import train
+from models.data.resident import time_split
+from models.evaluation.holdout import evaluate
+from models.training.train import train
 from services import ranking
 
 DECLARATION = {"tasks": [{"name": "click", "type": "binary"},

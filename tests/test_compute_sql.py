@@ -15,8 +15,8 @@ import pytest
 from feature_repo import compute, compute_sql
 from flows.data.short_video import ShortVideoConfig, generate as generate_video
 from flows.data.synth import SynthConfig, generate
-from models import contract
-from models.declaration import Declaration
+from models.contract import tables as contract
+from models.contract.declaration import Declaration
 
 
 def assert_same(inter: pd.DataFrame, items: pd.DataFrame, declaration: Declaration, source=None, catalog=None,
@@ -257,7 +257,7 @@ def test_auto_follows_the_offline_engine_and_the_memory(spark, shop, tmp_path, m
     """MTLREC_FEATURE_ENGINE=auto (the default): Spark when the store's offline engine is Spark, DuckDB when the
     dense arrays would not fit a quarter of memory, numpy otherwise; every table file the same."""
     from feature_repo.store import StoreSettings
-    from models import machine
+    from models.data import memory as machine
 
     monkeypatch.delenv("MTLREC_FEATURE_ENGINE", raising=False)
     ran = []
@@ -296,7 +296,7 @@ def test_a_query_past_the_memory_limit_spills_into_a_directory_not_made_yet(tmp_
 def test_duckdb_gets_half_the_machine_unless_told(monkeypatch, tmp_path):
     """DuckDB's own default (80% of memory) let the 100M-impression aggregates grow until the kernel killed the
     process; the default is half, and MTLREC_DUCKDB_MEMORY_LIMIT still decides when set."""
-    from models import machine
+    from models.data import memory as machine
 
     monkeypatch.delenv("MTLREC_DUCKDB_MEMORY_LIMIT", raising=False)
     monkeypatch.setattr(machine, "memory_bytes", lambda: 8 << 30)

@@ -1,11 +1,11 @@
-"""Consistency regularisation (models/consistency.py): the penalty, its settings, and training with it."""
+"""Consistency regularisation (models/training/consistency.py): the penalty, its settings, and training with it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models.consistency import Consistency, ConsistencyError
+from models.training.consistency import Consistency, ConsistencyError
 from models.tasks import TaskSet
 
 FEED = TaskSet.from_config([{"name": "click"}, {"name": "like"}, {"name": "share"},
@@ -86,9 +86,9 @@ def test_training_with_a_group_penalty_moves_the_groups_scores_together(tmp_path
     correlate far more than without it (their labels follow different item signals)."""
     import numpy as np
 
-    from models.artifact import Scorer
+    from models.scoring.artifact import Scorer
     from models.config import load_config
-    from models.train import train
+    from models.training.train import train
 
     table = _table()
     base = ["train.max_epochs=3", "train.batch_size=128", "train.ema=false", "data.numeric_bins=none"]
@@ -102,7 +102,7 @@ def test_training_with_a_group_penalty_moves_the_groups_scores_together(tmp_path
 
 def test_single_task_baselines_train_without_the_multi_task_consistency_setting():
     """A group naming two tasks cannot exist in a one-task baseline: the baseline turns consistency off."""
-    from models.baselines import single_task_config
+    from models.evaluation.baselines import single_task_config
     from models.config import load_config
 
     cfg = load_config("mmoe", ["model.consistency={weight: 1.0, groups: [[like, view]]}"])
@@ -115,9 +115,9 @@ def test_single_task_baselines_train_without_the_multi_task_consistency_setting(
 def test_an_artifact_newer_than_the_code_is_refused_by_name(tmp_path):
     import json
 
-    from models.artifact import FORMAT_VERSION, CorruptModel, Scorer
+    from models.scoring.artifact import FORMAT_VERSION, CorruptModel, Scorer
     from models.config import load_config
-    from models.train import train
+    from models.training.train import train
 
     train(load_config("shared_bottom", ["train.max_epochs=1", "train.batch_size=512", "train.ema=false"]),
           "<table>", tmp_path / "m", progress=False, table=_table(1500))

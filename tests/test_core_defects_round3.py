@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.architectures import ARCHITECTURES
-from models.artifact import WEIGHTS, Scorer
+from models.scoring.artifact import WEIGHTS, Scorer
 from models.config import load_config
-from models.data import MTLDataModule
-from models.declaration import Declaration
-from models.module import MTLModule
+from models.data.resident import MTLDataModule
+from models.contract.declaration import Declaration
+from models.training.lightning_module import MTLModule
 from models.tasks import TaskSet, _log1mexp
-from models.train import train
+from models.training.train import train
 
 # Names that are attributes of every torch module (methods, or the ``training`` flag ``train()`` assigns).
 NAMES = ("forward", "update", "train", "type", "training")
@@ -181,7 +181,7 @@ def test_decay_leaves_biases_and_mixing_units_out_and_keeps_weights_and_gates_in
 
 
 def test_decay_leaves_normalisation_layers_out():
-    from models.decay import decay_groups
+    from models.training.decay import decay_groups
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
     decayed, kept = decay_groups(net, 0.1)

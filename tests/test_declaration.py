@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.data.synth import DECLARATION
-from models import contract
-from models.declaration import Declaration, DeclarationError, TaskDecl, topological
+from models.contract import tables as contract
+from models.contract.declaration import Declaration, DeclarationError, TaskDecl, topological
 
 CLICK = {"name": "click", "type": "binary"}
 PURCHASE = {"name": "purchase", "type": "binary", "parent": "click"}

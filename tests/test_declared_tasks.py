@@ -22,7 +22,7 @@ import pytest
 
 from flows.dev import prefect_server
 from flows.data.short_video import ShortVideoConfig, generate
-from models import contract
+from models.contract import tables as contract
 from flows.dev import launcher
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """The feature encoder: a dedicated code for missing values, a trained UNKNOWN (cold-start) embedding.
 
-Code layout of every categorical feature (models/encoder.py): 0 UNKNOWN (unseen or rare values),
+Code layout of every categorical feature (models/data/encoder.py): 0 UNKNOWN (unseen or rare values),
 1 MISSING (None, NaN, pd.NA, "" and their string forms), then the vocabulary from 2.
 Per-feature embedding widths are covered by tests/test_train.py
 (test_embedding_widths_follow_the_vocabulary_in_one_lookup).
@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from models import encoder
-from models.encoder import FeatureEncoder, FeatureSpec
+from models.data import encoder
+from models.data.encoder import FeatureEncoder, FeatureSpec
 
 UNKNOWN, MISSING, FIRST = 0, 1, 2
 

@@ -24,7 +24,7 @@ import pytest
 from flows.data.logged import export
 from flows.data.synth import SynthConfig, oracle
 from flows.dev import launcher, prefect_server
-from models import contract
+from models.contract import tables as contract
 from services.events import EventStore, Ranked
 
 ROOT = Path(__file__).resolve().parents[1]

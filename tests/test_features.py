@@ -18,7 +18,7 @@ from feature_repo.schema import WINDOWS, FeatureSchema, count_column, rate_colum
 from flows.data.synth import SynthConfig, generate
 from feature_repo import store as fstore
 from feature_repo.online import FeatureReader
-from models import contract
+from models.contract import tables as contract
 
 REDIS = "127.0.0.1:6379"
 REDIS_DB = 13  # the tests' own database, flushed after use

@@ -32,9 +32,9 @@ import numpy as np
 import pytest
 
 from flows.data.synth import SynthConfig, generate
-from models import contract
-from models.declaration import Declaration
-from models.fusion_tuning import OffPolicyEvidence, accept, cem, rounded
+from models.contract import tables as contract
+from models.contract.declaration import Declaration
+from models.decisions.fusion_tuning import OffPolicyEvidence, accept, cem, rounded
 
 REWARDS = {"click": 1.0, "purchase": 5.0}
 
@@ -182,7 +182,7 @@ def _rewarded_world(data, world: SynthConfig, rewards: dict[str, float]):
 def rewarded_model(tmp_path_factory):
     """A synthetic log whose declaration gives click reward 1 and purchase 5, and a small MMoE trained on it."""
     from models.config import load_config
-    from models.train import train
+    from models.training.train import train
 
     root = tmp_path_factory.mktemp("fusion")
     data = _rewarded_world(root / "data", WORLD, REWARDS)
@@ -191,7 +191,7 @@ def rewarded_model(tmp_path_factory):
 
 
 def test_the_artifact_carries_the_declared_rewards(rewarded_model):
-    from models.artifact import read_meta
+    from models.scoring.artifact import read_meta
 
     tasks = {t["name"]: t for t in read_meta(rewarded_model["artifact"])["tasks"]}
     assert tasks["click"]["reward"] == 1.0 and tasks["purchase"]["reward"] == 5.0 and tasks["dwell"]["reward"] is None
@@ -238,8 +238,8 @@ def test_on_the_default_world_the_gate_declines_and_production_is_unchanged(rewa
 
 def test_a_proposal_worse_on_the_test_split_is_declined_and_changes_nothing(rewarded_model, tmp_path, monkeypatch):
     """The search may overfit the validation split; here it is made to propose almost purchase-only weights."""
-    from models import fusion_tuning
-    from models.artifact import Scorer
+    from models.decisions import fusion_tuning
+    from models.scoring.artifact import Scorer
     from services import registry
 
     _registry_home(tmp_path, monkeypatch)
@@ -258,8 +258,8 @@ def test_a_proposal_worse_on_the_test_split_is_declined_and_changes_nothing(rewa
 
 def test_the_gate_judges_a_model_with_its_accepted_weights(rewarded_model, tmp_path, monkeypatch):
     from flows.promote import promote
-    from models.gate import decide
-    from models.table import load_training_table
+    from models.decisions.gate import decide
+    from models.data.training_table import load_training_table
     from services import registry
 
     _registry_home(tmp_path, monkeypatch)
@@ -296,13 +296,13 @@ def test_accepted_weights_go_live_and_earn_more_expected_reward_in_the_simulator
     20 x P(click and purchase) from ``synth.oracle``: no label noise in the judgement, so the comparison
     says whether the weights the gate let through rank better, not whether the test split was lucky.
     """
-    from models import metrics
-    from models.artifact import Scorer
+    from models.metrics import functional as metrics
+    from models.scoring.artifact import Scorer
     from models.config import load_config
-    from models.data import time_split
+    from models.data.resident import time_split
     from models.fusion import fuse
-    from models.table import load_training_table
-    from models.train import train
+    from models.data.training_table import load_training_table
+    from models.training.train import train
     from flows.data.synth import oracle
     from services import registry
 

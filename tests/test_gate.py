@@ -9,12 +9,12 @@ import pytest
 
 from flows.data.synth import SynthConfig, generate
 from feature_repo.store import build_all
-from models.gate import GateConfig, decide, paired_bootstrap
-from models import metrics
+from models.decisions.gate import GateConfig, decide, paired_bootstrap
+from models.metrics import functional as metrics
 from models.config import load_config
-from models.holdout import evaluate
-from models.table import load_training_table
-from models.train import train
+from models.evaluation.holdout import evaluate
+from models.data.training_table import load_training_table
+from models.training.train import train
 
 # 64 optimiser steps, sized so that even the ids-only model below beats popularity: it does with uncertainty
 # weighting; with FAMO, the default balancer, it did not at this size (NDCG@10 .554 against popularity's .590).
@@ -192,7 +192,7 @@ def test_every_protocol_is_reported_with_the_oracle_and_separates_the_model_from
 
 
 def test_scoring_in_chunks_gives_the_same_scores(models):
-    from models.artifact import Scorer
+    from models.scoring.artifact import Scorer
 
     table, paths = models
     scorer = Scorer.load(paths["good"])
@@ -203,7 +203,7 @@ def test_scoring_in_chunks_gives_the_same_scores(models):
 
 
 def test_a_holdout_inside_the_models_training_data_is_refused(models):
-    from models.holdout import HoldoutOverlap
+    from models.evaluation.holdout import HoldoutOverlap
 
     table, paths = models
     early = table[table["event_timestamp"] < table["event_timestamp"].quantile(0.7)]
@@ -287,7 +287,7 @@ def test_the_gate_plot_shows_paired_differences_against_popularity_and_productio
 
     Raw bars from 0 made a model at .948 and popularity at .918 look alike on a log where random scores .88.
     """
-    from flows.run_report import gate_plot
+    from flows.reports.pipeline_run import gate_plot
 
     table, paths = models
     d = decide(paths["good"], table, production=paths["noise"], production_tag="noise:1").to_dict()

@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from models.artifact import Scorer, read_meta
+from models.scoring.artifact import Scorer, read_meta
 from models.balancers import build_balancer
 from models.config import load_config
-from models.data import time_split
+from models.data.resident import time_split
 from models.balancers import check_precision
-from models.train import train, world_size
+from models.training.train import train, world_size
 from tests.test_calibration import _table
 
 SMALL = ["train.max_epochs=1", "train.batch_size=256", "model.embedding_dim=4",
@@ -51,7 +51,7 @@ def test_a_compiled_run_writes_an_artifact_the_scorer_loads(tmp_path):
     scorer = Scorer.load(tmp_path / "m")  # strict load
     assert not any("_orig_mod" in k for k in scorer.state_dict())
     rows = time_split(table, 0.1, 0.1)[2]
-    from models import metrics
+    from models.metrics import functional as metrics
 
     assert metrics.auc(scorer.predict(rows)["click"], rows["click"].to_numpy()) == pytest.approx(
         meta["metrics"]["test"]["click/auc"], abs=1e-6)
@@ -64,7 +64,7 @@ def test_validation_under_bf16_scores_in_fp32(tmp_path):
     table = _table(n=6000)
     cfg = load_config("shared_bottom", [*SMALL, "train.precision=bf16-mixed",
                                         "model.params={bottom: [32], tower: [8]}"])
-    from models.module import MTLModule
+    from models.training.lightning_module import MTLModule
 
     seen = {}
     original = MTLModule._stack

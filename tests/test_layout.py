@@ -129,7 +129,7 @@ def reachable(g: dict[str, set[str]], root: str) -> set[str]:
 
 def test_the_feature_stage_imports_no_model_framework():
     """Feature tables and the training set need no model: a 1M-impression build spent 3 of its seconds
-    importing Lightning because sizing DuckDB asked ``models.stream`` for the machine's memory. Nothing
+    importing Lightning because sizing DuckDB asked ``models.data.streamed`` for the machine's memory. Nothing
     the feature repository reaches, at module or function level, may import torch or Lightning."""
     g, known = graph(), project_modules()
     bad = sorted(f"{root} reaches {m}, which imports {i}"

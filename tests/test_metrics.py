@@ -1,6 +1,6 @@
 """Ranking metrics with tied scores: known answers and brute-force references.
 
-Conventions checked here (models/metrics.py documents them): a tied block of scores is worth its
+Conventions checked here (models/metrics/functional.py documents them): a tied block of scores is worth its
 expected value under a uniformly random order inside the block; users without a positive are left
 out of NDCG/Recall (and reported in ``users``); AUC is NaN with one class; GAUC is the mean of
 per-user AUC weighted by the user's number of rows, over users with both classes.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import metrics
+from models.metrics import functional as metrics
 
 KS = (1, 2, 3, 5)
 

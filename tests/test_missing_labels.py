@@ -17,13 +17,15 @@ import torch.nn.functional as F
 
 from flows.stages.validate import summary_markdown
 from flows.validation.run import validate_dataset
-from models import binning, contract, metrics
+from models.data import binning
+from models.contract import tables as contract
+from models.metrics import functional as metrics
 from models.balancers import BALANCERS, build_balancer
-from models.data import MTLDataModule, encode, target_stats
-from models.evaluation import evaluate_predictions, relevance
-from models.fusion_tuning import _Split
-from models.holdout import Holdout
-from models.module import MTLModule
+from models.data.resident import MTLDataModule, encode, target_stats
+from models.metrics.multitask import evaluate_predictions, relevance
+from models.decisions.fusion_tuning import _Split
+from models.evaluation.holdout import Holdout
+from models.training.lightning_module import MTLModule
 from models.tasks import TaskSet, TaskSpec
 
 TASKS = TaskSet([TaskSpec("click"), TaskSpec("purchase", sample_space="click"),
@@ -110,7 +112,7 @@ def test_a_batch_without_labelled_rows_gives_that_task_zero_loss_for_every_balan
 
 def test_encoded_labels_keep_missing_as_nan_and_regression_stats_match_the_loss():
     df = _log(500)
-    from models.encoder import FeatureSpec
+    from models.data.encoder import FeatureSpec
 
     split = encode(df, FeatureSpec.fit(df, ["user_id"], ["x"]), TASKS)
     for j, t in enumerate(TASKS):
@@ -305,7 +307,7 @@ def test_validation_fails_when_a_label_is_missing_more_often_than_declared(datas
 def test_base_rate_logloss_and_ece_leave_missing_labels_out():
     import numpy as np
 
-    from models import metrics
+    from models.metrics import functional as metrics
 
     y = np.array([1.0, 0.0, np.nan, 0.0, 1.0, np.nan])
     p = np.array([0.9, 0.2, 0.5, 0.1, 0.7, 0.5])

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from flows.data.movielens import convert
-from models import contract
+from models.contract import tables as contract
 
 SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 pytestmark = pytest.mark.skipif(not (SRC / "u.data").exists(), reason=f"needs MovieLens 100K at {SRC}")

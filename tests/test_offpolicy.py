@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 
 from flows.data.synth import SynthConfig, generate, oracle
-from models import contract
-from models.offpolicy import (MIN_MATCHING, MIN_REWARDED, REQUEST_COLUMNS, Refused, Sample, compare,
+from models.contract import tables as contract
+from models.decisions.offpolicy import (MIN_MATCHING, MIN_REWARDED, REQUEST_COLUMNS, Refused, Sample, compare,
                               estimate, evaluate, format_weights, judgeable, list_rewards, logged_requests, normalise)
 from services import ranking
 from services.ranking import choose, order, policy_probabilities, propensities, weight_vectors
@@ -660,7 +660,7 @@ def test_fusion_tune_asks_the_log_which_can_decline_what_the_test_split_accepts(
     """`mtlrec fusion tune`'s off-policy check: where the log explored both weightings, its difference must
     exclude 0 too; a weighting the log never drew is judged offline only, and the note says so."""
     from flows.cli.fusion import LoggedEvidence
-    from models.fusion_tuning import accept
+    from models.decisions.fusion_tuning import accept
 
     rng = np.random.default_rng(12)
     store = _store(world, [_draw(world, Policy(BASE, 0.5), 600, rng)], tmp_path / "events.db")

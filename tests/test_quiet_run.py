@@ -9,7 +9,7 @@ import pytest
 import pandas as pd
 
 from models.config import load_config
-from models.train import train
+from models.training.train import train
 
 
 def _table(n: int = 1000) -> pd.DataFrame:

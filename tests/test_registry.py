@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from services import registry
-from models.artifact import Scorer, read_meta
+from models.scoring.artifact import Scorer, read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def trained(tmp_path_factory) -> dict:
     from flows.data.synth import SynthConfig, generate
     from feature_repo.store import build_all
     from models.config import load_config
-    from models.train import train
+    from models.training.train import train
 
     tmp = tmp_path_factory.mktemp("registry")
     data = tmp / "data"
@@ -61,7 +61,7 @@ def test_register_round_trip(trained, home):
     path = registry.artifact_path(tag)
     assert path.is_relative_to(home / "models") and (path / "weights.safetensors").is_file()
 
-    from models.table import load_training_table
+    from models.data.training_table import load_training_table
 
     rows = load_training_table(trained["data"]).head(64)
     want, got = Scorer.load(trained["a"]).predict(rows), Scorer.load(path).predict(rows)
@@ -243,7 +243,7 @@ def test_command_line_failures_are_one_line(trained, tmp_path):
 def test_scorer_load_checks_the_weights_checksum(trained, tmp_path):
     import shutil
 
-    from models.artifact import CorruptModel
+    from models.scoring.artifact import CorruptModel
 
     copy = tmp_path / "m"
     shutil.copytree(trained["a"], copy)
@@ -337,7 +337,7 @@ def test_a_promotion_or_rollback_brings_the_model_s_own_accepted_fusion(evaluate
 
 def test_the_model_gate_judges_production_with_its_live_fusion(trained, evaluated):
     from flows.promote import promote
-    from models.table import load_training_table
+    from models.data.training_table import load_training_table
 
     a, b = evaluated
     registry.set_production(a, reason="first")

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from flows.stages.evaluate import KS, metric_table, protocol_tables
-from models import metrics
-from models.evaluation import evaluate_predictions, monitor_key, rewards
-from models.holdout import Holdout
+from models.metrics import functional as metrics
+from models.metrics.multitask import evaluate_predictions, monitor_key, rewards
+from models.evaluation.holdout import Holdout
 from models.tasks import TaskSet, TaskSpec
 
 SHOP = {"tasks": [{"name": "click", "type": "binary", "reward": 1},

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from flows.dev import launcher
-from models import contract
+from models.contract import tables as contract
 from services.events import EventStore
 
 TOKEN = "test-admin-token"

@@ -81,7 +81,7 @@ def offline(world):
     from services import registry
     from feature_repo.online import FeatureReader
     from feature_repo.store import StoreSettings, open_store
-    from models.artifact import Scorer
+    from models.scoring.artifact import Scorer
 
     with _env(BENTOML_HOME=str(world["home"])):
         scorer = Scorer.load(registry.artifact_path(world["tag"]))
@@ -110,7 +110,7 @@ def _order(scores: np.ndarray, items: list[str]) -> list[str]:
 
 
 def test_rank_equals_offline_fused_order(server, offline, world):
-    from models.evaluation import fusion_weights
+    from models.metrics.multitask import fusion_weights
     from models.fusion import fuse
 
     user, items = offline["users"][3], offline["items"]
@@ -254,9 +254,9 @@ def test_reload_under_load_drops_nothing_and_never_mixes_models(server, world, o
     import threading
 
     from services import registry
-    from models.artifact import Scorer
+    from models.scoring.artifact import Scorer
     from models.config import load_config
-    from models.train import train
+    from models.training.train import train
 
     other = tmp_path / "other"  # a different seed, so the two models' scores differ
     train(load_config("mmoe", ["train.max_epochs=1", "seed=7",
@@ -402,7 +402,7 @@ def test_a_corrupt_production_model_is_refused(world, offline, tmp_path):
         """NaN everywhere, and the artifact's own checksum rewritten to match: only the finite check can see it."""
         import json
 
-        from models.artifact import sha256
+        from models.scoring.artifact import sha256
 
         state = load_file(str(weights))
         save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()},

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from flows.data.short_video import DECLARATION, LONG_VIEW_SHARE, ShortVideoConfig, generate
-from models import contract
-from models.declaration import Declaration
+from models.contract import tables as contract
+from models.contract.declaration import Declaration
 
 SMALL = ShortVideoConfig(n_users=800, n_items=200, n_interactions=60_000, days=14, seed=3, n_authors=30)
 BINARY = ["click", "long_view", "like", "follow"]
@@ -131,7 +131,7 @@ def test_cli_short_video_scenario(tmp_path):
 def test_the_oracle_is_the_generators_own_probabilities(tmp_path):
     """Redrawn from the manifest alone, it reproduces the ground truth the generator reported."""
     from flows.data.short_video import GAINS, oracle
-    from models.metrics import auc, ranking_metrics
+    from models.metrics.functional import auc, ranking_metrics
 
     m = generate(tmp_path, ShortVideoConfig(n_users=300, n_items=100, n_interactions=20_000, days=6, seed=3))
     log = pd.read_parquet(tmp_path / "interactions.parquet")

@@ -1,4 +1,4 @@
-"""Training from a parquet file that is never loaded whole (models/stream.py), against the resident path."""
+"""Training from a parquet file that is never loaded whole (models/data/streamed.py), against the resident path."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from flows.data.synth import SynthConfig
-from models import machine, stream
-from models.data import MTLDataModule
-from models.stream import StreamBatches, StreamedDataModule
-from models.table import load_training_table
+from models.data import memory as machine
+from models.data import streamed as stream
+from models.data.resident import MTLDataModule
+from models.data.streamed import StreamBatches, StreamedDataModule
+from models.data.training_table import load_training_table
 from models.tasks import TaskSet
 
 GROUP_ROWS = 700
@@ -137,7 +138,7 @@ def test_a_table_past_memory_is_evaluated_on_a_share_of_whole_users(grouped, mon
     holdout's protocol says so."""
     import pyarrow.parquet as pq
 
-    from models.holdout import Holdout
+    from models.evaluation.holdout import Holdout
 
     full = load_training_table(grouped)
     whole = stream.evaluation_table(grouped)

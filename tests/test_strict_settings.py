@@ -13,18 +13,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import models.train as train_module
+import models.training.train as train_module
 from flows.data.synth import SynthConfig
-from models.artifact import read_meta
-from models.baselines import single_task_config, single_task_models
+from models.scoring.artifact import read_meta
+from models.evaluation.baselines import single_task_config, single_task_models
 from models.config import ConfigError, load_config
-from models.data import MTLDataModule
-from models.encoder import FeatureSpec
-from models.evaluation import evaluate_predictions
-from models.monitor import check_monitor, logged_metrics, single_task_monitor
-from models.table import load_training_table
+from models.data.resident import MTLDataModule
+from models.data.encoder import FeatureSpec
+from models.metrics.multitask import evaluate_predictions
+from models.training.monitor import check_monitor, logged_metrics, single_task_monitor
+from models.data.training_table import load_training_table
 from models.tasks import TaskSet
-from models.train import train
+from models.training.train import train
 
 TINY = ["train.max_epochs=1", "train.limit_train_batches=2", "model.params={bottom: [16], tower: [4]}"]
 KS = (10, 20, 50)

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from flows.data.synth import SynthConfig, generate
-from models import contract
-from models.metrics import ranking_metrics
+from models.contract import tables as contract
+from models.metrics.functional import ranking_metrics
 
 SMALL = SynthConfig(n_users=800, n_items=200, n_interactions=60_000, days=14, seed=3)
 
@@ -113,7 +113,7 @@ def test_the_oracle_is_the_generators_own_click_probability(tmp_path):
     import pandas as pd
 
     from flows.data.synth import oracle
-    from models.metrics import auc, ranking_metrics
+    from models.metrics.functional import auc, ranking_metrics
 
     m = generate(tmp_path, SynthConfig(n_users=300, n_items=80, n_interactions=20_000, days=6, seed=3))
     probs = oracle(tmp_path)(log := pd.read_parquet(tmp_path / "interactions.parquet"))

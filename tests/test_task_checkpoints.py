@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from models import metrics
-from models.artifact import Scorer, read_meta
+from models.metrics import functional as metrics
+from models.scoring.artifact import Scorer, read_meta
 from models.config import load_config
-from models.data import time_split
-from models.task_checkpoints import auc_standard_error, choose
-from models.train import train
+from models.data.resident import time_split
+from models.training.task_checkpoints import auc_standard_error, choose
+from models.training.train import train
 from tests.test_calibration import _table
 
 

@@ -1,4 +1,4 @@
-"""Task-wise early stopping (models/task_stopping.py): a task past its own best stops training the model."""
+"""Task-wise early stopping (models/training/task_stopping.py): a task past its own best stops training the model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from models.config import load_config
-from models.module import MTLModule
-from models.task_stopping import TaskStopping, gate
-from models.train import train
+from models.training.lightning_module import MTLModule
+from models.training.task_stopping import TaskStopping, gate
+from models.training.train import train
 
 
 def test_gate_zeroes_a_stopped_tasks_loss_and_gradient_and_keeps_the_others():
@@ -30,7 +30,7 @@ def test_gate_zeroes_a_stopped_tasks_loss_and_gradient_and_keeps_the_others():
 
 @pytest.fixture
 def tiny_module() -> MTLModule:
-    from models.data import MTLDataModule
+    from models.data.resident import MTLDataModule
     from models.tasks import TaskSet
 
     table = _table(200)

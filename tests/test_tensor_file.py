@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import tensor_file
+from models.scoring import tensor_file
 
 TENSORS = {"a.weight": torch.randn(3, 4), "b.bias": torch.randn(5, dtype=torch.float64),
            "c": torch.arange(7, dtype=torch.int64), "d": torch.randn(2, 2).to(torch.bfloat16),

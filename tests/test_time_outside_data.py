@@ -15,8 +15,8 @@ import pytest
 
 from feature_repo.schema import WINDOWS
 from flows.validation.run import validate_dataset
-from models import contract
-from models.encoder import FeatureSpec, SpecFit
+from models.contract import tables as contract
+from models.data.encoder import FeatureSpec, SpecFit
 from services import ranking
 
 DAY = 86_400.0

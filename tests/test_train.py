@@ -15,17 +15,17 @@ import torch
 
 from flows.data.synth import SynthConfig, generate
 from models.architectures import ARCHITECTURES
-from models.artifact import Scorer, read_meta
+from models.scoring.artifact import Scorer, read_meta
 from models.balancers import BALANCERS
 from models.config import load_config
-from models.data import MTLDataModule, time_split
-from models.metrics import ranking_metrics
-from models.module import MTLModule
+from models.data.resident import MTLDataModule, time_split
+from models.metrics.functional import ranking_metrics
+from models.training.lightning_module import MTLModule
 from feature_repo.store import build_all
-from models.table import load_training_table
+from models.data.training_table import load_training_table
 from models.tasks import TaskSet
-from models.train import train
-from models.weight_trace import FILENAME as WEIGHT_TRACE
+from models.training.train import train
+from models.training.weight_trace import FILENAME as WEIGHT_TRACE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_artifact_rebuilds_the_model_and_scores_the_same(small_table, tmp_path):
     scorer = Scorer.load(tmp_path / "m")
     _, _, test_rows = time_split(small_table, 0.1, 0.1)
     probs = scorer.predict(test_rows)
-    from models.evaluation import evaluate_predictions
+    from models.metrics.multitask import evaluate_predictions
 
     labels = np.stack([test_rows[t.column].to_numpy(np.float32) for t in scorer.tasks], axis=1)
     again = evaluate_predictions(scorer.tasks, probs, labels, test_rows.user_id.astype(str).to_numpy())
@@ -233,7 +233,8 @@ def test_train_command_writes_an_artifact_and_models_import_no_orchestration(tmp
     summary = json.loads(res.stdout[res.stdout.index("{"):])
     assert summary["fused/ndcg@10"] > 0
     assert read_meta(tmp_path / "a")["data"]["fingerprint"]
-    probe = ("import sys, models.train, models.artifact, models.module, models.data, models.evaluation;"
+    probe = ("import sys, models.training.train, models.scoring.artifact, models.training.lightning_module,"
+             " models.data.resident, models.metrics.multitask;"
              "bad = [m for m in ('prefect', 'feast', 'great_expectations', 'bentoml') if m in sys.modules];"
              "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
@@ -251,8 +252,8 @@ def test_bad_config_is_named(small_table, tmp_path):
 
 def test_request_and_training_encodings_agree_on_mixed_values():
     """A request's rows go through a dict, training's through pandas: same codes, same normalisation."""
-    from models import encoder
-    from models.encoder import FeatureSpec
+    from models.data import encoder
+    from models.data.encoder import FeatureSpec
 
     fit = pd.DataFrame({"c": ["a", "b", "7", "7.5", "None", "nan"], "x": [1.0, 2.0, 3.0, np.nan, 5.0, 6.0]})
     spec = FeatureSpec.fit(fit, ["c"], ["x"])
@@ -305,7 +306,7 @@ def test_ddp_shards_training_batches_equally(monkeypatch):
     """Under DDP each rank takes an equal, disjoint slice of one shared permutation (rows tagged by index)."""
     import torch.distributed as dist
 
-    from models.data import IndexBatches, Split
+    from models.data.resident import IndexBatches, Split
 
     n = 1000
     split = Split(torch.arange(n).unsqueeze(1), torch.zeros(n, 1), torch.zeros(n, 1), np.zeros(n), np.zeros(n))
@@ -348,7 +349,7 @@ def test_ddp_on_two_cpu_processes_writes_one_artifact(small_table, tmp_path, row
 
 def test_the_default_recipe_follows_the_data_size():
     """Enough optimiser steps for a small log, device-sized batches for a large one; numbers override."""
-    from models import recipe
+    from models.training import recipe
 
     auto = {"batch_size": "auto", "max_epochs": "auto", "lr": "auto", "patience": "auto"}
     small = recipe.resolve(auto, 33_000, "cpu")  # the short-video log that lost with batch 4096 and 4 epochs
@@ -368,7 +369,7 @@ def test_the_default_recipe_follows_the_data_size():
 @pytest.mark.parametrize("monitor,direction", [("click/auc", "max"), ("loss", "min"), ("ndcg@10", "max")])
 def test_early_stopping_may_follow_any_validation_metric(small_table, tmp_path, monitor, direction):
     """A task's AUC (logged as val/click/auc) used to be logged twice and crash Lightning."""
-    from models.evaluation import mode
+    from models.metrics.multitask import mode
 
     cfg = load_config("shared_bottom", ["train.max_epochs=2", f"eval.monitor={monitor}",
                                         "model.params={bottom: [32, 16], tower: [8]}"])
@@ -446,7 +447,7 @@ def test_a_child_task_trains_its_parents_head_only_when_asked(parent_gradient):
 
 
 def test_embedding_widths_follow_the_vocabulary_in_one_lookup():
-    from models.encoder import FeatureEncoder, FeatureSpec, embedding_width
+    from models.data.encoder import FeatureEncoder, FeatureSpec, embedding_width
 
     df = pd.DataFrame({"user_id": [f"u{i}" for i in range(3000)], "hour": np.arange(3000) % 24,
                        "x": np.arange(3000.0)})
@@ -483,7 +484,7 @@ def test_the_artifact_holds_the_averaged_weights(small_table, tmp_path):
     """train.ema: validation, the checkpoint and the artifact use the moving average, not the last step's weights."""
     from safetensors.torch import load_file
 
-    from models.artifact import WEIGHTS
+    from models.scoring.artifact import WEIGHTS
 
     own = _OwnAverage(0.9)
     cfg = load_config("shared_bottom", ["train.max_epochs=1", "train.ema=0.9", "train.batch_size=256",
@@ -504,7 +505,7 @@ def test_the_artifact_holds_the_averaged_weights(small_table, tmp_path):
 
 
 def test_the_average_spans_a_sixth_of_a_long_run_up_to_500_steps():
-    from models import recipe
+    from models.training import recipe
 
     auto = {"batch_size": 256, "max_epochs": 3, "lr": 1e-3, "patience": 3, "ema": "auto"}
     assert recipe.resolve(auto, 256 * 400, "cpu")["ema"] == pytest.approx(1 - 1 / 200)  # 1,200 steps
@@ -518,7 +519,7 @@ def test_the_average_spans_a_sixth_of_a_long_run_up_to_500_steps():
 def test_a_limited_epoch_trains_that_many_batches_and_still_validates(small_table, tmp_path):
     """train.limit_train_batches (benchmarks at scale, smoke runs): N optimiser steps, then the usual
     validation, checkpoint and artifact."""
-    from models.weight_trace import FILENAME
+    from models.training.weight_trace import FILENAME
 
     cfg = load_config("shared_bottom", ["train.max_epochs=1", "train.limit_train_batches=3", "train.batch_size=256",
                                         "train.ema=false", "model.params={bottom: [16], tower: [8]}"])

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models import unshown
+from models.evaluation import unseen_candidates as unshown
 
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
 
@@ -55,7 +55,7 @@ def test_full_catalogue_takes_every_eligible_item():
 
 
 def test_a_ranker_that_knows_the_positive_is_perfect_and_random_is_not():
-    from models import metrics
+    from models.metrics import functional as metrics
 
     log = _log(seed=3)
     c = unshown.build(log, log[log["click"] > 0].iloc[-50:], ["item_id", "item_seen"], n=40, seed=0)

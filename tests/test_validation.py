@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.validation.run import validate_dataset
-from models import contract
+from models.contract import tables as contract
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -17,7 +17,7 @@ import pytest
 
 from flows.data.synth import SynthConfig, generate
 from flows.validation.run import validate_dataset
-from models import contract
+from models.contract import tables as contract
 
 CHUNK = 700
 CONFIG = SynthConfig(n_users=1500, n_items=800, n_interactions=2850, days=10, seed=0)  # the log's last chunk: 50

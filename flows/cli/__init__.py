@@ -53,8 +53,8 @@ def describe_error(exc: BaseException) -> str:
     """The problem in one line: our own errors already name the fix; others get their type for a search."""
     from services.registry import RegistryError
     from models.config import ConfigError
-    from models.contract import ManifestError
-    from models.declaration import DeclarationError
+    from models.contract.tables import ManifestError
+    from models.contract.declaration import DeclarationError
     from models.settings import SettingsError
     from flows.dev.launcher import NotServable
 

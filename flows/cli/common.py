@@ -35,8 +35,11 @@ def ensure_training_set(data: Path, materialize_online: bool = False) -> None:
 
 
 def training_table(data: Path):
-    """The table to evaluate on: whole while it fits, else a share of users (``models.stream.evaluation_table``)."""
-    from models.stream import evaluation_table
+    """The table to evaluate on: whole while it fits, else a share of users.
+
+    ``models.data.streamed.evaluation_table`` chooses.
+    """
+    from models.data.streamed import evaluation_table
 
     ensure_training_set(data)
     return evaluation_table(data)

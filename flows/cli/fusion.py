@@ -1,6 +1,6 @@
 """`mtlrec fusion`: the weights that fuse a model's objectives into one ranking score, learned from the data.
 
-`tune` proposes and a gate decides (``models.fusion_tuning``); an accepted weighting becomes a fusion
+`tune` proposes and a gate decides (``models.decisions.fusion_tuning``); an accepted weighting becomes a fusion
 version of the model in the registry (``services/fusion_versions.py``), live at once for the production
 model. `show` lists a model's versions and the one it serves; `rollback` moves production's back one.
 """
@@ -41,12 +41,12 @@ def tune(
     reward@K (reward-weighted DCG@K), with a paired bootstrap interval over users (flows/gate.yaml's
     resamples and confidence) that must exclude 0. Accepted, with a registry tag, the proposal becomes the
     model's next fusion version, live at once if the model is production. Declined, nothing changes. Where
-    the service's event log explored both weightings, the off-policy difference (models/offpolicy.py) must
+    the service's event log explored both weightings, the off-policy difference (models/decisions/offpolicy.py) must
     exclude 0 too.
     """
     from flows.promote import gate_config
-    from models.artifact import Scorer
-    from models.fusion_tuning import tune as run
+    from models.scoring.artifact import Scorer
+    from models.decisions.fusion_tuning import tune as run
 
     path, tag = model_path(model)
     cfg = gate_config()
@@ -89,15 +89,15 @@ def _event_store(data: Path, url: str | None):
 
 class LoggedEvidence:
     """``(proposed, current) -> interval or None``: what the service's exploration log says about the difference
-    in reward per request (``models.offpolicy.compare``); ``note`` says what it found, for the report."""
+    in reward per request (``models.decisions.offpolicy.compare``); ``note`` says what it found, for the report."""
 
     def __init__(self, store, rewards: dict[str, float]):
         self.store, self.rewards = store, rewards
         self.note = "no event log to ask: judged offline only" if store is None else ""
 
     def __call__(self, proposed: dict[str, float], current: dict[str, float]):
-        from models.fusion_tuning import OffPolicyEvidence
-        from models.offpolicy import compare, logged_requests
+        from models.decisions.fusion_tuning import OffPolicyEvidence
+        from models.decisions.offpolicy import compare, logged_requests
         from services.events import EventStoreError
 
         if self.store is None:
@@ -121,7 +121,7 @@ class LoggedEvidence:
 
 def summary(report: dict) -> str:
     """The report as tables (weights; each split's metrics per weighting), then the gate's decision."""
-    from models.fusion_tuning import weight_text
+    from models.decisions.fusion_tuning import weight_text
 
     k = report["k"]
     names = report["objectives"]
@@ -184,8 +184,8 @@ def show(
 
 def fusion_view(tag: str) -> dict:
     """What `show` prints: the declared weights, every version (report left out) and which one serves."""
-    from models.artifact import read_meta
-    from models.evaluation import fusion_weights
+    from models.scoring.artifact import read_meta
+    from models.metrics.multitask import fusion_weights
     from models.tasks import TaskSet
     from services import registry
 
@@ -198,7 +198,7 @@ def fusion_view(tag: str) -> dict:
 
 
 def view_table(view: dict) -> str:
-    from models.fusion_tuning import weight_text
+    from models.decisions.fusion_tuning import weight_text
 
     names = list(view["declared"])
     for v in view["versions"]:

@@ -1,7 +1,7 @@
 """`mtlrec fusion evaluate`: what another fusion weighting would have earned, estimated from the service's log.
 
 The service must have explored (``MTLREC_EXPLORE=epsilon``) for any weighting but the one it served to be
-judged: ``models.offpolicy`` explains the estimators, which requests count for a weighting, and the evidence
+judged: ``models.decisions.offpolicy`` explains the estimators, which requests count for a weighting, and the evidence
 below which it refuses to estimate.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from models.offpolicy import MIN_ESS, MIN_MATCHING, MIN_REWARDED
+from models.decisions.offpolicy import MIN_ESS, MIN_MATCHING, MIN_REWARDED
 
 app = typer.Typer(help="Fusion weightings judged on logged traffic.", no_args_is_help=True)
 
@@ -37,7 +37,7 @@ def _json_weights(value: str | None, option: str) -> dict[str, float] | None:
 
 def default_rewards(data: Path) -> dict[str, float]:
     """Each task's declared ``reward``, else its ``gain``, else 1 for a binary task (others earn nothing)."""
-    from models.contract import Manifest
+    from models.contract.tables import Manifest
 
     manifest = Manifest.load(data)
     out: dict[str, float] = {}
@@ -73,8 +73,8 @@ def evaluate(
     lists the weightings it can judge, printed so that pasting one back as --weights matches it.
     """
     from flows.cli.events import _since, _store
-    from models.offpolicy import evaluate as estimate
-    from models.offpolicy import format_weights, logged_requests
+    from models.decisions.offpolicy import evaluate as estimate
+    from models.decisions.offpolicy import format_weights, logged_requests
 
     target = _json_weights(weights, "--weights")
     reward_of = _json_weights(rewards, "--rewards") or default_rewards(data)

@@ -89,7 +89,7 @@ def train(
     Given a dataset directory, its point-in-time training set is built through
     Feast first if it is missing or older than the impression log.
     """
-    from models.train import main as train_main
+    from models.training.train import main as train_main
 
     ensure_training_set(data, materialize_online=True)
 
@@ -126,9 +126,9 @@ def evaluate(
     import json
 
     from flows.evaluation_inputs import holdout_inputs
-    from models.baselines import BaselineError, single_task_models
+    from models.evaluation.baselines import BaselineError, single_task_models
     from models.config import ConfigError
-    from models.holdout import evaluate as run
+    from models.evaluation.holdout import evaluate as run
 
     path, tag = model_path(model)
     table = training_table(data)
@@ -195,10 +195,11 @@ def benchmark(
 ) -> None:
     """Train and evaluate every architecture (x balancer) over several seeds; write a results table and plots."""
     from flows.evaluation_inputs import holdout_inputs
-    from models.comparison import run
+    from flows.reports.comparison import write
+    from models.evaluation.comparison import run
 
     ensure_training_set(data)
     report = run(data, out, configs=configs, balancers=balancers or [None], seeds=seeds, overrides=overrides,
                  inputs=holdout_inputs(data), log=typer.echo)
-    typer.echo((out / "report.md").read_text())
+    typer.echo(write(report, out).read_text())
     typer.echo(f"report: {out / 'report.md'}  ({len(report['runs'])} runs)")

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models import contract
+from models.contract import tables as contract
 
 US_PER_DAY = 86_400 * 1_000_000
 

@@ -34,8 +34,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from models import contract
-from models.declaration import topological
+from models.contract import tables as contract
+from models.contract.declaration import topological
 
 SOURCE = "flows.data.logged"
 UNKNOWN = "unknown"

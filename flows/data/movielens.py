@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models import contract
-from models.declaration import Declaration
+from models.contract import tables as contract
+from models.contract.declaration import Declaration
 
 DECLARATION = Declaration.from_dict({"tasks": [
     {"name": "click", "type": "binary"},

@@ -61,9 +61,9 @@ import pyarrow as pa
 
 from flows.data.generation import (US_PER_DAY, declared_range, impression_inputs, redrawn, sigmoid, time_span,
                                    write_impressions)
-from models import contract
-from models.declaration import Declaration
-from models.metrics import ranking_metrics
+from models.contract import tables as contract
+from models.contract.declaration import Declaration
+from models.metrics.functional import ranking_metrics
 
 # Parallel behaviours: no parent anywhere. Gains make the graded relevance of evaluation.
 DECLARATION = Declaration.from_dict({"tasks": [

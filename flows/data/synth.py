@@ -33,9 +33,9 @@ import pyarrow as pa
 
 from flows.data.generation import (US_PER_DAY, declared_range, impression_inputs, redrawn, sigmoid, time_span,
                                    write_impressions)
-from models import contract
-from models.declaration import Declaration
-from models.metrics import ranking_metrics
+from models.contract import tables as contract
+from models.contract.declaration import Declaration
+from models.metrics.functional import ranking_metrics
 
 # What this log records, as its manifest declares it: a funnel (purchase only after a click).
 DECLARATION = Declaration.from_dict({"tasks": [

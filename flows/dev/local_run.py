@@ -88,7 +88,7 @@ def sample_request(data: Path, n: int = 20, seed: int = 0) -> dict:
     import numpy as np
     import pandas as pd
 
-    from models import contract
+    from models.contract import tables as contract
 
     rng = np.random.default_rng(seed)
     users = pd.read_parquet(data / "users.parquet", columns=["user_id"])["user_id"].astype(str).to_numpy()

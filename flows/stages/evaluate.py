@@ -55,8 +55,8 @@ def register_task(artifact: str) -> str:
 @task(name="evaluate-model", timeout_seconds=3600)
 def evaluate_task(tag: str, data: str) -> dict:
     from flows.evaluation_inputs import holdout_inputs
-    from models.holdout import evaluate
-    from models.stream import evaluation_table
+    from models.evaluation.holdout import evaluate
+    from models.data.streamed import evaluation_table
     from services import registry
 
     result = evaluate(registry.artifact_path(tag), evaluation_table(data), **holdout_inputs(data))

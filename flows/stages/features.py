@@ -63,7 +63,7 @@ def inputs_key(s: StoreSettings) -> str:
              "project": s.project, "offline": s.offline}  # the registry's sources are the engine's type
     # not feature_repo/online.py: serving reads the store, nothing in it builds the features
     code = code_digest("feature_repo/compute.py", "feature_repo/store.py", "flows/stages/features.py",
-                       "feature_repo", "models/contract.py")
+                       "feature_repo", "models/contract/tables.py")
     return digest(where, dataset_digest(s.dataset), code)
 
 

@@ -16,7 +16,7 @@ from flows.stages.common import HOUR
 @task(name="promote-model", retries=0, timeout_seconds=3600)
 def promote_task(tag: str, data: str, report_dir: str | None = None, **gate) -> dict:
     from flows.promote import gate_config, promote
-    from models.stream import evaluation_table
+    from models.data.streamed import evaluation_table
 
     decision = promote(tag, evaluation_table(data), gate_config(**gate),
                        report_dir=Path(report_dir) if report_dir else None)

@@ -18,7 +18,7 @@ def training_key(training_file: str, config: dict) -> str:
 
 
 def artifact_exists(out: Path | str) -> bool:
-    from models.artifact import META, WEIGHTS
+    from models.scoring.artifact import META, WEIGHTS
 
     return all((Path(out) / f).is_file() for f in (WEIGHTS, META))
 
@@ -55,7 +55,7 @@ def train_cache_key(context, parameters: dict) -> str:
       persist_result=True)
 def train_task(config: dict, training_file: str, out: str, key: str) -> dict:
     """``key`` is unused here: it is what the cache is keyed on (and what names ``out``)."""
-    from models.train import train
+    from models.training.train import train
 
     with training_lines_in_the_run_log():
         meta = train(config, training_file, out, progress=False)
@@ -70,7 +70,7 @@ def train_flow(data: str, config: str = "mmoe", overrides: list[str] | None = No
                artifacts: str = "artifacts/pipeline") -> dict:
     """One model from a config and the dataset's training table; the artifact directory is named by its key."""
     from models.config import load_config
-    from models.table import training_file
+    from models.data.training_table import training_file
 
     cfg = load_config(config, overrides or [])
     table = str(training_file(data))

@@ -53,7 +53,7 @@ def validate_task(directory: str, docs_dir: str | None = None) -> dict:
 
 def validation_key(directory: str, docs_dir: str | None = None) -> str:
     return "mtlrec-validate-" + digest(str(Path(directory).resolve()), docs_dir, dataset_digest(directory),
-                                       code_digest("flows/validation", "models/contract.py"))
+                                       code_digest("flows/validation", "models/contract/tables.py"))
 
 
 def validation_outputs_exist(directory: str, docs_dir: str | None = None) -> bool:

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from great_expectations.core import ExpectationValidationResult
 
-from models import contract
+from models.contract import tables as contract
 
 E = gx.expectations
 RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 5}

@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from models import contract
-from models.declaration import DeclarationError
+from models.contract import tables as contract
+from models.contract.declaration import DeclarationError
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 log = logging.getLogger(__name__)

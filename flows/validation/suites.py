@@ -1,4 +1,4 @@
-"""Great Expectations suites, one per contract table, derived from ``models/contract.py``.
+"""Great Expectations suites, one per contract table, derived from ``models/contract/tables.py``.
 
 The rules are not written out by hand per table: they follow from the
 contract's column specs (kind, nullability, domain, bounds) and the dataset's
@@ -17,8 +17,8 @@ from __future__ import annotations
 import great_expectations as gx
 import pandas as pd
 
-from models import contract
-from models.declaration import Declaration, Limits
+from models.contract import tables as contract
+from models.contract.declaration import Declaration, Limits
 
 TS_SECONDS = "__event_timestamp_seconds"
 ROUNDING_S = 5e-7  # float seconds near 2e9 differ by up to ~2.4e-7 between two computations of one instant

@@ -1,4 +1,4 @@
-"""Architectures by name, as the YAML configs call them."""
+"""Architectures by name, as the YAML configs call them: the shared trunks and task towers any balancer trains."""
 
 from __future__ import annotations
 

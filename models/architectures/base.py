@@ -1,12 +1,11 @@
 """The architecture interface: a shared part, one tower per task, and what counts as shared.
 
 An architecture maps the dense input vector (embeddings and normalised
-numeric features, built by ``models.encoder.FeatureEncoder``) to one output
+numeric features, built by ``models.data.encoder.FeatureEncoder``) to one output
 per task. It knows nothing of losses or balancers; a balancer that needs
 per-task gradients asks it for ``shared_parameters()`` (the dense shared
 trunk, never embedding tables), ``last_shared_weight()`` (the one weight
-tensor GradNorm measures gradient norms on) or uses ``last_representation``
-(the shared representation of the last forward pass).
+tensor GradNorm measures gradient norms on).
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ class Architecture(nn.Module):
         super().__init__()
         self.in_dim = in_dim
         self.tasks = tasks
-        self.last_representation: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> Outputs:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -101,7 +99,7 @@ class Architecture(nn.Module):
     def mixing_parameters(self) -> list[nn.Parameter]:
         """Units that mix representations around a non-zero starting point (cross-stitch units).
 
-        Weight decay leaves them out (``models.decay``): it would pull a mix towards zero, where no column
+        Weight decay leaves them out (``models.training.decay``): it would pull a mix towards zero, where no column
         reads even its own task, rather than towards the near-identity it starts from. Gates are not listed:
         a gate's weights at zero mix its experts uniformly, a neutral point decay may pull towards.
         """

@@ -43,7 +43,6 @@ class ESMM(Architecture):
 
     def forward(self, x):
         h = self.shared(x)
-        self.last_representation = h
         return Outputs({name: tower(h) for name, tower in self.towers.items()})
 
     def shared_parameters(self):

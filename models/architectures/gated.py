@@ -94,7 +94,6 @@ class GatedDecomposition(Architecture):
         specific, specific_pre = self.specific.forward_with_pre(x)  # [T, B, H] each
         g = torch.sigmoid(self.fuse_gates(x)).view(x.shape[0], len(self.tasks), self.hidden).transpose(0, 1)
         fused = g * shared.unsqueeze(0) + (1 - g) * specific
-        self.last_representation = shared
         names = list(self.towers)
         logits = {n: self.towers[n](fused[i]) for i, n in enumerate(names)}
         aux = {n: self.aux_towers[n](specific[i]) for i, n in enumerate(names)}

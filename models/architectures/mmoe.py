@@ -46,7 +46,6 @@ class MMoE(Architecture):
         e = self.experts(x)  # [E, B, H]
         g = torch.softmax(self.gates(x).view(x.shape[0], len(self.tasks), self.n_experts), dim=-1)  # [B, T, E]
         mixed = torch.einsum("bte,ebh->tbh", g.to(e.dtype), e)
-        self.last_representation = e
         return Outputs({name: tower(mixed[i]) for i, (name, tower) in enumerate(self.towers.items())})
 
     def shared_parameters(self):

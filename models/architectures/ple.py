@@ -84,7 +84,6 @@ class PLE(Architecture):
         for level in self.levels:
             task_inputs, next_shared, shared = level(task_inputs, shared_input)
             shared_input = next_shared if next_shared is not None else shared_input
-        self.last_representation = shared
         return Outputs({name: tower(task_inputs[i]) for i, (name, tower) in enumerate(self.towers.items())})
 
     def shared_parameters(self):

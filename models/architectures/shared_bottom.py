@@ -32,7 +32,6 @@ class SharedBottom(Architecture):
 
     def forward(self, x):
         h = self.bottom(x)
-        self.last_representation = h
         return Outputs({name: tower(h) for name, tower in self.towers.items()})
 
     def shared_parameters(self):

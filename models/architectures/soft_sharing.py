@@ -56,7 +56,6 @@ class CrossStitch(Architecture):
         h = x
         for layer, stitch in zip(self.layers, self.stitches):
             h = torch.einsum("ts,sbh->tbh", stitch, layer(h))
-        self.last_representation = h
         logits = {name: tower(h[i]) for i, (name, tower) in enumerate(self.towers.items())}
         penalty = None
         if self.tie_l2 > 0:

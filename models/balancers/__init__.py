@@ -1,4 +1,4 @@
-"""Balancers by name, as the YAML configs call them."""
+"""Balancers by name, as the YAML configs call them: how task losses (or gradients) combine into one update."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ nash-mtl's WeightMethod):
 - loss weighting (fixed, uncertainty, DWA, FAMO): ``combine(losses)`` returns
   a scalar; Lightning's automatic optimisation backpropagates it.
 - gradient methods (GradNorm, PCGrad): ``manual = True``; the
-  module calls ``backward(losses, shared_parameters, representation)``, which
+  module calls ``backward(losses, shared_parameters)``, which
   sets ``.grad`` on every parameter itself: per-task gradients on the shared
   dense parameters (never the embedding tables), the plain weighted sum
   everywhere else.
@@ -67,7 +67,7 @@ class Balancer(nn.Module):
         """Called once with the architecture the balancer will train; most need nothing from it."""
 
     def backward(self, losses: torch.Tensor, shared_parameters: list[nn.Parameter],
-                 representation: torch.Tensor | None = None, extra_loss: torch.Tensor | None = None) -> None:
+                 extra_loss: torch.Tensor | None = None) -> None:
         """Set gradients on all parameters. The default: backpropagate ``combine`` (+ extra)."""
         total = self.combine(losses)
         if extra_loss is not None:

@@ -68,7 +68,7 @@ class GradNorm(Balancer):
     def weights(self) -> torch.Tensor:
         return self.task_weights.detach().clone()
 
-    def backward(self, losses, shared_parameters, representation=None, extra_loss=None) -> None:
+    def backward(self, losses, shared_parameters, extra_loss=None) -> None:
         loss = losses.detach().float()
         with torch.no_grad():
             self.task_weights.clamp_(min=1e-3)

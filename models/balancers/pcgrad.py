@@ -57,7 +57,7 @@ class PCGrad(Balancer):
         super().__init__(n_tasks, initial_weights)
         self.rng = random.Random(seed)  # a host generator: the order is Python ints, nothing read off a device
 
-    def backward(self, losses, shared_parameters, representation=None, extra_loss=None) -> None:
+    def backward(self, losses, shared_parameters, extra_loss=None) -> None:
         weighted = self.initial_weights.to(losses.dtype) * losses
         total = weighted.sum() + (extra_loss if extra_loss is not None else 0.0)
         if not shared_parameters:

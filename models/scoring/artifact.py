@@ -19,17 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from models.tensor_file import load_file, save_file
+from models.scoring.tensor_file import load_file, save_file
 
 from models.architectures import build_architecture
-from models.calibration import Calibration
-from models.encoder import FeatureEncoder, FeatureSpec
+from models.scoring.calibration import Calibration
+from models.data.encoder import FeatureEncoder, FeatureSpec
 from models.tasks import TaskSet
 
 WEIGHTS = "weights.safetensors"
 META = "model.json"
 # 2: heads keyed by position (towers.0_click), numeric bounds, calibration. 3: per-task snapshots (``members``,
-# models/task_checkpoints.py). Older code cannot score a newer artifact right, so it must refuse it; this code
+# models/training/task_checkpoints.py). Older code cannot score a newer artifact right, so it must refuse it; this code
 # still reads versions 1 (head keys renamed on load) and 2.
 FORMAT_VERSION = 3
 
@@ -62,7 +62,8 @@ def fingerprint(path: Path | str) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
-        _feed(h, f)
+        with open(f, "rb") as fh:
+            hashlib.file_digest(fh, lambda: h)  # the file's bytes into the running hash, after its name
     return h.hexdigest()
 
 
@@ -71,15 +72,8 @@ class CorruptModel(ValueError):
 
 
 def sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    _feed(h, path)
-    return h.hexdigest()
-
-
-def _feed(h, path: Path | str) -> None:
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def save_artifact(out: Path | str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
@@ -122,7 +116,7 @@ class Scorer(torch.nn.Module):
         self.meta = meta
         self.spec = FeatureSpec.from_dict(meta["features"])
         self.tasks = TaskSet.from_config(meta["tasks"], primary=meta.get("primary"))
-        # Fitted on the validation split at training (models/calibration.py); an artifact from before: identity.
+        # Fitted on the validation split at training (models/scoring/calibration.py); an artifact from before: identity.
         self.calibration = Calibration.from_dict(meta.get("calibration"), self.tasks)
         # Artifacts from before fusion was recorded ranked by the weighted product.
         self.fusion_method = (meta.get("fusion") or {}).get("method", "product")
@@ -132,7 +126,7 @@ class Scorer(torch.nn.Module):
                                       self.spec.embedding_widths(default))
         self.arch = build_architecture(model["architecture"], self.encoder.out_dim, self.tasks,
                                        **model.get("params", {}))
-        # Per-task snapshots (models/task_checkpoints.py): member i scores its tasks; the rest are this one's.
+        # Per-task snapshots (models/training/task_checkpoints.py): member i scores its tasks; the rest are this one's.
         self.member_tasks = [list(m["tasks"]) for m in meta.get("members") or []]
         self.members = torch.nn.ModuleList()
         for _ in self.member_tasks:
@@ -167,7 +161,7 @@ class Scorer(torch.nn.Module):
     def fuse(self, probs: dict[str, np.ndarray], weights: dict[str, float] | None = None,
              method: str | None = None) -> np.ndarray:
         """The model's ranking score: its declared fusion weights and method unless given others."""
-        from models.evaluation import fusion_weights
+        from models.metrics.multitask import fusion_weights
         from models.fusion import fuse
 
         return fuse(probs, weights or fusion_weights(self.tasks), method=method or self.fusion_method)

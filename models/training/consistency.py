@@ -49,7 +49,7 @@ class Consistency:
         ``implies: auto`` takes every declared parent of a binary task; ``groups: auto`` puts every binary
         task trained on all impressions into one group (the parallel behaviours of a feed).
         """
-        from models.declaration import suggest
+        from models.contract.declaration import suggest
 
         raw = dict(raw or {})
         unknown = sorted(set(raw) - {"weight", "implies", "groups"})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from models import contract
+from models.contract import tables as contract
 
 TABLE_FILE = "training.parquet"
 WORKSPACE = "_features"

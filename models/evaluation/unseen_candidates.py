@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from models import contract
+from models.contract import tables as contract
 
 TS = contract.TIMESTAMP
 

@@ -47,8 +47,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from models import binning
-from models.inputs import check_embedding_dims
+from models.data import binning
+from models.data.inputs import check_embedding_dims
 
 _VECTORISE_ABOVE = 20_000  # rows; below this a dict lookup beats building pandas objects
 
@@ -81,7 +81,7 @@ class FeatureSpec:
     widths: dict[str, int] = field(default_factory=dict)  # embedding width per categorical feature
     reserved: int = 2  # codes before each vocabulary: UNKNOWN and MISSING (1 in artifacts from before MISSING)
     missing: list[str] = field(default_factory=list)  # features with missing values in training: code MISSING
-    # numeric features also fed as quantile bins (models/binning.py): name -> {"edges": [...], "gain": ...}
+    # numeric features also fed as quantile bins (models/data/binning.py): name -> {"edges": [...], "gain": ...}
     bins: dict[str, dict] = field(default_factory=dict)
     # name -> [min, max] seen in training (after log1p): inputs are clipped to it, so a request months after the
     # log (an item older than any seen) is encoded as the oldest seen instead of extrapolated; absent: no clip
@@ -210,7 +210,7 @@ class FeatureSpec:
 
 
 class SpecFit:
-    """``FeatureSpec.fit`` a chunk at a time, for a training split streamed from disk (``models/stream.py``).
+    """``FeatureSpec.fit`` a chunk at a time, for a training split streamed from disk (``models/data/streamed.py``).
 
     Vocabularies are exact (counts summed over chunks); numeric statistics combine each chunk's count, mean
     and squared deviations (Chan et al.), which equals the one-pass figures up to rounding.

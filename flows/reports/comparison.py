@@ -1,91 +1,27 @@
-"""``mtlrec benchmark``: every architecture (x balancer) on one dataset, several seeds, one report.
+"""The report of ``mtlrec benchmark`` for people: one results table per protocol, and the plots.
 
-Each run trains through the project's own path (``models.train.train``) on
-the dataset's Feast training set and is judged by ``models.holdout`` on the
-same time-ordered holdout, beside popularity and random (and, on the
-synthetic log, the generator's own probabilities: the oracle), under every
-protocol ``models.holdout.evaluate`` applies: re-ranking each user's held-out
-impressions, each held-out positive among 99 unshown items, and the full
-catalogue when it is small. The report is one paper-style results table per
-protocol (mean ± std over seeds, best value in bold, relative improvement of
-the best model over the best baseline, each ranker's share of the oracle's
-gain over random) and PNG plots: NDCG@10 by model, task-weight trajectories,
-training curves.
+Tables: mean ± std over seeds, the best value in bold, the relative improvement of the best model over the
+best baseline, each ranker's share of the oracle's gain over random. Plots: NDCG@10 by model, task-weight
+trajectories, training curves. The runs and their summary are ``models.evaluation.comparison``'s.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from models.config import CONFIG_DIR, load_config
-from models.holdout import evaluate
-from models.table import load_training_table
-from models.train import train
-from models.weight_trace import FILENAME as WEIGHT_TRACE
-
-METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50")
-ARCHITECTURES = ("shared_bottom", "cross_stitch", "mmoe", "ple", "esmm", "gated")
-BASELINES = ("popularity", "random")
-REFERENCES = ("oracle",)  # an upper bound, not a baseline to beat
+from models.evaluation.comparison import BASELINES, METRICS, REFERENCES
+from models.training.weight_trace import FILENAME as WEIGHT_TRACE
 
 
-def run(data: Path | str, out: Path | str, *, configs=ARCHITECTURES, balancers=(None,), seeds=(0, 1),
-        overrides: list[str] | None = None, inputs: dict | None = None, log=print) -> dict[str, Any]:
-    """``inputs``: what ``models.holdout.evaluate`` needs beyond the table (item columns, context recompute,
-    the generator's oracle), built by the caller from the feature repository; the learning core cannot
-    import it (imports point down)."""
+def write(report: dict[str, Any], out: Path | str) -> Path:
+    """``report.md`` and its PNGs into ``out``, beside the runs' ``results.json``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = load_training_table(data)
-    inputs = inputs or {}
-    runs: list[dict[str, Any]] = []
-    protocols: dict[str, dict] = {}
-    for config in configs:
-        for balancer in balancers:
-            for seed in seeds:
-                extra = [f"seed={seed}"] + ([f"balancer.name={balancer}"] if balancer else []) + list(overrides or [])
-                cfg = load_config(config, extra)
-                name = f"{config}+{cfg['balancer']['name']}"
-                art = out / "runs" / f"{name}-s{seed}"
-                t = time.perf_counter()
-                meta = train(cfg, data, art, progress=False, table=table)
-                result = evaluate(art, table, seed=seed, **inputs)
-                for pname, r in result["protocols"].items():
-                    protocols.setdefault(pname, r["protocol"])
-                runs.append({"model": name, "seed": seed, "seconds": time.perf_counter() - t,
-                             "epochs": meta["training"]["epochs"], "artifact": str(art),
-                             "rankers": result["rankers"], "tasks": result["tasks"],
-                             "protocols": {k: r["rankers"] for k, r in result["protocols"].items()}})
-                log(f"{name} seed {seed}: ndcg@10 {result['rankers']['model']['ndcg@10']:.4f} "
-                    f"({time.perf_counter() - t:.0f}s)")
-    by_protocol = {name: summarise(runs, name) for name in protocols}
-    report = {"data": str(data), "protocol": protocols.get("rerank"), "protocols": protocols, "seeds": list(seeds),
-              "overrides": list(overrides or []), "runs": runs, "summary": by_protocol["rerank"],
-              "summaries": by_protocol}
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(markdown(report))
-    plots(runs, report["summary"], out)
-    return report
-
-
-def summarise(runs: list[dict[str, Any]], protocol: str = "rerank") -> dict[str, dict[str, list[float]]]:
-    """``{ranker: {metric: [mean, std]}}`` over seeds, models and baselines alike, under one protocol."""
-    values: dict[str, dict[str, list[float]]] = {}
-    for r in runs:
-        for ranker, m in (r.get("protocols") or {"rerank": r["rankers"]})[protocol].items():
-            key = r["model"] if ranker == "model" else ranker
-            for metric in (*METRICS, "oracle_gap_share"):
-                if metric in m:
-                    values.setdefault(key, {}).setdefault(metric, []).append(m[metric])
-        for task, t in r["tasks"].items():
-            values.setdefault(r["model"], {}).setdefault(f"{task} AUC", []).append(t["auc"])
-    return {k: {m: [float(np.mean(v)), float(np.std(v))] for m, v in ms.items()} for k, ms in values.items()}
+    plots(report["runs"], report["summary"], out)
+    return out / "report.md"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -187,10 +123,6 @@ def _csv_log(artifact: Path) -> pd.DataFrame:
 
 
 def _weight_trace(artifact: Path) -> pd.DataFrame:
-    """Every step's task weights (``models.weight_trace``): Lightning's own log keeps only every 10th step."""
+    """Every step's task weights (``models.training.weight_trace``): Lightning's own log keeps only every 10th step."""
     path = artifact / "logs" / WEIGHT_TRACE
     return pd.read_csv(path) if path.exists() else pd.DataFrame()
-
-
-def available_configs() -> list[str]:
-    return [p.stem for p in sorted(CONFIG_DIR.glob("*.yaml")) if p.stem != "base"]

@@ -4,7 +4,7 @@ by a snapshot of the model at that epoch.
 One checkpoint, picked by one monitor, is a compromise between tasks that peak at different epochs. On
 the short-video log with rare behaviours (``benchmarks/rare_tasks.py``) the rare tasks' validation AUC
 peaks around epoch 4-7 and then falls, long view's at epoch 9-10; the mean AUC picks epoch 6-7, where
-long view is .016 AUC below its single-task model. Task-wise early stopping (``models/task_stopping.py``)
+long view is .016 AUC below its single-task model. Task-wise early stopping (``models/training/task_stopping.py``)
 does not help: a stopped task keeps drifting as the shared layers move under it. Keeping each task's
 best-epoch weights is checkpoint selection per task, as a single-task model gets it for free; the cost is
 a forward pass per extra snapshot at scoring, so their number is bounded (``train.task_checkpoints``,

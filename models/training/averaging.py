@@ -10,7 +10,7 @@ the saved checkpoints see the averaged weights (``state_dict``; the current ones
 ``current_model_state`` for a resumed run), and training ends with the average in the model.
 
 The callback swaps the weights in ``on_validation_epoch_start`` and back in ``on_validation_epoch_end``:
-a callback that must see what validation scored (``models/task_checkpoints.py``) comes before this one
+a callback that must see what validation scored (``models/training/task_checkpoints.py``) comes before this one
 in the list.
 """
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import difflib
 
 from models.config import ConfigError
-from models.declaration import suggest
+from models.contract.declaration import suggest
 
 FEATURE_KEYS = ("categorical", "numeric", "log1p")
-BINS = "#bins"  # the embedding slot of a numeric feature's quantile bins (models/binning.py)
+BINS = "#bins"  # the embedding slot of a numeric feature's quantile bins (models/data/binning.py)
 
 
 def resolve_features(chosen, offered: dict | None, columns=None) -> dict[str, list[str]]:

@@ -6,7 +6,7 @@ implies a click counts for both), so the metric rewards ranking the
 behaviours the dataset declares valuable above the rest. Fusing by the
 weighted sum of probabilities with the gains as weights ranks by the expected
 relevance, which is what maximises expected DCG, provided the probabilities are
-calibrated (``models/calibration.py``: an over-predicted rare head would
+calibrated (``models/scoring/calibration.py``: an over-predicted rare head would
 otherwise outweigh the rest); it is the default.
 
 Besides per-task AUC/GAUC/logloss (beside it ``base_logloss``, the log-loss
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models import metrics
+from models.metrics import functional as metrics
 from models.fusion import fuse
 from models.tasks import TaskSet
 
@@ -36,7 +36,7 @@ def _weighted_labels(tasks: TaskSet, labels: np.ndarray, weight) -> np.ndarray:
     """Per row, the sum over ranking tasks of ``weight(task)`` x its binary label (``labels``: [N, T]).
 
     NaN where a label that carries weight is missing: the row's grade is unknown, so the ranking metrics leave
-    it out (``models.metrics``) rather than grade it as if that behaviour had not happened.
+    it out (``models.metrics.functional``) rather than grade it as if that behaviour had not happened.
     """
     out = np.zeros(len(labels), dtype=np.float64)
     for j, t in enumerate(tasks):

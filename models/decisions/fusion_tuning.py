@@ -22,7 +22,7 @@ model is served with now is decided on the test split, which the search
 never saw, by ``accept``: per user, the reward-weighted DCG@K of the
 proposal minus that of the current weighting (``metrics.reward_per_user``,
 the ``reward@K`` of the reports), and a paired bootstrap over users
-(``models.gate.paired_bootstrap``) whose interval must exclude zero from
+(``models.decisions.gate.paired_bootstrap``) whose interval must exclude zero from
 below. A validation score the search maximised says nothing about that: a
 proposal that only fits the validation rows must not go live.
 
@@ -40,12 +40,12 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import pandas as pd
 
-from models import metrics
-from models.data import time_split
-from models.evaluation import fusion_weights
+from models.metrics import functional as metrics
+from models.data.resident import time_split
+from models.metrics.multitask import fusion_weights
 from models.fusion import fuse
-from models.gate import fusion_used, paired_bootstrap
-from models.holdout import reward_of
+from models.decisions.gate import fusion_used, paired_bootstrap
+from models.evaluation.holdout import reward_of
 from models.tasks import TaskSet
 
 DECIMALS = 6  # places a tuned weight is kept (and printed) with
@@ -103,7 +103,7 @@ def weight_text(w: float) -> str:
 class OffPolicyEvidence:
     """What the service's own log says about proposal minus current: an interval of the reward difference.
 
-    Anything with ``low`` and ``high`` will do (``models.offpolicy``'s estimate of a difference has both);
+    Anything with ``low`` and ``high`` will do (``models.decisions.offpolicy``'s estimate of a difference has both);
     this is the shape to build one by hand, or from another estimator, with a note on where it came from.
     """
 
@@ -267,7 +267,7 @@ def tune(scorer, table: pd.DataFrame, *, k: int = 10, iterations: int = 10, samp
          gate_seed: int = 0, offpolicy: Callable[[dict, dict], Interval | None] | None = None) -> dict[str, Any]:
     """Propose fusion weights from the validation split; decide on the test split whether they replace ``current``.
 
-    ``scorer`` is a loaded ``models.artifact.Scorer``; ``table`` the training table it was trained from (or a
+    ``scorer`` is a loaded ``models.scoring.artifact.Scorer``; ``table`` the training table it was trained from (or a
     newer one with the same columns), cut with the model's own split fractions. ``current`` is the weighting
     the model is served with now (None: its declared weights); the search starts from it, so it proposes
     nothing worse than it on the validation split. The report's ``decision`` is ``accept``'s on the test

@@ -19,10 +19,10 @@ import warnings
 
 import numpy as np
 
-from models import recipe
+from models.training import recipe
 from models.config import ConfigError
-from models.declaration import suggest
-from models.evaluation import ALIASES, evaluate_predictions, monitor_key
+from models.contract.declaration import suggest
+from models.metrics.multitask import ALIASES, evaluate_predictions, monitor_key
 from models.tasks import TaskSet
 
 OWN = {"binary": "auc", "regression": "rmse", "multiclass": "accuracy"}  # each task type's measure of itself

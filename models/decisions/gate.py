@@ -9,7 +9,7 @@ end is above zero), and no binary task's AUC fell by more than
 ``auc_tolerance``. With no production model the reference is popularity.
 
 Each model is judged by the ranking it would serve: with its tuned fusion
-weights when it has them (``models/fusion_tuning.py``), else its declared
+weights when it has them (``models/decisions/fusion_tuning.py``), else its declared
 ones; the decision records which (``fusion``).
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.holdout import Holdout
+from models.evaluation.holdout import Holdout
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def paired_bootstrap(diff: np.ndarray, n: int, confidence: float, seed: int) -> 
 
 def fusion_used(scorer, weights: dict[str, float] | None) -> dict[str, Any]:
     """The weights a model is judged with and where they came from; tuned weights must name its objectives."""
-    from models.evaluation import fusion_weights
+    from models.metrics.multitask import fusion_weights
 
     if not weights:
         return {"weights": fusion_weights(scorer.tasks), "source": "declared"}
@@ -109,7 +109,7 @@ def decide(candidate: Path | str, table: pd.DataFrame, production: Path | str | 
            production_tag: str | None = None, config: GateConfig | None = None,
            weights: dict[str, float] | None = None, production_weights: dict[str, float] | None = None) -> Decision:
     """``weights`` / ``production_weights``: tuned fusion weights of either model (None: its declared ones)."""
-    from models.artifact import Scorer
+    from models.scoring.artifact import Scorer
 
     cfg = config or GateConfig()
     cand = Scorer.load(candidate)

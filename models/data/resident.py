@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models import binning, contract
-from models.encoder import FeatureSpec
-from models.inputs import require_columns
+from models.data import binning
+from models.contract import tables as contract
+from models.data.encoder import FeatureSpec
+from models.data.inputs import require_columns
 from models.tasks import TaskSet
 
 
@@ -75,7 +76,7 @@ def target_stats(train: pd.DataFrame, tasks: TaskSet) -> dict[str, tuple[float, 
 
 def encode(df: pd.DataFrame, spec: FeatureSpec, tasks: TaskSet) -> Split:
     """The split as tensors. A missing label stays NaN (nullable dtypes' NA included): it is unknown, not a
-    negative, and the losses and metrics leave that row out of its task (``TaskSet.losses``, ``models.metrics``)."""
+    negative, and the losses and metrics leave that row out of its task (``TaskSet.losses``, ``models.metrics.functional``)."""
     labels = np.stack([df[t.column].to_numpy(dtype=np.float32, na_value=np.nan) for t in tasks], axis=1) \
         if len(df) else np.zeros((0, len(tasks)), dtype=np.float32)
     return Split(
@@ -160,7 +161,7 @@ class MTLDataModule(SplitDataModule):
                  log1p: list[str] | None = None, numeric_bins: str = "auto", n_bins: int = binning.N_BINS):
         """``batch_size`` may be set later (``use_batch_size``), once the recipe knows the training split's size.
 
-        ``numeric_bins``: which numeric features also enter as quantile-bin embeddings (``models.binning``).
+        ``numeric_bins``: which numeric features also enter as quantile-bin embeddings (``models.data.binning``).
         """
         super().__init__()
         self.tasks = tasks

@@ -8,7 +8,7 @@ here instead of repeating them.
 A dataset is a directory holding ``users.parquet``, ``items.parquet``,
 ``interactions.parquet`` and ``dataset.yaml`` (its manifest: where it came
 from, its declared time range, and the task declaration of
-``models/declaration.py``: which label columns the log carries and what they
+``models/contract/declaration.py``: which label columns the log carries and what they
 mean). The interaction table's label columns are not fixed here: they come
 from the declaration (``interactions_table``).
 """
@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from models.declaration import Declaration, DeclarationError, TaskDecl
+from models.contract.declaration import Declaration, DeclarationError, TaskDecl
 
 # The dtype kinds a column may have, each with the pandas dtype names that
 # satisfy it. Ids are strings so that any source's keys fit without a mapping.
@@ -190,7 +190,7 @@ class Manifest:
     source: str
     start: str  # ISO-8601 UTC, inclusive
     end: str  # ISO-8601 UTC, inclusive
-    tasks: list[dict[str, Any]] = field(default_factory=list)  # the task declaration (models/declaration.py)
+    tasks: list[dict[str, Any]] = field(default_factory=list)  # the task declaration (models/contract/declaration.py)
     primary: str | None = None
     context: list[str] = field(default_factory=list)
     attributes: dict[str, list[str]] = field(default_factory=dict)

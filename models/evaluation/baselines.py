@@ -20,10 +20,10 @@ import logging
 import time
 from pathlib import Path
 
-from models import recipe
-from models.artifact import read_meta
-from models.declaration import suggest
-from models.monitor import single_task_monitor
+from models.training import recipe
+from models.scoring.artifact import read_meta
+from models.contract.declaration import suggest
+from models.training.monitor import single_task_monitor
 from models.tasks import TaskSet
 
 log = logging.getLogger("mtlrec.train")
@@ -46,7 +46,7 @@ class BaselineError(ValueError):
 
 def baseline_key(config: dict, data_fingerprint: str | None) -> str:
     """What a baseline depends on: its resolved config, the training table's bytes and the model code."""
-    from models.artifact import code_version
+    from models.scoring.artifact import code_version
 
     return hashlib.sha256(json.dumps([config, data_fingerprint, code_version()], sort_keys=True,
                                      default=str).encode()).hexdigest()
@@ -67,10 +67,10 @@ def single_task_models(artifact: Path | str, data, out: Path | str, table=None, 
     A task with a parent is trained on every impression (its joint label, e.g. click and purchase), which
     is what the multi-task model's unconditional score for it predicts.
     """
-    from models.artifact import fingerprint
+    from models.scoring.artifact import fingerprint
     from models.config import apply_overrides
-    from models.table import training_file
-    from models.train import train
+    from models.data.training_table import training_file
+    from models.training.train import train
 
     meta = read_meta(artifact)
     monitor = meta.get("training", {}).get("monitor") or recipe.monitor(meta["config"]["eval"].get("monitor"))

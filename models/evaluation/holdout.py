@@ -1,7 +1,7 @@
 """Offline evaluation on the time-ordered holdout, with baselines beside the model.
 
 The holdout is the last ``test_fraction`` of impressions by time: the model
-never trained on them (``models.data.time_split``, the same cut training
+never trained on them (``models.data.resident.time_split``, the same cut training
 used). Every user's held-out impressions are ranked by each ranker, and the
 ranking is judged against the model's graded relevance (each declared binary
 label times its gain) for the fused score, and against each binary label for
@@ -20,9 +20,10 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from models import metrics, unshown
-from models.artifact import Scorer
-from models.data import time_split
+from models.metrics import functional as metrics
+from models.evaluation import unseen_candidates as unshown
+from models.scoring.artifact import Scorer
+from models.data.resident import time_split
 from models.tasks import TaskSet
 
 
@@ -224,7 +225,7 @@ def _rerank(h: Holdout, rankers: Rankers, ks) -> dict[str, Any]:
 
 def _unshown(h: Holdout, rankers: Rankers, n: int | str, ks, seed: int, max_positives: int,
              item_columns: list[str], recompute) -> dict[str, Any]:
-    """Each held-out positive among ``n`` items its user was never shown (``models.unshown``)."""
+    """Each held-out positive among ``n`` items its user was never shown (``models.evaluation.unseen_candidates``)."""
     test = h.test.reset_index(drop=True)
     rng = np.random.default_rng(seed)
     chosen = set()
@@ -287,7 +288,8 @@ def evaluate(artifact: Path | str, table: pd.DataFrame, *, ks=(10, 20, 50), seed
 
     Top level (``rankers``, ``tasks``, ``protocol``, ``summary``): the re-ranking protocol, which the gate
     uses. ``protocols`` holds each protocol's rankers, protocol and summary: ``rerank``; ``unshown-N`` (each
-    held-out positive among N unshown items: ``models.unshown``) when the item-side columns are known
+    held-out positive among N unshown items: ``models.evaluation.unseen_candidates``) when the item-side
+    columns are known
     (``item_columns``, else
     the training table's metadata); ``catalogue`` (among every unshown item) when the catalogue has at most
     ``catalogue_max`` items. ``oracle`` (the generator's own probabilities, synthetic data) joins the rankers.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from models import metrics
+from models.metrics import functional as metrics
 
 N_BINS = 32
 MARGIN = 0.005  # validation AUC a feature's bins must add over its value

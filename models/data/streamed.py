@@ -1,6 +1,6 @@
 """Training rows streamed from the training parquet, for tables larger than memory.
 
-``models/data.py`` encodes the whole table once and keeps it resident: the
+``models/data/resident.py`` encodes the whole table once and keeps it resident: the
 fastest path while it fits. Past that, this module reads the file a row group
 at a time and never holds the training split:
 
@@ -31,13 +31,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models import binning, contract, machine
-from models.data import SplitDataModule, encode, target_stats
-from models.data import cut_points as data_cut_points
-from models.encoder import FeatureSpec, SpecFit
-from models.inputs import require_columns
-from models.machine import MEMORY_SHARE  # stream: auto streams when the table would take more than this share
-from models.table import load_training_table, table_metadata, training_file
+from models.data import binning
+from models.contract import tables as contract
+from models.data import memory as machine
+from models.data.resident import SplitDataModule, encode, target_stats
+from models.data.resident import cut_points as data_cut_points
+from models.data.encoder import FeatureSpec, SpecFit
+from models.data.inputs import require_columns
+from models.data.memory import MEMORY_SHARE  # stream: auto streams when the table would take more than this share
+from models.data.training_table import load_training_table, table_metadata, training_file
 from models.tasks import TaskSet
 
 CHUNK_ROWS = 1 << 20  # rows encoded and shuffled together: one slice to the device

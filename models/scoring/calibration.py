@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from models import metrics
-from models.declaration import suggest
+from models.metrics import functional as metrics
+from models.contract.declaration import suggest
 from models.tasks import TaskSet
 
 MIN_CLASS = 10  # positives (and negatives) below which the fit uses Platt's smoothed targets

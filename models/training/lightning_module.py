@@ -6,7 +6,7 @@ pass per task, so the module switches to manual optimisation for them and
 clips by hand. Validation collects the predictions of the whole split and
 computes ranking metrics once per epoch: one host synchronisation per epoch,
 none per step. Once training has set ``calibration`` (fitted on the
-validation split, ``models/calibration.py``), the metrics of a split are
+validation split, ``models/scoring/calibration.py``), the metrics of a split are
 those of the calibrated probabilities, as the artifact will score them.
 """
 
@@ -18,15 +18,15 @@ import lightning as L
 import numpy as np
 import torch
 
-from models import replay
+from models.training import replay
 from models.architectures import build_architecture
 from models.balancers import build_balancer, check_world_size
-from models.calibration import Calibration
-from models.consistency import Consistency
-from models.decay import decay_groups
-from models.encoder import FeatureEncoder, FeatureSpec
-from models.evaluation import evaluate_predictions, monitor_key, worst
-from models.task_stopping import gate, keep_active
+from models.scoring.calibration import Calibration
+from models.training.consistency import Consistency
+from models.training.decay import decay_groups
+from models.data.encoder import FeatureEncoder, FeatureSpec
+from models.metrics.multitask import evaluate_predictions, monitor_key, worst
+from models.training.task_stopping import gate, keep_active
 from models.tasks import TaskSet
 
 
@@ -53,7 +53,8 @@ class MTLModule(L.LightningModule):
         self.balancer.bind(self.arch)  # GradNorm picks the architecture's last shared layer
         self.automatic_optimization = not self.balancer.manual
         self.consistency = Consistency.from_config(consistency, self.tasks)
-        # 1 while a task trains the model, 0 once task-wise early stopping (models/task_stopping.py) stopped it.
+        # 1 while a task trains the model, 0 once task-wise early stopping stopped it
+        # (models/training/task_stopping.py).
         self.register_buffer("task_active", torch.ones(len(self.tasks)), persistent=False)
         self._epoch_rows: list[torch.Tensor] = []  # per step: total loss, task losses, task weights
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
@@ -99,7 +100,7 @@ class MTLModule(L.LightningModule):
         else:
             opt = self.optimizers()
             opt.zero_grad(set_to_none=True)
-            self.balancer.backward(losses, self.arch.shared_parameters(), self.arch.last_representation, extra)
+            self.balancer.backward(losses, self.arch.shared_parameters(), extra)
             if self.hparams.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip)
             opt.step()
@@ -109,7 +110,7 @@ class MTLModule(L.LightningModule):
         total = torch.where(torch.isfinite(losses).all(), loss.detach(), losses.detach().sum())
         # One row per step, kept on the device and logged as epoch means in on_train_epoch_end: Lightning's own
         # per-step logging costs more than a millisecond a step in Python, and a step value reaching the
-        # loggers is a host read. Every step's task weights are in task_weights.csv (models/weight_trace.py).
+        # loggers is a host read. Every step's task weights are in task_weights.csv (models/training/weight_trace.py).
         self._epoch_rows.append(torch.cat([total.reshape(1).float(), losses.detach().float(),
                                            self.balancer.weights().float()]))
         return loss if self.automatic_optimization else None
@@ -117,7 +118,7 @@ class MTLModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.balancer.needs_after_step:
             # Re-measured in the training step's precision (bf16 autocast on a GPU) and with its unknown-id and
-            # dropout masks (models/replay.py): FAMO compares these losses with the step's own, and a bf16 loss
+            # dropout masks (models/training/replay.py): FAMO compares these losses with the step's own, and a bf16 loss
             # against an fp32 one, or other masks, would show noise as progress. The masks are replayed rather
             # than switched off (eval mode): the step's loss was measured with them, and dropping them would
             # credit each task with its dropout gap.
@@ -139,7 +140,7 @@ class MTLModule(L.LightningModule):
             raise NonFiniteLoss(f"training loss became {float(means[0])} in epoch {self.current_epoch}")
 
     def configure_optimizers(self):
-        # Decay on weights only (models/decay.py): not on biases, normalisation, mixing units or the balancer's
+        # Decay on weights only (models/training/decay.py): not on biases, normalisation, mixing units or the balancer's
         # task weights, which are not the model's.
         exempt = [*self.balancer.parameters(), *self.arch.mixing_parameters()]
         # Fused (one kernel over all parameters instead of a loop of per-tensor ops) in full precision only:
@@ -199,7 +200,7 @@ class MTLModule(L.LightningModule):
                           ) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
         """The raw (uncalibrated) probabilities and the labels of one split in row order; None if it is empty.
 
-        ``members`` (``{epoch: [tasks]}``, ``models/task_checkpoints.py``): those tasks' probabilities come
+        ``members`` (``{epoch: [tasks]}``, ``models/training/task_checkpoints.py``): those tasks' probabilities come
         from the weights in ``snapshots[epoch]``, as the artifact will score them; the module's own weights
         are restored after."""
         self.eval()

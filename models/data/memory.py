@@ -1,6 +1,6 @@
 """This machine's memory, as the stages that choose between a resident and a spilling path see it.
 
-Apart from ``models.stream`` (torch, Lightning) so that the feature stage, which asks it to size DuckDB,
+Apart from ``models.data.streamed`` (torch, Lightning) so that the feature stage, which asks it to size DuckDB,
 does not pay seconds of imports for a number: the training-set build used to import Lightning for it.
 Tests make the machine smaller by replacing ``memory_bytes`` here; every caller looks it up here at call time.
 """

@@ -1,0 +1,1 @@
+"""What the workflow writes for people to read: reports and their plots."""

@@ -1,0 +1,1 @@
+"""The data contract: the three tables every stage reads, and the task declaration that names their behaviours."""

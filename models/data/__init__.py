@@ -1,0 +1,1 @@
+"""How rows reach the model: the training table, feature inputs and encoding, resident and streamed batches."""

@@ -1,0 +1,1 @@
+"""A training run: the Lightning module, the recipe, and what runs beside the optimiser (averaging, stopping)."""
