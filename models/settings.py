@@ -5,7 +5,7 @@
 caller's choice and is kept as it was: the service reads its bounds when its module is imported (they shape
 the OpenAPI schema and the middleware) and its store settings when a worker starts; ``StoreSettings.for_dataset``,
 the registry's and the gate's fault hooks and the admin token are read on every call. ``mtlrec settings`` lists
-every variable with its current value; the README's "Configuration" table is ``markdown_table()``.
+every variable with its current value; the table in ``docs/configuration.md`` is ``markdown_table()``.
 
 A value that does not parse is an error naming the variable (``SettingsError``), raised by whichever read
 comes first; an empty variable counts as unset. Unknown ``MTLREC_*`` names are ignored (``unknown()`` lists
@@ -268,7 +268,7 @@ def describe(settings: Settings | None = None) -> list[dict[str, str]]:
 
 
 def markdown_table() -> str:
-    """The README's table of every variable: name, default, description (no current values)."""
+    """The table of every variable in docs/configuration.md: name, default, description (no current values)."""
     lines = ["| Variable | Default | What it does |", "|---|---|---|"]
     for row in describe(Settings.model_construct()):
         lines.append(f"| `{row['name']}` | {row['default']} | {row['description']} |")

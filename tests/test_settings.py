@@ -147,10 +147,10 @@ def test_mtlrec_settings_refuses_a_bad_value_in_one_line():
         "error: MTLREC_WORKERS='two': Input should be a valid integer, unable to parse string as an integer"]
 
 
-def test_the_readme_lists_every_variable():
-    readme = (ROOT / "README.md").read_text()
-    assert settings.markdown_table() in readme, "README.md's Configuration table is stale: paste " \
-                                                "`mtlrec settings --markdown` over it"
+def test_the_configuration_page_lists_every_variable():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert settings.markdown_table() in page, "docs/configuration.md's table is stale: paste " \
+                                              "`mtlrec settings --markdown` over it"
     markdown = CliRunner().invoke(app, ["settings", "--markdown"])
     assert markdown.exit_code == 0 and markdown.output == settings.markdown_table()
 

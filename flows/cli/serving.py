@@ -57,7 +57,7 @@ def serve(
 
 @app.command("settings")
 def settings_command(
-    markdown: bool = typer.Option(False, "--markdown", help="the README's table instead: defaults, no values"),
+    markdown: bool = typer.Option(False, "--markdown", help="the table in docs/configuration.md"),
 ) -> None:
     """Every MTLREC_* environment variable: its current value, its default and what it does."""
     import os

@@ -268,7 +268,7 @@ class Manifest:
         m = cls.load(Path(directory))
         if m is None:
             raise ManifestError(f"{Path(directory) / MANIFEST} is missing: a dataset declares its time range and "
-                                "its tasks there (see the README, 'Bringing your own data')")
+                                "its tasks there (see docs/data.md, 'Bringing your own data')")
         return m
 
 
