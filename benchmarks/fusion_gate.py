@@ -1,7 +1,7 @@
 """Does the fusion gate let through only weights that earn more? One row per seed, judged by the generator's truth.
 
 For each seed: a synthetic log where click and purchase disagree (``--world simulator``: ``price_effect=3``,
-a purchase worth 20 clicks, as in ``tests/test_fusion_tuning.py``) or the default world scaled down
+a purchase worth 20 clicks, as in ``tests/models/test_fusion_tuning.py``) or the default world scaled down
 (``--world default``: a purchase worth 5 clicks, where the declared weights are within noise of the best),
 generated with that seed and trained (the default recipe at its own seed unless ``--train-seed``;
 ``--world default`` uses the test file's small 2-epoch MMoE), registered and made production in a throwaway

@@ -15,7 +15,7 @@ One run reports, as one JSON file (``--json``) and a printed table:
 - ``--stream-rows N``: one streamed epoch (``data.stream=true``) over a generated N-row parquet, with
   samples/s and peak host and device memory.
 
-Needs only torch, Lightning, numpy, pandas and pyarrow (``tests/test_gpu_path.py`` runs it with every
+Needs only torch, Lightning, numpy, pandas and pyarrow (``tests/models/test_gpu_path.py`` runs it with every
 other package hidden, ``benchmarks/gpu_machine.py``):
 
     python benchmarks/train_throughput.py                                  # CPU: 200k rows, batch 4096

@@ -33,7 +33,7 @@ propagates as itself.
 Feast's public API covers all of this except the Redis client: its
 connection string cannot turn redis-py's retries off. The two private Feast
 names that needs are each used in one function below (``_redis_connection``,
-``_use_redis_client``), and ``tests/test_features.py`` fails if a Feast upgrade
+``_use_redis_client``), and ``tests/feature_repo/test_features.py`` fails if a Feast upgrade
 removes or renames them.
 """
 
@@ -354,8 +354,9 @@ def tune_redis(store, *, connect_timeout_s: float = 0.1, read_timeout_s: float =
 
 
 # ---- Feast internals: each private name used in exactly one place --------------------------------------------
-# Feast offers no public way to hand its Redis online store a client of our own. tests/test_features.py asserts
-# that both names exist and behave as used here, so a Feast upgrade that changes them fails a test, not a request.
+# Feast offers no public way to hand its Redis online store a client of our own.
+# tests/feature_repo/test_features.py asserts that both names exist and behave as used here, so a Feast
+# upgrade that changes them fails a test, not a request.
 
 def _redis_connection(online, connection_string: str) -> tuple[list[dict], dict]:
     """Feast's own parse of its Redis connection string ((nodes, params)), so the client we build connects

@@ -152,7 +152,7 @@ def harden_uvicorn(header_timeout_s: float) -> bool:
     offers no setting for it. This wraps ``connection_made`` of uvicorn's two HTTP/1.1 protocols with a
     deadline that a complete request head (``self.cycle``) disarms. It must run in the worker before uvicorn
     accepts, which importing the service module does. Returns False where uvicorn's protocols have moved
-    (``tests/test_service.py`` checks it stays True for the pinned uvicorn).
+    (``tests/services/test_service.py`` checks it stays True for the pinned uvicorn).
     """
     try:
         from uvicorn.protocols.http import h11_impl, httptools_impl

@@ -61,7 +61,7 @@ class SynthConfig:
     zipf_exponent: float = 1.0
     # How strongly a price-sensitive user's purchase falls with the item's price (the click ignores price). Larger
     # values make click and purchase disagree more about which items are worth showing, which is what a
-    # simulator of learned fusion weights needs (tests/test_fusion_tuning.py).
+    # simulator of learned fusion weights needs (tests/models/test_fusion_tuning.py).
     price_effect: float = 0.9
     end: str = "2026-10-01T00:00:00+00:00"  # fixed, so the same seed gives the same tables
     chunk_rows: int = 2_000_000

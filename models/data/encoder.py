@@ -137,7 +137,7 @@ class FeatureSpec:
         matched by ``str(value)``, as ``fit`` built the vocabularies, so None, NaN, pd.NA and their
         string forms all meet ``MISSING_STRINGS``. A request's few hundred rows go through a cached
         dict; training's millions through pandas' vectorised hash lookup, which gives the same codes
-        (tests/test_train.py checks both on mixed types).
+        (tests/models/test_train.py checks both on mixed types).
         """
         n = _length(df)
         out = np.zeros((n, len(self.slots)), dtype=np.int64)

@@ -44,7 +44,7 @@ explored t at 2% is pooled with one that served t at 92% (the period's
 handful of matches weighs 46 times the others), or when few lists earned
 anything at all.
 
-The minimums come from the simulator in ``tests/test_offpolicy.py``:
+The minimums come from the simulator in ``tests/models/test_offpolicy.py``:
 requests drawn from a pool whose exact expected reward per weighting is
 known (the synthetic generator's truth), the service's own epsilon-greedy
 policy and ranking, Bernoulli clicks and purchases, reward click 1 and

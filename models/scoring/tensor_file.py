@@ -4,7 +4,7 @@ The artifact's weights are a safetensors file (tensors only: loading it cannot r
 pickle). Training must also run where only torch, Lightning, numpy, pandas, pyarrow and PyYAML are
 installed (the GPU machine), so when the package is absent the format is written and read here: an
 8-byte little-endian header length, a JSON header naming each tensor's dtype, shape and byte range,
-padded with spaces to 8 bytes, then the raw little-endian bytes. ``tests/test_tensor_file.py`` checks
+padded with spaces to 8 bytes, then the raw little-endian bytes. ``tests/models/test_tensor_file.py`` checks
 that each side reads what the other writes.
 """
 

@@ -27,7 +27,7 @@ from models.tasks import TaskSet
 from models.training.train import train
 from models.training.weight_trace import FILENAME as WEIGHT_TRACE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from models.config import load_config
 from models.data.resident import time_split
 from models.balancers import check_precision
 from models.training.train import train, world_size
-from tests.test_calibration import _table
+from tests.models.test_calibration import _table
 
 SMALL = ["train.max_epochs=1", "train.batch_size=256", "model.embedding_dim=4",
          "model.params={bottom: [16], tower: [8]}", "balancer.name=fixed"]

@@ -38,7 +38,7 @@ from services import registry
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".venv" / "bin"
 POOL, DEPLOYMENT = "mtlrec-local", "mtl-pipeline/local"
 FAST = ["train.max_epochs=1"]

@@ -25,7 +25,7 @@ import pytest
 from flows.dev.processes import free_port
 from flows.dev import launcher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 TS = 1_790_000_000  # a fixed request time inside the data, so the context features are the same here and there
 TOKEN = "test-admin-token"

@@ -16,7 +16,7 @@ from flows.cli import app
 from models import settings
 from models.settings import Settings, SettingsError, get_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Where the code, its configuration and its documentation live; data and build outputs are not searched.
 SKIP_DIRS = {".git", ".venv", "data", "artifacts", "reports", "gx_output", ".mtlrec", "lightning_logs",
              "__pycache__", ".pytest_cache", ".ruff_cache", "node_modules"}

@@ -2,7 +2,7 @@
 
 Code layout of every categorical feature (models/data/encoder.py): 0 UNKNOWN (unseen or rare values),
 1 MISSING (None, NaN, pd.NA, "" and their string forms), then the vocabulary from 2.
-Per-feature embedding widths are covered by tests/test_train.py
+Per-feature embedding widths are covered by tests/models/test_train.py
 (test_embedding_widths_follow_the_vocabulary_in_one_lookup).
 """
 

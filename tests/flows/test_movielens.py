@@ -11,7 +11,7 @@ import pytest
 from flows.data.movielens import convert
 from models.contract import tables as contract
 
-SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+SRC = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-100k"
 pytestmark = pytest.mark.skipif(not (SRC / "u.data").exists(), reason=f"needs MovieLens 100K at {SRC}")
 
 

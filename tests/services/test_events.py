@@ -27,7 +27,7 @@ from flows.dev import launcher, prefect_server
 from models.contract import tables as contract
 from services.events import EventStore, Ranked
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL_MODEL = "model.params={n_experts: 2, expert: [32], tower: [8]}"
 
 

@@ -1,7 +1,7 @@
 """Time outside the data: request-time features held to what training saw, a flag when the request time lies
 beyond the data by more than the longest feature window, and validation's warning on timestamps without a zone.
 
-The flag through a real HTTP server is checked in tests/test_service.py (test_score_and_cold_start), on the
+The flag through a real HTTP server is checked in tests/services/test_service.py (test_score_and_cold_start), on the
 server those tests already start.
 """
 

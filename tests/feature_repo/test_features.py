@@ -234,7 +234,7 @@ rows = [{{"user_id": u, "item_id": i}} for u, i in {pairs!r}]
 st.get_online_features(features={every!r}, entity_rows=rows).to_df().to_parquet(sys.argv[1])
 """
     got_path = tmp_path / "served.parquet"
-    subprocess.run([sys.executable, "-c", probe, str(got_path)], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", probe, str(got_path)], check=True, cwd=Path(__file__).resolve().parents[2])
     pd.testing.assert_frame_equal(pd.read_parquet(got_path).sort_index(axis=1), expected.sort_index(axis=1))
     pipeline = yaml.safe_load((s.workspace / "feature_store.yaml").read_text())  # the pipeline's, untouched
     assert pipeline["offline_store"]["type"] == "spark"
@@ -342,7 +342,7 @@ def test_one_command_rebuilds_everything_from_raw_tables(tmp_path):
     data = tmp_path / "d"
     generate(data, SynthConfig(n_users=80, n_items=40, n_interactions=3000, days=5, seed=4))
     res = subprocess.run([sys.executable, "-m", "flows.cli", "features", "build", str(data)],
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0, res.stderr[-3000:]
     assert (data / "_features" / "training.parquet").exists() and (data / "_features" / "online.db").exists()
     assert '"training_rows": 3000' in res.stdout

@@ -13,7 +13,7 @@ from models.config import load_config
 from models.data.resident import time_split
 from models.training.task_checkpoints import auc_standard_error, choose
 from models.training.train import train
-from tests.test_calibration import _table
+from tests.models.test_calibration import _table
 
 
 def test_standard_error_shrinks_with_positives():

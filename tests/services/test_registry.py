@@ -14,7 +14,7 @@ import pytest
 from services import registry
 from models.scoring.artifact import Scorer, read_meta
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from flows.dev.processes import free_port, stop_group
 from flows.dev import launcher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 10
 
 

@@ -21,7 +21,7 @@ import torch
 from models.balancers import BALANCERS
 from models.config import load_config
 from models.training.train import train
-from tests.test_calibration import _table
+from tests.models.test_calibration import _table
 
 # Adam's step counter is a host tensor unless capturable: its reads are no device sync. (torch.optim.swa_utils,
 # where AveragedModel tests its device-side counter, is not excluded.)

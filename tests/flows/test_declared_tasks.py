@@ -27,7 +27,7 @@ from flows.dev import launcher
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RENAME = {"click": "watch", "like": "share", "follow": "save", "watch_time": "seconds_watched"}
 TASKS = [{"name": "watch", "type": "binary"},
          {"name": "share", "type": "binary", "gain": 2},

@@ -23,7 +23,7 @@ from flows.cli import app
 from flows.validation.run import validate_dataset
 from models.contract import tables as contract
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
