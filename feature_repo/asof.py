@@ -7,7 +7,7 @@ this impression", with one native as-of join per view several times faster.
 So the execution changes and nothing else: the feature service, its views,
 their parquet sources, join keys, fields and TTLs, and the on-demand view's
 transformation are all read from the store's registry, as Feast's own
-retrieval reads them. ``tests/test_features.py`` checks that both give the
+retrieval reads them. ``tests/feature_repo/test_features.py`` checks that both give the
 same table, row for row, and the leak test runs on both.
 
 Semantics kept from Feast: a feature row joins an impression when its keys
