@@ -33,7 +33,7 @@ def run_one(data: Path, config: str, overrides: list[str], seed: int, work: Path
     from models.scoring.artifact import read_meta
     from models.evaluation.baselines import single_task_models
     from models.config import load_config
-    from models.evaluation.holdout import evaluate
+    from models.evaluation.holdout import evaluate_holdout
     from models.data.training_table import load_training_table
     from models.training.train import train
 
@@ -44,7 +44,7 @@ def run_one(data: Path, config: str, overrides: list[str], seed: int, work: Path
     train(cfg, data, work / "model", progress=False, table=table)
     seconds = time.perf_counter() - t0
     singles = single_task_models(work / "model", data, work / "single", table=table)
-    result = evaluate(work / "model", table, seed=seed, single_task=singles, **holdout_inputs(data))
+    result = evaluate_holdout(work / "model", table, seed=seed, single_task=singles, **holdout_inputs(data))
     meta = read_meta(work / "model")
     versus = _against_best_single(work / "model", table, singles, result, seed)
     st_epochs = {t: read_meta(p)["training"]["epochs"] for t, p in singles.items()}

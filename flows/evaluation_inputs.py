@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def holdout_inputs(data: Path | str) -> dict:
-    """Keyword arguments for ``models.evaluation.holdout.evaluate``; {} for a bare training parquet."""
+    """Keyword arguments for ``models.evaluation.holdout.evaluate_holdout``; {} for a bare training parquet."""
     from feature_repo.schema import FeatureSchema
     from feature_repo.transforms import context_features
     from feature_repo.store import StoreSettings

@@ -109,6 +109,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
     return apply_overrides(_load(locate(path)), overrides)
 
 
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` over the base config: a dict built in code gets the same defaults, and the same check, as a file."""
+    base = _load(CONFIG_DIR / "base.yaml")
+    check_keys(config, base)
+    return deep_merge(base, config)
+
+
 def apply_overrides(config: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """A copy of ``config`` with ``key.sub=value`` settings applied, checked against the base config's keys."""
     cfg = copy.deepcopy(config)

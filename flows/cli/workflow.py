@@ -128,7 +128,7 @@ def evaluate(
     from flows.evaluation_inputs import holdout_inputs
     from models.evaluation.baselines import BaselineError, single_task_models
     from models.config import ConfigError
-    from models.evaluation.holdout import evaluate as run
+    from models.evaluation.holdout import evaluate_holdout as run
 
     path, tag = model_path(model)
     table = training_table(data)

@@ -6,7 +6,10 @@ the worker that executes it and the ``prefect deployment run`` that starts
 it must share one server, so they need a persistent one. This module starts
 ``prefect server start`` as its own process group (so stopping it stops its
 children too), waits for ``/api/health``, and stops it again; ``ensure()``
-reuses a server that already answers.
+reuses a server that already answers. ``prefect server start --background`` would do the starting, but it
+gives the server pipes that nobody reads (Prefect 3.x, ``cli/_server_utils.py``): the log is lost, and a
+chatty server can block on a full pipe. Here the server writes to ``mtlrec-server.log``, which ``make run``
+shows when the server fails to start.
 
     python -m flows.dev.prefect_server start   # prints the API URL; reuses a server that answers
     python -m flows.dev.prefect_server stop    # stops the server that `start` left running

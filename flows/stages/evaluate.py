@@ -45,21 +45,14 @@ def protocol_tables(result: dict) -> str:
     return "\n".join(parts)
 
 
-@task(name="register-model")
-def register_task(artifact: str) -> str:
-    from services import registry
-
-    return registry.register(artifact)
-
-
 @task(name="evaluate-model", timeout_seconds=3600)
 def evaluate_task(tag: str, data: str) -> dict:
     from flows.evaluation_inputs import holdout_inputs
-    from models.evaluation.holdout import evaluate
+    from models.evaluation.holdout import evaluate_holdout
     from models.data.streamed import evaluation_table
     from services import registry
 
-    result = evaluate(registry.artifact_path(tag), evaluation_table(data), **holdout_inputs(data))
+    result = evaluate_holdout(registry.artifact_path(tag), evaluation_table(data), **holdout_inputs(data))
     registry.record_evaluation(tag, result)
     create_markdown_artifact(key="evaluation", markdown=f"# Evaluation of `{tag}`\n\n" + protocol_tables(result),
                              description="holdout ranking metrics of the model and its baselines")

@@ -105,10 +105,6 @@ class Architecture(nn.Module):
         """
         return []
 
-    def task_parameters(self) -> list[nn.Parameter]:
-        shared = {id(p) for p in self.shared_parameters()}
-        return [p for p in self.parameters() if id(p) not in shared]
-
     def towers_for(self, out_in_dim: int, hidden: list[int], dropout: float) -> TaskModules:
         """One tower per task ending in that task's output width, keyed by task name (any name: ``heads``)."""
         return TaskModules({

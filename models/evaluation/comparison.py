@@ -4,7 +4,7 @@ Each run trains through the project's own path (``models.training.train.train``)
 the dataset's Feast training set and is judged by ``models.evaluation.holdout`` on the
 same time-ordered holdout, beside popularity and random (and, on the
 synthetic log, the generator's own probabilities: the oracle), under every
-protocol ``models.evaluation.holdout.evaluate`` applies: re-ranking each user's held-out
+protocol ``models.evaluation.holdout.evaluate_holdout`` applies: re-ranking each user's held-out
 impressions, each held-out positive among 99 unshown items, and the full
 catalogue when it is small. The report is one paper-style results table per
 protocol (mean ± std over seeds), written as ``results.json``; the tables and
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from models.config import load_config
-from models.evaluation.holdout import evaluate
+from models.evaluation.holdout import evaluate_holdout
 from models.data.training_table import load_training_table
 from models.training.train import train
 
@@ -33,9 +33,9 @@ REFERENCES = ("oracle",)  # an upper bound, not a baseline to beat
 
 def run(data: Path | str, out: Path | str, *, configs=ARCHITECTURES, balancers=(None,), seeds=(0, 1),
         overrides: list[str] | None = None, inputs: dict | None = None, log=print) -> dict[str, Any]:
-    """``inputs``: what ``models.evaluation.holdout.evaluate`` needs beyond the table (item columns, context recompute,
-    the generator's oracle), built by the caller from the feature repository; the learning core cannot
-    import it (imports point down)."""
+    """``inputs``: what ``models.evaluation.holdout.evaluate_holdout`` needs beyond the table (item columns,
+    context recompute, the generator's oracle), built by the caller from the feature repository; the learning
+    core cannot import it (imports point down)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = load_training_table(data)
@@ -51,7 +51,7 @@ def run(data: Path | str, out: Path | str, *, configs=ARCHITECTURES, balancers=(
                 art = out / "runs" / f"{name}-s{seed}"
                 t = time.perf_counter()
                 meta = train(cfg, data, art, progress=False, table=table)
-                result = evaluate(art, table, seed=seed, **inputs)
+                result = evaluate_holdout(art, table, seed=seed, **inputs)
                 for pname, r in result["protocols"].items():
                     protocols.setdefault(pname, r["protocol"])
                 runs.append({"model": name, "seed": seed, "seconds": time.perf_counter() - t,

@@ -280,7 +280,7 @@ def _grouped(group: np.ndarray, score: np.ndarray, target: np.ndarray, keep: np.
     return out
 
 
-def evaluate(artifact: Path | str, table: pd.DataFrame, *, ks=(10, 20, 50), seed: int = 0,
+def evaluate_holdout(artifact: Path | str, table: pd.DataFrame, *, ks=(10, 20, 50), seed: int = 0,
              single_task: dict[str, Path | str] | None = None, unshown_items: int | None = 99,
              catalogue_max: int = 2000, max_positives: int = 2000, catalogue_positives: int = 1000,
              item_columns: list[str] | None = None, recompute=None, oracle: Oracle | None = None) -> dict[str, Any]:

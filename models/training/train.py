@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from models.scoring.artifact import code_version, fingerprint, save_artifact
 from models.training.averaging import WeightAverage
-from models.config import load_config
+from models.config import load_config, with_defaults
 from models.scoring import calibration
 from models.training import recipe
 from models.balancers import check_precision, check_world_size
@@ -31,7 +31,7 @@ from models.metrics.multitask import mode
 from models.data.inputs import check_embedding_dims, resolve_features
 from models.training.lightning_module import MTLModule, NonFiniteLoss  # noqa: F401 - NonFiniteLoss: raised by training
 from models.training.monitor import resolve_monitor
-from models.data.streamed import CHUNK_ROWS, EVAL_ROWS, StreamedDataModule, should_stream
+from models.data.streamed import StreamedDataModule, should_stream
 from models.data.training_table import load_training_table, table_columns, table_metadata, training_file
 from models.tasks import TaskSet
 from models.training.progress import EpochProgress
@@ -45,13 +45,13 @@ log = logging.getLogger("mtlrec.train")
 def _device_settings(cfg: dict) -> tuple[str, str, str]:
     """(accelerator, precision, tensor device) from config and what the machine has."""
     t = cfg["train"]
-    accelerator = t.get("accelerator", "auto")
+    accelerator = t["accelerator"]
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    precision = t.get("precision", "auto")
+    precision = t["precision"]
     if precision == "auto":
         precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
-    resident = t.get("resident", "auto")
+    resident = t["resident"]
     # Under DDP every rank is its own process (LOCAL_RANK set by Lightning's launcher) and keeps its table on its GPU.
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if accelerator == "gpu" and resident in ("auto", True) \
         else "cpu"
@@ -73,9 +73,10 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     """Train one model from a config dict; write the artifact to ``out``; return its metadata."""
     t0 = time.perf_counter()
     out = Path(out)
-    seed = int(config.get("seed", 0))
+    config = with_defaults(config)  # a hand-built dict gets base.yaml's defaults, checked like a file's
+    seed = int(config["seed"])
     L.seed_everything(seed, workers=True, verbose=False)
-    if config["train"].get("deterministic", True):
+    if config["train"]["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator, precision, device = _device_settings(config)
     tc = dict(config["train"])
@@ -84,49 +85,49 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     check_world_size(config["balancer"]["name"], world)  # before any data is loaded; MTLModule.setup checks too
     check_precision(config["balancer"]["name"], precision)
     max_snapshots, min_gain = _task_checkpoint_settings(tc)
-    _max_time(tc.get("max_time"))  # a bad budget fails before any data is read
+    _max_time(tc["max_time"])  # a bad budget fails before any data is read
 
     dc = config["data"]
     model_cfg = config["model"]
-    streamed = table is None and should_stream(training_file(data), dc.get("stream", "auto"))
+    streamed = table is None and should_stream(training_file(data), dc["stream"])
     # The table's own declaration, feature lists and column names (from the parquet's schema, unless the table is
     # given), so that every setting naming a task, a feature or a metric is checked before a row is read.
     if table is None:
         info, columns = table_metadata(data), table_columns(data)
     else:
         info, columns = table.attrs.get("mtlrec") or {}, table.columns
-    tasks = TaskSet.resolve(config.get("tasks", "auto"), info.get("declaration"), columns=columns)
-    feats = resolve_features(dc.get("features", "auto"), info.get("features"), columns)
-    check_embedding_dims(model_cfg.get("embedding_dims"), feats["categorical"], feats["numeric"],
-                         binned=dc.get("numeric_bins", "auto") != "none")
-    monitor = resolve_monitor(config["eval"].get("monitor", "auto"), tasks, config["eval"]["ks"])
+    tasks = TaskSet.resolve(config["tasks"], info.get("declaration"), columns=columns)
+    feats = resolve_features(dc["features"], info.get("features"), columns)
+    check_embedding_dims(model_cfg["embedding_dims"], feats["categorical"], feats["numeric"],
+                         binned=dc["numeric_bins"] != "none")
+    monitor = resolve_monitor(config["eval"]["monitor"], tasks, config["eval"]["ks"])
     if not streamed:  # streamed: larger than memory, read a row group at a time (models/data/streamed.py)
         df = load_training_table(data) if table is None else table
     common = dict(batch_size=1, valid_fraction=dc["split"]["valid_fraction"],
                   test_fraction=dc["split"]["test_fraction"], device=device, seed=seed, log1p=feats.get("log1p"),
-                  numeric_bins=dc.get("numeric_bins", "auto"), n_bins=dc.get("n_bins", 32))
+                  numeric_bins=dc["numeric_bins"], n_bins=dc["n_bins"])
     if streamed:
         dm = StreamedDataModule(training_file(data), tasks, feats["categorical"], feats["numeric"], **common,
-                                chunk_rows=int(dc.get("stream_chunk_rows", CHUNK_ROWS)),
-                                eval_rows=int(dc.get("stream_eval_rows", EVAL_ROWS)))
+                                chunk_rows=int(dc["stream_chunk_rows"]),
+                                eval_rows=int(dc["stream_eval_rows"]))
     else:
         dm = MTLDataModule(df, tasks, feats["categorical"], feats["numeric"], **common)
     tasks = tasks.standardised(dm.target_stats)
-    dm.spec.size_embeddings(model_cfg.get("embedding_dim", "auto"), model_cfg.get("embedding_dims"))
+    dm.spec.size_embeddings(model_cfg["embedding_dim"], model_cfg["embedding_dims"])
     tc = recipe.resolve(tc, dm.train_rows, accelerator, world_size=world)
     dm.use_batch_size(tc["batch_size"])
-    fusion = config["eval"].get("fusion", "sum")
+    fusion = config["eval"]["fusion"]
     log.info("recipe for %d training rows%s: %s; monitor %s", dm.train_rows, " (streamed)" if streamed else "",
              recipe.describe(tc, dm.train_rows), monitor)
     module = MTLModule(
         spec=dm.spec.to_dict(), tasks=tasks.to_config(), architecture=config["model"]["architecture"],
-        arch_params=config["model"].get("params", {}), balancer=config["balancer"]["name"],
-        balancer_params=config["balancer"].get("params", {}), embedding_dim=model_cfg.get("embedding_dim", "auto"),
-        lr=tc["lr"], weight_decay=float(tc["weight_decay"]), grad_clip=float(tc.get("grad_clip") or 0),
+        arch_params=config["model"]["params"], balancer=config["balancer"]["name"],
+        balancer_params=config["balancer"]["params"], embedding_dim=model_cfg["embedding_dim"],
+        lr=tc["lr"], weight_decay=float(tc["weight_decay"]), grad_clip=float(tc["grad_clip"] or 0),
         ks=tuple(config["eval"]["ks"]), monitor=monitor, fusion=fusion, primary=tasks.primary,
-        consistency=model_cfg.get("consistency"),
+        consistency=model_cfg["consistency"],
     )
-    if tc.get("compile"):
+    if tc["compile"]:
         # In place (nn.Module.compile): the parameters keep their names, so checkpoints, snapshots and the
         # artifact hold ``arch.*`` keys that the scorer loads, not ``arch._orig_mod.*``.
         module.arch.compile(**compile_options(tc["compile"]))
@@ -137,7 +138,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     # Every step's task weights; Lightning's weight/<task> logs (TensorBoard) are epoch means.
     callbacks = [ckpt, EarlyStopping(monitor=f"val/{monitor}", mode=direction, patience=int(tc["patience"])),
                  WeightTrace(out / "logs" / WEIGHT_TRACE), EpochProgress(), *(callbacks or [])]
-    task_stopping = TaskStopping(int(tc["task_patience"])) if tc.get("task_patience") not in (None, False, "off") \
+    task_stopping = TaskStopping(int(tc["task_patience"])) if tc["task_patience"] not in (None, False, "off") \
         else None
     if task_stopping is not None and len(tasks) > 1:
         callbacks.append(task_stopping)
@@ -153,12 +154,12 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
 
         callbacks.append(RichProgressBar())
     trainer = L.Trainer(
-        accelerator=accelerator, devices=tc.get("devices", 1), strategy=tc.get("strategy", "auto"), precision=precision,
-        max_epochs=int(tc["max_epochs"]), max_time=_max_time(tc.get("max_time")),
-        limit_train_batches=tc.get("limit_train_batches") or None,  # None: the whole epoch
+        accelerator=accelerator, devices=tc["devices"], strategy=tc["strategy"], precision=precision,
+        max_epochs=int(tc["max_epochs"]), max_time=_max_time(tc["max_time"]),
+        limit_train_batches=tc["limit_train_batches"] or None,  # None: the whole epoch
         callbacks=callbacks, logger=_loggers(out / "logs"),
-        gradient_clip_val=float(tc.get("grad_clip") or 0) if module.automatic_optimization else None,
-        deterministic=bool(tc.get("deterministic", True)), num_sanity_val_steps=0,
+        gradient_clip_val=float(tc["grad_clip"] or 0) if module.automatic_optimization else None,
+        deterministic=bool(tc["deterministic"]), num_sanity_val_steps=0,
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
     )
     trainer.fit(module, datamodule=dm)
@@ -188,7 +189,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
     meta = {
         "config": config, "tasks": tasks.to_config(), "primary": tasks.primary, "features": dm.spec.to_dict(),
         "declaration": info.get("declaration"), "fusion": {"method": fusion, "relevance": tasks.relevance()},
-        "feature_service": info.get("feature_service") or config.get("feature_service"),
+        "feature_service": info.get("feature_service") or config["feature_service"],
         "metrics": {"valid": valid_metrics, "test": test_metrics}, "calibration": module.calibration.to_dict(),
         "members": [{"epoch": e, "tasks": t} for e, t in members.items()],
         "data": {"path": str(data), "fingerprint": fingerprint(training_file(data)) if table is None else None,
@@ -196,7 +197,7 @@ def train(config: dict[str, Any], data: str | Path, out: str | Path, *, progress
                  "time_ranges": dm.time_ranges},
         "training": {"epochs": trainer.current_epoch, "best_checkpoint_score": _f(ckpt.best_model_score),
                      "recipe": {**{k: tc[k] for k in ("batch_size", "max_epochs", "lr", "patience", "ema")},
-                                "max_time": tc.get("max_time")},
+                                "max_time": tc["max_time"]},
                      "monitor": monitor, "streamed": streamed,
                      "stopped_tasks": dict(task_stopping.stopped) if task_stopping is not None else {},
                      "checkpoint_epoch": base_epoch,
@@ -259,7 +260,7 @@ def compile_options(setting) -> dict:
 
 
 def _task_checkpoint_settings(tc: dict) -> tuple[int, float]:
-    n, gain = tc.get("task_checkpoints", 1), tc.get("task_checkpoint_gain", 1.0)
+    n, gain = tc["task_checkpoints"], tc["task_checkpoint_gain"]
     if n is None or n is False or n == "off":
         n = 1
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

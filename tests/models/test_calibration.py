@@ -12,7 +12,7 @@ from models.scoring.artifact import Scorer, read_meta
 from models.scoring.calibration import MIN_CLASS, Calibration, fit_one
 from models.config import load_config
 from models.data.resident import time_split
-from models.evaluation.holdout import evaluate
+from models.evaluation.holdout import evaluate_holdout
 from models.training.train import train
 from services import ranking
 
@@ -174,7 +174,7 @@ def test_serving_fuses_the_calibrated_probabilities(trained):
 
 def test_holdout_evaluation_reports_calibrated_logloss_beside_the_base_rate_and_ece(trained):
     out, table = trained["out"], trained["table"]
-    result = evaluate(out, table, unshown_items=None)
+    result = evaluate_holdout(out, table, unshown_items=None)
     rows = time_split(table, 0.1, 0.1)[2]
     probs, raw = Scorer.load(out).predict(rows), _raw(out).predict(rows)
     for name in ("click", "buy", "follow"):

@@ -12,7 +12,7 @@ from feature_repo.store import build_all
 from models.decisions.gate import GateConfig, decide, paired_bootstrap
 from models.metrics import functional as metrics
 from models.config import load_config
-from models.evaluation.holdout import evaluate
+from models.evaluation.holdout import evaluate_holdout
 from models.data.training_table import load_training_table
 from models.training.train import train
 
@@ -63,7 +63,7 @@ def test_bootstrap_interval():
 
 def test_evaluate_reports_model_and_baselines(models):
     table, paths = models
-    result = evaluate(paths["good"], table)
+    result = evaluate_holdout(paths["good"], table)
     assert {"model", "popularity", "random"} <= set(result["rankers"])
     assert {"ndcg@10", "recall@50", "click/ndcg@10", "purchase/recall@20"} <= set(result["rankers"]["model"])
     assert result["rankers"]["model"]["ndcg@10"] > result["rankers"]["random"]["ndcg@10"]
@@ -146,7 +146,7 @@ def test_evaluate_and_promote_as_prefect_tasks(models, tmp_path, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
     from services import registry
-    from flows.stages.evaluate import evaluate_task, register_task
+    from flows.stages.evaluate import evaluate_task, register_once
     from flows.stages.promote import promote_task
 
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bento"))
@@ -154,7 +154,7 @@ def test_evaluate_and_promote_as_prefect_tasks(models, tmp_path, monkeypatch):
 
     @flow
     def judge(artifact: str, data: str) -> dict:
-        tag = register_task(artifact)
+        tag = register_once(artifact)["tag"]
         evaluate_task(tag, data)
         return promote_task(tag, data, report_dir=str(tmp_path / "reports"))
 
@@ -168,7 +168,7 @@ def test_every_protocol_is_reported_with_the_oracle_and_separates_the_model_from
     from flows.evaluation_inputs import holdout_inputs
 
     table, paths = models
-    result = evaluate(paths["good"], table, **holdout_inputs(paths["data"]))
+    result = evaluate_holdout(paths["good"], table, **holdout_inputs(paths["data"]))
     assert set(result["protocols"]) == {"rerank", "unshown-99", "catalogue"}  # 150 items: the catalogue is small
     assert result["protocols"]["rerank"]["rankers"] is result["rankers"]
     for name, r in result["protocols"].items():
@@ -208,7 +208,7 @@ def test_a_holdout_inside_the_models_training_data_is_refused(models):
     table, paths = models
     early = table[table["event_timestamp"] < table["event_timestamp"].quantile(0.7)]
     with pytest.raises(HoldoutOverlap, match="before the model's training data ends"):
-        evaluate(paths["good"], early)
+        evaluate_holdout(paths["good"], early)
 
 
 @pytest.mark.parametrize("first", ["weak", "good"])

@@ -155,3 +155,21 @@ def test_a_table_past_memory_is_evaluated_on_a_share_of_whole_users(grouped, mon
     tasks = TaskSet.resolve("auto", full.attrs["mtlrec"]["declaration"], columns=full.columns)
     assert Holdout(part, tasks).protocol(0)["user_share"] == part.attrs["user_share"]
     assert Holdout(full, tasks).protocol(0)["user_share"] == 1.0
+
+
+def test_a_containers_memory_limit_counts_when_smaller_than_the_host(tmp_path, monkeypatch):
+    """The stream-or-not choice is about the memory that kills the process: in a container, its cgroup limit."""
+    from models.data import memory
+
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    assert memory.cgroup_limit((v2, v1)) is None  # neither file: no container limit
+    v1.write_text("9223372036854771712\n")  # v1's "unlimited"
+    assert memory.cgroup_limit((v2, v1)) is None
+    v2.write_text("max\n")
+    assert memory.cgroup_limit((v2, v1)) is None
+    v2.write_text(f"{1 << 30}\n")
+    assert memory.cgroup_limit((v2, v1)) == 1 << 30
+    monkeypatch.setattr(memory, "CGROUP_LIMITS", (v2, v1))
+    assert memory.memory_bytes() == 1 << 30
+    v2.write_text(f"{1 << 62}\n")  # a limit above the host's RAM: the host's RAM counts
+    assert memory.memory_bytes() < 1 << 60
