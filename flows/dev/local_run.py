@@ -107,8 +107,8 @@ def _latest_summary(report_dir: Path) -> dict:
     return json.loads(runs[-1].read_text()) if runs else {}
 
 
-# The embedded dataset's first run trains for at most this long: its best epoch ends at about 90 s on two
-# idle cores (benchmarks/README.md, "First run"), and a laptop gets a ranked answer in about three minutes.
+# The embedded dataset's first run trains for at most this long: enough for its best epoch on two idle cores
+# (benchmarks/README.md, "First run"), so that a laptop gets a ranked answer in minutes.
 FIRST_RUN_TRAIN_S = 95.0
 
 

@@ -62,8 +62,8 @@ def derive_unknown_key_columns(df: pd.DataFrame, key_sets: dict[str, pd.Index]) 
 
     Not GX's value-set rule: GX copies and serialises an expectation's configuration many times per
     validation, so a value set of a million user ids made every chunk cost time in proportion to the
-    users, and a log's validation grow with its square (10M: 253 s; 100M: over 2 hours, unfinished).
-    A hashed ``isin`` here is linear, and the report's examples are the unknown ids, as before.
+    users, and a log's validation grow with its square. A hashed ``isin`` here is linear, and the report's
+    examples are the unknown ids.
     """
     for ref, key in REFERENCES:
         if key in df and key_sets.get(ref) is not None:

@@ -56,7 +56,8 @@ class TaskModules(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # The old layout's keys start with a task name, the new one's with a digit: they cannot be confused.
+        # Two key layouts load: by task name (earlier artifacts) and by position (a digit first); they
+        # cannot be confused.
         for name, key in self._keys.items():
             old, new = f"{prefix}{name}.", f"{prefix}{key}."
             if any(k.startswith(new) for k in state_dict):

@@ -95,8 +95,9 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TaskDecl))
 class Limits:
     """Bounds on what a table may hold, so one bad value cannot cost the feature build or a request gigabytes.
 
-    A 10 MB category string passed validation once, was materialised, and then asked the training-set build
-    for 1.09 TiB. Strings longer than ``max_string_length`` and categorical columns with more than
+    A string or category column is copied into every feature row and join it reaches: one long string, or a
+    column of ids posing as categories, can make the training-set build ask for more memory than any machine
+    has. Strings longer than ``max_string_length`` and categorical columns with more than
     ``max_categories`` distinct values fail validation; ``columns`` overrides either for one column.
     """
 

@@ -297,8 +297,8 @@ def parquet_batches(path: Path | str, rows: int, columns: list[str] | None = Non
     """A parquet file's record batches of ``rows`` rows, in file order, in memory bounded by one batch.
 
     Not pre-buffered: with Arrow's default pre-buffering, ``iter_batches`` keeps what it read ahead of every
-    row group it has passed, so its allocations grew with the file (10M rows in 1M batches: 137 -> 229 MB
-    of Arrow memory; a 100M log's validation and training set grew by gigabytes). Reading is as fast.
+    row group it has passed, so its allocations grow with the file (measured in benchmarks/README.md).
+    Reading is as fast.
     """
     import pyarrow.parquet as pq
 

@@ -172,8 +172,8 @@ class Scorer(torch.nn.Module):
         binary tasks' probabilities calibrated as the artifact records.
 
         Rows go through the network ``chunk_rows`` at a time (``PREDICT_CHUNK_ROWS`` for the device): an
-        MMoE's expert activations alone are [experts, rows, width] floats, 6.5 GB for 800,000 rows of
-        8 x 256, and an evaluation scores millions of candidate rows.
+        MMoE's expert activations alone are [experts, rows, width] floats, gigabytes for a million rows, and an
+        evaluation scores millions of candidate rows.
         """
         device = next(self.parameters()).device
         chunk_rows = chunk_rows or PREDICT_CHUNK_ROWS.get(device.type, PREDICT_CHUNK_ROWS["cuda"])

@@ -1,9 +1,8 @@
 """The default training recipe: batch size, epochs, learning rate and patience from the data's size.
 
-Why a rule instead of fixed numbers: a fixed batch of 4096 and four epochs
-gives a 33k-row log 27 optimiser steps, far too few for a multi-task model
-(it then loses to popularity), while the same numbers over-train nothing and
-under-use a GPU on 10M rows. What a model needs is enough optimiser *steps*,
+Why a rule instead of fixed numbers: one fixed batch size and epoch count
+gives a small log a few dozen optimiser steps, far too few for a multi-task
+model, and under-uses a GPU on a large one. What a model needs is enough optimiser *steps*,
 at a batch size the device runs well, with a learning rate that suits that
 batch size. The rule:
 
@@ -21,8 +20,7 @@ batch size. The rule:
   is what validation, checkpoints and the artifact use. It averages over
   about a sixth of the run's steps, at most ``EMA_HORIZON`` (500): decay
   ``1 - 1/horizon``; none for a run of under ``EMA_MIN_STEPS`` (1,000), which
-  is still climbing, so that the average would lag it (a 62-step run's
-  average fell below popularity where its last weights beat it). Averaging
+  is still climbing, so that the average would lag it. Averaging
   the last few hundred steps smooths the noise of small batches, which a
   rare task feels most; its effect on each dataset is measured in
   ``benchmarks/README.md`` (the default recipe's table).
