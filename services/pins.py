@@ -2,8 +2,8 @@
 
 ``bentoml build`` installs ``services/requirements.txt`` (bentofile.yaml) as it is, without locking, so that file
 is the lock: every distribution the serving requirements pull in, transitively, at the version constraints.txt
-pins. The dependency graph is read from the installed distributions' metadata (``make install`` installed this
-environment from constraints.txt); markers are evaluated for this interpreter and platform, the bento's own.
+pins. pip's resolver chooses the set (markers evaluated for this interpreter and platform, the bento's own);
+the versions written are constraints.txt's, which the resolver was held to.
 
     python -m services.pins          # rewrite services/requirements.txt (also: make bento-requirements)
     python -m services.pins --check  # exit 1, with the difference, if it is out of date
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import re
+import subprocess
 import sys
-from importlib import metadata
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,31 +53,25 @@ def read_pins(path: Path = CONSTRAINTS) -> dict[str, tuple[str, str]]:
     return pins
 
 
-def closure(source: Path = SOURCE) -> set[str]:
-    """Canonical names of the requirements in ``source`` and of everything they require, with their extras."""
-    from packaging.requirements import Requirement
+def closure(source: Path = SOURCE, constraints: Path = CONSTRAINTS) -> set[str]:
+    """Canonical names of everything ``source`` needs, transitively, as pip's own resolver chooses them.
 
-    expanded: dict[str, set[str]] = {}
-    todo = [r for r in map(Requirement, _lines(source)) if r.marker is None or r.marker.evaluate({"extra": ""})]
-    while todo:
-        req = todo.pop()
-        name, extras = canonical(req.name), set(req.extras)
-        if name in expanded and extras <= expanded[name]:
-            continue
-        expanded.setdefault(name, set()).update(extras)
-        try:
-            dist = metadata.distribution(req.name)
-        except metadata.PackageNotFoundError:
-            raise SystemExit(f"{req.name} is not installed: run `make install` first") from None
-        for dep in map(Requirement, dist.requires or []):
-            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in ("", *expanded[name])):
-                todo.append(dep)
-    return set(expanded)
+    ``pip install --dry-run --report`` resolves without installing (``--ignore-installed``: as into an empty
+    environment, the bento's), at constraints.txt's pins, from the index pip is configured with.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        res = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                              "--report", str(report), "-r", str(source), "-c", str(constraints)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"pip could not resolve {source.name}:\n{res.stderr[-3000:]}")
+        return {canonical(i["metadata"]["name"]) for i in json.loads(report.read_text())["install"]}
 
 
 def render(source: Path = SOURCE, constraints: Path = CONSTRAINTS) -> str:
     pins = read_pins(constraints)
-    names = sorted(closure(source))
+    names = sorted(closure(source, constraints))
     missing = [n for n in names if n not in pins]
     if missing:
         raise SystemExit(f"not pinned in {constraints.name}: {', '.join(missing)}")
