@@ -64,7 +64,7 @@ def data_landed(
 
     Needs PREFECT_API_URL pointing at the server that holds the deployment (see prefect.yaml).
     """
-    from flows.events import emit_data_landed
+    from flows.data_landed import emit_data_landed
 
     try:
         event = emit_data_landed(directory)

@@ -44,7 +44,7 @@ def tune(
     the service's event log explored both weightings, the off-policy difference (models/decisions/offpolicy.py) must
     exclude 0 too.
     """
-    from flows.promote import gate_config
+    from flows.promotion import gate_config
     from models.scoring.artifact import Scorer
     from models.decisions.fusion_tuning import tune as run
 

@@ -168,7 +168,7 @@ def promote(
     report_dir: Path = typer.Option(Path("reports"), help="where the gate's markdown and JSON go"),
 ) -> None:
     """Promote MODEL to production if it beats production (or popularity) on NDCG@K; exit 1 if rejected."""
-    from flows.promote import NotEvaluated, gate_config, promote as run
+    from flows.promotion import NotEvaluated, gate_config, promote as run
 
     try:
         decision = run(model, training_table(data), gate_config(k=k, margin=margin, auc_tolerance=auc_tolerance),

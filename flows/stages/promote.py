@@ -1,4 +1,4 @@
-"""Promotion, the last stage: the gate and the production pointer (``flows/promote.py``), as a Prefect task.
+"""Promotion, the last stage: the gate and the production pointer (``flows/promotion.py``), as a Prefect task.
 
 Promotion never retries: a decision is made once, on the record.
 """
@@ -15,7 +15,7 @@ from flows.stages.common import HOUR
 
 @task(name="promote-model", retries=0, timeout_seconds=3600)
 def promote_task(tag: str, data: str, report_dir: str | None = None, **gate) -> dict:
-    from flows.promote import gate_config, promote
+    from flows.promotion import gate_config, promote
     from models.data.streamed import evaluation_table
 
     decision = promote(tag, evaluation_table(data), gate_config(**gate),
@@ -35,7 +35,7 @@ def promote_flow(tag: str, data: str, k: int | None = None, margin: float | None
     """
     from dataclasses import asdict
 
-    from flows.promote import gate_config
+    from flows.promotion import gate_config
     from services import registry
 
 

@@ -257,7 +257,7 @@ def test_a_proposal_worse_on_the_test_split_is_declined_and_changes_nothing(rewa
 
 
 def test_the_gate_judges_a_model_with_its_accepted_weights(rewarded_model, tmp_path, monkeypatch):
-    from flows.promote import promote
+    from flows.promotion import promote
     from models.decisions.gate import decide
     from models.data.training_table import load_training_table
     from services import registry

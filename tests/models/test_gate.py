@@ -221,7 +221,7 @@ def test_concurrent_promotions_are_gated_against_each_other(models, tmp_path, mo
     """
     import threading
 
-    from flows import promote as promotion
+    from flows import promotion
     from services import registry
 
     table, paths = models

@@ -336,7 +336,7 @@ def test_a_promotion_or_rollback_brings_the_model_s_own_accepted_fusion(evaluate
 
 
 def test_the_model_gate_judges_production_with_its_live_fusion(trained, evaluated):
-    from flows.promote import promote
+    from flows.promotion import promote
     from models.data.training_table import load_training_table
 
     a, b = evaluated
