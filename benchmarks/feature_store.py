@@ -36,7 +36,9 @@ from benchmarks.measure import generate_log, in_child, latency_ms, native_traini
 def _compute(out: str, online: bool = True):
     """``online``: also materialise into the online store (the offline figures do not need it)."""
     from feature_repo.compute import compute_feature_tables
-    from feature_repo.store import StoreSettings, apply, materialize, open_store
+    from feature_repo.apply import apply
+    from feature_repo.materialize import materialize
+    from feature_repo.store import StoreSettings, open_store
 
     s = StoreSettings.for_dataset(out)
     rows = compute_feature_tables(s.dataset, s.tables)
@@ -52,7 +54,8 @@ def _compute(out: str, online: bool = True):
 def _historical(out: str, join: str):
     """From the dataset's directory, as the pipeline builds it: the as-of join then reads the log a batch at
     a time (a whole 100M log in pandas would not fit this machine)."""
-    from feature_repo.store import StoreSettings, open_store, training_metadata, write_training_set
+    from feature_repo.store import StoreSettings, open_store
+    from feature_repo.training_set import training_metadata, write_training_set
 
     s = StoreSettings.for_dataset(out)
     path = s.training_file.with_name(f"training-{join}.parquet")
@@ -79,6 +82,7 @@ def online(out: str, sizes: list[int], requests: int) -> list[dict]:
     import redis
 
     from feature_repo import store as fstore
+    from feature_repo.materialize import materialize
     from feature_repo.online import FeatureReader
 
     base = fstore.StoreSettings.for_dataset(out)
@@ -99,7 +103,7 @@ def online(out: str, sizes: list[int], requests: int) -> list[dict]:
             import shutil
 
             shutil.copytree(base.tables, s.tables, dirs_exist_ok=True)
-            fstore.materialize(store, s)
+            materialize(store, s)
         reader = FeatureReader(store)
         reader.features(users[0], list(items[:10]), 1.79e9)  # connections, first reads
         reader.features(users[0], list(items), 1.79e9)  # a running server's item cache is warm

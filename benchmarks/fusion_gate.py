@@ -42,7 +42,7 @@ WORLDS = {
 
 def rewarded_world(data: Path, world: str, seed: int) -> Path:
     """A synthetic log whose declaration gives its tasks the world's rewards, with its feature store built."""
-    from feature_repo.store import build_all
+    from feature_repo.build import build_all
     from flows.data.synth import SynthConfig, generate
     from models.contract import tables as contract
     from models.contract.declaration import Declaration
@@ -65,11 +65,11 @@ def tune_as_a_user(artifact: Path, data: Path, search_seed: int) -> dict:
     from typer.testing import CliRunner
 
     from flows.cli.fusion import app
-    from services import registry
+    from services import model_store, production_pointer
 
-    tag = registry.register(artifact)
-    registry.record_evaluation(tag, {"benchmark": True})
-    registry.set_production(tag, reason="benchmark")
+    tag = model_store.register(artifact)
+    model_store.record_evaluation(tag, {"benchmark": True})
+    production_pointer.set_production(tag, reason="benchmark")
     root = typer.Typer()
     root.add_typer(app, name="fusion")
     out = CliRunner().invoke(root, ["fusion", "tune", "--model", tag, "--data", str(data), "--seed",
@@ -77,7 +77,7 @@ def tune_as_a_user(artifact: Path, data: Path, search_seed: int) -> dict:
     if out.exit_code != 0:
         raise RuntimeError(out.output)
     report = json.loads(out.stdout)
-    live = registry.serving()
+    live = production_pointer.serving()
     report["served"] = {"fusion": live.fusion, "weights": live.weights or report["default_weights"]}
     return report
 

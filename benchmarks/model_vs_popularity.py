@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
     if not (Path(args.data) / "_features" / "training.parquet").exists() and Path(args.data).is_dir():
-        from feature_repo.store import build_all  # the point-in-time training set, through Feast
+        from feature_repo.build import build_all  # the point-in-time training set, through Feast
 
         build_all(args.data, materialize_online=False)
     table = load_training_table(args.data)

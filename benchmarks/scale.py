@@ -71,7 +71,9 @@ def _features(out: str, engine: str, first: bool) -> dict:
 
 
 def _online(out: str, engine: str) -> dict:
-    from feature_repo.store import apply, materialize, open_store
+    from feature_repo.apply import apply
+    from feature_repo.materialize import materialize
+    from feature_repo.store import open_store
 
     s = _settings(out, engine)
     if engine != "duckdb":  # the same tables the default computed
@@ -84,7 +86,9 @@ def _online(out: str, engine: str) -> dict:
 
 def _training_set(out: str, engine: str, apply_first: bool) -> dict:
     """``apply_first``: register the definitions here when the ``online`` stage (which does it) is skipped."""
-    from feature_repo.store import apply, open_store, training_metadata, write_training_set
+    from feature_repo.apply import apply
+    from feature_repo.store import open_store
+    from feature_repo.training_set import training_metadata, write_training_set
 
     s = _settings(out, engine)
     if engine != "duckdb" and apply_first:
@@ -151,11 +155,11 @@ def measure(n: int, engines: list[str], spark_up_to: int, epochs: list[str], wor
             continue
         online = "online" in stages
         if online:  # the training set needs its apply
-            r = in_child(_online, out, engine, imports=["feature_repo.store"])
+            r = in_child(_online, out, engine, imports=["feature_repo.materialize"])
             record("online", engine, r, r["rows"])
         if "training set" in stages:
             record("training set", engine,
-                   in_child(_training_set, out, engine, not online, imports=["feature_repo.store"]), n)
+                   in_child(_training_set, out, engine, not online, imports=["feature_repo.training_set"]), n)
     for how in epochs if "epoch" in stages else ():
         r = in_child(_epoch, out, how, epoch_batches, imports=["models.training.train"])
         record("epoch", how, r, r["rows"])

@@ -42,9 +42,9 @@ from flows.dev import launcher
 
 def quick_world(base: Path) -> Path:
     """A small dataset, its feature store and a promoted model under ``base`` (sets BENTOML_HOME)."""
-    from services import registry
+    from services import model_store, production_pointer
     from flows.data.synth import SynthConfig, generate
-    from feature_repo.store import build_all
+    from feature_repo.build import build_all
     from models.config import load_config
     from models.training.train import train
 
@@ -53,14 +53,15 @@ def quick_world(base: Path) -> Path:
     generate(data, SynthConfig(n_users=2000, n_items=1500, n_interactions=60000, days=8, seed=0))
     build_all(data)
     train(load_config("mmoe", ["train.max_epochs=1"]), data, art, progress=False)
-    tag = registry.register(art)
-    registry.record_evaluation(tag, {"note": "benchmark model"})
-    registry.set_production(tag)
+    tag = model_store.register(art)
+    model_store.record_evaluation(tag, {"note": "benchmark model"})
+    production_pointer.set_production(tag)
     return data
 
 
 def materialize_redis(data: Path, redis: str) -> None:
-    from feature_repo.store import StoreSettings, materialize, open_store
+    from feature_repo.materialize import materialize
+    from feature_repo.store import StoreSettings, open_store
 
     settings = StoreSettings.for_dataset(data, online="redis", redis=redis)
     materialize(open_store(settings), settings, full=True)
@@ -84,9 +85,9 @@ def private_home() -> Path:
     BentoML keeps its workers' Prometheus files in ``$BENTOML_HOME/prometheus_multiproc_dir`` and clears it as
     a server starts: servers up at once on one home would wipe and mix each other's ``/metrics``.
     """
-    from services import registry
+    from services import registry_io
 
-    shared = registry.home()
+    shared = registry_io.home()
     own = Path(tempfile.mkdtemp(prefix="serve-bench-home-"))
     for part in ("models", "mtlrec"):
         (shared / part).mkdir(parents=True, exist_ok=True)
@@ -188,7 +189,7 @@ def _writer_cpu(url: str) -> float:
 
 def _logged(events_url: str) -> int:
     """Impressions in the event database (one per shown item), read back the way the export reads them."""
-    from services.events import EventStore
+    from services.event_store import EventStore
 
     return len(EventStore(events_url).read()[0])
 
@@ -333,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.url:
             run_all(a.url, "server")
         else:
-            from services import registry
+            from services import production_pointer, registry_io
 
-            if registry.production() is None:
-                p.error(f"no production model in the registry at {registry.home()} (set BENTOML_HOME, or --quick)")
+            if production_pointer.production() is None:
+                p.error(f"no production model in the registry at {registry_io.home()} (set BENTOML_HOME, or --quick)")
             for store in a.stores.split(","):
                 if store == "redis":
                     try:

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         a.data = quick_world(base)
     if a.data is None:
         p.error("--data (or --quick) is needed")
-    from feature_repo.store import StoreSettings, materialize, open_store
+    from feature_repo.materialize import materialize
+    from feature_repo.store import StoreSettings, open_store
 
     port = free_port()
     conn = f"127.0.0.1:{port},db=0"

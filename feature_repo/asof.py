@@ -1,9 +1,9 @@
 """The training set's point-in-time join run as DuckDB ``ASOF JOIN`` s, from the Feast definitions.
 
-Why: Feast's DuckDB offline store does this join at about 40k rows/s here
-(1M impressions in 24 s, 10M in 319 s at 6.1 GB peak), while the engine
-underneath answers the same question, "the latest feature row at or before
-this impression", with one native as-of join per view several times faster.
+Why: Feast's DuckDB offline store runs this join as a general
+point-in-time query, while the engine underneath answers the same question,
+"the latest feature row at or before this impression", with one native
+as-of join per view, in much less time (see benchmarks/README.md).
 So the execution changes and nothing else: the feature service, its views,
 their parquet sources, join keys, fields and TTLs, and the on-demand view's
 transformation are all read from the store's registry, as Feast's own
@@ -136,11 +136,11 @@ def iter_asof_training_set(store, entities: pd.DataFrame | Iterable[pd.DataFrame
             ranges, by = [f"{ROW} >= {lo} AND {ROW} < {lo + step}" for lo in range(0, total, step)], f"e.{ROW}"
         for where in ranges:
             # A range of impressions at a time: the sort that restores the log's order then holds (and spills)
-            # one range's joined rows, not the whole training set's (tens of GB at 100M impressions).
+            # one range's joined rows, not the whole training set's.
             query = (f"SELECT e.*, {', '.join(selected)} FROM (SELECT * FROM entities WHERE {where}) e "
                      f"{' '.join(joins)} ORDER BY {by}")
             # Streamed (``sql``), not materialised (``execute``): a materialised result stays pinned in DuckDB's
-            # memory whole, out of memory at 10M rows under a 2 GB limit, where the sort behind it spills.
+            # memory whole, past its memory limit on a large log, where the sort behind it spills.
             yield from _chunks(con.sql(query).fetch_arrow_reader(chunk_rows), odfvs)
     finally:
         con.close()
@@ -248,7 +248,7 @@ def _load_sorted(con, chunks: Iterable[pd.DataFrame], order: list[str]) -> None:
         raise ValueError("the impression log is empty")
     keys = ", ".join(_quote(c) for c in [*order, seq])
     # A sorted copy numbered by its rowid, not row_number() OVER (ORDER BY ...): that window is one partition
-    # of the whole log, which DuckDB holds in memory (out of memory at 100M rows under a 4 GB limit), where
+    # of the whole log, which DuckDB holds in memory (past its memory limit on a large log), where
     # ORDER BY sorts out of core; a table created in order keeps it (insertion order is preserved).
     con.execute("SET preserve_insertion_order = true")
     con.execute(f"CREATE TABLE sorted_log AS SELECT * EXCLUDE ({seq}) FROM log ORDER BY {keys}")

@@ -147,8 +147,8 @@ def _activity_duckdb(inter: pd.DataFrame | Path, items: pd.DataFrame | None, day
 
 def dense_bytes(users: int, items: int, declaration: Declaration, n_days: int, categories: int = 0) -> int:
     """What ``_activity``'s dense arrays take at their largest: counts and their stack, and the per-category
-    windows of the user table with their temporaries (measured: 716 MB for 20k users, 13 categories and 40
-    days, estimated 786 MB)."""
+    windows of the user table with their temporaries (checked against numpy's real peak: see
+    benchmarks/README.md)."""
     measures = (1 + len(declaration.binary)) * len(WINDOWS)
     return 8 * (n_days + 1) * (2 * measures * max(users, items) + 2 * (len(WINDOWS) + 1) * users * categories)
 

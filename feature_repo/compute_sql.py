@@ -9,8 +9,7 @@ changed nothing and is not written, as in the numpy version. Everything is
 GROUP BY, hash joins, one sort and a streaming window, which DuckDB runs
 within ``memory_limit`` by spilling. The output goes to a frame (tests, small
 logs) or, batch by batch, straight to a parquet file (``activity_to_parquet``):
-at 100M impressions the user table alone is tens of millions of rows, and
-holding it in memory, rather than the query, is what ran out of it.
+on a large log the output tables themselves are too large to hold in memory.
 """
 
 from __future__ import annotations
@@ -38,9 +37,9 @@ def memory_limit() -> str:
     """``MTLREC_DUCKDB_MEMORY_LIMIT``, else half of this machine's memory.
 
     Why not DuckDB's own default (80%): its limit bounds its buffers, not the process, and a query that needs
-    more than the machine (the aggregates of 100M impressions) grows to it; at 80% the process plus its
-    neighbours passed the machine's memory and the kernel killed it (19.3 GB of 23). Past the limit DuckDB
-    spills to disk instead.
+    more than the machine (the aggregates of a large log) grows to it, where the process plus its neighbours
+    can pass the machine's memory and be killed (see benchmarks/README.md). Past the limit DuckDB spills to
+    disk instead.
     """
     from models.settings import get_settings
     from models.data import memory as machine
@@ -52,8 +51,7 @@ def connect(database: str = ":memory:", *, memory_limit: str | None = None, temp
             threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """A connection whose memory is bounded: past ``memory_limit`` DuckDB spills to ``temp_directory``.
 
-    Each thread pins its own sort blocks: fewer ``threads`` let a tight limit hold (one took 200 MB where two
-    did not, on ten million interactions).
+    Each thread pins its own sort blocks: fewer ``threads`` let a tight limit hold.
     """
     con = duckdb.connect(database)
     if memory_limit is not None:
@@ -203,7 +201,7 @@ def activity_query(con: duckdb.DuckDBPyConnection | None, source: str | Path, ke
                 f"ON name = coalesce(CAST(category AS {sql.string}), 'None')) cat "
                 f"ON cat.k = CAST(src.item_id AS {sql.string})")
         # The most positives, ties to the smallest code, as one integer: -n * S + code has its minimum there.
-        # A fixed-size aggregate, which DuckDB spills; a struct's min held its states outside the memory limit.
+        # A fixed-size aggregate, which DuckDB spills; a struct's min keeps its states outside the memory limit.
         S = len(names)
         best = (f"coalesce(((min(-{{0}} * {S} + cat) FILTER (WHERE {{0}} > 0)) % {S} + {S}) % {S}, 0)")
         ctes = [

@@ -27,9 +27,9 @@ def spark_conf(settings) -> dict[str, str]:
 
     The Python workers must be this interpreter (Feast's compute engine ships closures that import Feast),
     timestamps are UTC like the log's, and a local master gets few shuffle partitions: Spark's default of
-    200 tasks per shuffle is for clusters, and costs seconds per join on two cores. The driver gets 4 GB:
-    each 250k-row chunk of the training set comes back through it, and Spark's default 1 GB heap ran out
-    on the first chunk of a 1M-impression log.
+    200 tasks per shuffle is for clusters, and is slow on a few local cores. The driver gets 4 GB: each chunk
+    of the training set comes back through it, more than Spark's default driver heap holds (see
+    benchmarks/README.md).
     """
     conf = {"spark.master": settings.spark_master, "spark.app.name": f"mtlrec-{settings.project}",
             "spark.sql.session.timeZone": "UTC", "spark.ui.enabled": "false",

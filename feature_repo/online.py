@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from feature_repo.definitions import FEATURE_SERVICE, JOIN_KEY
+from feature_repo.schema import FEATURE_SERVICE, JOIN_KEY
 from feature_repo.transforms import context_features
 
 
@@ -131,7 +131,7 @@ class FeatureReader:
                  canaries: dict[str, list[str]] | None = None):
         self.store = store
         self.service = store.get_feature_service(FEATURE_SERVICE)
-        self.provider = store.provider  # public since Feast 0.60; its online_read reads many keys of a view at once
+        self.provider = store.provider  # public API; its online_read reads many keys of a view at once
         on_demand = {v.name for v in store.list_on_demand_feature_views()}  # computed here, not stored online
         self.views: dict[str, list] = {"user": [], "item": []}
         for proj in self.service.feature_view_projections:
@@ -334,8 +334,8 @@ def _is_string(field) -> bool:
 def tune_redis(store, *, connect_timeout_s: float = 0.1, read_timeout_s: float = 0.25) -> bool:
     """Give Feast's Redis online store a client with bounded timeouts and no retries; False on other stores.
 
-    redis-py retries a refused or timed-out command three times with backoff (about four seconds in all),
-    and Feast's connection string cannot turn that off. The served path wants one bounded attempt and the
+    redis-py retries a refused or timed-out command three times with backoff, and Feast's connection string
+    cannot turn that off. The served path wants one bounded attempt and the
     circuit breaker instead.
     """
     online = getattr(store.provider, "online_store", None)

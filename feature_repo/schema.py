@@ -27,11 +27,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from models.contract.declaration import Declaration
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `mtlrec serve`'s precondition reads this module
+    import pandas as pd
 
 WINDOWS = (1, 7, 30)  # days
 SCHEMA_FILE = "schema.json"
@@ -102,6 +103,8 @@ class FeatureSchema:
 
 def kind_of(series: pd.Series) -> str:
     """A column's feature kind: numbers (and booleans, datetimes) are numeric, the rest categorical strings."""
+    import pandas as pd
+
     if pd.api.types.is_bool_dtype(series) or pd.api.types.is_numeric_dtype(series) \
             or pd.api.types.is_datetime64_any_dtype(series):
         return "float"

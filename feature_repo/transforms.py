@@ -14,8 +14,6 @@ import pandas as pd
 
 DAY_S = 86_400.0
 
-# The request field the context view reads besides the user/item views' columns (see feature_repo/schema.py).
-REQUEST_FIELDS = {"request_ts": "float"}  # epoch seconds of the impression or request
 TOP_CATEGORY = "user_top_category_30d"
 
 
@@ -27,7 +25,9 @@ def _floats(x) -> np.ndarray:
 def context_features(df):
     """Hour and weekday of the request, item age, user tenure, and a user x item category cross.
 
-    The cross is computed only where items have a category (``category`` among the inputs).
+    The inputs are the user and item views' columns and ``request_ts``, epoch seconds of the impression or
+    request (the request source ``request_context`` of ``feature_repo/definitions.py``). The cross is computed
+    only where items have a category (``category`` among the inputs).
 
     ``df`` is a DataFrame (inside Feast), answered with a DataFrame, or a dict of equal-length arrays
     (the served path), answered with a dict of arrays: a request does not pay for pandas.

@@ -53,7 +53,7 @@ def mtl_pipeline(
         report_dir: where the gate report, the run summary and the plot go.
         artifacts: where trained model artifacts go (one directory per training fingerprint).
     """
-    from services import registry
+    from services import production_pointer
 
     log = get_run_logger()
     data, report_dir, artifacts = (str(Path(p).resolve()) for p in (data, report_dir, artifacts))
@@ -77,7 +77,7 @@ def mtl_pipeline(
     gate = decision.get("config") or {}
     summary = {
         "tag": evaluation["tag"], "registered": evaluation["registered"], "promoted": bool(decision["promote"]),
-        "production": registry.production(), "data": data, "config": config, "overrides": overrides,
+        "production": production_pointer.production(), "data": data, "config": config, "overrides": overrides,
         "artifact": training["artifact"],
         "decision": {"k": gate.get("k", k), **{f: decision[f] for f in DECISION_FIELDS if f in decision}},
         "cached": [name for name, stage in (("validate", validation), ("features", features), ("train", training))

@@ -7,7 +7,7 @@ production is still the model it was judged against. If another promotion
 moved production in between, the candidate is gated again against the new
 production: two promotions at once can never put the worse model in
 production by racing past each other's gate. The pointer move itself is one
-atomic file replace (``services/registry.py``), so a crash anywhere leaves the
+atomic file replace (``services/production_pointer.py``), so a crash anywhere leaves the
 old production serving.
 
 Each model is judged with the fusion weights it would serve: the candidate
@@ -33,8 +33,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from services import registry
-from services.registry import NotEvaluated, ProductionChanged
+from services import model_store, production_pointer, registry_io
+from services.production_pointer import NotEvaluated, ProductionChanged
 from models.decisions.gate import Decision, GateConfig, decide
 from models.settings import get_settings
 
@@ -53,33 +53,33 @@ def gate_config(**overrides) -> GateConfig:
 
 def _accepted(tag: str) -> dict[str, float] | None:
     """The candidate's latest accepted fusion weights, or None for its declared ones: what it would serve."""
-    return (registry.fusion_of(tag) or {}).get("weights")
+    return (model_store.fusion_of(tag) or {}).get("weights")
 
 
 def promote(tag: str, table: pd.DataFrame, config: GateConfig | None = None,
             report_dir: Path | str | None = None) -> Decision:
-    tag = registry.resolve(tag)
-    if registry.evaluation_of(tag) is None:
+    tag = model_store.resolve(tag)
+    if model_store.evaluation_of(tag) is None:
         raise NotEvaluated(f"{tag} has never been evaluated: run `mtlrec evaluate --model {tag} --data ...` first")
     config = config or gate_config()
     for attempt in range(1, ATTEMPTS + 1):
-        live = registry.serving()
+        live = production_pointer.serving()
         current = live.tag if live else None
-        production = registry.production_artifact()
-        decision = decide(registry.artifact_path(tag), table, production=production, production_tag=current,
+        production = production_pointer.production_artifact()
+        decision = decide(model_store.artifact_path(tag), table, production=production, production_tag=current,
                           config=config, weights=_accepted(tag), production_weights=live.weights if live else None)
         pause = get_settings().gate_pause_s  # fault injection: tests widen the race between judging and committing
         if pause:
             time.sleep(pause)
         decision.attempts = attempt
         try:
-            registry.commit_decision(tag, judged_against=current, promote=decision.promote,
+            production_pointer.commit_decision(tag, judged_against=current, promote=decision.promote,
                                      gate=decision.to_dict(), reason="; ".join(decision.reasons))
             break
         except ProductionChanged as e:
             log.warning("%s; gating %s again (attempt %d of %d)", e, tag, attempt + 1, ATTEMPTS)
     else:
-        raise registry.RegistryError(f"production changed {ATTEMPTS} times while {tag} was being gated; "
+        raise registry_io.RegistryError(f"production changed {ATTEMPTS} times while {tag} was being gated; "
                                      "nothing was promoted: try again when other promotions have finished")
     if report_dir is not None:
         report_dir = Path(report_dir)

@@ -27,7 +27,8 @@ import threading
 import time
 from typing import Callable
 
-from services.events import EventStore, Ranked
+from services.event_rows import Ranked
+from services.event_store import EventStore
 
 log = logging.getLogger("mtlrec.events")
 

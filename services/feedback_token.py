@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 from pathlib import Path
+
+log = logging.getLogger("mtlrec.service")
 
 SECRET_FILE = "feedback.secret"
 
@@ -64,6 +67,18 @@ class Tokens:
         from services.registry_io import registry_dir
 
         return cls(_shared_secret(registry_dir()))
+
+    @classmethod
+    def for_worker(cls, configured: str) -> "Tokens":
+        """``from_settings``, or a secret of this worker's own when the shared one cannot be read: logged, not
+        raised, because a service worker whose constructor raises is restarted forever (``mtlrec serve`` checks
+        the secret before it starts any)."""
+        try:
+            return cls.from_settings(configured)
+        except (OSError, ValueError) as e:
+            log.error("no shared feedback secret (%s): this worker signs with its own, which no other replica "
+                      "accepts; set MTLREC_FEEDBACK_SECRET", e)
+            return cls(os.urandom(32))
 
     def sign(self, request_id: str) -> str:
         return hmac.new(self._key, request_id.encode(), hashlib.sha256).hexdigest()[:32]

@@ -17,8 +17,8 @@ A model's current weighting, the one a new proposal must beat: production's live
 model; otherwise its latest version not withdrawn, which becomes the live one when the model is promoted
 or rolled back to; otherwise its declared weights.
 
-Tags here are full ``name:version`` tags; ``services.registry`` resolves what a user typed and re-exports
-what a caller needs.
+Tags here are full ``name:version`` tags; ``services.model_store`` and ``services.production_pointer`` take what
+a user typed (a unique version prefix too) and resolve it.
 """
 
 from __future__ import annotations

@@ -35,11 +35,11 @@ class RecycleConnections:
 
     Why: every worker accepts from one shared listening socket, and the first worker to wake
     takes a whole burst of new connections. Clients that keep their connections open (any pool,
-    any load balancer) then stay pinned to that worker while the others idle: with two workers,
-    32 pooled connections gave either about 450 or about 230 requests/s, depending on how the
-    first burst fell. A closed connection is reopened by the client and accepted by whichever
-    worker is waiting in its event loop, the idle one, so connections drift to the less loaded
-    workers. nginx's ``keepalive_requests`` is the same knob. ``limit`` 0 keeps connections open.
+    any load balancer) then stay pinned to that worker while the others idle, and throughput
+    depends on how the first burst fell (see benchmarks/README.md). A closed connection is
+    reopened by the client and accepted by whichever worker is waiting in its event loop, the
+    idle one, so connections drift to the less loaded workers. nginx's ``keepalive_requests`` is
+    the same knob. ``limit`` 0 keeps connections open.
     """
 
     MAX_TRACKED = 4096  # connections the client closed itself leave an entry behind; forget them in bulk
@@ -76,9 +76,9 @@ class RecycleConnections:
 class BoundedJson:
     """Bodies of the JSON routes: at most ``max_bytes`` (413 beyond), and no field the route does not take.
 
-    Why here: BentoML reads the whole body into memory before validating it (three 300 MB bodies added
-    1.3 GB of resident memory), and its validation ignores unknown fields, so a typo such as ``diversty``
-    would be silently dropped. The body is read once, bounded, checked, and handed on unchanged.
+    Why here: BentoML reads the whole body into memory before validating it (a few huge bodies cost the
+    worker their size in resident memory), and its validation ignores unknown fields, so a typo such as
+    ``diversty`` would be silently dropped. The body is read once, bounded, checked, and handed on unchanged.
     ``fields`` maps a route to the top-level fields it accepts.
     """
 

@@ -1,8 +1,9 @@
 """The registry's files: where they live, the lock every writer takes, whole-file replaces, the audit log.
 
-The model pointer (``services/registry.py``) and the fusion versions (``services/fusion_versions.py``) both
-write through here, so a model promotion and a fusion promotion serialise on one lock, replace the one
-``production.json`` the same atomic way, and tell one story in one audit log.
+The production pointer (``services/production_pointer.py``), the model store's evaluation records
+(``services/model_store.py``) and the fusion versions (``services/fusion_versions.py``) all write through
+here, so a model promotion and a fusion promotion serialise on one lock, replace the one ``production.json``
+the same atomic way, and tell one story in one audit log.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
-        if get_settings().registry_crash_before_replace:  # fault injection, see services/registry.py
+        if get_settings().registry_crash_before_replace:  # fault injection, see services/production_pointer.py
             os._exit(70)
         os.replace(tmp, path)
     except BaseException:

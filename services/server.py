@@ -3,7 +3,7 @@
 BentoML runs its workers under a circus arbiter, and the arbiter answers
 SIGHUP by restarting every worker: seconds during which the listening socket
 accepts but nobody answers. Here the arbiter forwards SIGHUP to its workers
-instead; each worker's handler (``services.service``) loads the model
+instead; each worker's handler (``services.live_model``) loads the model
 production now points to and swaps one reference, while it keeps serving.
 ``mtlrec serve`` execs this module, so SIGHUP sent to the process it started
 reaches the arbiter.

@@ -88,7 +88,7 @@ def dataset_copy(clean_dataset, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def synth_with_features(tmp_path_factory):
     """``make(name, cfg)``: a generated dataset with its feature tables and training set built (no online store)."""
-    from feature_repo.store import build_all
+    from feature_repo.build import build_all
 
     def make(name: str, cfg: SynthConfig) -> Path:
         out = tmp_path_factory.mktemp(name)
@@ -103,10 +103,10 @@ def synth_with_features(tmp_path_factory):
 def promoted_world(tmp_path_factory):
     """``make(name, cfg)``: a dataset with its feature store (SQLite online), and a small MMoE trained on it,
     registered, evaluated and promoted in a private ``BENTOML_HOME``: what a served test needs."""
-    from feature_repo.store import build_all
+    from feature_repo.build import build_all
     from models.config import load_config
     from models.training.train import train
-    from services import registry
+    from services import model_store, production_pointer
 
     def make(name: str, cfg: SynthConfig) -> dict:
         base = tmp_path_factory.mktemp(name)
@@ -117,9 +117,9 @@ def promoted_world(tmp_path_factory):
         with pytest.MonkeyPatch.context() as env:
             env.setenv("BENTOML_HOME", str(home))
             env.setenv("BENTOML_DO_NOT_TRACK", "True")
-            tag = registry.register(art)
-            registry.record_evaluation(tag, {"fused/ndcg@10": 0.5})
-            registry.set_production(tag)
+            tag = model_store.register(art)
+            model_store.record_evaluation(tag, {"fused/ndcg@10": 0.5})
+            production_pointer.set_production(tag)
         return {"data": data, "artifact": art, "home": home, "tag": tag, "base": base}
 
     return make

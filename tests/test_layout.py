@@ -144,7 +144,7 @@ def test_import_contracts_fail_on_a_planted_upward_import():
 
 @pytest.mark.parametrize("source, expected", [
     ("from . import ranking\n", {"services.ranking"}),
-    ("from .registry import set_production\n", {"services.registry"}),
+    ("from .production_pointer import set_production\n", {"services.production_pointer"}),
     ("def f():\n    from flows.dev import launcher\n", {"flows.dev.launcher"}),
     ("import prefect\n", {"prefect"}),
 ])

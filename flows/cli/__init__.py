@@ -51,7 +51,7 @@ def _debug() -> bool:
 
 def describe_error(exc: BaseException) -> str:
     """The problem in one line: our own errors already name the fix; others get their type for a search."""
-    from services.registry import RegistryError
+    from services.registry_io import RegistryError
     from models.config import ConfigError
     from models.contract.tables import ManifestError
     from models.contract.declaration import DeclarationError

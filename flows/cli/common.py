@@ -17,9 +17,9 @@ def model_path(model: str) -> tuple[Path, str | None]:
     """A model argument is an artifact directory or a registry tag (name:version)."""
     if Path(model).is_dir():
         return Path(model), None
-    from services import registry
+    from services import model_store
 
-    return registry.artifact_path(model), model
+    return model_store.artifact_path(model), model
 
 
 def ensure_training_set(data: Path, materialize_online: bool = False) -> None:
@@ -29,7 +29,7 @@ def ensure_training_set(data: Path, materialize_online: bool = False) -> None:
         return
     s = store_settings(data, None)
     if not s.training_file.exists() or s.training_file.stat().st_mtime < log.stat().st_mtime:
-        from feature_repo.store import build_all
+        from feature_repo.build import build_all
 
         build_all(data, s, materialize_online=materialize_online)
 

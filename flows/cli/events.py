@@ -29,7 +29,7 @@ def _since(value: str | None, option: str = "--since") -> float | None:
 
 def _store(data: Path, url: str | None):
     from models.settings import get_settings
-    from services.events import EventStore
+    from services.event_store import EventStore
 
     return EventStore.for_dataset(data, url or get_settings().events_url)
 

@@ -19,7 +19,7 @@ def features_build(
     """Everything from the raw tables: compute feature tables, apply, materialise, build the training set."""
     import json
 
-    from feature_repo.store import build_all
+    from feature_repo.build import build_all
 
     typer.echo(json.dumps(build_all(directory, store_settings(directory, online)), indent=2))
 
@@ -27,12 +27,13 @@ def features_build(
 @app.command("apply")
 def features_apply(directory: Path = typer.Argument(...), online: str = typer.Option(None, help=ONLINE_HELP)) -> None:
     """Compute the feature tables and register the Feast objects for this dataset."""
-    from feature_repo import store as fstore
+    from feature_repo.apply import apply
     from feature_repo.compute import compute_feature_tables
+    from feature_repo.store import open_store
 
     s = store_settings(directory, online)
     typer.echo(compute_feature_tables(s.dataset, s.tables, store=s))
-    typer.echo("applied: " + ", ".join(fstore.apply(fstore.open_store(s), s)))
+    typer.echo("applied: " + ", ".join(apply(open_store(s), s)))
 
 
 @app.command("materialize")
@@ -44,10 +45,11 @@ def features_materialize(
 
     A view whose store lacks rows its registry says it holds (a Redis restarted empty) is reloaded in full.
     """
-    from feature_repo import store as fstore
+    from feature_repo.materialize import materialize
+    from feature_repo.store import open_store
 
     s = store_settings(directory, online)
-    for view, r in fstore.materialize(fstore.open_store(s), s, full=full).items():
+    for view, r in materialize(open_store(s), s, full=full).items():
         why = f"; full load: {r['reloaded']}" if r.get("reloaded") else ""
         typer.echo(f"{view}: from {r['from']}{why}; {r['rows']:,} of {r['expected']:,} entities in {s.store_id}")
 
@@ -61,13 +63,13 @@ def features_status(
     """Per online store and view: rows held now against rows expected, and up to when it was loaded."""
     import json
 
-    from feature_repo import store as fstore
+    from feature_repo.online_status import status
 
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a dataset directory")
     stores = online or ["sqlite"] + (["redis"] if any((store_settings(directory, "sqlite").workspace)
                                                       .glob("registry-redis-*.db")) else [])
-    report = [fstore.status(store_settings(directory, o)) for o in stores]
+    report = [status(store_settings(directory, o)) for o in stores]
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -82,9 +84,9 @@ def features_status(
 @app.command("training-set")
 def features_training_set(directory: Path = typer.Argument(...)) -> None:
     """Point-in-time training set of every impression (Feast get_historical_features)."""
-    from feature_repo import store as fstore
+    from feature_repo.store import open_store
+    from feature_repo.training_set import training_metadata, write_training_set
 
     s = store_settings(directory, None)
-    n = fstore.write_training_set(fstore.open_store(s), s.dataset, s.training_file,
-                                  metadata=fstore.training_metadata(s))
+    n = write_training_set(open_store(s), s.dataset, s.training_file, metadata=training_metadata(s))
     typer.echo(f"wrote {s.training_file}: {n:,} rows")

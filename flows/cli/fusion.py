@@ -52,9 +52,9 @@ def tune(
     cfg = gate_config()
     current = None
     if tag:
-        from services import registry
+        from services import production_pointer
 
-        current = registry.fusion_current(tag)
+        current = production_pointer.fusion_current(tag)
     scorer = Scorer.load(path)
     logged = LoggedEvidence(_event_store(data, events_url), scorer.tasks.rewards())
     report = run(scorer, training_table(data), k=k or cfg.k, iterations=iterations, samples=samples,
@@ -65,7 +65,8 @@ def tune(
     if current:
         report["tag"] = current.tag
         if report["accepted"]:
-            kept = registry.accept_fusion(current.tag, report, report["decision"], judged_against=current.fusion)
+            kept = production_pointer.accept_fusion(current.tag, report, report["decision"],
+                                                    judged_against=current.fusion)
             report["fusion"] = {"id": kept.id, "live": kept.live}
     if as_json:
         typer.echo(json.dumps(report, default=str))
@@ -76,7 +77,7 @@ def tune(
 def _event_store(data: Path, url: str | None):
     """The event log to ask, or None: ``url``, else ``$MTLREC_EVENTS_URL``, else the dataset's own if it exists."""
     from models.settings import get_settings
-    from services.events import EventStore
+    from services.event_store import EventStore
 
     url = url or get_settings().events_url
     if (url or "").strip().lower() == "off":
@@ -97,8 +98,9 @@ class LoggedEvidence:
 
     def __call__(self, proposed: dict[str, float], current: dict[str, float]):
         from models.decisions.fusion_tuning import OffPolicyEvidence
-        from models.decisions.offpolicy import compare, logged_requests
-        from services.events import EventStoreError
+        from models.decisions.exploration_log import logged_requests
+        from models.decisions.offpolicy import compare
+        from services.event_store import EventStoreError
 
         if self.store is None:
             return None
@@ -169,9 +171,9 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="one JSON object for scripts"),
 ) -> None:
     """A model's fusion versions, and the one it is served with (production) or would be (any other model)."""
-    from services import registry
+    from services import production_pointer
 
-    tag = model or registry.production()
+    tag = model or production_pointer.production()
     if not tag:
         typer.echo("no production model: name one with --model", err=True)
         raise typer.Exit(1)
@@ -187,13 +189,13 @@ def fusion_view(tag: str) -> dict:
     from models.scoring.artifact import read_meta
     from models.metrics.multitask import fusion_weights
     from models.tasks import TaskSet
-    from services import registry
+    from services import model_store, production_pointer
 
-    current = registry.fusion_current(tag)
-    meta = read_meta(registry.artifact_path(current.tag))
+    current = production_pointer.fusion_current(tag)
+    meta = read_meta(model_store.artifact_path(current.tag))
     declared = fusion_weights(TaskSet.from_config(meta["tasks"], primary=meta.get("primary")))
-    versions = [{k: v for k, v in r.items() if k != "report"} for r in registry.list_fusion(current.tag)]
-    return {"tag": current.tag, "production": registry.production() == current.tag, "serves": current.fusion,
+    versions = [{k: v for k, v in r.items() if k != "report"} for r in model_store.list_fusion(current.tag)]
+    return {"tag": current.tag, "production": production_pointer.production() == current.tag, "serves": current.fusion,
             "declared": declared, "versions": versions}
 
 
@@ -225,12 +227,12 @@ def view_table(view: dict) -> str:
 def rollback(reason: str = typer.Option("manual fusion rollback", help="recorded in the pointer and the audit log")
              ) -> None:
     """Serve the production model's previous fusion version again (its declared weights below the first)."""
-    from services import registry
+    from services import production_pointer, registry_io
 
-    before = registry.serving()
+    before = production_pointer.serving()
     try:
-        now = registry.rollback_fusion(reason)
-    except registry.RegistryError as exc:
+        now = production_pointer.rollback_fusion(reason)
+    except registry_io.RegistryError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
     typer.echo(f"production {now.tag}: fusion {now.fusion} (was {before.fusion if before else None})")

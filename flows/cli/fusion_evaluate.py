@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from models.decisions.offpolicy import MIN_ESS, MIN_MATCHING, MIN_REWARDED
+from models.decisions.offpolicy_estimators import MIN_ESS, MIN_MATCHING, MIN_REWARDED
 
 app = typer.Typer(help="Fusion weightings judged on logged traffic.", no_args_is_help=True)
 
@@ -73,8 +73,8 @@ def evaluate(
     lists the weightings it can judge, printed so that pasting one back as --weights matches it.
     """
     from flows.cli.events import _since, _store
-    from models.decisions.offpolicy import evaluate as estimate
-    from models.decisions.offpolicy import format_weights, logged_requests
+    from models.decisions.exploration_log import format_weights, logged_requests
+    from models.decisions.offpolicy import evaluate_weighting
 
     target = _json_weights(weights, "--weights")
     reward_of = _json_weights(rewards, "--rewards") or default_rewards(data)
@@ -85,8 +85,8 @@ def evaluate(
                                  param_hint="--since" if since else "--url")
     requests = logged_requests(impressions, feedback)
     try:
-        result = estimate(requests, target, reward_of, min_matching=min_matching, min_rewarded=min_rewarded,
-                          min_ess=min_ess)
+        result = evaluate_weighting(requests, target, reward_of, min_matching=min_matching,
+                                    min_rewarded=min_rewarded, min_ess=min_ess)
     except ValueError as e:  # Refused, or a policy record that contradicts itself
         typer.echo(f"{store.where()}: refused: {e}", err=True)
         raise typer.Exit(2) from None

@@ -21,14 +21,14 @@ def list_cmd(
     as_json: bool = typer.Option(False, "--json", help="one JSON list for scripts"),
 ) -> None:
     """Registered models, newest first; '*' marks production."""
-    from services import registry
+    from services import model_store, registry_io
 
-    rows = registry.list_models(name or None)
+    rows = model_store.list_models(name or None)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        typer.echo(f"no models registered in {registry.home() / 'models'}")
+        typer.echo(f"no models registered in {registry_io.home() / 'models'}")
         return
     width = max(len(r["tag"]) for r in rows)
     typer.echo(f"  {'tag':<{width}}  {'created':<25}  {'architecture':<14} {'balancer':<12} "
@@ -43,11 +43,11 @@ def list_cmd(
 @app.command("show")
 def show_cmd(tag: str = typer.Argument(..., help="name:version (a unique version prefix will do)")) -> None:
     """Labels, metadata, evaluation and store path of one model, as JSON."""
-    from services import registry
+    from services import model_store, registry_io
 
     try:
-        typer.echo(json.dumps(registry.describe(tag), indent=2, default=str))
-    except registry.RegistryError as exc:
+        typer.echo(json.dumps(model_store.describe(tag), indent=2, default=str))
+    except registry_io.RegistryError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
 
@@ -62,12 +62,12 @@ def rollback_cmd(
 
 def rollback_now(reason: str = "manual rollback") -> None:
     """Shared with the top-level `mtlrec rollback` alias."""
-    from services import registry
+    from services import production_pointer, registry_io
 
-    before = registry.production()
+    before = production_pointer.production()
     try:
-        now = registry.rollback(reason)
-    except registry.RegistryError as exc:
+        now = production_pointer.rollback(reason)
+    except registry_io.RegistryError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
     typer.echo(f"production: {now} (was {before})")
@@ -79,9 +79,9 @@ def register(
     name: str = typer.Option("mtlrec-ranker", help="model name in the BentoML store"),
 ) -> None:
     """Store a trained artifact in the registry (BentoML model store); prints its tag."""
-    from services import registry
+    from services import model_store
 
-    typer.echo(registry.register(artifact, name=name))
+    typer.echo(model_store.register(artifact, name=name))
 
 
 @commands.command("rollback")

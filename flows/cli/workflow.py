@@ -147,9 +147,9 @@ def evaluate(
         raise typer.Exit(2)
     result = run(path, table, seed=seed, single_task=singles, unshown_items=unshown, **holdout_inputs(data))
     if tag:
-        from services import registry
+        from services import model_store
 
-        registry.record_evaluation(tag, result)
+        model_store.record_evaluation(tag, result)
     if as_json:
         typer.echo(json.dumps(result, default=str))
         return

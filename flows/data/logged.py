@@ -130,10 +130,10 @@ def export(store, source: Path | str, out: Path | str, since: float | None = Non
     """Write ``out`` as a dataset: logged impressions since ``since`` (epoch seconds, the server's clock), the users
     and items of ``source`` and those first seen in the log (``attributes`` looks theirs up).
 
-    ``store``: a ``services.events.EventStore``. Corrupt request rows are quarantined and counted in the manifest.
+    ``store``: a ``services.event_store.EventStore``. Corrupt request rows are quarantined and counted in the manifest.
     Raises ``ValueError`` when nothing was logged in that window.
     """
-    from services.events import Corrupt
+    from services.event_rows import Corrupt
 
     source, out = Path(source), Path(out)
     manifest = contract.Manifest.require(source)

@@ -46,24 +46,22 @@ impression's expected graded relevance ``sum(gain_t * p_t)`` (gains of the
 declaration: click 1, long_view 1, like 2, follow 3); ranking the last day by
 it is the oracle reported in ``manifest.params['ground_truth']``.
 
-Whole-array numpy and chunked Arrow writing, as synth.py: 10M impressions in
-well under two minutes.
+Whole-array numpy and chunked Arrow writing, shared with synth.py in
+``flows/data/generation.py``; timings are in benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 
-from flows.data.generation import (US_PER_DAY, declared_range, impression_inputs, redrawn, sigmoid, time_span,
-                                   write_impressions)
+from flows.data.generation import (centred, draw_context, draw_users, grouped_latent, item_table, launches,
+                                   redrawn_oracle, sigmoid, write_dataset)
 from models.contract import tables as contract
 from models.contract.declaration import Declaration
-from models.metrics.functional import ranking_metrics
 
 # Parallel behaviours: no parent anywhere. Gains make the graded relevance of evaluation.
 DECLARATION = Declaration.from_dict({"tasks": [
@@ -85,9 +83,7 @@ BINARY = ("click", "long_view", "like", "follow")
 RARE = ("comment", "share", "profile_visit")
 GAINS = {t.name: t.gain for t in RARE_DECLARATION.binary}
 LONG_VIEW_SHARE = 0.8  # long_view: watched at least this share of the video's duration
-DEVICES = np.array(["mobile", "desktop", "tablet"])
-GENDERS = np.array(["f", "m"])
-US_PER_HOUR = 3_600_000_000
+SOURCE = "flows.data.short_video"  # the manifest's source: what ``oracle`` recognises
 MIN_DURATION, MAX_DURATION = 5.0, 300.0
 
 HOUR_WEIGHT = 1.0 + 0.8 * np.sin((np.arange(24) - 10) / 24 * 2 * np.pi)  # late evening is busiest
@@ -143,26 +139,13 @@ class _World:
 
 
 def _users(cfg: ShortVideoConfig, rng: np.random.Generator, start_us: int):
-    segment = rng.integers(cfg.n_segments, size=cfg.n_users)
-    centres = rng.normal(0.0, 1.0, (cfg.n_segments, cfg.dim))
-    latent = 0.8 * centres[segment] + rng.normal(0.0, 0.6, (cfg.n_users, cfg.dim))
+    segment, latent = grouped_latent(rng, cfg.n_users, cfg.n_segments, cfg.dim)
     seg_patience = rng.normal(0.0, 0.4, cfg.n_segments)
     patience = seg_patience[segment] + rng.normal(0.0, 0.5, cfg.n_users)
     like_bias = rng.normal(0.0, 0.6, cfg.n_users)
-    seg_age = rng.uniform(16, 45, cfg.n_segments)
-    age = np.clip(np.rint(seg_age[segment] + rng.normal(0, 8, cfg.n_users)), 13, 90).astype(np.int64)
-    gender = GENDERS[rng.integers(2, size=cfg.n_users)]
-    seg_device = rng.dirichlet(np.array([6.0, 1.5, 1.5]), cfg.n_segments)  # mostly phones
-    activity = rng.lognormal(0.0, 1.0, cfg.n_users)
-    signup_us = start_us - rng.integers(1, 365, cfg.n_users) * US_PER_DAY
-    table = pd.DataFrame({
-        "user_id": np.char.add("u", np.arange(cfg.n_users).astype(str)),
-        contract.TIMESTAMP: pd.to_datetime(signup_us, unit="us", utc=True),
-        "age": age,
-        "gender": gender,
-        "segment": np.char.add("s", segment.astype(str)),
-    })
-    return table, latent, patience, like_bias, seg_device[segment], activity
+    table, device_probs, activity = draw_users(cfg, rng, start_us, segment, ages=(16, 45), min_age=13,
+                                               devices=np.array([6.0, 1.5, 1.5]))  # mostly phones
+    return table, latent, patience, like_bias, device_probs, activity
 
 
 def _items(cfg: ShortVideoConfig, rng: np.random.Generator, start_us: int, span_us: int):
@@ -172,7 +155,7 @@ def _items(cfg: ShortVideoConfig, rng: np.random.Generator, start_us: int, span_
     # A few prolific authors post most of the videos.
     prolific = 1.0 / (rng.permutation(cfg.n_authors) + 1) ** 0.7
     author = rng.choice(cfg.n_authors, size=cfg.n_items, p=prolific / prolific.sum())
-    latent = 0.8 * a_latent[author] + rng.normal(0.0, 0.6, (cfg.n_items, cfg.dim))
+    latent = centred(rng, a_latent, author)
     appeal = rng.normal(0.0, 0.5, cfg.n_items)
     duration = np.round(np.clip(np.exp(a_log_duration[author] + rng.normal(0.0, 0.6, cfg.n_items)),
                                 MIN_DURATION, MAX_DURATION), 1)
@@ -181,18 +164,8 @@ def _items(cfg: ShortVideoConfig, rng: np.random.Generator, start_us: int, span_
     promoted = appeal + 0.5 * a_quality[author] + rng.normal(0.0, 0.4, cfg.n_items)
     rank = np.empty(cfg.n_items, dtype=np.int64)
     rank[np.argsort(-promoted, kind="stable")] = np.arange(1, cfg.n_items + 1)
-    exposure = 1.0 / rank ** cfg.zipf_exponent
-    # Most videos exist before the log starts; one in ten launches inside it and is promoted.
-    launch = start_us - rng.integers(1, 365, cfg.n_items) * US_PER_DAY
-    new = rng.random(cfg.n_items) < 0.1
-    launch[new] = start_us + (rng.random(new.sum()) * 0.8 * span_us).astype(np.int64)
-    exposure[new] *= 3.0
-    table = pd.DataFrame({
-        "item_id": np.char.add("i", np.arange(cfg.n_items).astype(str)),
-        contract.TIMESTAMP: pd.to_datetime(launch, unit="us", utc=True),
-        "author": np.char.add("a", author.astype(str)),
-        "duration": duration,
-    })
+    launch, exposure = launches(rng, cfg.n_items, start_us, span_us, 1.0 / rank ** cfg.zipf_exponent)
+    table = item_table(launch, author=np.char.add("a", author.astype(str)), duration=duration)
     return table, a_latent, a_quality, latent, author, appeal, duration, launch, exposure
 
 
@@ -265,20 +238,8 @@ def _probabilities(cfg: ShortVideoConfig, w: _World, u: np.ndarray, i: np.ndarra
 def _impressions(cfg: ShortVideoConfig, w: _World, rng: np.random.Generator, n: int,
                  start_us: int, span_us: int, rare_rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     """Draw ``n`` impressions with their labels and each behaviour's true (marginal) probability."""
-    u = rng.choice(len(w.activity), size=n, p=w.activity / w.activity.sum())
-    i = rng.choice(len(w.exposure), size=n, p=w.exposure / w.exposure.sum())
-    day = rng.integers(cfg.days, size=n)
-    hour = rng.choice(24, size=n, p=HOUR_WEIGHT / HOUR_WEIGHT.sum())
-    ts = start_us + day * US_PER_DAY + hour * US_PER_HOUR + rng.integers(0, US_PER_HOUR, size=n)
-    # A video cannot be shown before it was posted: move such impressions after the launch.
-    launch = w.item_launch_us[i]
-    early = ts < launch
-    ts[early] = launch[early] + (rng.random(early.sum()) * (start_us + span_us - launch[early])).astype(np.int64)
-    hour = (ts // US_PER_HOUR) % 24
-    cum = np.cumsum(w.device_probs[u], axis=1)
-    device = (rng.random(n)[:, None] > cum[:, :-1]).sum(axis=1)
-    position = np.minimum(rng.geometric(0.1, size=n), 100)
-
+    u, i, ts, hour, device, position = draw_context(cfg, w, rng, n, start_us, span_us, hour_weight=HOUR_WEIGHT,
+                                                    position_p=0.1, max_position=100)
     pr = _probabilities(cfg, w, u, i, hour, device, position)
     p_click = pr["click"]
     click = rng.random(n) < p_click
@@ -300,41 +261,9 @@ def _impressions(cfg: ShortVideoConfig, w: _World, rng: np.random.Generator, n: 
     return out
 
 
-def _arrow_chunk(d: dict[str, np.ndarray], user_ids: pa.Array, item_ids: pa.Array,
-                 binary: tuple[str, ...] = BINARY) -> pa.Table:
-    order = np.argsort(d["ts"], kind="stable")
-    return pa.table({
-        "user_id": user_ids.take(pa.array(d["u"][order])),
-        "item_id": item_ids.take(pa.array(d["i"][order])),
-        contract.TIMESTAMP: pa.array(d["ts"][order], type=pa.timestamp("us", tz="UTC")),
-        "device": pa.array(DEVICES).take(pa.array(d["device"][order])),
-        "position": pa.array(d["position"][order].astype(np.int64)),
-        **{name: pa.array(d[name][order].astype(np.int8)) for name in binary},
-        "watch_time": pa.array(d["watch_time"][order].astype(np.float64)),
-    })
-
-
 def relevance(d: dict[str, np.ndarray], prefix: str = "") -> np.ndarray:
     """Graded relevance ``sum(gain_t * y_t)``; with ``prefix='p_'`` its expectation ``sum(gain_t * p_t)``."""
     return sum(GAINS[t] * d[prefix + t].astype(np.float64) for t in BINARY + RARE if prefix + t in d)
-
-
-def ground_truth_quality(d: dict[str, np.ndarray], start_us: int, span_us: int, k: int = 10) -> dict[str, float]:
-    """NDCG@k of the graded relevance on the last day for the oracle, popularity and random.
-
-    The oracle ranks each user's last-day impressions by the generator's own
-    expected relevance; popularity by clicks before the last day.
-    """
-    last = d["ts"] >= start_us + span_us - US_PER_DAY
-    train = ~last
-    pop = np.bincount(d["i"][train], weights=d["click"][train], minlength=int(d["i"].max()) + 1)
-    u, y = d["u"][last], relevance(d)[last]
-    rng = np.random.default_rng(0)
-    return {
-        "oracle": ranking_metrics(u, relevance(d, "p_")[last], y, ks=(k,))[f"ndcg@{k}"],
-        "popularity": ranking_metrics(u, pop[d["i"][last]], y, ks=(k,))[f"ndcg@{k}"],
-        "random": ranking_metrics(u, rng.random(last.sum()), y, ks=(k,))[f"ndcg@{k}"],
-    }
 
 
 def _world(cfg: ShortVideoConfig, rng: np.random.Generator, start_us: int, span_us: int):
@@ -357,32 +286,16 @@ def oracle(data: Path | str):
     ``user_id``, ``item_id``, ``event_timestamp``, ``device`` and ``position``; returned: each binary
     behaviour's marginal probability, ``{"click", "long_view", "like", "follow"}``.
     """
-    found = redrawn(data, "flows.data.short_video", ShortVideoConfig, _world, declaration)
-    if found is None:
-        return None
-    cfg, world = found
+    return redrawn_oracle(data, SOURCE, ShortVideoConfig, _world, declaration, 0, _truth)
 
-    def probabilities(rows: pd.DataFrame) -> dict[str, np.ndarray]:
-        u, i, hour, device, position = impression_inputs(rows, DEVICES, 0)
-        pr = _probabilities(cfg, world, u, i, hour, device, position)
-        return {name: pr[name] for name in behaviours(cfg)}
 
-    return probabilities
+def _truth(cfg: ShortVideoConfig, world: _World, u, i, hour, device, position) -> dict[str, np.ndarray]:
+    pr = _probabilities(cfg, world, u, i, hour, device, position)
+    return {name: pr[name] for name in behaviours(cfg)}
 
 
 def generate(out: Path | str, cfg: ShortVideoConfig = ShortVideoConfig()) -> contract.Manifest:
     """Write users, items, interactions and the manifest into ``out``; return the manifest."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(cfg.seed)
-    start_us, span_us, end_us = time_span(cfg.end, cfg.days)
-
-    users, items, world = _world(cfg, rng, start_us, span_us)
-    contract.write_table(users, out, "users")
-    contract.write_table(items, out, "items")
-
-    user_ids = pa.array(users["user_id"].to_numpy())
-    item_ids = pa.array(items["item_id"].to_numpy())
     binary = behaviours(cfg)
     rare_rng = np.random.default_rng([cfg.seed, 2]) if cfg.rare else None
     counts = dict.fromkeys(binary, 0)
@@ -396,33 +309,20 @@ def generate(out: Path | str, cfg: ShortVideoConfig = ShortVideoConfig()) -> con
             without_click[name] += int((d[name] & ~d["click"]).sum())
         watch["sum"] += float(d["watch_time"].sum())
 
-    sample = write_impressions(out / contract.INTERACTIONS.file, cfg.n_interactions, cfg.chunk_rows,
-                               lambda n: _impressions(cfg, world, rng, n, start_us, span_us, rare_rng),
-                               lambda d: _arrow_chunk(d, user_ids, item_ids, binary), observe)
-    watch_sum = watch["sum"]
-    first, last = declared_range(start_us, end_us, users, items)
-
-    n_total = max(cfg.n_interactions, 1)
-    quality_report = ground_truth_quality(sample, start_us, span_us) if sample is not None else {}
-    manifest = contract.Manifest(
-        name="short_video",
-        source="flows.data.short_video",
-        start=first,
-        end=last,
-        rows={"users": len(users), "items": len(items), "interactions": cfg.n_interactions},
-        params={**asdict(cfg),
-                **{f"{name}_rate": counts[name] / n_total for name in binary},
+    def figures() -> dict[str, float]:
+        n_total = max(cfg.n_interactions, 1)
+        return {**{f"{name}_rate": counts[name] / n_total for name in binary},
                 **{f"{name}_share_without_click": without_click[name] / max(counts[name], 1)
                    for name in without_click},
-                "mean_watch_time": watch_sum / n_total,
-                "long_view_share": LONG_VIEW_SHARE,
-                "log_start": pd.Timestamp(start_us, unit="us", tz="UTC").isoformat(),
-                "ground_truth": quality_report},
+                "mean_watch_time": watch["sum"] / n_total,
+                "long_view_share": LONG_VIEW_SHARE}
+
+    return write_dataset(
+        out, cfg, name="short_video", source=SOURCE, world=_world, draw=partial(_impressions, rare_rng=rare_rng),
+        labels={**dict.fromkeys(binary, np.int8), "watch_time": np.float64}, observe=observe, figures=figures,
+        relevance=relevance, declaration=declaration(cfg),
         notes="Seeded synthetic short-video feed with parallel behaviours (no funnel): long_view is "
               f"watch_time >= {LONG_VIEW_SHARE:g} x the item's duration. ground_truth is NDCG@10 on the last "
               "day of the graded relevance " + " + ".join(f"{GAINS[t]:g} {t}" for t in binary)
               + ", ranked by the generator's own expected relevance (oracle), by earlier click counts "
-              "(popularity) and at random.",
-    )
-    manifest.declare(declaration(cfg)).save(out)
-    return manifest
+              "(popularity) and at random.")

@@ -18,24 +18,21 @@ planted here is what a multi-task ranker should find:
   time-ordered split and point-in-time features have something to get right.
 
 Every row is drawn with numpy in whole-array operations, and the interaction
-table is written through Arrow in chunks, so 10M impressions take well under
-two minutes on two cores.
+table is written through Arrow in chunks (``flows/data/generation.py``, which
+the short-video scenario shares); timings are in benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 
-from flows.data.generation import (US_PER_DAY, declared_range, impression_inputs, redrawn, sigmoid, time_span,
-                                   write_impressions)
+from flows.data.generation import (DEVICES, draw_context, draw_users, grouped_latent, item_table, launches,
+                                   redrawn_oracle, sigmoid, write_dataset)
 from models.contract import tables as contract
 from models.contract.declaration import Declaration
-from models.metrics.functional import ranking_metrics
 
 # What this log records, as its manifest declares it: a funnel (purchase only after a click).
 DECLARATION = Declaration.from_dict({"tasks": [
@@ -44,8 +41,7 @@ DECLARATION = Declaration.from_dict({"tasks": [
     {"name": "dwell", "type": "regression", "parent": "click", "transform": "log1p"},
 ], "primary": "click"})
 
-DEVICES = np.array(["mobile", "desktop", "tablet"])
-GENDERS = np.array(["f", "m"])
+SOURCE = "flows.data.synth"  # the manifest's source: what ``oracle`` recognises
 
 
 @dataclass(frozen=True)
@@ -89,47 +85,23 @@ DEVICE_BUY = np.array([-0.3, 0.35, 0.0])
 
 
 def _users(cfg: SynthConfig, rng: np.random.Generator, start_us: int):
-    segment = rng.integers(cfg.n_segments, size=cfg.n_users)
-    centres = rng.normal(0.0, 1.0, (cfg.n_segments, cfg.dim))
-    latent = 0.8 * centres[segment] + rng.normal(0.0, 0.6, (cfg.n_users, cfg.dim))
+    segment, latent = grouped_latent(rng, cfg.n_users, cfg.n_segments, cfg.dim)
     seg_price = rng.normal(0.0, 0.8, cfg.n_segments)
     price_sens = seg_price[segment] + rng.normal(0.0, 0.5, cfg.n_users)
-    seg_age = rng.uniform(22, 55, cfg.n_segments)
-    age = np.clip(np.rint(seg_age[segment] + rng.normal(0, 8, cfg.n_users)), 16, 90).astype(np.int64)
-    gender = GENDERS[rng.integers(2, size=cfg.n_users)]
-    seg_device = rng.dirichlet(np.ones(len(DEVICES)) * 2.0, cfg.n_segments)
-    activity = rng.lognormal(0.0, 1.0, cfg.n_users)
-    signup_us = start_us - rng.integers(1, 365, cfg.n_users) * US_PER_DAY
-    table = pd.DataFrame({
-        "user_id": np.char.add("u", np.arange(cfg.n_users).astype(str)),
-        contract.TIMESTAMP: pd.to_datetime(signup_us, unit="us", utc=True),
-        "age": age,
-        "gender": gender,
-        "segment": np.char.add("s", segment.astype(str)),
-    })
-    return table, latent, price_sens, seg_device[segment], activity
+    table, device_probs, activity = draw_users(cfg, rng, start_us, segment, ages=(22, 55), min_age=16,
+                                               devices=np.ones(len(DEVICES)) * 2.0)
+    return table, latent, price_sens, device_probs, activity
 
 
 def _items(cfg: SynthConfig, rng: np.random.Generator, start_us: int, span_us: int):
-    category = rng.integers(cfg.n_categories, size=cfg.n_items)
-    centres = rng.normal(0.0, 1.0, (cfg.n_categories, cfg.dim))
-    latent = 0.8 * centres[category] + rng.normal(0.0, 0.6, (cfg.n_items, cfg.dim))
+    category, latent = grouped_latent(rng, cfg.n_items, cfg.n_categories, cfg.dim)
     quality = rng.normal(0.0, 0.5, cfg.n_items)
     cat_price = rng.uniform(np.log(5), np.log(200), cfg.n_categories)
     log_price = cat_price[category] + rng.normal(0.0, 0.4, cfg.n_items)
     rank = rng.permutation(cfg.n_items) + 1
-    exposure = 1.0 / rank ** cfg.zipf_exponent
-    # Most items exist before the log starts; one in ten launches inside it.
-    launch = start_us - rng.integers(1, 365, cfg.n_items) * US_PER_DAY
-    new = rng.random(cfg.n_items) < 0.1
-    launch[new] = start_us + (rng.random(new.sum()) * 0.8 * span_us).astype(np.int64)
-    exposure[new] *= 3.0  # new items get promoted
-    table = pd.DataFrame({
-        "item_id": np.char.add("i", np.arange(cfg.n_items).astype(str)),
-        contract.TIMESTAMP: pd.to_datetime(launch, unit="us", utc=True),
-        "category": np.char.add("c", category.astype(str)),
-        "price": np.round(np.exp(log_price), 2),
-    })
+    launch, exposure = launches(rng, cfg.n_items, start_us, span_us, 1.0 / rank ** cfg.zipf_exponent)
+    table = item_table(launch, category=np.char.add("c", category.astype(str)),
+                       price=np.round(np.exp(log_price), 2))
     return table, latent, quality, log_price, launch, exposure
 
 
@@ -142,28 +114,16 @@ def _probabilities(cfg: SynthConfig, world: _World, u, i, hour, device, position
     p_click = sigmoid(-2.4 + 1.5 * affinity + world.item_quality[i] + HOUR_EFFECT[hour]
                       + DEVICE_CLICK[device] - 0.06 * (position - 1))
     price_z = world.item_log_price[i] - np.log(40.0)
-    p_buy = sigmoid(-2.4 + 1.2 * affinity_buy - cfg.price_effect * world.price_sensitivity[u] * price_z + DEVICE_BUY[device])
+    p_buy = sigmoid(-2.4 + 1.2 * affinity_buy - cfg.price_effect * world.price_sensitivity[u] * price_z
+                    + DEVICE_BUY[device])
     return p_click, p_buy, affinity
 
 
 def _impressions(cfg: SynthConfig, world: _World, rng: np.random.Generator, n: int,
                  start_us: int, span_us: int) -> dict[str, np.ndarray]:
     """Draw ``n`` impressions with their labels and the true click/purchase probabilities."""
-    u = rng.choice(len(world.activity), size=n, p=world.activity / world.activity.sum())
-    i = rng.choice(len(world.exposure), size=n, p=world.exposure / world.exposure.sum())
-    day = rng.integers(cfg.days, size=n)
-    hour = rng.choice(24, size=n, p=HOUR_WEIGHT / HOUR_WEIGHT.sum())
-    within = rng.integers(0, 3_600_000_000, size=n)
-    ts = start_us + day * US_PER_DAY + hour * 3_600_000_000 + within
-    # An item cannot be shown before it launched: move such impressions after the launch.
-    launch = world.item_launch_us[i]
-    early = ts < launch
-    ts[early] = launch[early] + (rng.random(early.sum()) * (start_us + span_us - launch[early])).astype(np.int64)
-    hour = (ts // 3_600_000_000) % 24
-    cum = np.cumsum(world.device_probs[u], axis=1)
-    device = (rng.random(n)[:, None] > cum[:, :-1]).sum(axis=1)
-    position = np.minimum(rng.geometric(0.15, size=n), 50)
-
+    u, i, ts, hour, device, position = draw_context(cfg, world, rng, n, start_us, span_us, hour_weight=HOUR_WEIGHT,
+                                                    position_p=0.15, max_position=50)
     p_click, p_buy, affinity = _probabilities(cfg, world, u, i, hour, device, position)
     click = rng.random(n) < p_click
     purchase = click & (rng.random(n) < p_buy)
@@ -172,38 +132,12 @@ def _impressions(cfg: SynthConfig, world: _World, rng: np.random.Generator, n: i
             "purchase": purchase, "dwell": dwell, "p_click": p_click, "p_purchase": p_click * p_buy}
 
 
-def _arrow_chunk(d: dict[str, np.ndarray], user_ids: pa.Array, item_ids: pa.Array) -> pa.Table:
-    order = np.argsort(d["ts"], kind="stable")
-    return pa.table({
-        "user_id": user_ids.take(pa.array(d["u"][order])),
-        "item_id": item_ids.take(pa.array(d["i"][order])),
-        contract.TIMESTAMP: pa.array(d["ts"][order], type=pa.timestamp("us", tz="UTC")),
-        "device": pa.array(DEVICES).take(pa.array(d["device"][order])),
-        "position": pa.array(d["position"][order].astype(np.int64)),
-        "click": pa.array(d["click"][order].astype(np.int8)),
-        "purchase": pa.array(d["purchase"][order].astype(np.int8)),
-        "dwell": pa.array(d["dwell"][order]),
-    })
+LABELS = {"click": np.int8, "purchase": np.int8, "dwell": np.float64}  # the log's label columns, as written
 
 
-def ground_truth_quality(d: dict[str, np.ndarray], start_us: int, span_us: int, k: int = 10) -> dict[str, float]:
-    """NDCG@k of clicks on the last day for the true probability, popularity and random.
-
-    The oracle ranks each user's last-day impressions by the generator's own
-    click probability: no model can expect to beat it, so it is the upper
-    bound a trained model is measured against. Popularity counts clicks before
-    the last day, the baseline a model must beat.
-    """
-    last = d["ts"] >= start_us + span_us - US_PER_DAY
-    train = ~last
-    pop = np.bincount(d["i"][train], weights=d["click"][train], minlength=int(d["i"].max()) + 1)
-    u, y = d["u"][last], d["click"][last]
-    rng = np.random.default_rng(0)
-    return {
-        "oracle": ranking_metrics(u, d["p_click"][last], y, ks=(k,))[f"ndcg@{k}"],
-        "popularity": ranking_metrics(u, pop[d["i"][last]], y, ks=(k,))[f"ndcg@{k}"],
-        "random": ranking_metrics(u, rng.random(last.sum()), y, ks=(k,))[f"ndcg@{k}"],
-    }
+def relevance(d: dict[str, np.ndarray], prefix: str = "") -> np.ndarray:
+    """What the ground truth ranks by: clicks; with ``prefix='p_'`` the generator's own click probability."""
+    return d[prefix + "click"]
 
 
 def _world(cfg: SynthConfig, rng: np.random.Generator, start_us: int, span_us: int):
@@ -221,56 +155,30 @@ def oracle(data: Path | str):
     ``position``; returned: ``{"click": P(click), "purchase": P(click and purchase)}``. No model can expect
     to beat it on this data, so a model's share of the oracle's gain over random says how much is left.
     """
-    found = redrawn(data, "flows.data.synth", SynthConfig, _world, DECLARATION)
-    if found is None:
-        return None
-    cfg, world = found
+    return redrawn_oracle(data, SOURCE, SynthConfig, _world, DECLARATION, len(DEVICES) - 1, _truth)
 
-    def probabilities(rows: pd.DataFrame) -> dict[str, np.ndarray]:
-        u, i, hour, device, position = impression_inputs(rows, DEVICES, len(DEVICES) - 1)
-        p_click, p_buy, _ = _probabilities(cfg, world, u, i, hour, device, position)
-        return {"click": p_click, "purchase": p_click * p_buy}
 
-    return probabilities
+def _truth(cfg: SynthConfig, world: _World, u, i, hour, device, position) -> dict[str, np.ndarray]:
+    p_click, p_buy, _ = _probabilities(cfg, world, u, i, hour, device, position)
+    return {"click": p_click, "purchase": p_click * p_buy}
 
 
 def generate(out: Path | str, cfg: SynthConfig = SynthConfig()) -> contract.Manifest:
     """Write users, items, interactions and the manifest into ``out``; return the manifest."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(cfg.seed)
-    start_us, span_us, end_us = time_span(cfg.end, cfg.days)
-    users, items, world = _world(cfg, rng, start_us, span_us)
-    contract.write_table(users, out, "users")
-    contract.write_table(items, out, "items")
-
-    user_ids = pa.array(users["user_id"].to_numpy())
-    item_ids = pa.array(items["item_id"].to_numpy())
     counts = {"click": 0, "purchase": 0}
 
     def observe(d):
         counts["click"] += int(d["click"].sum())
         counts["purchase"] += int(d["purchase"].sum())
 
-    sample = write_impressions(out / contract.INTERACTIONS.file, cfg.n_interactions, cfg.chunk_rows,
-                               lambda n: _impressions(cfg, world, rng, n, start_us, span_us),
-                               lambda d: _arrow_chunk(d, user_ids, item_ids), observe)
-    clicks, purchases = counts["click"], counts["purchase"]
-    quality_report = ground_truth_quality(sample, start_us, span_us) if sample is not None else {}
-    first, last = declared_range(start_us, end_us, users, items)
-    manifest = contract.Manifest(
-        name="synth",
-        source="flows.data.synth",
-        start=first,
-        end=last,
-        rows={"users": len(users), "items": len(items), "interactions": cfg.n_interactions},
-        params={**asdict(cfg), "click_rate": clicks / max(cfg.n_interactions, 1),
-                "purchase_rate_given_click": purchases / max(clicks, 1),
-                "log_start": pd.Timestamp(start_us, unit="us", tz="UTC").isoformat(),
-                "ground_truth": quality_report},
+    def figures() -> dict[str, float]:
+        clicks, purchases = counts["click"], counts["purchase"]
+        return {"click_rate": clicks / max(cfg.n_interactions, 1),
+                "purchase_rate_given_click": purchases / max(clicks, 1)}
+
+    return write_dataset(
+        out, cfg, name="synth", source=SOURCE, world=_world, draw=_impressions, labels=LABELS, observe=observe,
+        figures=figures, relevance=relevance, declaration=DECLARATION,
         notes="Seeded synthetic log; ground_truth is NDCG@10 of clicks on the last day "
               "ranked by the generator's own click probability (oracle), by earlier click "
-              "counts (popularity) and at random.",
-    )
-    manifest.declare(DECLARATION).save(out)
-    return manifest
+              "counts (popularity) and at random.")

@@ -30,8 +30,9 @@ def preflight(data: Path | str, online: str | None = None) -> None:
     ``BENTOML_HOME``), without importing Feast. A store that goes away after the start is the service's business
     (503 until it is back), not this check's.
     """
-    from services import registry
-    from feature_repo.store import StoreNotBuilt, StoreSettings, check_servable
+    from services import production_pointer, registry_io
+    from feature_repo.registry_file import StoreNotBuilt, check_servable
+    from feature_repo.store import StoreSettings
 
     problems = []
     if not Path(data).is_dir():
@@ -43,11 +44,11 @@ def preflight(data: Path | str, online: str | None = None) -> None:
         except StoreNotBuilt as e:
             problems.append(str(e))
     try:
-        if registry.production_artifact() is None:
-            problems.append(f"no production model in the registry at {registry.home()}: train and promote one with "
+        if production_pointer.production_artifact() is None:
+            problems.append(f"no production model in the registry at {registry_io.home()}: train and promote one with "
                             f"`mtlrec pipeline --data {data}`, or promote an evaluated model with "
                             f"`mtlrec promote TAG --data {data}`")
-    except registry.RegistryError as e:  # production names a model the store no longer holds; the message says so
+    except registry_io.RegistryError as e:  # production names a model the store no longer holds; the message says so
         problems.append(str(e))
     try:
         from models.settings import get_settings
@@ -55,7 +56,7 @@ def preflight(data: Path | str, online: str | None = None) -> None:
 
         Tokens.from_settings(get_settings().feedback_secret.get_secret_value())
     except (OSError, ValueError) as e:
-        problems.append(f"no feedback secret: {e} (set MTLREC_FEEDBACK_SECRET, or make {registry.home() / 'mtlrec'} "
+        problems.append(f"no feedback secret: {e} (set MTLREC_FEEDBACK_SECRET, or make {registry_io.home() / 'mtlrec'} "
                         "writable so that one is generated there)")
     if problems:
         raise NotServable("cannot serve: " + "; ".join(problems))

@@ -164,15 +164,15 @@ def up(data: Path = Path("data/synth"), port: int = 3000, config: str = "mmoe", 
         params["overrides"] = list(overrides)
     shown = " ".join(f"--param {k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in params.items())
     _say(f"prefect deployment run '{DEPLOYMENT}' {shown}")
-    from services import registry
+    from services import production_pointer
 
-    production_before = registry.production()
+    production_before = production_pointer.production()
     run_id = run_watch.start(server.url, DEPLOYMENT, params)
     print(f"flow run {run_id}: {server.url.removesuffix('/api')}/runs/flow-run/{run_id} (waiting while it makes "
           f"progress; it fails only if the run fails or nothing changes for {stall_after / 60:.0f} min)", flush=True)
     outcome = run_watch.watch(server.url, run_id, stall_after=stall_after)
     if not outcome.ok:
-        now = registry.production()
+        now = production_pointer.production()
         state = "unchanged" if now == production_before else f"now {now} (was {production_before})"
         print(f"\nThe pipeline run ended {outcome.state}: {outcome.message}. See the Prefect UI at "
               f"{server.url.removesuffix('/api')} and {STATE / 'worker.log'}. Production is {state}.", file=sys.stderr)

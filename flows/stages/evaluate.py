@@ -50,10 +50,10 @@ def evaluate_task(tag: str, data: str) -> dict:
     from flows.evaluation_inputs import holdout_inputs
     from models.evaluation.holdout import evaluate_holdout
     from models.data.streamed import evaluation_table
-    from services import registry
+    from services import model_store
 
-    result = evaluate_holdout(registry.artifact_path(tag), evaluation_table(data), **holdout_inputs(data))
-    registry.record_evaluation(tag, result)
+    result = evaluate_holdout(model_store.artifact_path(tag), evaluation_table(data), **holdout_inputs(data))
+    model_store.record_evaluation(tag, result)
     create_markdown_artifact(key="evaluation", markdown=f"# Evaluation of `{tag}`\n\n" + protocol_tables(result),
                              description="holdout ranking metrics of the model and its baselines")
     return result
@@ -62,10 +62,10 @@ def evaluate_task(tag: str, data: str) -> dict:
 @task(name="register-model", retries=0, timeout_seconds=10 * MINUTE)
 def register_once(artifact: str) -> dict:
     """A rerun whose training came from the cache finds its model already registered instead of adding a twin."""
-    from services import registry
+    from services import model_store
 
-    existing = registry.find_registered(artifact)
-    return {"tag": existing or registry.register(artifact), "new": existing is None}
+    existing = model_store.find_registered(artifact)
+    return {"tag": existing or model_store.register(artifact), "new": existing is None}
 
 
 @flow(name="evaluate", timeout_seconds=2 * HOUR)

@@ -38,22 +38,27 @@ def compute_features(dataset: str, online: str | None = None, key: str = "") -> 
 
 @task(name="apply-features", retries=2, retry_delay_seconds=[2, 10])
 def apply_features(dataset: str, online: str | None = None, key: str = "") -> list[str]:
+    from feature_repo.apply import apply
+
     fstore, s = _store(dataset, online)
-    return fstore.apply(fstore.open_store(s), s)
+    return apply(fstore.open_store(s), s)
 
 
 @task(name="materialize-features", retries=3, retry_delay_seconds=[2, 10, 30])
 def materialize_features(dataset: str, online: str | None = None, key: str = "", full: bool = False) -> dict:
+    from feature_repo.materialize import materialize
+
     fstore, s = _store(dataset, online)
-    return fstore.materialize(fstore.open_store(s), s, full=full)
+    return materialize(fstore.open_store(s), s, full=full)
 
 
 @task(name="training-set", retries=1, retry_delay_seconds=5)
 def training_set(dataset: str, online: str | None = None, key: str = "") -> str:
+    from feature_repo.training_set import training_metadata, write_training_set
 
     fstore, s = _store(dataset, online)
     # The log's directory, not a frame: the as-of join reads it a row group at a time (larger than memory).
-    fstore.write_training_set(fstore.open_store(s), s.dataset, s.training_file, metadata=fstore.training_metadata(s))
+    write_training_set(fstore.open_store(s), s.dataset, s.training_file, metadata=training_metadata(s))
     return str(Path(s.training_file))
 
 
@@ -61,9 +66,7 @@ def inputs_key(s: StoreSettings) -> str:
     """Everything the feature files are built from: where they go, the dataset's bytes, and the code."""
     where = {"dataset": str(s.dataset), "online": s.online, "redis": s.redis if s.online == "redis" else None,
              "project": s.project, "offline": s.offline}  # the registry's sources are the engine's type
-    # not feature_repo/online.py: serving reads the store, nothing in it builds the features
-    code = code_digest("feature_repo/compute.py", "feature_repo/store.py", "flows/stages/features.py",
-                       "feature_repo", "models/contract/tables.py")
+    code = code_digest("feature_repo", "flows/stages/features.py", "models/contract/tables.py")
     return digest(where, dataset_digest(s.dataset), code)
 
 

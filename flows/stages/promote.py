@@ -36,11 +36,11 @@ def promote_flow(tag: str, data: str, k: int | None = None, margin: float | None
     from dataclasses import asdict
 
     from flows.promotion import gate_config
-    from services import registry
+    from services import model_store, production_pointer
 
 
     gate = {n: v for n, v in {"k": k, "margin": margin, "auc_tolerance": auc_tolerance}.items() if v is not None}
-    if registry.production() == registry.resolve(tag):
+    if production_pointer.production() == model_store.resolve(tag):
         reason = f"{tag} is already the production model: nothing to gate"
         create_markdown_artifact(key="gate-decision", markdown=f"# Gate: UNCHANGED\n\n- {reason}",
                                  description="NDCG@K promotion gate: decision and the numbers behind it")

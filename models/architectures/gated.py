@@ -7,13 +7,12 @@ specific representations, so the specific part does not just copy the shared
 one, and auxiliary heads that must predict each task from its specific part
 alone, so that part carries task signal.
 
-The penalty is a correlation of batch-centred pre-activations. It used to be
-an uncentred cosine on the ReLU outputs: non-negative vectors have a positive
-cosine unless they never fire together, so the only way to lower it was to
-switch units off, and most shared and specific units died within 150 Adam
-steps. A correlation of pre-activations ignores biases and scale altogether,
-so it can only be lowered by pointing units in different directions, never by
-pushing them below zero.
+The penalty is a correlation of batch-centred pre-activations, not a cosine
+of the ReLU outputs: non-negative vectors have a positive cosine unless they
+never fire together, so the only way to lower that is to switch units off,
+and most shared and specific units die. A correlation of pre-activations
+ignores biases and scale altogether, so it can only be lowered by pointing
+units in different directions, never by pushing them below zero.
 """
 
 from __future__ import annotations

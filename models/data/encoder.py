@@ -17,8 +17,9 @@ feature reserves two codes before its vocabulary:
   A feature with no missing value in the training split has no trained
   ``MISSING`` row, so its missing values take ``UNKNOWN`` instead.
 
-Artifacts from before the ``MISSING`` code (``reserved`` absent from their
-spec) keep their layout: one reserved code, missing values encoded as then.
+A spec without ``reserved`` has one reserved code (``UNKNOWN``) and no
+``MISSING``: its artifacts encode a missing value by its string form, like
+any other value, as they were trained.
 
 Numeric features are clipped to the range the training split covered before
 they are standardised (``bounds``): time-derived ones (an item's age, a
@@ -79,7 +80,7 @@ class FeatureSpec:
     stats: dict[str, list[float]] = field(default_factory=dict)  # name -> [mean, std]
     log1p: list[str] = field(default_factory=list)  # counts: log1p(max(x, 0)) before standardising
     widths: dict[str, int] = field(default_factory=dict)  # embedding width per categorical feature
-    reserved: int = 2  # codes before each vocabulary: UNKNOWN and MISSING (1 in artifacts from before MISSING)
+    reserved: int = 2  # codes before each vocabulary: UNKNOWN and MISSING (1: UNKNOWN only, no MISSING code)
     missing: list[str] = field(default_factory=list)  # features with missing values in training: code MISSING
     # numeric features also fed as quantile bins (models/data/binning.py): name -> {"edges": [...], "gain": ...}
     bins: dict[str, dict] = field(default_factory=dict)
@@ -93,7 +94,7 @@ class FeatureSpec:
         return [*self.categorical, *(f"{c}#bins" for c in self.bins)]
 
     def embedding_widths(self, default: int) -> list[int]:
-        """Per slot, in order; artifacts from before per-feature widths used ``default`` for all."""
+        """Per slot, in order; a spec without per-feature ``widths`` uses ``default`` for all."""
         return [int(self.widths.get(c, default)) for c in self.slots]
 
     @classmethod
@@ -182,7 +183,7 @@ class FeatureSpec:
         return np.nan_to_num(out, copy=False, nan=0.0)  # missing values sit at the mean
 
     def _missing_keys(self, c: str) -> dict[str, int]:
-        """String forms of missing values and their code; none in the old layout (its encoding unchanged)."""
+        """String forms of missing values and their code; none when only UNKNOWN is reserved (no MISSING code)."""
         return dict.fromkeys(MISSING_STRINGS, self.missing_code(c)) if self.reserved > MISSING else {}
 
     def _lookup(self, c: str) -> dict[str, int]:
@@ -205,7 +206,7 @@ class FeatureSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSpec":
-        """From ``to_dict``; a spec saved before the MISSING code keeps its one reserved code."""
+        """From ``to_dict``; a spec without ``reserved`` has one reserved code (UNKNOWN, no MISSING)."""
         return cls(**{"reserved": 1, **d})
 
 

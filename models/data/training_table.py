@@ -1,6 +1,6 @@
 """Where training rows come from: a parquet file of features and labels, nothing else.
 
-The training table is built by the feature store (``feature_repo/store.py``):
+The training table is built by the feature store (``feature_repo/training_set.py``):
 Feast's point-in-time ``get_historical_features`` over the impression log,
 written to ``<dataset>/_features/training.parquet``. ``models/`` only reads
 it, so a GPU machine with torch and Lightning alone can train from a copied

@@ -13,10 +13,10 @@ small (MovieLens).
 On a log whose exposure is skewed, this protocol rewards predicting what
 gets shown: an active user has been shown every much-shown item, so the
 items they were never shown are mostly rarely-shown ones, while the held-out
-positive was shown. On the synthetic log (Zipf exposure) popularity reaches
-NDCG@10 .69 here while the generator's own click probability, which knows
-nothing of exposure, reaches .13. Drawing candidates in proportion to
-exposure changes little (.62 and .13), because the user's never-shown set
+positive was shown. On the synthetic log (Zipf exposure) popularity beats
+the generator's own click probability here, which knows nothing of exposure
+(figures in benchmarks/README.md, "unshown-99"). Drawing candidates in
+proportion to exposure changes little, because the user's never-shown set
 is what is skewed. Read its figures beside the re-ranking protocol's, which
 holds exposure fixed (every candidate was shown).
 
@@ -25,8 +25,8 @@ the item side replaced by that item's features *as of the positive's time*:
 the item's latest row in the log at or before that moment, whose values the
 feature store joined point-in-time for that impression. Nothing after the
 positive leaks in, and nothing is staler than the item's last impression
-(the old protocol used the item's last training row, stale by the whole
-holdout). Request-time crosses (item age, category match) are recomputed by
+(the item's last training row would be stale by the whole holdout).
+Request-time crosses (item age, category match) are recomputed by
 the dataset's context transform when one is given.
 
 Unshown items are not known negatives (the user might have liked one), so

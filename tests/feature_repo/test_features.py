@@ -17,7 +17,11 @@ import yaml
 from feature_repo.schema import WINDOWS, FeatureSchema, count_column, rate_column
 from flows.data.synth import SynthConfig, generate
 from feature_repo import store as fstore
+from feature_repo.build import build_all
+from feature_repo.materialize import materialize
 from feature_repo.online import FeatureReader
+from feature_repo.online_status import status
+from feature_repo.training_set import training_set
 from models.contract import tables as contract
 
 REDIS = "127.0.0.1:6379"
@@ -62,7 +66,7 @@ def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("features") / "data"
     generate(out, SynthConfig(n_users=150, n_items=60, n_interactions=6000, days=8, seed=3))
     planted = _plant_leak(out)
-    summary = fstore.build_all(out)
+    summary = build_all(out)
     return out, summary, planted
 
 
@@ -79,14 +83,14 @@ def test_the_log_read_a_batch_at_a_time_gives_the_same_training_set(built):
     sorted by pandas, gives the same rows in the same order."""
     out, summary, _ = built
     store = fstore.open_store(fstore.StoreSettings.for_dataset(out))
-    from_frame = fstore.training_set(store, contract.load_dataset(out)["interactions"], join="asof")
+    from_frame = training_set(store, contract.load_dataset(out)["interactions"], join="asof")
     pd.testing.assert_frame_equal(from_frame, pd.read_parquet(summary["training_file"]))
-    pd.testing.assert_frame_equal(fstore.training_set(store, out, chunk_rows=700, join="asof"), from_frame)
+    pd.testing.assert_frame_equal(training_set(store, out, chunk_rows=700, join="asof"), from_frame)
     assert not list((Path(store.repo_path) / "duckdb_tmp").glob("entities-*"))  # its scratch database removed
     # Joined a range of impressions per query (as at 100M, where one query's output sort filled the disk):
     # ranges of 1,000 of the sorted log, read back in chunks of 700 that straddle them, the same rows in order.
     from feature_repo.asof import iter_asof_training_set
-    from feature_repo.store import entity_frame, log_chunks
+    from feature_repo.training_set import entity_frame, log_chunks
 
     ranged = pd.concat(iter_asof_training_set(store, (entity_frame(c) for c in log_chunks(out, 700)), chunk_rows=700,
                                               order=[contract.TIMESTAMP, "user_id", "item_id"], range_rows=1000),
@@ -99,8 +103,8 @@ def test_the_log_read_a_batch_at_a_time_gives_the_same_training_set(built):
     repeats = raw.sample(300, random_state=6).assign(click=lambda d: 1 - d["click"], purchase=0)
     tied = pd.concat([repeats, raw, same_time], ignore_index=True)
     contract.write_table(tied, out.parent / "tied", "interactions")
-    pd.testing.assert_frame_equal(fstore.training_set(store, out.parent / "tied", chunk_rows=700, join="asof"),
-                                  fstore.training_set(store, tied, join="asof"))
+    pd.testing.assert_frame_equal(training_set(store, out.parent / "tied", chunk_rows=700, join="asof"),
+                                  training_set(store, tied, join="asof"))
 
 
 def test_the_log_file_read_by_duckdb_gives_the_same_training_set(built, tmp_path):
@@ -120,7 +124,7 @@ def test_the_log_file_read_by_duckdb_gives_the_same_training_set(built, tmp_path
                                                        .to_numpy())
     repeats = raw.sample(300, random_state=6).assign(click=lambda d: 1 - d["click"], purchase=0)
     tied = pd.concat([repeats, raw, same_time], ignore_index=True)
-    expected = fstore.training_set(store, tied, join="asof")
+    expected = training_set(store, tied, join="asof")
     log = tmp_path / "tied" / contract.INTERACTIONS.file
     contract.write_table(tied, log.parent, "interactions")
     assert log_select(log) is not None
@@ -135,7 +139,7 @@ def test_the_log_file_read_by_duckdb_gives_the_same_training_set(built, tmp_path
         pq.write_table(pa.Table.from_pandas(tied.assign(**{contract.TIMESTAMP: stamps}), preserve_index=False),
                        directory / contract.INTERACTIONS.file)
         assert (log_select(directory / contract.INTERACTIONS.file) is None) == (name == "strings")
-        pd.testing.assert_frame_equal(fstore.training_set(store, directory, chunk_rows=700, join="asof"), expected)
+        pd.testing.assert_frame_equal(training_set(store, directory, chunk_rows=700, join="asof"), expected)
 
 
 def _assert_no_leak(table: pd.DataFrame) -> None:
@@ -167,12 +171,12 @@ def test_the_asof_join_gives_feasts_training_set_row_for_row(built):
     midnight = raw.sample(400, random_state=2)
     raw = pd.concat([raw, midnight.assign(**{contract.TIMESTAMP: midnight[contract.TIMESTAMP].dt.floor("D")})],
                     ignore_index=True)
-    feast = fstore.training_set(store, raw, chunk_rows=2500, join="feast")
-    asof = fstore.training_set(store, raw, chunk_rows=1000, join="asof")
+    feast = training_set(store, raw, chunk_rows=2500, join="feast")
+    asof = training_set(store, raw, chunk_rows=1000, join="asof")
     pd.testing.assert_frame_equal(asof, feast)
     assert asof["user_click_count_30d"].isna().sum() == feast["user_click_count_30d"].isna().sum()
     with pytest.raises(ValueError, match="'asof' or 'feast'"):
-        fstore.training_set(store, raw, join="spark")
+        training_set(store, raw, join="spark")
 
 
 @pytest.fixture
@@ -200,7 +204,7 @@ def test_the_spark_engine_builds_the_same_store(built, spark_engine, tmp_path):
 
     out, summary, _ = built
     s = fstore.StoreSettings.for_dataset(out, workspace=tmp_path / "spark", offline="spark")
-    got = fstore.build_all(out, s)
+    got = build_all(out, s)
     spark, default = fstore.open_store(s), fstore.open_store(fstore.StoreSettings.for_dataset(out))
     assert spark.config.offline_store.type == "spark" and spark.config.batch_engine.type == "spark.engine"
     assert all(isinstance(v.batch_source, SparkSource) for v in spark.list_feature_views())
@@ -313,7 +317,7 @@ def test_served_path_returns_what_feast_returns(built):
 def test_materialize_is_incremental_after_the_first_load(built):
     out, _, _ = built
     settings = fstore.StoreSettings.for_dataset(out)
-    again = fstore.materialize(fstore.open_store(settings), settings)
+    again = materialize(fstore.open_store(settings), settings)
     assert {r["from"] for r in again.values()} == {"incremental"}, again
     assert all(r["rows"] == r["expected"] > 0 for r in again.values()), again
 
@@ -327,7 +331,7 @@ def test_redis_online_store(built, tmp_path):
     shutil.copytree(fstore.StoreSettings.for_dataset(out).tables, settings.tables)
     try:
         store = fstore.open_store(settings)
-        fstore.materialize(store, settings)
+        materialize(store, settings)
         assert client.dbsize() > 0  # the values really are in Redis
         _assert_online_equals_offline(store, settings)
         reader = FeatureReader(store)
@@ -370,14 +374,89 @@ def test_feature_stages_run_as_prefect_tasks(tmp_path):
     assert (data / "_features" / "online.db").exists()
 
 
+def _assert_every_field_described(tables: Path) -> None:
+    """Every field of every batch view says what it holds; the on-demand view's description names its columns
+    (Feast refuses descriptions on its fields)."""
+    from feature_repo.definitions import build
+
+    objects = build(tables)
+    views = [objects[name] for name in ("user_profile", "user_activity", "item_profile", "item_popularity")]
+    fields = {f"{v.name}.{f.name}": f.description for v in views for f in v.features}
+    assert len(fields) > 20 and not [name for name, said in fields.items() if not said]
+    assert all(f"{f.name}: " in objects["context"].description for f in objects["context"].features)
+    assert objects["user"].description and objects["item"].description
+
+
+def test_the_definitions_describe_every_field(built):
+    _assert_every_field_described(fstore.StoreSettings.for_dataset(built[0]).tables)
+
+
+def test_importing_the_definitions_builds_nothing():
+    """Only ``feast apply`` in feature_repo/ (which imports the file as ``definitions``) makes a dataset's objects."""
+    probe = ("import feature_repo.definitions as d; "
+             "assert not hasattr(d, 'user_profile') and not hasattr(d, 'mtl_ranking_v1'); print(d.user.name)")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "user", res.stderr[-2000:]
+
+
+def test_feast_apply_in_the_feature_repo_registers_what_the_pipeline_applies(built, tmp_path):
+    """`feast apply` run in (a copy of) feature_repo/ on MTLREC_FEATURE_TABLES registers the pipeline's objects."""
+    import os
+
+    from feature_repo.registry_file import feature_services
+
+    settings = fstore.StoreSettings.for_dataset(built[0])
+    repo = tmp_path / "feature_repo"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "feature_repo", repo,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.yaml"))
+    config = {**settings.yaml_config(tmp_path / "registry.db"),
+              "online_store": {"type": "sqlite", "path": str(tmp_path / "online.db")}}
+    (repo / "feature_store.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "MTLREC_FEATURE_TABLES": str(settings.tables), "FEAST_USAGE": "False"}
+    res = subprocess.run([str(Path(sys.executable).parent / "feast"), "apply"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    ours = fstore.open_store(settings)
+    theirs = type(ours)(repo_path=str(repo), fs_yaml_file=repo / "feature_store.yaml")
+    for listing in ("list_entities", "list_data_sources", "list_feature_views", "list_on_demand_feature_views",
+                    "list_feature_services"):
+        assert sorted(o.name for o in getattr(theirs, listing)()) == sorted(o.name for o in getattr(ours, listing)())
+    assert {f.name: f.description for v in theirs.list_feature_views() for f in v.features} == \
+        {f.name: f.description for v in ours.list_feature_views() for f in v.features}
+    assert feature_services(tmp_path / "registry.db", settings.project) == ["mtl_ranking_v1"]
+
+
+def test_the_registry_file_is_read_without_importing_feast(built):
+    """`mtlrec serve`'s precondition parses the registry with Feast's generated class, without importing Feast
+    itself; Feast imported later in the same process works as usual on the same message classes."""
+    probe = f"""
+import sys
+from feature_repo.registry_file import check_servable, feature_services
+from feature_repo.store import StoreSettings, open_store
+s = StoreSettings.for_dataset({str(built[0])!r}, online="sqlite")
+names = feature_services(check_servable(s), s.project)
+heavy = sorted(m for m in sys.modules if m in ("feast", "torch", "pandas", "numpy") or m.startswith("feast.infra"))
+assert not heavy, heavy
+store = open_store(s)
+assert [f.name for f in store.list_feature_services()] == names, names
+assert {{v.name for v in store.list_feature_views()}} == {{"user_profile", "user_activity", "item_profile",
+                                                          "item_popularity"}}
+print(names)
+"""
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stdout.strip() == "['mtl_ranking_v1']"
+
+
 def test_views_follow_another_declaration_without_leaking(tmp_path):
     """A short-video log (likes and follows, no category): its own aggregates, counting only earlier days."""
     from flows.data.short_video import ShortVideoConfig, generate as generate_video
 
     data = tmp_path / "video"
     generate_video(data, ShortVideoConfig(n_users=120, n_items=60, n_interactions=6000, days=8, seed=2))
-    summary = fstore.build_all(data, materialize_online=False)
+    summary = build_all(data, materialize_online=False)
     schema = FeatureSchema.load(fstore.StoreSettings.for_dataset(data).tables)
+    _assert_every_field_described(fstore.StoreSettings.for_dataset(data).tables)
     assert "category" not in schema.views["item_profile"] and "top_category_match" not in schema.context
     assert {"author", "duration"} <= set(schema.views["item_profile"])
     assert {count_column("user", t, 7) for t in ("click", "long_view", "like", "follow")} \
@@ -408,7 +487,7 @@ def test_a_fresh_or_emptied_redis_is_loaded_in_full_and_says_so(built):
     sqlite = fstore.StoreSettings.for_dataset(out, online="sqlite")
     assert settings.registry_file != sqlite.registry_file  # bookkeeping per online store
     try:
-        first = fstore.materialize(fstore.open_store(settings), settings)
+        first = materialize(fstore.open_store(settings), settings)
         assert all(r["reloaded"] == "never loaded into this store" for r in first.values()), first
         assert all(r["rows"] == r["expected"] > 0 for r in first.values()), first
         assert client.dbsize() > 0
@@ -418,18 +497,18 @@ def test_a_fresh_or_emptied_redis_is_loaded_in_full_and_says_so(built):
         client.flushdb()  # what a Redis restarted without persistence looks like
         ok, why = reader.ready()
         assert not ok and "empty" in why
-        status = fstore.status(settings)
-        assert status["reachable"] and all(v["rows"] == 0 < v["expected"] for v in status["views"].values())
+        report = status(settings)
+        assert report["reachable"] and all(v["rows"] == 0 < v["expected"] for v in report["views"].values())
         shown = CliRunner().invoke(app, ["features", "status", str(out)], env={"MTLREC_FEAST_PROJECT": project,
                                                                                  "MTLREC_REDIS": conn})
         assert shown.exit_code == 0 and "behind" in shown.output and "sqlite: reachable" in shown.output
 
-        again = fstore.materialize(fstore.open_store(settings), settings)  # incremental would load nothing
+        again = materialize(fstore.open_store(settings), settings)  # incremental would load nothing
         assert all(r["reloaded"] == "the store lacks rows its registry says it holds" for r in again.values())
         assert all(r["rows"] == r["expected"] > 0 for r in again.values()), again
         assert reader.ready() == (True, "ok")
         # The SQLite store's own bookkeeping is untouched by all of this.
-        assert {r["from"] for r in fstore.materialize(fstore.open_store(sqlite), sqlite).values()} == {"incremental"}
+        assert {r["from"] for r in materialize(fstore.open_store(sqlite), sqlite).values()} == {"incremental"}
     finally:
         client.flushdb()
 
@@ -444,7 +523,7 @@ def test_the_reader_reads_redis_through_the_tuned_client(built):
     settings = fstore.StoreSettings.for_dataset(out, online="redis", redis=f"{REDIS},db={REDIS_DB}",
                                                 project=f"mtlrec_test_{uuid.uuid4().hex[:8]}")
     try:
-        fstore.materialize(fstore.open_store(settings), settings)
+        materialize(fstore.open_store(settings), settings)
         store = fstore.open_store(settings, serving=True)
         reader = FeatureReader.for_serving(store, connect_timeout_s=0.05, read_timeout_s=0.2)
         used = store.provider.online_store._get_client(store.config.online_store)  # the client Feast reads with
@@ -542,5 +621,5 @@ def test_a_log_stamped_to_the_nanosecond_builds_its_training_set(tmp_path):
     inter = contract.read_table(data, "interactions")
     inter[contract.TIMESTAMP] = inter[contract.TIMESTAMP].astype("datetime64[ns, UTC]") + pd.Timedelta(123, "ns")
     contract.write_table(inter, data, "interactions")
-    summary = fstore.build_all(data, materialize_online=False)
+    summary = build_all(data, materialize_online=False)
     assert len(pd.read_parquet(summary["training_file"])) == 2000

@@ -34,7 +34,7 @@ import pandas as pd
 import pytest
 
 from flows.dev import prefect_server, processes
-from services import registry
+from services import model_store, production_pointer, registry_io
 
 pytestmark = pytest.mark.slow
 
@@ -237,8 +237,8 @@ class TestOnSQLite:
         assert {"validation-summary", "evaluation", "gate-decision", "pipeline-report",
                 "pipeline-report-file"} <= local.artifact_keys(first["id"])
 
-        tag = registry.production()
-        assert tag is not None and [m["tag"] for m in registry.list_models()] == [tag]
+        tag = production_pointer.production()
+        assert tag is not None and [m["tag"] for m in model_store.list_models()] == [tag]
         summary = _summary(local, tag)
         assert summary["tag"] == tag and summary["registered"] and summary["promoted"]
         assert summary["production"] == tag and summary["cached"] == []
@@ -252,12 +252,12 @@ class TestOnSQLite:
         # Training's own progress is in the run's log, where the UI and make run show it.
         lines = local.log_lines(first["id"])
         assert any(line.startswith("epoch 1/1:") and "s left" in line for line in lines), lines[-20:]
-        assert [e["event"] for e in registry.audit_events()].count("promote") == 1
+        assert [e["event"] for e in registry_io.audit_events()].count("promote") == 1
 
     def test_rerun_comes_from_the_cache(self, local, first, dataset, bento):
         """Unchanged data and config: validation, features and training are cache hits; nothing new is registered."""
         assert first["code"] == 0
-        tag = registry.production()
+        tag = production_pointer.production()
         code, run_id, out = local.run(dataset)
         assert code == 0, out
         states = local.task_states(run_id)
@@ -268,23 +268,23 @@ class TestOnSQLite:
         assert summary["cached"] == ["validate", "features", "train"]
         assert summary["tag"] == tag and not summary["registered"] and not summary["promoted"]
         assert summary["decision"]["already_production"] and Path(summary["artifact"]).is_dir()
-        assert [m["tag"] for m in registry.list_models()] == [tag] and registry.production() == tag
-        assert [e["event"] for e in registry.audit_events()].count("promote") == 1
+        assert [m["tag"] for m in model_store.list_models()] == [tag] and production_pointer.production() == tag
+        assert [e["event"] for e in registry_io.audit_events()].count("promote") == 1
 
     def test_invalid_data_fails_at_validation(self, local, first, dataset, tmp_path, bento):
         assert first["code"] == 0
-        before = registry.pointer()
+        before = production_pointer.pointer()
         code, run_id, out = local.run(_corrupt_copy(dataset, tmp_path / "corrupt"))
         assert code == 1 and "Failed" in out, out
         assert local.flow_run(run_id).state.is_failed()
         states = local.task_states(run_id)
         assert states == {"validate": "Failed"}, states
         assert "validation-summary" in local.artifact_keys(run_id)  # the failing rules, on the failed run
-        assert registry.pointer() == before and len(registry.list_models()) == 1
+        assert production_pointer.pointer() == before and len(model_store.list_models()) == 1
 
     def test_non_finite_loss_promotes_nothing(self, local, first, dataset, bento):
         assert first["code"] == 0
-        before = registry.pointer()
+        before = production_pointer.pointer()
         code, run_id, out = local.run(dataset, overrides=NAN_LOSS)
         assert code == 1, out
         assert local.flow_run(run_id).state.is_failed()
@@ -292,7 +292,7 @@ class TestOnSQLite:
         assert states["train-model"] == "Failed" and states["validate"] == "Cached", states
         assert not STAGE_TASKS - {"train-model"} & set(states), states
         assert "NonFiniteLoss" in local.task_runs(run_id)["train-model"].state.message
-        assert registry.pointer() == before and len(registry.list_models()) == 1
+        assert production_pointer.pointer() == before and len(model_store.list_models()) == 1
 
     def test_data_landed_event_starts_a_run(self, local, first, tmp_path):
         """`mtlrec data landed DIR` -> the deployment's trigger -> a flow run whose `data` is DIR.
@@ -334,7 +334,7 @@ class TestOnSQLite:
     def test_pipeline_command_runs_in_process(self, local, first, dataset, tmp_path, bento):
         """`mtlrec pipeline` runs the flow in its own process, recorded on the server it is pointed at."""
         assert first["code"] == 0
-        before = registry.pointer()
+        before = production_pointer.pointer()
         bad = _corrupt_copy(dataset, tmp_path / "bad")
         res = subprocess.run([_bin("mtlrec"), "pipeline", "--data", str(bad), "--set", "train.max_epochs=1",
                               "--report-dir", str(tmp_path / "reports")], env=local.env, cwd=ROOT,
@@ -346,7 +346,7 @@ class TestOnSQLite:
         mine = [r for r in runs if r.parameters.get("data") == str(bad) and r.parent_task_run_id is None]
         assert not any(r.deployment_id for r in mine)
         assert len(mine) == 1 and mine[0].state.is_failed()
-        assert registry.pointer() == before
+        assert production_pointer.pointer() == before
 
 
 @pytest.fixture
@@ -377,6 +377,6 @@ def test_deployment_run_on_a_postgres_server(postgres_db, tmp_path, shared, data
         cur.execute("SELECT count(*) FROM flow_run WHERE id = %s", (str(run_id),))
         assert cur.fetchone()[0] == 1, "the run is not in the PostgreSQL database: the server used another one"
     monkeypatch.setenv("BENTOML_HOME", str(orch.bento))
-    tag = registry.production()
+    tag = production_pointer.production()
     summary = _summary(orch, tag)
     assert tag is not None and summary["promoted"] and Path(summary["artifact"]).is_dir()

@@ -132,29 +132,31 @@ def _accepted(weights: dict[str, float], **report) -> tuple[dict, dict]:
 
 
 def test_registry_keeps_accepted_weights_as_versions_per_model(tmp_path, monkeypatch, rewarded_model):
-    from services import registry
+    from services import model_store, production_pointer, registry_io
 
     _registry_home(tmp_path, monkeypatch)
-    tag = registry.register(rewarded_model["artifact"])
-    other = registry.register(rewarded_model["artifact"])
-    assert registry.fusion_of(tag) is None and registry.fusion_of("mtlrec-ranker:nosuchversion") is None
-    kept = registry.accept_fusion(tag, *_accepted({"click": 0.4, "purchase": 1.6},
+    tag = model_store.register(rewarded_model["artifact"])
+    other = model_store.register(rewarded_model["artifact"])
+    assert model_store.fusion_of(tag) is None and model_store.fusion_of("mtlrec-ranker:nosuchversion") is None
+    kept = production_pointer.accept_fusion(tag, *_accepted({"click": 0.4, "purchase": 1.6},
                                                   test={"tuned": {"reward@10": float("nan")}}),
                                   judged_against="declared")
     assert (kept.tag, kept.id, kept.live) == (tag, "f1", False)
-    assert registry.fusion_of(tag)["weights"] == {"click": 0.4, "purchase": 1.6}
-    assert registry.fusion_of(tag)["test"]["tuned"]["reward@10"] is None  # stored as JSON, NaN as null
-    assert registry.fusion_of(other) is None  # versions are per model
-    assert registry.accept_fusion(tag, *_accepted({"click": 1.0, "purchase": 3.0}), judged_against="f1").id == "f2"
-    assert registry.fusion_of(tag)["weights"] == {"click": 1.0, "purchase": 3.0}  # the latest accepted
-    assert [r["id"] for r in registry.list_fusion(tag)] == ["f1", "f2"]  # the earlier one is kept
-    assert registry.describe(tag)["fusion"]["weights"]["purchase"] == 3.0
-    assert registry.describe(tag)["fusion_current"] == "f2"
-    assert any(e["event"] == "fusion accepted" and e["tag"] == tag for e in registry.audit_events())
-    with pytest.raises(registry.RegistryError, match="finite numbers >= 0"):
-        registry.accept_fusion(tag, *_accepted({"click": -1.0}), judged_against="f2")
-    with pytest.raises(registry.ModelNotFound):
-        registry.accept_fusion("mtlrec-ranker:nosuchversion", *_accepted({"click": 1.0}), judged_against="declared")
+    assert model_store.fusion_of(tag)["weights"] == {"click": 0.4, "purchase": 1.6}
+    assert model_store.fusion_of(tag)["test"]["tuned"]["reward@10"] is None  # stored as JSON, NaN as null
+    assert model_store.fusion_of(other) is None  # versions are per model
+    assert production_pointer.accept_fusion(tag, *_accepted({"click": 1.0, "purchase": 3.0}),
+                                            judged_against="f1").id == "f2"
+    assert model_store.fusion_of(tag)["weights"] == {"click": 1.0, "purchase": 3.0}  # the latest accepted
+    assert [r["id"] for r in model_store.list_fusion(tag)] == ["f1", "f2"]  # the earlier one is kept
+    assert model_store.describe(tag)["fusion"]["weights"]["purchase"] == 3.0
+    assert model_store.describe(tag)["fusion_current"] == "f2"
+    assert any(e["event"] == "fusion accepted" and e["tag"] == tag for e in registry_io.audit_events())
+    with pytest.raises(registry_io.RegistryError, match="finite numbers >= 0"):
+        production_pointer.accept_fusion(tag, *_accepted({"click": -1.0}), judged_against="f2")
+    with pytest.raises(model_store.ModelNotFound):
+        production_pointer.accept_fusion("mtlrec-ranker:nosuchversion", *_accepted({"click": 1.0}),
+                                         judged_against="declared")
 
 
 # ---- the simulator ----------------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ TRAIN = ["train.max_epochs=2", "train.batch_size=1024", "model.params={n_experts
 
 def _rewarded_world(data, world: SynthConfig, rewards: dict[str, float]):
     """A synthetic log whose declaration gives these tasks these rewards, with its feature store built."""
-    from feature_repo.store import build_all
+    from feature_repo.build import build_all
 
     generate(data, world)
     manifest = contract.Manifest.load(data)
@@ -211,28 +213,29 @@ def _fusion_cli(*args: str):
 
 
 def _in_production(artifact) -> str:
-    from services import registry
+    from services import model_store, production_pointer
 
-    tag = registry.register(artifact)
-    registry.record_evaluation(tag, {"fused/ndcg@10": 0.5})
-    registry.set_production(tag, reason="the model the tune is for")
+    tag = model_store.register(artifact)
+    model_store.record_evaluation(tag, {"fused/ndcg@10": 0.5})
+    production_pointer.set_production(tag, reason="the model the tune is for")
     return tag
 
 
 def test_on_the_default_world_the_gate_declines_and_production_is_unchanged(rewarded_model, tmp_path, monkeypatch):
     """Here the declared weights are within noise of the best: whatever the search proposes, nothing moves."""
     from flows.cli.fusion import summary
-    from services import registry
+    from services import model_store, production_pointer, registry_io
 
     _registry_home(tmp_path, monkeypatch)
     tag = _in_production(rewarded_model["artifact"])
-    before, audited = registry.pointer_path().read_bytes(), len(registry.audit_events())
+    before, audited = production_pointer.pointer_path().read_bytes(), len(registry_io.audit_events())
     out = _fusion_cli("tune", "--model", tag, "--data", str(rewarded_model["data"]), "--json")
     report = json.loads(out.stdout)
     assert report["accepted"] is False and report["reason"].startswith("declined: reward@10 on the test split")
     assert report["decision"]["interval"][0] <= 0 and report["current"] == "declared"
-    assert registry.pointer_path().read_bytes() == before and len(registry.audit_events()) == audited
-    assert registry.list_fusion(tag) == [] and registry.serving() == registry.Serving(tag, "declared", None)
+    assert production_pointer.pointer_path().read_bytes() == before and len(registry_io.audit_events()) == audited
+    assert model_store.list_fusion(tag) == [] and \
+        production_pointer.serving() == production_pointer.Serving(tag, "declared", None)
     assert f"nothing changed: {tag} keeps fusion declared" in summary(report)
 
 
@@ -240,27 +243,27 @@ def test_a_proposal_worse_on_the_test_split_is_declined_and_changes_nothing(rewa
     """The search may overfit the validation split; here it is made to propose almost purchase-only weights."""
     from models.decisions import fusion_tuning
     from models.scoring.artifact import Scorer
-    from services import registry
+    from services import model_store, production_pointer, registry_io
 
     _registry_home(tmp_path, monkeypatch)
     tag = _in_production(rewarded_model["artifact"])
     names = [t.name for t in Scorer.load(rewarded_model["artifact"]).tasks.binary]
     purchase_only = np.array([0.99 if n == "purchase" else 0.01 for n in names])
     monkeypatch.setattr(fusion_tuning, "cem", lambda *a, **k: (purchase_only / purchase_only.sum(), 0.0, []))
-    before, audited = registry.pointer_path().read_bytes(), len(registry.audit_events())
+    before, audited = production_pointer.pointer_path().read_bytes(), len(registry_io.audit_events())
     out = _fusion_cli("tune", "--model", tag, "--data", str(rewarded_model["data"]), "--json")
     report = json.loads(out.stdout)
     assert report["test"]["tuned"]["reward@10"] < report["test"]["current"]["reward@10"]
     assert report["accepted"] is False and report["decision"]["difference"] < 0
-    assert registry.pointer_path().read_bytes() == before and len(registry.audit_events()) == audited
-    assert registry.list_fusion(tag) == [] and registry.fusion_of(tag) is None
+    assert production_pointer.pointer_path().read_bytes() == before and len(registry_io.audit_events()) == audited
+    assert model_store.list_fusion(tag) == [] and model_store.fusion_of(tag) is None
 
 
 def test_the_gate_judges_a_model_with_its_accepted_weights(rewarded_model, tmp_path, monkeypatch):
     from flows.promotion import promote
     from models.decisions.gate import decide
     from models.data.training_table import load_training_table
-    from services import registry
+    from services import model_store, production_pointer, registry_io
 
     _registry_home(tmp_path, monkeypatch)
     table = load_training_table(rewarded_model["data"])
@@ -268,16 +271,17 @@ def test_the_gate_judges_a_model_with_its_accepted_weights(rewarded_model, tmp_p
     assert declared.fusion["candidate"] == {"weights": {"click": 1.0, "purchase": 1.0}, "source": "declared"}
     with pytest.raises(ValueError, match=r"name \['like'\], which are not this model's ranking objectives"):
         decide(rewarded_model["artifact"], table, weights={"like": 1.0})
-    tag = registry.register(rewarded_model["artifact"])
-    registry.record_evaluation(tag, {"fused/ndcg@10": 0.5})
+    tag = model_store.register(rewarded_model["artifact"])
+    model_store.record_evaluation(tag, {"fused/ndcg@10": 0.5})
     accepted = {"click": 0.7, "purchase": 1.3}
-    registry.accept_fusion(tag, *_accepted(accepted), judged_against="declared")
+    production_pointer.accept_fusion(tag, *_accepted(accepted), judged_against="declared")
     decision = promote(tag, table)
     assert decision.fusion["candidate"] == {"weights": accepted, "source": "tuned"}
     assert "candidate fused with its tuned weights" in decision.markdown()
-    events = [e for e in registry.audit_events() if e["event"] == "gate"]
+    events = [e for e in registry_io.audit_events() if e["event"] == "gate"]
     assert events[-1]["fusion"]["candidate"]["source"] == "tuned"
-    assert registry.serving() == registry.Serving(tag, "f1", accepted)  # it serves what it was judged with
+    # it serves what it was judged with
+    assert production_pointer.serving() == production_pointer.Serving(tag, "f1", accepted)
 
 
 # The simulator: a world where click and purchase disagree about which items to show (purchases fall steeply
@@ -304,7 +308,7 @@ def test_accepted_weights_go_live_and_earn_more_expected_reward_in_the_simulator
     from models.data.training_table import load_training_table
     from models.training.train import train
     from flows.data.synth import oracle
-    from services import registry
+    from services import production_pointer, registry_io
 
     data = _rewarded_world(tmp_path / "data", SIMULATOR, SIMULATOR_REWARDS)
     train(load_config("mmoe"), data, tmp_path / "artifact", progress=False)  # the default recipe
@@ -313,9 +317,10 @@ def test_accepted_weights_go_live_and_earn_more_expected_reward_in_the_simulator
     out = _fusion_cli("tune", "--model", tag, "--data", str(data), "--seed", "1", "--json")
     report = json.loads(out.stdout)
     assert report["accepted"] is True, report["reason"]
-    live = registry.serving()
-    assert live == registry.Serving(tag, "f1", report["weights"]) and report["fusion"] == {"id": "f1", "live": True}
-    assert [e["fusion"] for e in registry.audit_events() if e["event"] == "fusion promote"] == ["f1"]
+    live = production_pointer.serving()
+    assert live == production_pointer.Serving(tag, "f1", report["weights"])
+    assert report["fusion"] == {"id": "f1", "live": True}
+    assert [e["fusion"] for e in registry_io.audit_events() if e["event"] == "fusion promote"] == ["f1"]
 
     scorer, table = Scorer.load(tmp_path / "artifact"), load_training_table(data)
     _, _, test = time_split(table, 0.1, 0.1)

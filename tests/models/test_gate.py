@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flows.data.synth import SynthConfig, generate
-from feature_repo.store import build_all
+from feature_repo.build import build_all
 from models.decisions.gate import GateConfig, decide, paired_bootstrap
 from models.metrics import functional as metrics
 from models.config import load_config
@@ -107,7 +107,7 @@ def test_promotion_through_the_command_line(models, tmp_path, monkeypatch):
 
     from typer.testing import CliRunner
 
-    from services import registry
+    from services import production_pointer, registry_io
     from flows.cli import app
 
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bento"))
@@ -118,7 +118,8 @@ def test_promotion_through_the_command_line(models, tmp_path, monkeypatch):
     noise = run(app, ["register", str(paths["noise"])]).output.strip().splitlines()[-1]
 
     refused = run(app, ["promote", good, "--data", data, "--report-dir", reports])
-    assert refused.exit_code == 2 and "never been evaluated" in refused.output and registry.production() is None
+    assert refused.exit_code == 2 and "never been evaluated" in refused.output
+    assert production_pointer.production() is None
 
     for tag in (good, noise):
         res = run(app, ["evaluate", "--model", tag, "--data", data, "--json"])
@@ -126,18 +127,18 @@ def test_promotion_through_the_command_line(models, tmp_path, monkeypatch):
         assert {"rankers", "tasks", "protocol"} <= set(json.loads(res.output.strip().splitlines()[-1]))
 
     first = run(app, ["promote", good, "--data", data, "--report-dir", reports])
-    assert first.exit_code == 0 and "PROMOTE" in first.output and registry.production() == good
+    assert first.exit_code == 0 and "PROMOTE" in first.output and production_pointer.production() == good
     worse = run(app, ["promote", noise, "--data", data, "--report-dir", reports])
-    assert worse.exit_code == 1 and registry.production() == good
+    assert worse.exit_code == 1 and production_pointer.production() == good
     assert (tmp_path / "reports" / f"gate-{noise.replace(':', '-')}.md").exists()
     forced = run(app, ["promote", noise, "--data", data, "--margin", "-1", "--auc-tolerance", "1",
                        "--report-dir", reports])
-    assert forced.exit_code == 0 and registry.production() == noise
+    assert forced.exit_code == 0 and production_pointer.production() == noise
     back = run(app, ["rollback"])
-    assert back.exit_code == 0 and registry.production() == good
+    assert back.exit_code == 0 and production_pointer.production() == good
     listing = run(app, ["models", "list"])
     assert good in listing.output and noise in listing.output
-    events = [e["event"] for e in registry.audit_events()]
+    events = [e["event"] for e in registry_io.audit_events()]
     assert events.count("gate") == 3 and "rollback" in " ".join(map(str, events))
 
 
@@ -145,7 +146,7 @@ def test_evaluate_and_promote_as_prefect_tasks(models, tmp_path, monkeypatch):
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
-    from services import registry
+    from services import production_pointer
     from flows.stages.evaluate import evaluate_task, register_once
     from flows.stages.promote import promote_task
 
@@ -160,7 +161,7 @@ def test_evaluate_and_promote_as_prefect_tasks(models, tmp_path, monkeypatch):
 
     with prefect_test_harness(server_startup_timeout=180):  # 30 s is too short on two busy cores
         decision = judge(str(paths["good"]), str(paths["data"]))
-    assert decision["promote"] and registry.production() is not None
+    assert decision["promote"] and production_pointer.production() is not None
     assert list((tmp_path / "reports").glob("gate-*.md"))
 
 
@@ -222,15 +223,15 @@ def test_concurrent_promotions_are_gated_against_each_other(models, tmp_path, mo
     import threading
 
     from flows import promotion
-    from services import registry
+    from services import model_store, production_pointer, registry_io
 
     table, paths = models
     assert decide(paths["weak"], table).promote  # each would pass alone, against popularity
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bento"))
     tags = {}
     for name in ("good", "weak"):
-        tags[name] = registry.register(paths[name])
-        registry.record_evaluation(tags[name], {"fused/ndcg@10": 0.5})
+        tags[name] = model_store.register(paths[name])
+        model_store.record_evaluation(tags[name], {"fused/ndcg@10": 0.5})
     both_judged = threading.Barrier(2)
     first_done = threading.Event()
     judged: dict[str, list] = {"good": [], "weak": []}
@@ -238,7 +239,7 @@ def test_concurrent_promotions_are_gated_against_each_other(models, tmp_path, mo
 
     def decide_then_wait(candidate, *args, production_tag=None, **kwargs):
         d = real_decide(candidate, *args, production_tag=production_tag, **kwargs)
-        name = "good" if Path(candidate) == registry.artifact_path(tags["good"]) else "weak"
+        name = "good" if Path(candidate) == model_store.artifact_path(tags["good"]) else "weak"
         judged[name].append(production_tag)
         if len(judged[name]) == 1:  # the first judgement of each: both see the same production
             both_judged.wait(120)
@@ -267,19 +268,19 @@ def test_concurrent_promotions_are_gated_against_each_other(models, tmp_path, mo
     later = "weak" if first == "good" else "good"
     assert judged[first] == [None] and judged[later] == [None, tags[first]]  # gated again, against the winner
     assert results[later].attempts == 2 and results[later].judged_against == tags[first]
-    assert registry.production() == tags["good"]
+    assert production_pointer.production() == tags["good"]
     assert results["good"].promote and not results["weak"].promote if first == "good" else results["good"].promote
     # The audit log tells the pointer's story: every gate line was judged against the production of its time.
     production = None
     gates = 0
-    for e in registry.audit_events():
+    for e in registry_io.audit_events():
         if e["event"] == "gate":
             gates += 1
             assert e["production"] == production and e["judged_against"] == production, e
         if e["event"] == "promote":
             assert e["from"] == production
             production = e["tag"]
-    assert production == registry.production() and gates == 2  # the stale judgement was never written
+    assert production == production_pointer.production() and gates == 2  # the stale judgement was never written
 
 
 def test_the_gate_plot_shows_paired_differences_against_popularity_and_production(models, tmp_path):

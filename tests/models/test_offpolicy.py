@@ -20,10 +20,13 @@ import pytest
 
 from flows.data.synth import SynthConfig, generate, oracle
 from models.contract import tables as contract
-from models.decisions.offpolicy import (MIN_MATCHING, MIN_REWARDED, REQUEST_COLUMNS, Refused, Sample, compare,
-                              estimate, evaluate, format_weights, judgeable, list_rewards, logged_requests, normalise)
+from models.decisions.exploration_log import (REQUEST_COLUMNS, format_weights, list_rewards, logged_requests,
+                                              normalise)
+from models.decisions.offpolicy import compare, evaluate_weighting, judgeable
+from models.decisions.offpolicy_estimators import MIN_MATCHING, MIN_REWARDED, Refused, Sample, estimate
 from services import ranking
-from services.ranking import choose, order, policy_probabilities, propensities, weight_vectors
+from services.exploration import Exploration, choose, policy_probabilities, propensities, weight_vectors
+from services.ranking import order
 
 # ---- the policy ------------------------------------------------------------------------------------------------
 
@@ -90,7 +93,7 @@ def test_rank_explores_only_requests_without_weights():
     model, items = _model(), ["i0", "i1", "i2", "i3"]
     plain = ranking.rank(model, _Reader(), "u", items, k=3)
     assert "vectors" not in plain["policy"] and plain["propensities"] == [1.0, 1.0, 1.0]
-    explore = ranking.Exploration("epsilon", epsilon=1.0, spread=0.9)
+    explore = Exploration("epsilon", epsilon=1.0, spread=0.9)
     rng = np.random.default_rng(1)
     answers = [ranking.rank(model, _Reader(), "u", items, k=3, explore=explore, rng=rng) for _ in range(60)]
     vectors = weight_vectors(model.weights, 0.9)
@@ -107,7 +110,7 @@ def test_rank_explores_only_requests_without_weights():
     explicit = ranking.rank(model, _Reader(), "u", items, k=3, weights={"click": 1.0}, explore=explore, rng=rng)
     assert "vectors" not in explicit["policy"] and explicit["weights"] == {"click": 1.0}
     assert explicit["propensities"] == [1.0] * 3
-    off = ranking.rank(model, _Reader(), "u", items, k=3, explore=ranking.Exploration("epsilon", epsilon=0.0), rng=rng)
+    off = ranking.rank(model, _Reader(), "u", items, k=3, explore=Exploration("epsilon", epsilon=0.0), rng=rng)
     assert off["weights"] == model.weights and off["propensities"] == [1.0] * 3
 
 
@@ -137,7 +140,7 @@ def _small(expected=None) -> pd.DataFrame:
 
 
 def test_ips_snips_and_dr_known_answers():
-    a = evaluate(_small([{"click": 1.5}, {"click": 2.0}]), A, {"click": 1.0}, **LOW)
+    a = evaluate_weighting(_small([{"click": 1.5}, {"click": 2.0}]), A, {"click": 1.0}, **LOW)
     # weights 1/0.8 on requests 0 and 2: IPS = (2.5 + 1.25) / 4, SNIPS = 3.75 / 2.5
     assert a.matching == 2 and a.rewarded == 2 and a.requests == 4 and a.ess == pytest.approx(2.0)
     assert a.ips.value == pytest.approx(0.9375) and a.snips.value == pytest.approx(1.5)
@@ -147,7 +150,7 @@ def test_ips_snips_and_dr_known_answers():
     assert a.dr.value == pytest.approx(1.5) and a.dr.se == pytest.approx(np.sqrt(0.78125 / 3) / 2)
     # two matching requests: Student's t with 1 degree of freedom, not the normal quantile
     assert a.ips.low == pytest.approx(0.9375 - 12.706204736174694 * a.ips.se)
-    b = evaluate(_small(), {"purchase": 6, "click": 2}, {"click": 1.0}, **LOW)  # the same weighting as B, scaled
+    b = evaluate_weighting(_small(), {"purchase": 6, "click": 2}, {"click": 1.0}, **LOW)  # B, scaled: the same
     assert b.matching == 2 and b.ips.value == pytest.approx(15 / 4) and b.snips.value == pytest.approx(1.5)
     assert b.dr is None and "reward model" in b.dr_missing  # no 'expected' logged: DR says why it is missing
     assert a.logged.value == pytest.approx(1.5) and b.target == normalise(B) == {"click": 0.25, "purchase": 0.75}
@@ -160,47 +163,47 @@ def test_normalise_and_what_is_printed_reads_back_as_the_same_weighting():
     printed = format_weights(thirds)
     assert json.loads(printed) == normalise(thirds)  # every digit: 0.35714285714285715, not 0.3571
     table = _table([_row(f"r{i}", 1.0, vectors=(A, thirds), chosen=i % 2) for i in range(6)])
-    assert evaluate(table, json.loads(printed), {"click": 1.0}, **LOW).matching == 3
+    assert evaluate_weighting(table, json.loads(printed), {"click": 1.0}, **LOW).matching == 3
 
 
 def test_a_target_no_request_supports_is_refused_with_what_the_log_can_judge():
     with pytest.raises(Refused) as refused:
-        evaluate(_small(), {"click": 1.0, "purchase": 2.0}, {"click": 1.0}, **LOW)
+        evaluate_weighting(_small(), {"click": 1.0, "purchase": 2.0}, {"click": 1.0}, **LOW)
     assert str(refused.value).startswith('target {"click": 0.3333333333333333, "purchase": 0.6666666666666666}: '
                                          "no request's policy could have drawn the target")
     assert str(refused.value).endswith('The log can judge these:\n  {"click": 0.5, "purchase": 0.5}  (2 requests '
                                        'ranked with it, ESS 2.0)\n  {"click": 0.25, "purchase": 0.75}  (2 requests '
                                        'ranked with it, ESS 2.0)')
     with pytest.raises(Refused, match="left out: 4 target not among the weightings its policy could draw"):
-        evaluate(_small(), {"like": 1.0}, {"click": 1.0}, **LOW)
+        evaluate_weighting(_small(), {"like": 1.0}, {"click": 1.0}, **LOW)
 
 
 def test_a_supported_target_never_or_once_drawn_is_refused_not_estimated_at_zero():
     never = _table([_row(f"r{i}", r, vectors=(A, B, C), probabilities=(0.6, 0.2, 0.2), chosen=c)
                     for i, (r, c) in enumerate(zip(REWARDS, CHOSEN))])
     with pytest.raises(Refused, match=r"0 requests ranked with the target \(0 of them rewarded\), of 4"):
-        evaluate(never, C, {"click": 1.0}, **LOW)
+        evaluate_weighting(never, C, {"click": 1.0}, **LOW)
     once = _table([_row(f"r{i}", r, chosen=c) for i, (r, c) in enumerate(zip([3.0, 0.0, 1.0], [0, 1, 1]))])
     with pytest.raises(Refused, match=r"1 requests ranked with the target"):
-        evaluate(once, A, {"click": 1.0}, **LOW)  # not SNIPS 3.0 [3.0, 3.0]
+        evaluate_weighting(once, A, {"click": 1.0}, **LOW)  # not SNIPS 3.0 [3.0, 3.0]
     with pytest.raises(ValueError, match="min_matching must be at least 2"):
-        evaluate(once, A, {"click": 1.0}, min_matching=1)
+        evaluate_weighting(once, A, {"click": 1.0}, min_matching=1)
     unrewarded = _table([_row(f"r{i}", 0.0, chosen=0) for i in range(5)])
     with pytest.raises(Refused, match=r"5 requests ranked with the target \(0 of them rewarded\)"):
-        evaluate(unrewarded, A, {"click": 1.0}, **LOW)  # not IPS 0 [0, 0]
+        evaluate_weighting(unrewarded, A, {"click": 1.0}, **LOW)  # not IPS 0 [0, 0]
 
 
 def test_a_vector_drawn_with_probability_0_has_no_support_and_the_greedy_one_is_certain():
     """Epsilon 0: the policy lists its vectors but can only draw the first."""
     zero = _table([_row(f"r{i}", float(i % 3), probabilities=(1.0, 0.0), chosen=0, epsilon=0.0) for i in range(6)])
     with pytest.raises(Refused, match=r"left out: 6 target drawn with probability 0 \(epsilon 0\)"):
-        evaluate(zero, B, {"click": 1.0}, **LOW)
-    greedy = evaluate(zero, A, {"click": 1.0}, **LOW)  # on-policy: every weight 1, the plain mean
+        evaluate_weighting(zero, B, {"click": 1.0}, **LOW)
+    greedy = evaluate_weighting(zero, A, {"click": 1.0}, **LOW)  # on-policy: every weight 1, the plain mean
     assert greedy.ips.value == greedy.snips.value == pytest.approx(1.0) and np.isfinite(greedy.ips.se)
     with pytest.raises(ValueError, match="r0: its logged draw is not one its policy could make"):
-        evaluate(_table([_row("r0", 1.0, probabilities=(1.0, 0.0), chosen=1)]), A, {"click": 1.0}, **LOW)
+        evaluate_weighting(_table([_row("r0", 1.0, probabilities=(1.0, 0.0), chosen=1)]), A, {"click": 1.0}, **LOW)
     with pytest.raises(ValueError, match="r0: its policy record needs one probability .* summing to 1"):
-        evaluate(_table([_row("r0", 1.0, probabilities=(0.8, 0.8))]), A, {"click": 1.0}, **LOW)
+        evaluate_weighting(_table([_row("r0", 1.0, probabilities=(0.8, 0.8))]), A, {"click": 1.0}, **LOW)
 
 
 def test_mixed_policies_need_the_effective_sample_size():
@@ -209,8 +212,8 @@ def test_mixed_policies_need_the_effective_sample_size():
             for i in range(10)]
     rows += [_row(f"s{i}", 1.0, vectors=(B, A), probabilities=(0.9, 0.1), chosen=0, fusion="f1") for i in range(10)]
     with pytest.raises(Refused, match=r"effective sample size of the importance weights is 4\.6 over the 20 "):
-        evaluate(_table(rows), B, {"click": 1.0}, **{**LOW, "min_ess": 5})
-    result = evaluate(_table(rows), B, {"click": 1.0}, **{**LOW, "min_ess": 4})
+        evaluate_weighting(_table(rows), B, {"click": 1.0}, **{**LOW, "min_ess": 5})
+    result = evaluate_weighting(_table(rows), B, {"click": 1.0}, **{**LOW, "min_ess": 4})
     assert result.ess == pytest.approx((20 + 10 / 0.9) ** 2 / (200 + 10 / 0.81)) and result.matching == 12
     assert result.used == {("declared", "epsilon 0.5"): 10, ("f1", "epsilon 0.5"): 10}
 
@@ -219,7 +222,7 @@ def test_caller_weights_never_count_and_unrecorded_weights_count_as_the_models()
     rows = [_row(f"m{i}", float(i % 2), vectors=None, weights=A) for i in range(4)]
     rows += [_row(f"c{i}", 5.0, vectors=None, weights=A, source="request") for i in range(3)]
     rows += [_row(f"u{i}", float(i % 2), vectors=None, weights=A, source="unrecorded", fusion=None) for i in range(2)]
-    result = evaluate(_table(rows), A, {"click": 1.0}, **LOW)
+    result = evaluate_weighting(_table(rows), A, {"click": 1.0}, **LOW)
     assert result.requests == result.matching == 6 and result.ips.value == pytest.approx(0.5)
     assert result.used == {("(unrecorded)", "off"): 2, ("declared", "off"): 4}
     assert result.left_out == {"ranked with its caller's own weights": 3}
@@ -245,7 +248,7 @@ def _key(weights: dict[str, float]) -> tuple:
 
 @dataclass(frozen=True)
 class Policy:
-    """The service's exploration around ``base``, as ``services.ranking`` draws it."""
+    """The service's exploration around ``base``, as ``services.exploration`` draws it."""
 
     base: dict[str, float]
     epsilon: float
@@ -380,7 +383,7 @@ def _sample(world: World, draws: list[Draw], target: dict[str, float]) -> Sample
 
 
 def _pooled(world: World, draws: list[Draw], target: dict[str, float]):
-    """IPS as a support pooled over the whole log computed it: every request of the log in the denominator."""
+    """IPS with its support pooled over the whole log: every request of the log in the denominator."""
     j = world.column(target)
     reward = np.concatenate([d.reward for d in draws])
     zeros = np.zeros(len(reward))
@@ -469,14 +472,14 @@ def test_the_estimates_tell_the_weightings_apart(world):
 def test_a_whole_log_after_a_rollout_judges_the_new_weights_on_their_own_period(world):
     """Period 1 explores around the declared weights, period 2 around the tuned ones (not among period 1's
     vectors). Every request of period 1 gave the tuned weights probability 0: counting them, as a support pooled
-    over the whole log did, divides by requests the tuned weights could never have ranked."""
+    over the whole log would, divides by requests the tuned weights could never have ranked."""
     before, after = Policy(BASE, 0.1, fusion="declared"), Policy(TUNED, 0.1, fusion="f1")
     truth, rng = world.truth(TUNED), np.random.default_rng(4)
     covered, pooled = np.zeros(3), 0
     replications = 200
     for _ in range(replications):
         draws = [_draw(world, before, 300, rng), _draw(world, after, 100, rng)]
-        result = evaluate(_requests(world, draws), TUNED, REWARD)
+        result = evaluate_weighting(_requests(world, draws), TUNED, REWARD)
         assert result.used == {("f1", "epsilon 0.1"): 100}
         assert result.left_out == {"target not among the weightings its policy could draw": 300}
         covered += [result.ips.contains(truth), result.snips.contains(truth), result.dr.contains(truth)]
@@ -494,7 +497,7 @@ def test_a_period_that_drew_the_target_too_rarely_is_left_out(world):
     covered, replications = np.zeros(3), 200
     for _ in range(replications):
         draws = [_draw(world, before, 600, rng), _draw(world, after, 100, rng)]
-        result = evaluate(_requests(world, draws), tuned, REWARD)
+        result = evaluate_weighting(_requests(world, draws), tuned, REWARD)
         assert result.used == {("f1", "epsilon 0.1"): 100}
         assert result.left_out == {"its policy ranked too few requests with the target": 600}
         covered += [result.ips.contains(truth), result.snips.contains(truth), result.dr.contains(truth)]
@@ -534,7 +537,8 @@ def _store(world: World, draws: list[Draw], path: Path, legacy: bool = False):
     """The log written the way the service writes it (``legacy``: the early record, without ``expected``)."""
     from contextlib import closing
 
-    from services.events import EventStore, Ranked
+    from services.event_rows import Ranked
+    from services.event_store import EventStore
 
     store = EventStore(f"sqlite:///{path}").create()
     rows = []
@@ -565,7 +569,7 @@ def _store(world: World, draws: list[Draw], path: Path, legacy: bool = False):
 
 
 def test_logged_requests_reads_the_records_the_service_writes(world, tmp_path):
-    from services.events import Ranked
+    from services.event_rows import Ranked
 
     rng = np.random.default_rng(8)
     draws = [_draw(world, Policy(BASE, 0.5), 40, rng)]
@@ -599,7 +603,7 @@ def test_the_command_reads_the_same_estimates_from_the_event_log(world, tmp_path
     draws = [_draw(world, Policy(BASE, 0.5), 400, rng), _draw(world, Policy(TUNED, 0.5, fusion="f1"), 600, rng)]
     store = _store(world, draws, tmp_path / "events.db")
     target = Policy(TUNED, 0.5).vectors[1]
-    expected = evaluate(_requests(world, draws), target, REWARD)
+    expected = evaluate_weighting(_requests(world, draws), target, REWARD)
     args = ["evaluate", "--data", str(world.data), "--url", store.url, "--rewards", '{"click": 1, "purchase": 5}',
             "--weights", json.dumps(target)]
     out = CliRunner().invoke(app, args)

@@ -21,7 +21,7 @@ from models.config import load_config
 from models.data.resident import MTLDataModule, time_split
 from models.metrics.functional import ranking_metrics
 from models.training.lightning_module import MTLModule
-from feature_repo.store import build_all
+from feature_repo.build import build_all
 from models.data.training_table import load_training_table
 from models.tasks import TaskSet
 from models.training.train import train

@@ -54,6 +54,7 @@ def _one_line(err: str) -> str:
 def store(clean_dataset, tmp_path_factory):
     """A dataset whose feature store is applied (no materialisation: the check needs only the registry)."""
     from feature_repo import store as fstore
+    from feature_repo.apply import apply
     from feature_repo.compute import compute_feature_tables
 
     data = tmp_path_factory.mktemp("preconditions") / "data"
@@ -61,7 +62,7 @@ def store(clean_dataset, tmp_path_factory):
     settings = fstore.StoreSettings.for_dataset(data, online="sqlite")
     compute_feature_tables(settings.dataset, settings.tables)
     feast_store = fstore.open_store(settings)
-    fstore.apply(feast_store, settings)
+    apply(feast_store, settings)
     return {"data": data, "settings": settings, "feast": feast_store}
 
 
@@ -102,29 +103,31 @@ def test_serve_on_a_store_without_the_feature_service_names_it(store, tmp_path):
 def test_the_registry_reader_agrees_with_feast(store):
     from feature_repo.schema import FEATURE_SERVICE
     from feature_repo import store as fstore
+    from feature_repo.registry_file import check_servable, feature_services
 
     settings = store["settings"]
-    registry = fstore.check_servable(settings)
+    registry = check_servable(settings)
     assert registry == settings.registry_file
-    names = fstore.feature_services(registry, settings.project)
+    names = feature_services(registry, settings.project)
     assert names == [fs.name for fs in store["feast"].list_feature_services()] == [FEATURE_SERVICE]
-    assert fstore.feature_services(registry, "another-project") == []
+    assert feature_services(registry, "another-project") == []
     # A Redis store never materialised into serves from the dataset's main registry, as the service does.
     redis = fstore.StoreSettings.for_dataset(settings.dataset, online="redis")
-    assert fstore.check_servable(redis) == settings.registry_file
+    assert check_servable(redis) == settings.registry_file
 
 
 def test_an_unreadable_registry_or_a_vanished_production_model_is_named(tmp_path, monkeypatch):
-    from services import registry
+    from services import production_pointer
     from feature_repo import store as fstore
+    from feature_repo.registry_file import StoreNotBuilt, check_servable
 
     data = tmp_path / "data"
     (data / "_features").mkdir(parents=True)
     (data / "_features" / "registry.db").write_bytes(b"\x0f\xff\xff")  # wire type 7: not a protobuf message
-    with pytest.raises(fstore.StoreNotBuilt, match="cannot be read.*rebuild it with `mtlrec features build"):
-        fstore.check_servable(fstore.StoreSettings.for_dataset(data, online="sqlite"))
+    with pytest.raises(StoreNotBuilt, match="cannot be read.*rebuild it with `mtlrec features build"):
+        check_servable(fstore.StoreSettings.for_dataset(data, online="sqlite"))
 
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
-    registry.pointer_path().write_text(json.dumps({"tag": "mtlrec-ranker:gone", "previous": []}))
+    production_pointer.pointer_path().write_text(json.dumps({"tag": "mtlrec-ranker:gone", "previous": []}))
     with pytest.raises(launcher.NotServable, match=r"mtlrec-ranker:gone.*`mtlrec rollback`"):
         launcher.preflight(data, "sqlite")

@@ -18,7 +18,7 @@ import pytest
 
 from flows.dev import launcher
 from models.contract import tables as contract
-from services.events import EventStore
+from services.event_store import EventStore
 
 TOKEN = "test-admin-token"
 
@@ -190,25 +190,25 @@ def test_an_unreachable_event_database_costs_no_ranking_and_its_dropped_answers_
 
 def _accept(world, weights: dict[str, float]):
     """A weighting the fusion gate accepted, kept as the production model's next version (live at once)."""
-    from services import registry
+    from services import production_pointer
 
     mp = pytest.MonkeyPatch()
     mp.setenv("BENTOML_HOME", str(world["home"]))
     try:
-        current = registry.fusion_current(world["tag"]).fusion
-        return registry.accept_fusion(world["tag"], {"weights": weights}, {"accepted": True, "reason": "test"},
-                                      judged_against=current)
+        current = production_pointer.fusion_current(world["tag"]).fusion
+        return production_pointer.accept_fusion(world["tag"], {"weights": weights},
+                                                {"accepted": True, "reason": "test"}, judged_against=current)
     finally:
         mp.undo()
 
 
 def _rollback_fusion(world):
-    from services import registry
+    from services import production_pointer
 
     mp = pytest.MonkeyPatch()
     mp.setenv("BENTOML_HOME", str(world["home"]))
     try:
-        return registry.rollback_fusion("test over")
+        return production_pointer.rollback_fusion("test over")
     finally:
         mp.undo()
 

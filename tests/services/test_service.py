@@ -78,13 +78,13 @@ def server(world):
 @pytest.fixture(scope="module")
 def offline(world):
     """Per-objective probabilities and categories computed in this process, without the service."""
-    from services import registry
+    from services import model_store
     from feature_repo.online import FeatureReader
     from feature_repo.store import StoreSettings, open_store
     from models.scoring.artifact import Scorer
 
     with _env(BENTOML_HOME=str(world["home"])):
-        scorer = Scorer.load(registry.artifact_path(world["tag"]))
+        scorer = Scorer.load(model_store.artifact_path(world["tag"]))
     reader = FeatureReader(open_store(StoreSettings.for_dataset(world["data"], online="sqlite")))
     users = pd.read_parquet(world["data"] / "users.parquet")["user_id"].astype(str).tolist()
     items = pd.read_parquet(world["data"] / "items.parquet")["item_id"].astype(str).tolist()
@@ -229,14 +229,14 @@ def test_health_readiness_and_metrics(server):
 
 
 def test_admin_reload_swaps_to_the_new_production_model(server, world, offline):
-    from services import registry
+    from services import model_store, production_pointer
 
     assert server.post("/admin/reload").status_code == 401
     assert server.post("/admin/reload", headers={"x-admin-token": "wrong"}).status_code == 401
     with _env(BENTOML_HOME=str(world["home"]), BENTOML_DO_NOT_TRACK="True"):
-        new = registry.register(world["artifact"])
-        registry.record_evaluation(new, {"fused/ndcg@10": 0.6})
-        registry.set_production(new)
+        new = model_store.register(world["artifact"])
+        model_store.record_evaluation(new, {"fused/ndcg@10": 0.6})
+        production_pointer.set_production(new)
     assert new != world["tag"]
     r = server.post("/admin/reload", headers={"x-admin-token": TOKEN})
     assert r.status_code == 200, r.text
@@ -253,7 +253,7 @@ def test_reload_under_load_drops_nothing_and_never_mixes_models(server, world, o
     """
     import threading
 
-    from services import registry
+    from services import model_store, production_pointer
     from models.scoring.artifact import Scorer
     from models.config import load_config
     from models.training.train import train
@@ -263,11 +263,11 @@ def test_reload_under_load_drops_nothing_and_never_mixes_models(server, world, o
                                "model.params={n_experts: 2, expert: [32], tower: [8]}"]), world["data"], other,
           progress=False)
     with _env(BENTOML_HOME=str(world["home"]), BENTOML_DO_NOT_TRACK="True"):
-        old = registry.production()
-        scorers = {old: Scorer.load(registry.artifact_path(old))}
-        new = registry.register(other)
-        registry.record_evaluation(new, {"fused/ndcg@10": 0.9})
-        scorers[new] = Scorer.load(registry.artifact_path(new))
+        old = production_pointer.production()
+        scorers = {old: Scorer.load(model_store.artifact_path(old))}
+        new = model_store.register(other)
+        model_store.record_evaluation(new, {"fused/ndcg@10": 0.9})
+        scorers[new] = Scorer.load(model_store.artifact_path(new))
     user, items = offline["users"][5], offline["items"][:40]
     df = offline["run"](user, items)[2]
     expected = {tag: sc.predict(df)["click"] for tag, sc in scorers.items()}
@@ -290,7 +290,7 @@ def test_reload_under_load_drops_nothing_and_never_mixes_models(server, world, o
         time.sleep(0.5)
         for tag in (new, old, new, old, new):  # several swaps: a gap in any of them would show
             with _env(BENTOML_HOME=str(world["home"]), BENTOML_DO_NOT_TRACK="True"):
-                registry.set_production(tag)
+                production_pointer.set_production(tag)
             r = server.post("/admin/reload", headers={"x-admin-token": TOKEN})
             assert r.status_code == 200 and r.json()["model_version"] == tag, r.text
             time.sleep(0.3)
@@ -319,14 +319,14 @@ def _workers(pid: int) -> list[int]:
 
 def test_sighup_swaps_the_model_in_the_running_worker(server, world, offline):
     """SIGHUP to the server loads the new production model in the worker that is running: no restart, no stall."""
-    from services import registry
+    from services import model_store, production_pointer
 
     workers = _workers(server.server_pid)
     assert workers
     with _env(BENTOML_HOME=str(world["home"]), BENTOML_DO_NOT_TRACK="True"):
-        new = registry.register(world["artifact"])
-        registry.record_evaluation(new, {"fused/ndcg@10": 0.7})
-        registry.set_production(new)
+        new = model_store.register(world["artifact"])
+        model_store.record_evaluation(new, {"fused/ndcg@10": 0.7})
+        production_pointer.set_production(new)
     os.kill(server.server_pid, signal.SIGHUP)
     deadline = time.monotonic() + 15
     slowest = 0.0
@@ -386,16 +386,16 @@ def test_a_corrupt_production_model_is_refused(world, offline, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from services import registry
+    from services import model_store, production_pointer
 
     home = tmp_path / "bentoml"
     sh.copytree(world["home"], home)
     body = {"user_id": offline["users"][0], "candidates": offline["items"][:5]}
     with _env(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True"):
-        good = registry.production()
-        bad = registry.register(world["artifact"])
-        registry.record_evaluation(bad, {"fused/ndcg@10": 0.9})
-        weights = registry.artifact_path(bad) / "weights.safetensors"
+        good = production_pointer.production()
+        bad = model_store.register(world["artifact"])
+        model_store.record_evaluation(bad, {"fused/ndcg@10": 0.9})
+        weights = model_store.artifact_path(bad) / "weights.safetensors"
     original = weights.read_bytes()
 
     def corrupt():
@@ -414,7 +414,7 @@ def test_a_corrupt_production_model_is_refused(world, offline, tmp_path):
 
     # A server starting on it stays not ready and answers 503: it has no model it could trust.
     with _env(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True"):
-        registry.set_production(bad)
+        production_pointer.set_production(bad)
     corrupt()
     with _serve({**world, "home": home}, ready=False) as client:
         assert client.get("/readyz").status_code == 503
@@ -423,11 +423,11 @@ def test_a_corrupt_production_model_is_refused(world, offline, tmp_path):
     # A server serving the good model keeps it when production moves to a model corrupted after its promotion.
     weights.write_bytes(original)
     with _env(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True"):
-        registry.rollback("test")
-        assert registry.production() == good
+        production_pointer.rollback("test")
+        assert production_pointer.production() == good
     with _serve({**world, "home": home}) as client:
         with _env(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True"):
-            registry.set_production(bad)
+            production_pointer.set_production(bad)
         corrupt()
         r = client.post("/admin/reload", headers={"x-admin-token": TOKEN})
         assert r.status_code == 503 and f"still serving {good}" in r.json()["error"] and "NaN" in r.json()["error"]
@@ -528,7 +528,8 @@ class _Load:
 
 
 def test_a_hung_or_stopped_store_fails_fast_and_recovers_without_a_restart(world, offline, tmp_path):
-    from feature_repo.store import StoreSettings, materialize, open_store
+    from feature_repo.materialize import materialize
+    from feature_repo.store import StoreSettings, open_store
 
     port = free_port()
     conn = f"127.0.0.1:{port},db=0"
@@ -568,7 +569,8 @@ def test_a_hung_or_stopped_store_fails_fast_and_recovers_without_a_restart(world
 
 
 def test_a_store_restarted_empty_is_not_ready_until_refilled(world, offline, tmp_path):
-    from feature_repo.store import StoreSettings, materialize, open_store
+    from feature_repo.materialize import materialize
+    from feature_repo.store import StoreSettings, open_store
 
     port = free_port()
     conn = f"127.0.0.1:{port},db=0"

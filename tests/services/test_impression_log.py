@@ -25,7 +25,8 @@ from flows.data.logged import export
 from flows.data.synth import SynthConfig, oracle
 from flows.dev import launcher, prefect_server
 from models.contract import tables as contract
-from services.events import EventStore, Ranked
+from services.event_rows import Ranked
+from services.event_store import EventStore
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_MODEL = "model.params={n_experts: 2, expert: [32], tower: [8]}"
@@ -102,7 +103,7 @@ def test_export_of_an_empty_window_says_so(clean_dataset, tmp_path):
 
 def _raw_row(store, request_id: str, **overrides):
     """A request row written by hand, bypassing ``Ranked`` (how a bug or an editor could leave one)."""
-    from services.events import REQUEST_COLUMNS
+    from services.event_rows import REQUEST_COLUMNS
 
     row = dict(zip(REQUEST_COLUMNS, Ranked(request_id, 1_700_000_000.0, _answer("u1", ["i1", "i2"]), [1.0, 1.0]).row()))
     row.update(overrides)
@@ -312,9 +313,9 @@ def test_served_rankings_and_feedback_become_the_next_training_set(world, backen
     summary = json.loads(run.stdout[run.stdout.index("{"):])
     assert summary["tag"] != world["tag"]
     monkeypatch.setenv("BENTOML_HOME", str(world["home"]))
-    from services import registry
+    from services import model_store
 
-    evaluation = registry.evaluation_of(summary["tag"])  # a new model, judged on the logged data's holdout
+    evaluation = model_store.evaluation_of(summary["tag"])  # a new model, judged on the logged data's holdout
     assert evaluation is not None and 0 <= evaluation["rankers"]["model"]["ndcg@10"] <= 1
 
 

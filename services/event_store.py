@@ -1,39 +1,13 @@
-"""The impression log's database: what ``/rank`` showed, why, and what the user did next.
-
-Why a log at all: a ranker that never records what it showed cannot learn
-from its own traffic, and one that records only clicks cannot tell an item
-nobody liked from one nobody saw. Each returned item is one impression: the
-request id, time, user, item, position, model version, every objective's
-score, the weights and diversity used, and the probability that the serving
-policy put that item there (its propensity, 1 for a deterministic policy),
-which is what off-policy evaluation of another weighting divides by. The
-database keeps one row per request with the per-item values as lists (one
-insert instead of one per item); ``read`` gives one row per impression.
-
-Two clocks. ``ts`` is the server's clock when the answer was given: the log
-is ordered, filtered (``since``) and pruned by it, so no client can place a
-row in the future or the distant past. A client's ``context.timestamp`` (the
-time the features were computed for, as when a past log is replayed) is kept
-inside ``context`` under ``timestamp``; the export uses it as the impression's
-time, since that is the time its features belong to.
-
-``policy`` names what served the request: ``source`` (``model``: the
-service's weights or its exploration draw; ``request``: the caller's own
-weights), the fusion weights' version, the exploration setting and its
-epsilon, and for an explored request the vectors it chose among, their
-probabilities, the index it drew and each vector's expected objectives
-(``services/ranking.py``). Rows written before that record carry ``{}`` or
-the draw alone.
-
-A row that does not parse (hand-edited, truncated, written by a bug) is
-reported by its request id and skipped; ``quarantine`` moves it out of the
-way into its own table, so one bad row never stops a reader.
+"""The impression log's database: the request rows ``/rank`` answers leave, and the feedback on them.
 
 The store is a real database through DB-API: an SQLite file by default, or
 PostgreSQL when the URL says ``postgresql://`` (psycopg2). The SQL is the
 subset both speak (``INSERT ... ON CONFLICT DO NOTHING`` makes feedback
-idempotent on request, item and event). How rows reach it without slowing a
-request is ``services/event_writer.py``.
+idempotent on request, item and event). What a row holds is
+``services/event_rows.py``; how rows reach the database without slowing a
+request is ``services/event_writer.py``. A request row that does not parse is
+left out of ``read`` and reported; ``quarantine`` moves it out of the way into
+its own table.
 """
 
 from __future__ import annotations
@@ -42,7 +16,6 @@ import functools
 import json
 import logging
 import math
-import secrets
 import sqlite3
 import threading
 import time
@@ -51,15 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.event_rows import IMPRESSION_COLUMNS, REQUEST_COLUMNS, Corrupt, Ranked, impressions
+
 log = logging.getLogger("mtlrec.events")
 
-IMPRESSION_COLUMNS = ("request_id", "item_id", "user_id", "ts", "position", "model_version", "score", "scores",
-                      "weights", "diversity", "propensity", "context", "policy", "novelty")
-# What the database holds: one row per answered request, its per-item values as JSON lists in position order.
-# One row per item would cost the writer a JSON document, a primary-key entry and an index entry per item; a
-# request row is one insert. ``read`` turns request rows back into one row per item (``IMPRESSION_COLUMNS``).
-REQUEST_COLUMNS = ("request_id", "user_id", "ts", "model_version", "items", "score", "scores", "propensity",
-                   "weights", "diversity", "context", "policy", "novelty")
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS requests (
         request_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,
@@ -76,24 +44,10 @@ SCHEMA = (
         request_id TEXT PRIMARY KEY, reason TEXT NOT NULL, row TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
 )
 WRITE_CHUNK = 500  # requests per INSERT statement: 13 values each, within SQLite's 32,766 bound variables
-# Times a reader can turn into a timestamp (pandas' nanosecond range, with a margin): anything else is corrupt.
-EARLIEST, LATEST = 0.0, 9.0e9
 
 
 class EventStoreError(RuntimeError):
     """The event database cannot be reached or refused a write; the message names the database."""
-
-
-@dataclass(frozen=True)
-class Corrupt:
-    """A logged request a reader could not parse: which, and why."""
-
-    request_id: str
-    reason: str
-    row: tuple = ()
-
-    def __str__(self) -> str:
-        return f"{self.request_id}: {self.reason}"
 
 
 def _database_errors(method):
@@ -157,7 +111,7 @@ class EventStore:
             conn = sqlite3.connect(path, timeout=self.connect_timeout_s, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")  # readers (feedback, export) do not block the writer
             # No fsync per commit (WAL stays consistent; a power cut may lose the last commits, not the file):
-            # an fsync per batch costs the serving host CPU at a few hundred batches a second.
+            # an fsync per batch is CPU the serving host spends beside its requests (see benchmarks/README.md).
             conn.execute("PRAGMA synchronous=NORMAL")
             return conn
         except Exception as e:  # the driver's own error types differ; the message says which database
@@ -184,7 +138,7 @@ class EventStore:
         return self
 
     @_database_errors
-    def write(self, requests: list["Ranked"], conn=None) -> None:
+    def write(self, requests: list[Ranked], conn=None) -> None:
         """Insert answered requests, one transaction; a request id already logged is ignored.
 
         One multi-row INSERT per ``WRITE_CHUNK`` requests rather than one statement per request: the driver
@@ -290,7 +244,7 @@ class EventStore:
         rows, bad = [], []
         for request in requests:
             try:
-                rows.extend(_impressions(request))
+                rows.extend(impressions(request))
             except Exception as e:  # noqa: BLE001 - whatever is wrong with the row, it is that row's problem
                 bad.append(Corrupt(str(request[0]), f"{type(e).__name__}: {e}", tuple(request)))
         if bad:
@@ -350,12 +304,6 @@ class EventStore:
         return self._run(conn, work)
 
 
-def new_request_id() -> str:
-    """32 hex characters, time first (nanoseconds), then 64 random bits: ids the database's primary-key index
-    takes in order, at its right edge, instead of at random pages of an ever larger tree (as UUIDv7 does)."""
-    return f"{time.time_ns():016x}{secrets.token_hex(8)}"
-
-
 class Connections:
     """One open connection per thread, dropped after an error: the service's threads reuse theirs instead of
     connecting per call. SQLite connections must stay in the thread that uses them; so do psycopg2's here."""
@@ -382,65 +330,3 @@ class Connections:
                 conn.close()
             except Exception:  # noqa: BLE001 - a broken connection closes as best it can
                 pass
-
-
-def _finite_time(value: Any, what: str) -> float:
-    t = float(value)
-    if not EARLIEST <= t <= LATEST:
-        raise ValueError(f"{what} {t!r} is not a time this log can hold")
-    return t
-
-
-def _impressions(request: tuple) -> list[tuple]:
-    """A ``requests`` row as one ``IMPRESSION_COLUMNS`` row per item, in position order; raises on a row that
-    does not parse (bad JSON, lists of different lengths, a time out of range)."""
-    r = dict(zip(REQUEST_COLUMNS, request))
-    items, score, propensity = (json.loads(r[c]) for c in ("items", "score", "propensity"))
-    scores = json.loads(r["scores"])
-    weights, context, policy = (json.loads(r[c]) for c in ("weights", "context", "policy"))
-    if not isinstance(items, list) or not (len(items) == len(score) == len(propensity)):
-        raise ValueError("its items, scores and propensities differ in length")
-    if not all(isinstance(v, list) and len(v) == len(items) for v in scores.values()):
-        raise ValueError("an objective's scores differ in length from its items")
-    if not isinstance(context, dict) or not isinstance(policy, dict) or not isinstance(weights, dict):
-        raise ValueError("its weights, context or policy is not an object")
-    ts = _finite_time(r["ts"], "ts")
-    if context.get("timestamp") is not None:
-        _finite_time(context["timestamp"], "context.timestamp")
-    return [(r["request_id"], item, r["user_id"], ts, j + 1, r["model_version"], float(score[j]),
-             {k: v[j] for k, v in scores.items()}, weights, float(r["diversity"]), float(propensity[j]), context,
-             policy, float(r["novelty"])) for j, item in enumerate(items)]
-
-
-@dataclass(frozen=True)
-class Ranked:
-    """One ``/rank`` answer as the log keeps it: the answer itself, serialised only when written.
-
-    The request thread builds this and queues it (no copy, no JSON); the writer thread calls ``row``. The
-    answer is a ``ranking.rank`` result, which nothing changes after it is answered. ``ts``: the server's
-    clock; ``propensities``: the probability of each returned item at its position under the serving policy;
-    ``context``: the request's declared context columns (and ``timestamp``, the client's feature time, when it
-    sent one); ``policy``: what served it (the module docstring).
-    """
-
-    request_id: str
-    ts: float
-    answer: dict[str, Any]
-    propensities: list[float]
-    context: dict[str, Any] | None = None
-    policy: dict[str, Any] | None = None
-
-    @property
-    def size(self) -> int:
-        return len(self.answer["items"])
-
-    def row(self) -> tuple:
-        """The ``requests`` row, in ``REQUEST_COLUMNS`` order."""
-        a, items = self.answer, self.answer["items"]
-        objectives = items[0]["scores"].keys() if items else ()
-        return (self.request_id, a["user_id"], float(self.ts), a["model_version"],
-                json.dumps([it["item_id"] for it in items]), json.dumps([float(it["score"]) for it in items]),
-                json.dumps({o: [float(it["scores"][o]) for it in items] for o in objectives}, sort_keys=True),
-                json.dumps([float(p) for p in self.propensities]), json.dumps(a["weights"], sort_keys=True),
-                float(a["diversity"]), json.dumps(self.context or {}, sort_keys=True, default=str),
-                json.dumps(self.policy or {}, sort_keys=True), float(a.get("novelty", 0.0)))
