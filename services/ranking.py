@@ -22,6 +22,7 @@ from feature_repo.schema import WINDOWS
 from models.metrics.multitask import fusion_weights
 from models.fusion import fuse
 from services.exploration import Exploration, choose, policy_probabilities, propensities, weight_vectors
+from services.stopwatch import OFF
 
 __all__ = ["Model", "RequestError", "StoreUnavailable", "NonFiniteScores", "rank", "score_items", "mmr",
            "check_events", "data_span", "time_outside_data", "order"]
@@ -137,15 +138,24 @@ def model_inputs(reader, user_id: str, item_ids: list[str], request_ts: float,
 
 
 def score(model: Model, reader, user_id: str, item_ids: list[str], *, request_ts: float | None = None,
-          context: dict[str, Any] | None = None) -> Scored:
+          context: dict[str, Any] | None = None, clock=OFF) -> Scored:
+    """Every task's output for each item; ``clock`` (``services.stopwatch``) takes a lap after each stage."""
     ts = time.time() if request_ts is None else float(request_ts)
     cols, item_known, user_known = model_inputs(reader, user_id, item_ids, ts, context)  # raises StoreUnavailable
-    probs = model.scorer.predict(cols)
+    clock.lap("features")
+    scorer = model.scorer
+    cat, num = scorer.encode(cols)
+    clock.lap("encode")
+    raw = scorer.score_codes(cat, num)
+    clock.lap("forward")
+    probs = scorer.calibration.apply(raw)
     bad = [k for k, v in probs.items() if not np.isfinite(v).all()]
     if bad:
         raise NonFiniteScores(f"non-finite scores for {bad}")
-    return Scored(frame=cols, probs=probs, item_cold=~np.asarray(item_known, dtype=bool), user_cold=not user_known,
-                  outside=time_outside_data(model.span, ts))
+    scored = Scored(frame=cols, probs=probs, item_cold=~np.asarray(item_known, dtype=bool), user_cold=not user_known,
+                    outside=time_outside_data(model.span, ts))
+    clock.lap("calibrate")
+    return scored
 
 
 def resolve_weights(model: Model, weights: dict[str, float] | None) -> dict[str, float]:
@@ -239,7 +249,7 @@ def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | 
          weights: dict[str, float] | None = None, diversity: float = 0.0, fusion: str | None = None,
          request_ts: float | None = None, context: dict[str, Any] | None = None,
          explore: Exploration | None = None, rng=None, novelty: float = 0.0,
-         seen_items: set[str] | None = None) -> dict[str, Any]:
+         seen_items: set[str] | None = None, clock=OFF) -> dict[str, Any]:
     """The ranked top ``k`` with fused and per-objective scores; plain data, ready for JSON.
 
     ``novelty`` favours the long tail and demotes ``seen_items`` (what the user already interacted with);
@@ -256,7 +266,7 @@ def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | 
         raise RequestError("k", f"must be between 1 and the number of candidates ({len(candidates)}), got {k}")
     w = resolve_weights(model, weights)
     fusion = fusion or model.scorer.fusion_method
-    s = score(model, reader, user_id, candidates, request_ts=request_ts, context=context)
+    s = score(model, reader, user_id, candidates, request_ts=request_ts, context=context, clock=clock)
     cats = np.asarray(s.frame["category"], dtype=object) if "category" in s.frame else np.full(len(candidates), None)
     shown = k or len(candidates)
     extra: dict[str, Any] = {}
@@ -286,15 +296,18 @@ def rank(model: Model, reader, user_id: str, candidates: list[str], *, k: int | 
         prop = np.ones(len(top))
     if not np.isfinite(fused).all():
         raise NonFiniteScores("non-finite fused scores")
+    clock.lap("fuse and re-rank")
     before = np.empty(len(fused), dtype=np.int64)
     before[np.argsort(-fused, kind="stable")] = np.arange(1, len(fused) + 1)
     objectives = model.objectives
     items = [{"item_id": candidates[i], "score": _num(fused[i]),
               "scores": {o: _num(s.probs[o][i]) for o in objectives if o in s.probs},
               "rank_before_rerank": int(before[i]), "cold_start": bool(s.item_cold[i])} for i in top]
-    return {"model_version": model.tag, "user_id": user_id, "user_cold_start": s.user_cold, "weights": w,
-            "fusion": fusion, "diversity": float(diversity), "novelty": float(novelty), "items": items,
-            **s.flags(), "propensities": [float(p) for p in prop], "policy": policy}
+    out = {"model_version": model.tag, "user_id": user_id, "user_cold_start": s.user_cold, "weights": w,
+           "fusion": fusion, "diversity": float(diversity), "novelty": float(novelty), "items": items,
+           **s.flags(), "propensities": [float(p) for p in prop], "policy": policy}
+    clock.lap("answer")
+    return out
 
 
 def score_items(model: Model, reader, user_id: str, items: list[str], *, request_ts: float | None = None,

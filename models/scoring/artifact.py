@@ -166,10 +166,19 @@ class Scorer(torch.nn.Module):
 
         return fuse(probs, weights or fusion_weights(self.tasks), method=method or self.fusion_method)
 
-    @torch.inference_mode()
     def predict(self, df, chunk_rows: int | None = None) -> dict[str, np.ndarray]:
         """Per-task outputs for rows given as a DataFrame or a dict of column arrays (the served path), the
-        binary tasks' probabilities calibrated as the artifact records.
+        binary tasks' probabilities calibrated as the artifact records."""
+        return self.calibration.apply(self.score_codes(*self.encode(df), chunk_rows=chunk_rows))
+
+    def encode(self, df) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's inputs for rows of feature columns: categorical codes and standardised numerics."""
+        return torch.from_numpy(self.spec.encode_categorical(df)), torch.from_numpy(self.spec.encode_numeric(df))
+
+    @torch.inference_mode()
+    def score_codes(self, cat_all: torch.Tensor, num_all: torch.Tensor,
+                    chunk_rows: int | None = None) -> dict[str, np.ndarray]:
+        """Per-task outputs of encoded rows, before calibration.
 
         Rows go through the network ``chunk_rows`` at a time (``PREDICT_CHUNK_ROWS`` for the device): an
         MMoE's expert activations alone are [experts, rows, width] floats, gigabytes for a million rows, and an
@@ -177,8 +186,6 @@ class Scorer(torch.nn.Module):
         """
         device = next(self.parameters()).device
         chunk_rows = chunk_rows or PREDICT_CHUNK_ROWS.get(device.type, PREDICT_CHUNK_ROWS["cuda"])
-        cat_all = torch.from_numpy(self.spec.encode_categorical(df))
-        num_all = torch.from_numpy(self.spec.encode_numeric(df))
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, max(len(cat_all), 1), chunk_rows):
             cat = cat_all[start:start + chunk_rows].to(device)
@@ -189,4 +196,4 @@ class Scorer(torch.nn.Module):
                 probs.update({t: other[t] for t in names})
             for k, v in probs.items():
                 parts.setdefault(k, []).append(v.float().cpu().numpy())
-        return self.calibration.apply({k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()})
+        return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}

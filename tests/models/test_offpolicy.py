@@ -27,6 +27,7 @@ from models.decisions.offpolicy_estimators import MIN_MATCHING, MIN_REWARDED, Re
 from services import ranking
 from services.exploration import Exploration, choose, policy_probabilities, propensities, weight_vectors
 from services.ranking import order
+from tests.fakes import PredictOnly
 
 # ---- the policy ------------------------------------------------------------------------------------------------
 
@@ -64,7 +65,7 @@ def test_propensities():
     assert propensities(same, policy_probabilities(5, 0.5), 3).tolist() == [1.0, 1.0, 1.0]
 
 
-class _Scorer:
+class _Scorer(PredictOnly):
     """Two objectives with fixed scores: item i0 leads on click, i1 on purchase."""
 
     fusion_method = "sum"

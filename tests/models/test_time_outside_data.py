@@ -18,6 +18,7 @@ from flows.validation.run import validate_dataset
 from models.contract import tables as contract
 from models.data.encoder import FeatureSpec, SpecFit
 from services import ranking
+from tests.fakes import PredictOnly
 
 DAY = 86_400.0
 
@@ -97,7 +98,7 @@ def test_a_request_time_beyond_the_longest_window_is_outside_the_data():
 
 def test_an_answer_without_a_timestamp_months_after_the_data_carries_the_flag():
     """The service's path (ranking.rank / score_items) with the model's own span; the store is stood in for."""
-    class Scorer:
+    class Scorer(PredictOnly):
         meta = META
         fusion_method = "sum"
         tasks = _Tasks()

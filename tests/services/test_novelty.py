@@ -6,13 +6,14 @@ import numpy as np
 
 from models.tasks import TaskSpec, TaskSet
 from services import ranking
+from tests.fakes import PredictOnly
 
 ITEMS = ["hit", "mid", "rare", "liked"]
 CLICK = {"hit": 0.9, "mid": 0.6, "rare": 0.3, "liked": 0.8}
 COUNTS = {"hit": 5000.0, "mid": 300.0, "rare": 2.0, "liked": 400.0}  # item_click_count_30d, the popularity feature
 
 
-class _Scorer:
+class _Scorer(PredictOnly):
     fusion_method = "sum"
     tasks = TaskSet([TaskSpec(name="click")], primary="click")
 
