@@ -31,6 +31,7 @@ class BatchedMLP(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.n = n
         self.out_dim = dims[-1]
+        self.gathered = factored.Gathered(dim=1)  # the first layer's varying rows, when scoring a request
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, in] shared by all, or [n, B, in] one input each; returns [n, B, out]."""
@@ -48,7 +49,8 @@ class BatchedMLP(nn.Module):
         last = len(self.weights) - 1
         pre = None
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            pre = factored.batched(x, w, b, split) if i == 0 and split is not None else torch.baddbmm(b, h, w)
+            first = i == 0 and split is not None
+            pre = factored.batched(x, w, b, split, self.gathered) if first else torch.baddbmm(b, h, w)
             # In place when scoring: a fresh [n, B, out] output per layer costs an allocation and another pass
             # over memory, a fifth of a 1,000-candidate forward pass. An expanded view cannot be written in place,
             # nor a pre-activation the caller asked to keep.

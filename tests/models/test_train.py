@@ -291,15 +291,21 @@ def test_factored_first_layers_score_a_request_as_the_dense_path_does(architectu
     tasks = TaskSet.from_config([{"name": "click", "type": "binary"}, {"name": "purchase", "type": "binary",
                                                                            "sample_space": "click"}])
     arch = build_architecture(architecture, 40, tasks).eval()
-    x = torch.randn(1, 40).repeat(64, 1)
-    x[:, :10] = torch.randn(64, 10)  # the item's columns vary, the rest is the user and the context
-    with torch.enable_grad():
-        dense = arch(x).logits
-    with torch.no_grad():
-        fast = arch(x).logits
-    assert taken, "the split path never ran"
-    for k in dense:
-        torch.testing.assert_close(fast[k], dense[k].detach(), rtol=1e-4, atol=1e-5)
+    # The split keeps each layer's varying weight rows per set of columns: a new set, and weights changed in
+    # place (a training step between two validation batches), must each be taken afresh, never a stale copy.
+    for varying, step in ((slice(0, 10), 0.0), (slice(0, 10), 0.1), (slice(5, 12), 0.0), (slice(0, 10), 0.0)):
+        with torch.no_grad():
+            for p in arch.parameters():
+                p.add_(step)
+        x = torch.randn(1, 40).repeat(64, 1)
+        x[:, varying] = torch.randn(64, varying.stop - varying.start)  # the item's columns; the rest: user, context
+        with torch.enable_grad():
+            dense = arch(x).logits
+        with torch.no_grad():
+            fast = arch(x).logits
+        assert taken, "the split path never ran"
+        for k in dense:
+            torch.testing.assert_close(fast[k], dense[k].detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_ddp_shards_training_batches_equally(monkeypatch):
