@@ -36,7 +36,8 @@ def codes(x: np.ndarray, edges: list[float], first: int) -> np.ndarray:
     """Bin ``i`` (0..len(edges)) as code ``first + i``; NaN as ``first - 1`` (the feature's MISSING code)."""
     x = np.asarray(x, dtype=np.float64)
     out = np.searchsorted(np.asarray(edges, dtype=np.float64), x, side="right") + first
-    return np.where(np.isnan(x), first - 1, out).astype(np.int64)
+    out[np.isnan(x)] = first - 1
+    return out
 
 
 def _bin_auc(train_x, train_y, valid_x, valid_y, edges) -> float:
