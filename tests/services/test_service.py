@@ -24,6 +24,7 @@ import pytest
 
 from flows.dev.processes import free_port
 from flows.dev import launcher
+from tests.fakes import PredictOnly
 
 ROOT = Path(__file__).resolve().parents[2]
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
@@ -126,6 +127,64 @@ def test_rank_equals_offline_fused_order(server, offline, world):
         assert got[item]["cold_start"] is False
     assert [it["rank_before_rerank"] for it in out["items"]] == list(range(1, len(items) + 1))
     assert out["user_cold_start"] is False
+
+
+def _reference_mmr(relevance: np.ndarray, categories: np.ndarray, k: int, diversity: float) -> list[int]:
+    """Maximal marginal relevance as its definition reads, one candidate at a time (services.ranking.mmr)."""
+    order = sorted(range(len(relevance)), key=lambda i: -relevance[i])
+    lo, hi = min(relevance), max(relevance)
+    rel = {i: (relevance[i] - lo) / (hi - lo) if hi > lo else 1.0 for i in order}
+    picked: list[int] = []
+    for _ in range(min(k, len(order))):
+        def gain(i):
+            same = any(categories[i] is not None and categories[i] == categories[j] for j in picked)
+            return (1 - diversity) * rel[i] - diversity * same
+        picked.append(max((i for i in order if i not in picked), key=gain))  # max keeps the first of ties
+    return picked
+
+
+REQUESTS = [  # user index (None: a user the store lacks), candidates, k, diversity, weights
+    (3, slice(0, 100), 20, 0.0, None), (11, slice(10, 60), 10, 0.5, None), (None, slice(0, 40), 40, 0.0, None),
+    (5, slice(50, 100), 5, 1.0, {"click": 1.0, "purchase": 3.0}), (8, slice(0, 9), 9, 0.3, {"purchase": 1.0}),
+]
+
+
+@pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: f"user{r[0]}-k{r[2]}-div{r[3]}")
+def test_served_answers_equal_the_reference_path(server, offline, world, request_, monkeypatch):
+    """Fixed requests over HTTP against the same answers computed the long way: Feast's own online features
+    (``get_online_features``, not the served cache), categorical codes by the training path, the network's
+    ordinary forward pass (no split first layer, no kept weights), fusion, and re-ranking as defined. The fast
+    path may differ from it by float rounding only, and never in what it shows."""
+    from feature_repo.online import FeatureReader
+    from feature_repo.store import StoreSettings, open_store
+    from models.architectures import factored
+    from models.data import encoder
+    from models.fusion import fuse
+    from models.metrics.multitask import fusion_weights
+
+    user_index, part, k, diversity, weights = request_
+    user = offline["users"][user_index] if user_index is not None else "a-user-nobody-knows"
+    items = offline["items"][part] + ["an-item-nobody-knows"]
+    body = {"user_id": user, "candidates": items, "k": k, "diversity": diversity}
+    out = _rank(server, **body, **({"weights": weights} if weights else {}))
+
+    reader = FeatureReader(open_store(StoreSettings.for_dataset(world["data"], online="sqlite")))
+    frame = reader.sdk(user, items, TS)
+    frame["device"], frame["position"] = "mobile", 0
+    monkeypatch.setattr(factored, "MAX_VARYING", -1.0)  # every batch takes the ordinary path
+    monkeypatch.setattr(encoder, "_VECTORISE_ABOVE", 0)  # codes by the training path's hash lookup
+    probs = offline["scorer"].predict(frame)
+    w = weights or fusion_weights(offline["scorer"].tasks)
+    fused = fuse(probs, w, method=offline["scorer"].fusion_method)
+    shown = _reference_mmr(fused, frame["category"].to_numpy(dtype=object), k, diversity)
+
+    assert [it["item_id"] for it in out["items"]] == [items[i] for i in shown]
+    for it, i in zip(out["items"], shown):
+        assert it["score"] == pytest.approx(float(fused[i]), rel=1e-5, abs=1e-7)
+        for task, p in it["scores"].items():
+            assert p == pytest.approx(float(probs[task][i]), rel=1e-5, abs=1e-7)
+        assert it["cold_start"] is (items[i] == "an-item-nobody-knows")
+    assert out["user_cold_start"] is (user_index is None)
 
 
 def test_weights_change_the_order(server, offline):
@@ -438,7 +497,7 @@ def test_a_corrupt_production_model_is_refused(world, offline, tmp_path):
 def test_non_finite_scores_are_an_error_never_a_zero():
     from services import ranking
 
-    class NaNScorer:
+    class NaNScorer(PredictOnly):
         tasks = TaskSetStub()
         fusion_method = "sum"
 
