@@ -12,11 +12,19 @@ two faults of the event database can be settings: ``locked`` (an SQLite file who
 holds from another connection for the whole run) and ``unreachable`` (a PostgreSQL port nothing listens on).
 ``--feedback-clients N`` posts feedback on earlier answers from N more clients while each cell runs.
 
+``--compare REF`` (with ``--quick``) serves a git ref's code beside today's in the same run: the ref's
+checkout (``git archive``) builds its own small world and serves it (``benchmarks/ref_server.py``), its
+server joins the interleaved runs, and the medians end with each of today's settings against the ref, cell
+by cell. The run closes with the forward pass's own ceiling at each candidate count (``forward_limit``:
+that many processes as the server has workers, the model alone) and how far each setting is below it.
+
     .venv/bin/python benchmarks/serve_latency.py --quick
     .venv/bin/python benchmarks/serve_latency.py --data data/synth --stores sqlite,redis --duration 60
     .venv/bin/python benchmarks/serve_latency.py --url http://127.0.0.1:3000 --data data/synth
     .venv/bin/python benchmarks/serve_latency.py --quick --stores sqlite --candidates 100 --concurrency 32 \
         --events on,locked,unreachable,off --feedback-clients 4 --no-access-log
+    .venv/bin/python benchmarks/serve_latency.py --quick --stores sqlite --candidates 100,500 \
+        --concurrency 1,32 --duration 15 --workers 2 --no-access-log --events off,on --compare 2e6c7c3
 """
 
 from __future__ import annotations
@@ -26,205 +34,74 @@ import asyncio
 import contextlib
 import json
 import os
-import random
+import shutil
+import subprocess
 import sys
 import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.measure import latency_ms
-from flows.dev import launcher
+from benchmarks.serving import (drive, event_drops, event_urls, forward_limit, held_lock, logged,
+                                materialize_redis, quick_world, serve, writer_cpu)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def quick_world(base: Path) -> Path:
-    """A small dataset, its feature store and a promoted model under ``base`` (sets BENTOML_HOME)."""
-    from services import model_store, production_pointer
-    from flows.data.synth import SynthConfig, generate
-    from feature_repo.build import build_all
-    from models.config import load_config
-    from models.training.train import train
-
-    data, art = base / "data", base / "artifact"
-    os.environ["BENTOML_HOME"] = str(base / "bentoml")
-    generate(data, SynthConfig(n_users=2000, n_items=1500, n_interactions=60000, days=8, seed=0))
-    build_all(data)
-    train(load_config("mmoe", ["train.max_epochs=1"]), data, art, progress=False)
-    tag = model_store.register(art)
-    model_store.record_evaluation(tag, {"note": "benchmark model"})
-    production_pointer.set_production(tag)
-    return data
+@dataclass
+class Server:
+    url: str
+    users: list[str]
+    items: list[str]
+    events: str = "-"  # the impression log setting (off, on, ...), or "-" for a server this run did not set
 
 
-def materialize_redis(data: Path, redis: str) -> None:
-    from feature_repo.materialize import materialize
-    from feature_repo.store import StoreSettings, open_store
-
-    settings = StoreSettings.for_dataset(data, online="redis", redis=redis)
-    materialize(open_store(settings), settings, full=True)
-
-
-def serve(data: Path, store: str, redis: str, max_candidates: int, workers: int = 1, access_log: bool = True,
-          events: str = "off"):
-    """`mtlrec serve` on a free loopback port with this store and settings, until the block ends.
-
-    ``events``: the impression log's URL (``MTLREC_EVENTS_URL``), or ``off``.
-    """
-    env = {"MTLREC_REDIS": redis, "MTLREC_MAX_CANDIDATES": str(max_candidates),
-           "MTLREC_ACCESS_LOG": "1" if access_log else "0", "MTLREC_EVENTS_URL": events,
-           "BENTOML_HOME": str(private_home())}
-    return launcher.serving(env, data=data, online=store, workers=workers, timeout=90)
-
-
-def private_home() -> Path:
-    """A BentoML home of the server's own that shares the model store and the registry of ``$BENTOML_HOME``.
-
-    BentoML keeps its workers' Prometheus files in ``$BENTOML_HOME/prometheus_multiproc_dir`` and clears it as
-    a server starts: servers up at once on one home would wipe and mix each other's ``/metrics``.
-    """
-    from services import registry_io
-
-    shared = registry_io.home()
-    own = Path(tempfile.mkdtemp(prefix="serve-bench-home-"))
-    for part in ("models", "mtlrec"):
-        (shared / part).mkdir(parents=True, exist_ok=True)
-        (own / part).symlink_to(shared / part)
-    return own
-
-
-async def drive(url: str, users: list[str], items: list[str], n_candidates: int, concurrency: int,
-                duration: float, max_requests: int, seed: int = 0, feedback_clients: int = 0,
-                feedback_share: float = 0.5) -> dict:
-    """Closed loop: ``concurrency`` clients, each sending its next request when the last one answered.
-
-    The client is aiohttp (a BentoML dependency) with pre-encoded bodies: on a two-core machine the
-    load generator shares the CPU with the server, so it has to be cheap. ``feedback_clients`` more
-    clients post feedback (a click on the first item) on ``feedback_share`` of the answers, as they come:
-    paced by the rankings, as users' feedback is, not a flood; their answers are counted by status, not
-    timed.
-    """
-    import aiohttp
-
-    rng = random.Random(seed)
-    bodies = [json.dumps({"user_id": rng.choice(users), "candidates": rng.sample(items, n_candidates), "k": 20,
-                          "context": {"device": "mobile"}}).encode() for _ in range(256)]
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    feedback: dict[str, int] = {}
-    answered: asyncio.Queue = asyncio.Queue()
-    sent = 0
-    headers = {"content-type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=concurrency + feedback_clients)
-    async with aiohttp.ClientSession(base_url=url, connector=connector, headers=headers,
-                                     timeout=aiohttp.ClientTimeout(total=30)) as client:
-        for b in bodies[:min(5, concurrency * 2)]:  # warm the feature cache and the model
-            async with client.post("/rank", data=b) as r:
-                await r.read()
-        start = time.perf_counter()
-        stop = start + duration
-
-        async def worker(w: int) -> None:
-            nonlocal sent
-            i = w
-            while time.perf_counter() < stop and sent < max_requests:
-                sent += 1
-                t = time.perf_counter()
-                try:
-                    async with client.post("/rank", data=bodies[i % len(bodies)]) as r:
-                        body = await r.read()
-                        ok, key = r.status == 200, str(r.status)
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    ok, key = False, type(e).__name__
-                latencies.append(time.perf_counter() - t)
-                if not ok:
-                    errors[key] = errors.get(key, 0) + 1
-                elif feedback_clients and rng.random() < feedback_share:
-                    answered.put_nowait(json.loads(body))
-                i += concurrency
-
-        async def feedback_worker() -> None:
-            while time.perf_counter() < stop:
-                try:
-                    a = await asyncio.wait_for(answered.get(), timeout=max(stop - time.perf_counter(), 0.01))
-                except asyncio.TimeoutError:
-                    break
-                body = {"request_id": a["request_id"], "item_id": a["items"][0]["item_id"], "events": {"click": 1},
-                        "token": a.get("feedback_token")}
-                try:
-                    async with client.post("/feedback", json=body) as r:
-                        await r.read()
-                        key = str(r.status)
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    key = type(e).__name__
-                feedback[key] = feedback.get(key, 0) + 1
-
-        await asyncio.gather(*(worker(w) for w in range(concurrency)),
-                             *(feedback_worker() for _ in range(feedback_clients)))
-        elapsed = time.perf_counter() - start
-    return {"candidates": n_candidates, "concurrency": concurrency, "requests": len(latencies),
-            **latency_ms(latencies),
-            "rps": len(latencies) / elapsed if elapsed > 0 else 0.0, "errors": errors, "seconds": elapsed,
-            "feedback": feedback}
-
-
-def _metric(url: str, name: str) -> float:
-    """A counter summed over the server's workers, from ``/metrics``."""
-    import httpx
-
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
-def _event_drops(url: str) -> float:
-    return _metric(url, "mtlrec_event_drops_total")
-
-
-def _writer_cpu(url: str) -> float:
-    """CPU seconds the impression log's writer threads have spent, over the server's workers."""
-    return _metric(url, "mtlrec_event_writer_cpu_seconds_total")
-
-
-def _logged(events_url: str) -> int:
-    """Impressions in the event database (one per shown item), read back the way the export reads them."""
-    from services.event_store import EventStore
-
-    return len(EventStore(events_url).read()[0])
-
-
-UNREACHABLE = "postgresql://postgres@127.0.0.1:1/none"
-
-
-def event_urls(settings: list[str]) -> dict[str, str]:
-    """Each ``--events`` setting's database URL: ``on`` and ``locked`` a fresh SQLite file, ``unreachable`` a port
-    nothing listens on, ``off`` off, anything else the URL itself."""
-    def url(e: str) -> str:
-        if e in ("on", "locked"):
-            return f"sqlite:///{tempfile.mkdtemp(prefix='serve-bench-events-')}/events.db"
-        return UNREACHABLE if e == "unreachable" else e
-
-    return {e: url(e) for e in settings}
+def ids(data: Path) -> tuple[list[str], list[str]]:
+    """The users and items requests draw from."""
+    return (pd.read_parquet(data / "users.parquet")["user_id"].astype(str).tolist(),
+            pd.read_parquet(data / "items.parquet")["item_id"].astype(str).tolist())
 
 
 @contextlib.contextmanager
-def held_lock(url: str):
-    """SQLite's write lock on ``url``'s file, held by another connection until the block ends (the server's
-    writer has created its tables by then: it does so as it starts)."""
-    import sqlite3
-
-    conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=30)
-    conn.execute("BEGIN EXCLUSIVE")
+def ref_server(ref: str, store: str, redis: str, max_candidates: int, workers: int, access_log: bool):
+    """The git ref's own service on its own small world (``benchmarks/ref_server.py``), until the block ends."""
+    base = Path(tempfile.mkdtemp(prefix=f"serve-bench-{ref[:12]}-"))
+    checkout = base / "checkout"
+    checkout.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(checkout)], input=archive, check=True)
+    env = {**os.environ, "PYTHONPATH": str(checkout), "BENTOML_HOME": str(base / "world" / "bentoml")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "ref_server.py"), str(base / "world"), store,
+                             redis, str(max_candidates), str(workers), "1" if access_log else "0"],
+                            cwd=checkout, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        yield
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the service at {ref} did not start (exit code {proc.wait()})")
+        started = json.loads(line)
+        yield Server(started["url"], *ids(Path(started["data"])), events=ref)
     finally:
-        conn.rollback()
-        conn.close()
+        proc.stdin.close()
+        proc.wait(60)
+        shutil.rmtree(base, ignore_errors=True)
+
 
 
 def _label(e: str) -> str:
     return e if e in ("off", "on", "locked", "unreachable") else "url"
+
+
+def _line(store: str, label: str, n: int, c: int, m: dict, extra: str = "") -> str:
+    return (f"{store:7s} {label:11s} candidates={n:5d} concurrency={c:3d}  p50={m['p50_ms']:7.1f} ms  "
+            f"p99={m['p99_ms']:7.1f} ms  {m['rps']:7.1f} req/s{extra}")
+
+
+def _change(m: dict, ref: dict) -> str:
+    return (f"p50 {m['p50_ms'] / ref['p50_ms'] - 1:+6.1%}  p99 {m['p99_ms'] / ref['p99_ms'] - 1:+6.1%}  "
+            f"throughput {m['rps'] / ref['rps'] - 1:+6.1%}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per cell, at most")
     p.add_argument("--requests", type=int, default=5000, help="requests per cell, at most")
     p.add_argument("--repeats", type=int, default=4,
-                   help="with more than one --events setting: runs of each cell on each server, interleaved")
+                   help="with several servers: runs of each cell on each server, interleaved")
     p.add_argument("--workers", type=int, default=int(os.environ.get("MTLREC_WORKERS", "1")),
                    help="server worker processes (started servers only)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -248,12 +125,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="impression log settings to compare, comma-separated: off, on (an SQLite file in a "
                         "temporary directory), locked (one whose write lock is held throughout), unreachable, or "
                         "a database URL (started servers only)")
+    p.add_argument("--compare", metavar="REF",
+                   help="also serve this git ref's code on its own small world (with --quick, SQLite only) and "
+                        "print each cell's change against it")
     p.add_argument("--feedback-clients", type=int, default=0,
                    help="clients posting feedback on answers while each cell runs (not timed)")
     p.add_argument("--feedback-share", type=float, default=0.5,
                    help="with --feedback-clients: the share of answers that get a feedback post")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.compare and (not a.quick or a.url or a.stores != "sqlite"):
+        p.error("--compare needs --quick and --stores sqlite: each side builds and serves its own small world")
 
     tmp = None
     if a.quick:
@@ -261,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         a.data = quick_world(Path(tmp.name))
     if a.data is None:
         p.error("--data (or --quick) is needed: requests draw users and items from it")
-    users = pd.read_parquet(a.data / "users.parquet")["user_id"].astype(str).tolist()
-    items = pd.read_parquet(a.data / "items.parquet")["item_id"].astype(str).tolist()
+    users, items = ids(a.data)
     sizes = [n for n in map(int, a.candidates.split(",")) if n <= len(items)]
     conc = list(map(int, a.concurrency.split(",")))
     rows = []
@@ -275,59 +156,77 @@ def main(argv: list[str] | None = None) -> int:
                                          feedback_clients=a.feedback_clients, feedback_share=a.feedback_share))}
                 rows.append(r)
                 if not a.json:
-                    print(f"{store:7s} events={events:3s} candidates={n:5d} concurrency={c:3d}  "
-                          f"p50={r['p50_ms']:7.1f} ms  "
-                          f"p99={r['p99_ms']:7.1f} ms  {r['rps']:7.1f} req/s  n={r['requests']:6d}  "
-                          f"errors={sum(r['errors'].values())} {r['errors'] or ''}", flush=True)
+                    print(_line(store, f"events={events}", n, c, r,
+                                f"  n={r['requests']:6d}  errors={sum(r['errors'].values())} {r['errors'] or ''}"),
+                          flush=True)
 
     def interleaved(store: str, urls: dict[str, str]) -> dict[str, float]:
-        """One server per impression-log setting, all up at once; each cell runs on each in turn, ``--repeats``
-        times, the order alternating, so a drift of the machine hits every setting alike. Prints each run, then
-        the medians."""
+        """One server per impression-log setting (and the ref's), all up at once; each cell runs on each in turn,
+        ``--repeats`` times, the order alternating, so a drift of the machine hits every server alike. Prints
+        each run, then the medians."""
         from contextlib import ExitStack
         from statistics import median
 
         print(f"# {store}: {a.workers} worker(s) per server, access log {'on' if a.access_log else 'off'}, "
-              f"impression log {' / '.join(urls.values())}, interleaved x{a.repeats}, {os.cpu_count()} CPU(s)",
-              flush=True)
+              f"impression log {' / '.join(urls.values())}{f', against {a.compare}' if a.compare else ''}, "
+              f"interleaved x{a.repeats}, {os.cpu_count()} CPU(s)", flush=True)
         with ExitStack() as stack:
-            served = {e: stack.enter_context(serve(a.data, store, a.redis, max(sizes + [1000]), a.workers,
-                                                   a.access_log, url)) for e, url in urls.items()}
+            served = {}
             for e, url in urls.items():
+                s = stack.enter_context(serve(a.data, store, a.redis, max(sizes + [1000]), a.workers, a.access_log,
+                                              url))
+                served[_label(e)] = Server(s.url, users, items, events=e)
                 if e == "locked":
                     stack.enter_context(held_lock(url))
+            if a.compare:
+                served[a.compare] = stack.enter_context(ref_server(a.compare, store, a.redis, max(sizes + [1000]),
+                                                                   a.workers, a.access_log))
             runs: dict[tuple, list[dict]] = {}
             for n in sizes:
                 for c in conc:
                     for rep in range(a.repeats):
                         order = list(served.items())  # alternate who goes first: the second run of a pair
-                        for e, server in (order if rep % 2 == 0 else order[::-1]):  # was seen 3-6% slower
-                            cpu = _writer_cpu(server.url)
-                            r = {"store": store, "events": _label(e), "repeat": rep,
-                                 **asyncio.run(drive(server.url, users, items, n, c, a.duration, a.requests,
-                                                     seed=rep, feedback_clients=a.feedback_clients,
+                        for label, server in (order if rep % 2 == 0 else order[::-1]):  # was seen 3-6% slower
+                            cpu = writer_cpu(server.url) if label != a.compare else 0.0
+                            r = {"store": store, "events": label, "repeat": rep,
+                                 **asyncio.run(drive(server.url, server.users, server.items, n, c, a.duration,
+                                                     a.requests, seed=rep, feedback_clients=a.feedback_clients,
                                                      feedback_share=a.feedback_share))}
-                            r["writer_ms"] = 1000 * (_writer_cpu(server.url) - cpu) / max(r["requests"], 1)
+                            if label != a.compare:
+                                r["writer_ms"] = 1000 * (writer_cpu(server.url) - cpu) / max(r["requests"], 1)
                             rows.append(r)
-                            runs.setdefault((n, c, r["events"]), []).append(r)
+                            runs.setdefault((n, c, label), []).append(r)
                             if not a.json:
-                                print(f"{store:7s} events={r['events']:11s} candidates={n:5d} concurrency={c:3d}  "
-                                      f"p50={r['p50_ms']:7.1f} ms  p99={r['p99_ms']:7.1f} ms  {r['rps']:7.1f} req/s  "
-                                      f"errors={sum(r['errors'].values())}  feedback={r['feedback'] or '-'}",
-                                      flush=True)
-            drops = {e: _event_drops(server.url) for e, server in served.items()}
+                                print(_line(store, label, n, c, r, f"  errors={sum(r['errors'].values())}  "
+                                                                   f"feedback={r['feedback'] or '-'}"), flush=True)
+            drops = {e: event_drops(served[_label(e)].url) for e in urls}
+        limits = {n: forward_limit(a.data, n, a.workers) for n in sizes}
         if not a.json:
             print(f"# medians over {a.repeats} interleaved run(s); p99 against the healthy log (on), throughput "
                   "against the log off")
-            med = {key: {m: median(r[m] for r in rs) for m in ("p50_ms", "p99_ms", "rps", "writer_ms")}
+            med = {key: {m: median(r.get(m, 0.0) for r in rs) for m in ("p50_ms", "p99_ms", "rps", "writer_ms")}
                    for key, rs in runs.items()}
             for (n, c, e), m in med.items():
                 healthy, off = med.get((n, c, "on")), med.get((n, c, "off"))
                 versus = (f"  p99 {m['p99_ms'] - healthy['p99_ms']:+6.1f} ms" if healthy and e != "on" else "") + \
-                         (f"  throughput {m['rps'] / off['rps'] - 1:+6.1%}" if off and e != "off" else "")
-                print(f"{store:7s} events={e:11s} candidates={n:5d} concurrency={c:3d}  p50={m['p50_ms']:7.1f} ms  "
-                      f"p99={m['p99_ms']:7.1f} ms  {m['rps']:7.1f} req/s  writer {m['writer_ms']:.3f} ms/request  "
-                      f"errors={sum(sum(r['errors'].values()) for r in runs[(n, c, e)])}{versus}", flush=True)
+                         (f"  throughput {m['rps'] / off['rps'] - 1:+6.1%}" if off and e not in ("off", a.compare)
+                          else "")
+                writer = f"  writer {m['writer_ms']:.3f} ms/request" if e != a.compare else ""
+                print(_line(store, e, n, c, m, f"{writer}  errors="
+                                               f"{sum(sum(r['errors'].values()) for r in runs[(n, c, e)])}{versus}"),
+                      flush=True)
+            if a.compare:
+                print(f"# today against {a.compare}: change of the medians (latency down and throughput up is better)")
+                for (n, c, e), m in med.items():
+                    if e != a.compare:
+                        print(_line(store, e, n, c, m, "  " + _change(m, med[(n, c, a.compare)])), flush=True)
+            print(f"# the forward pass alone, {a.workers} process(es) of one thread: the ceiling of throughput")
+            for n in sizes:
+                below = "  ".join(f"{e} {limits[n] / m['rps']:.2f}x" for (k, c, e), m in med.items()
+                                  if k == n and c == max(conc))
+                print(f"{store:7s} candidates={n:5d}  {limits[n]:7.1f} req/s  ceiling / throughput at concurrency "
+                      f"{max(conc)}: {below}", flush=True)
+        rows.extend({"store": store, "candidates": n, "forward_limit_rps": v} for n, v in limits.items())
         return drops
 
     try:
@@ -347,19 +246,19 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                 settings = a.events.split(",")
                 urls = event_urls(settings)
-                if len(settings) == 1:
+                if len(settings) == 1 and not a.compare:
                     e = settings[0]
                     print(f"# {store}: {a.workers} worker(s), access log {'on' if a.access_log else 'off'}, "
                           f"impression log {urls[e]}, {os.cpu_count()} CPU(s)", flush=True)
                     with serve(a.data, store, a.redis, max(sizes + [1000]), a.workers, a.access_log,
                                urls[e]) as served, (held_lock(urls[e]) if e == "locked" else contextlib.nullcontext()):
                         run_all(served.url, store, _label(e))
-                        drops = {e: _event_drops(served.url)}
+                        drops = {e: event_drops(served.url)}
                 else:
                     drops = interleaved(store, urls)
                 for e, dropped in drops.items():
                     if e not in ("off", "unreachable"):  # the servers have stopped, so their writers have flushed
-                        print(f"# impression log: {_logged(urls[e])} impressions written, {dropped:.0f} dropped",
+                        print(f"# impression log: {logged(urls[e])} impressions written, {dropped:.0f} dropped",
                               flush=True)
     finally:
         if tmp is not None:
@@ -376,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"redis cleanup failed: {e}", file=sys.stderr)
     if a.json:
         print(json.dumps(rows, indent=2))
-    return 1 if any(r["errors"] for r in rows) else 0
+    return 1 if any(r.get("errors") for r in rows) else 0
 
 
 if __name__ == "__main__":
