@@ -12,10 +12,10 @@ two faults of the event database can be settings: ``locked`` (an SQLite file who
 holds from another connection for the whole run) and ``unreachable`` (a PostgreSQL port nothing listens on).
 ``--feedback-clients N`` posts feedback on earlier answers from N more clients while each cell runs.
 
-``--compare REF`` (with ``--quick``) serves a git ref's code beside today's in the same run: the ref's
+``--compare REF[,REF]`` (with ``--quick``) serves git refs' code beside today's in the same run: each ref's
 checkout (``git archive``) builds its own small world and serves it (``benchmarks/ref_server.py``), its
-server joins the interleaved runs, and the medians end with each of today's settings against the ref, cell
-by cell. The run closes with the forward pass's own ceiling at each candidate count (``forward_limit``:
+server joins the interleaved runs, and the medians end with every other server against each ref, cell by
+cell. The run closes with the forward pass's own ceiling at each candidate count (``forward_limit``:
 that many processes as the server has workers, the model alone) and how far each setting is below it.
 
     .venv/bin/python benchmarks/serve_latency.py --quick
@@ -24,7 +24,7 @@ that many processes as the server has workers, the model alone) and how far each
     .venv/bin/python benchmarks/serve_latency.py --quick --stores sqlite --candidates 100 --concurrency 32 \
         --events on,locked,unreachable,off --feedback-clients 4 --no-access-log
     .venv/bin/python benchmarks/serve_latency.py --quick --stores sqlite --candidates 100,500 \
-        --concurrency 1,32 --duration 15 --workers 2 --no-access-log --events off,on --compare 2e6c7c3
+        --concurrency 1,32 --duration 15 --workers 2 --no-access-log --events off,on --compare 2e6c7c3,4b2472a
 """
 
 from __future__ import annotations
@@ -125,16 +125,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="impression log settings to compare, comma-separated: off, on (an SQLite file in a "
                         "temporary directory), locked (one whose write lock is held throughout), unreachable, or "
                         "a database URL (started servers only)")
-    p.add_argument("--compare", metavar="REF",
-                   help="also serve this git ref's code on its own small world (with --quick, SQLite only) and "
-                        "print each cell's change against it")
+    p.add_argument("--compare", metavar="REF[,REF]",
+                   help="also serve these git refs' code, each on its own small world (with --quick, SQLite only), "
+                        "and print each cell's change against each")
     p.add_argument("--feedback-clients", type=int, default=0,
                    help="clients posting feedback on answers while each cell runs (not timed)")
     p.add_argument("--feedback-share", type=float, default=0.5,
                    help="with --feedback-clients: the share of answers that get a feedback post")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    if a.compare and (not a.quick or a.url or a.stores != "sqlite"):
+    refs = a.compare.split(",") if a.compare else []
+    if refs and (not a.quick or a.url or a.stores != "sqlite"):
         p.error("--compare needs --quick and --stores sqlite: each side builds and serves its own small world")
 
     tmp = None
@@ -167,9 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         from contextlib import ExitStack
         from statistics import median
 
+        from models.scoring.artifact import code_version
+
         print(f"# {store}: {a.workers} worker(s) per server, access log {'on' if a.access_log else 'off'}, "
-              f"impression log {' / '.join(urls.values())}{f', against {a.compare}' if a.compare else ''}, "
-              f"interleaved x{a.repeats}, {os.cpu_count()} CPU(s)", flush=True)
+              f"impression log {' / '.join(urls.values())}{f', against {a.compare}' if refs else ''}, "
+              f"interleaved x{a.repeats}, {os.cpu_count()} CPU(s); today is {code_version()}", flush=True)
         with ExitStack() as stack:
             served = {}
             for e, url in urls.items():
@@ -178,21 +181,21 @@ def main(argv: list[str] | None = None) -> int:
                 served[_label(e)] = Server(s.url, users, items, events=e)
                 if e == "locked":
                     stack.enter_context(held_lock(url))
-            if a.compare:
-                served[a.compare] = stack.enter_context(ref_server(a.compare, store, a.redis, max(sizes + [1000]),
-                                                                   a.workers, a.access_log))
+            for ref in refs:
+                served[ref] = stack.enter_context(ref_server(ref, store, a.redis, max(sizes + [1000]), a.workers,
+                                                             a.access_log))
             runs: dict[tuple, list[dict]] = {}
             for n in sizes:
                 for c in conc:
                     for rep in range(a.repeats):
                         order = list(served.items())  # alternate who goes first: the second run of a pair
                         for label, server in (order if rep % 2 == 0 else order[::-1]):  # was seen 3-6% slower
-                            cpu = writer_cpu(server.url) if label != a.compare else 0.0
+                            cpu = writer_cpu(server.url) if label not in refs else 0.0
                             r = {"store": store, "events": label, "repeat": rep,
                                  **asyncio.run(drive(server.url, server.users, server.items, n, c, a.duration,
                                                      a.requests, seed=rep, feedback_clients=a.feedback_clients,
                                                      feedback_share=a.feedback_share))}
-                            if label != a.compare:
+                            if label not in refs:
                                 r["writer_ms"] = 1000 * (writer_cpu(server.url) - cpu) / max(r["requests"], 1)
                             rows.append(r)
                             runs.setdefault((n, c, label), []).append(r)
@@ -209,17 +212,17 @@ def main(argv: list[str] | None = None) -> int:
             for (n, c, e), m in med.items():
                 healthy, off = med.get((n, c, "on")), med.get((n, c, "off"))
                 versus = (f"  p99 {m['p99_ms'] - healthy['p99_ms']:+6.1f} ms" if healthy and e != "on" else "") + \
-                         (f"  throughput {m['rps'] / off['rps'] - 1:+6.1%}" if off and e not in ("off", a.compare)
+                         (f"  throughput {m['rps'] / off['rps'] - 1:+6.1%}" if off and e != "off" and e not in refs
                           else "")
-                writer = f"  writer {m['writer_ms']:.3f} ms/request" if e != a.compare else ""
+                writer = f"  writer {m['writer_ms']:.3f} ms/request" if e not in refs else ""
                 print(_line(store, e, n, c, m, f"{writer}  errors="
                                                f"{sum(sum(r['errors'].values()) for r in runs[(n, c, e)])}{versus}"),
                       flush=True)
-            if a.compare:
-                print(f"# today against {a.compare}: change of the medians (latency down and throughput up is better)")
+            for ref in refs:
+                print(f"# against {ref}: change of the medians (latency down and throughput up is better)")
                 for (n, c, e), m in med.items():
-                    if e != a.compare:
-                        print(_line(store, e, n, c, m, "  " + _change(m, med[(n, c, a.compare)])), flush=True)
+                    if e != ref:
+                        print(_line(store, e, n, c, m, "  " + _change(m, med[(n, c, ref)])), flush=True)
             print(f"# the forward pass alone, {a.workers} process(es) of one thread: the ceiling of throughput")
             for n in sizes:
                 below = "  ".join(f"{e} {limits[n] / m['rps']:.2f}x" for (k, c, e), m in med.items()
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                 settings = a.events.split(",")
                 urls = event_urls(settings)
-                if len(settings) == 1 and not a.compare:
+                if len(settings) == 1 and not refs:
                     e = settings[0]
                     print(f"# {store}: {a.workers} worker(s), access log {'on' if a.access_log else 'off'}, "
                           f"impression log {urls[e]}, {os.cpu_count()} CPU(s)", flush=True)
