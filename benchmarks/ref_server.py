@@ -5,7 +5,7 @@
 Builds the ref's small world under BASE with the ref's ``quick_world`` (its generator, its feature store, a
 model its own trainer made and promoted: an artifact of today's format may be one the ref cannot read) and
 serves it with the ref's ``serve``, found in ``benchmarks.serving`` or, before that module, in
-``benchmarks.serve_latency``. Prints one JSON line (``url``, ``data``) once the server is ready, and stops it
+``benchmarks.serve_latency``. Prints ``READY`` and a JSON object (``url``, ``data``) on one line once the server is ready, and stops it
 when its standard input closes.
 """
 
@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.getcwd())  # the ref's packages, before anything else of the same name
+
+READY = "ref-server-ready"  # the line's prefix: the ref's world building prints to standard output too
 
 
 def helpers():
@@ -36,7 +38,7 @@ def main(argv: list[str]) -> int:
     module = helpers()
     data = module.quick_world(Path(base))
     with module.serve(data, store, redis, int(max_candidates), int(workers), access_log == "1") as served:
-        print(json.dumps({"url": served.url, "data": str(data)}), flush=True)
+        print(READY, json.dumps({"url": served.url, "data": str(data)}), flush=True)
         sys.stdin.read()
     return 0
 

@@ -78,10 +78,12 @@ def ref_server(ref: str, store: str, redis: str, max_candidates: int, workers: i
                              redis, str(max_candidates), str(workers), "1" if access_log else "0"],
                             cwd=checkout, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the service at {ref} did not start (exit code {proc.wait()})")
-        started = json.loads(line)
+        line = ""
+        while not line.startswith("ref-server-ready "):  # benchmarks/ref_server.py's READY
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the service at {ref} did not start (exit code {proc.wait()})")
+        started = json.loads(line.split(" ", 1)[1])
         yield Server(started["url"], *ids(Path(started["data"])), events=ref)
     finally:
         proc.stdin.close()
