@@ -5,8 +5,8 @@
 Builds the ref's small world under BASE with the ref's ``quick_world`` (its generator, its feature store, a
 model its own trainer made and promoted: an artifact of today's format may be one the ref cannot read) and
 serves it with the ref's ``serve``, found in ``benchmarks.serving`` or, before that module, in
-``benchmarks.serve_latency``. Prints ``READY`` and a JSON object (``url``, ``data``) on one line once the server is ready, and stops it
-when its standard input closes.
+``benchmarks.serve_latency``. Prints ``READY`` and a JSON object (``url``, ``data``) on one line once the
+server is ready, and stops it when its standard input closes.
 """
 
 from __future__ import annotations
