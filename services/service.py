@@ -10,10 +10,13 @@ admin token on every ``POST /admin/reload``. ``BENTOML_HOME`` is the model store
 The class below is the list of endpoints and their wiring; the work lives beside it. Ranking and scoring are
 ``services/ranking.py``; the error responses and the request counter ``services/responses.py``; the impression
 log ``services/event_log.py``: ``/rank`` queues its answer there and reads a user's history for ``novelty``
-from memory, and ``/feedback`` and ``/admin/reload`` are async endpoints whose database and model-loading work
-runs on executors of their own, never on the thread that answers ``/rank``. ``/feedback`` needs the
-``feedback_token`` of the answer it labels (``services/feedback_token.py``). ``/readyz`` is 200 only while a
-model is loaded and the online store holds rows for entities it must hold.
+from memory, and ``/feedback`` and ``/admin/reload`` run their database and model-loading work on executors
+of their own. ``/rank`` and ``/score`` are computed on the worker's event loop itself: their work is CPU-bound
+and a worker runs one at a time anyway (one torch thread; scale with workers), and handing each request to a
+thread pool and back cost a fifth to a third of the throughput (benchmarks/README.md, "Where a /rank's time
+goes"). Nothing in them waits on anything slower than the online store, whose reads are bounded.
+``/feedback`` needs the ``feedback_token`` of the answer it labels (``services/feedback_token.py``).
+``/readyz`` is 200 only while a model is loaded and the online store holds rows for entities it must hold.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ class RankingService:
         return ok
 
     @bentoml.api(route="/rank")
-    def rank(self, user_id: Id, candidates: Candidates, context: Optional[Context] = None, k: K = None,
+    async def rank(self, user_id: Id, candidates: Candidates, context: Optional[Context] = None, k: K = None,
              weights: Weights = None, diversity: Diversity = 0.0, fusion: Optional[Fusion] = None,
              novelty: Diversity = 0.0) -> RankResponse:
         """Rank candidate items for a user: fused score, each objective's score, rank before re-ranking.
@@ -129,7 +132,7 @@ class RankingService:
         return answer("rank", RankResponse, self.live.model, compute)
 
     @bentoml.api(route="/score")
-    def score(self, user_id: Id, items: Candidates, context: Optional[Context] = None) -> ScoreResponse:
+    async def score(self, user_id: Id, items: Candidates, context: Optional[Context] = None) -> ScoreResponse:
         """Raw per-objective scores of (user, item) pairs, in request order."""
         def compute(model):
             ts, extra = request_time(context, _DATA_START)
