@@ -53,25 +53,14 @@ def bodies(data: Path, n: int, seed: int = 0) -> list[bytes]:
 
 
 def answer_one(api, svc, body: bytes, clock) -> str:
-    """What ``RankingService.rank`` does with one body, a lap after each stage it adds to ``ranking.rank``."""
-    from services import ranking
-    from services.event_rows import new_request_id
-    from services.request_context import request_time
+    """What ``/rank`` does with one body: BentoML's validation, the service's ``ranked``, the response's JSON."""
     from services.schemas import RankResponse
 
     clock.start()
     req = api.input_spec.model_validate_json(body)
     clock.lap("parse and validate")
-    ts, extra = request_time(req.context, None)
-    out = ranking.rank(svc.live.model, svc.reader, req.user_id, list(req.candidates), k=req.k, weights=req.weights,
-                       diversity=req.diversity, fusion=req.fusion, request_ts=ts, context=extra,
-                       explore=svc.explore, rng=svc._rng, novelty=req.novelty, clock=clock)
-    propensities, policy = out.pop("propensities"), out.pop("policy")
-    request_id = new_request_id()
-    out["request_id"], out["feedback_token"] = request_id, svc.tokens.sign(request_id)
-    if svc.events is not None:
-        svc.events.log(request_id, ts, out, extra, propensities, policy)
-    clock.lap("impression log")
+    out = svc.ranked(svc.live.model, req.user_id, req.candidates, req.context, k=req.k, weights=req.weights,
+                     diversity=req.diversity, fusion=req.fusion, novelty=req.novelty, clock=clock)
     text = RankResponse(**out).model_dump_json()
     clock.lap("response")
     return text

@@ -41,6 +41,7 @@ from services.live_model import LiveModel
 from services.middleware import BoundedJson, DocsRedirect, JsonOnly, RecycleConnections, harden_uvicorn
 from services.request_context import declared_context, request_time
 from services.responses import answer, bad, count, internal, refuse, unavailable
+from services.stopwatch import OFF
 from services.schemas import (Candidates, Diversity, Events, FeedbackResponse, Fusion, Id, K, RankResponse,
                               ReloadResponse, ScoreResponse, Token, Weights, context_model)
 
@@ -114,22 +115,27 @@ class RankingService:
         a nearby weighting drawn at random; the answer's ``weights`` are the ones used. ``feedback_token`` in the
         answer is what ``/feedback`` on it needs.
         """
+        return answer("rank", RankResponse, self.live.model,
+                      lambda model: self.ranked(model, user_id, candidates, context, k=k, weights=weights,
+                                                diversity=diversity, fusion=fusion, novelty=novelty))
+
+    def ranked(self, model, user_id: str, candidates, context, *, k=None, weights=None, diversity: float = 0.0,
+               fusion=None, novelty: float = 0.0, clock=OFF) -> dict:
+        """``/rank``'s answer from validated fields, its rows queued for the impression log; ``clock``
+        (``services.stopwatch``) takes a lap at each stage, the log's included (``benchmarks/rank_profile.py``)."""
         request_id = new_request_id()
-
-        def compute(model):
-            ts, extra = request_time(context, _DATA_START)
-            out = ranking.rank(model, self.reader, user_id, list(candidates), k=k, weights=weights,
-                               diversity=diversity, fusion=fusion, request_ts=ts, context=extra,
-                               explore=self.explore, rng=self._rng, novelty=novelty,
-                               seen_items=self.history.items(user_id) if novelty > 0 else None)
-            propensities, policy = out.pop("propensities"), out.pop("policy")  # the log's, not the response's
-            out["request_id"] = request_id
-            out["feedback_token"] = self.tokens.sign(request_id)
-            if self.events is not None:
-                self.events.log(request_id, ts, out, extra, propensities, policy)
-            return out
-
-        return answer("rank", RankResponse, self.live.model, compute)
+        ts, extra = request_time(context, _DATA_START)
+        out = ranking.rank(model, self.reader, user_id, list(candidates), k=k, weights=weights,
+                           diversity=diversity, fusion=fusion, request_ts=ts, context=extra,
+                           explore=self.explore, rng=self._rng, novelty=novelty,
+                           seen_items=self.history.items(user_id) if novelty > 0 else None, clock=clock)
+        propensities, policy = out.pop("propensities"), out.pop("policy")  # the log's, not the response's
+        out["request_id"] = request_id
+        out["feedback_token"] = self.tokens.sign(request_id)
+        if self.events is not None:
+            self.events.log(request_id, ts, out, extra, propensities, policy)
+        clock.lap("impression log")
+        return out
 
     @bentoml.api(route="/score")
     async def score(self, user_id: Id, items: Candidates, context: Optional[Context] = None) -> ScoreResponse:
